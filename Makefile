@@ -1,0 +1,52 @@
+# One entry point per chore. `make demo` and `make test` are the README's two commands: each sets
+# up everything it needs on a fresh machine first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.weir-installed
+DEMO_REPOSITORY := build/demo-repository
+
+.PHONY: setup demo test lint format typecheck protos check-protos bench perf-analyzer-setup clean
+
+setup: $(STAMP)
+
+# torch first, pinned to the CPU build that lies on this machine's disk: a loose torch requirement
+# would otherwise pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev,test,bench]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) examples/run_demo.py --repository $(DEMO_REPOSITORY)
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+protos: setup
+	$(PY) protos/generate.py
+
+bench: setup
+	$(PY) bench/latency.py
+
+# Optional: what Triton's perf_analyzer (bundled in the tritonclient 2.41.0 wheel) needs to run here.
+perf-analyzer-setup: setup
+	command -v apt-get >/dev/null && (dpkg -s libb64-0d >/dev/null 2>&1 || apt-get install -y -q libb64-0d)
+	$(PY) -m pip install --quiet nvidia-cuda-runtime-cu12
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Model backends. Every backend implements ``weir.backends.base.Backend``."""

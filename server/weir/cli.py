@@ -1,0 +1,150 @@
+"""The ``weir`` command line.
+
+``weir serve`` flags are generated from ``ServerSettings``: every flag has a ``WEIR_*`` environment
+variable and the default documented on the dataclass field (flag > environment > default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from weir import __version__
+from weir.logs import configure_logging
+from weir.settings import ControlMode, ServerSettings, environment_variable, settings_fields
+
+log = logging.getLogger("weir.cli")
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _converter(field_type: Any) -> Any:
+    if field_type is Path:
+        return Path
+    if field_type is ControlMode:
+        return ControlMode
+    if field_type in (int, float, str):
+        return field_type
+    raise TypeError(f"no CLI converter for {field_type}")
+
+
+def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(ServerSettings)
+    for settings_field in settings_fields():
+        field_type = hints[settings_field.name]
+        env_name = environment_variable(settings_field.name)
+        doc = settings_field.metadata.get("doc", "")
+        default = settings_field.default
+        if typing.get_origin(field_type) is tuple:
+            shown = ",".join(default) if default else "none"
+            parser.add_argument(
+                _flag(settings_field.name), action="append", dest=settings_field.name, metavar="NAME",
+                help=f"{doc} [env {env_name}, comma-separated; default: {shown}]",
+            )  # fmt: skip
+            continue
+        shown = default.value if isinstance(default, ControlMode) else default
+        choices = [mode.value for mode in ControlMode] if field_type is ControlMode else None
+        parser.add_argument(
+            _flag(settings_field.name), dest=settings_field.name, default=None, choices=choices,
+            help=f"{doc} [env {env_name}; default: {shown}]",
+        )  # fmt: skip
+
+
+def settings_from(namespace: argparse.Namespace, environ: typing.Mapping[str, str]) -> ServerSettings:
+    """Flag > WEIR_* environment variable > the dataclass default. Errors name the flag."""
+    hints = typing.get_type_hints(ServerSettings)
+    values: dict[str, Any] = {}
+    for settings_field in settings_fields():
+        name = settings_field.name
+        raw = getattr(namespace, name, None)
+        source = _flag(name)
+        if raw is None and environment_variable(name) in environ:
+            raw = environ[environment_variable(name)]
+            source = environment_variable(name)
+            if typing.get_origin(hints[name]) is tuple:
+                raw = [raw]
+        if raw is None:
+            continue
+        field_type = hints[name]
+        try:
+            if typing.get_origin(field_type) is tuple:
+                values[name] = tuple(item.strip() for entry in raw for item in entry.split(",") if item.strip())
+            else:
+                values[name] = _converter(field_type)(raw)
+        except ValueError as error:
+            raise SystemExit(f"weir: {source}: expected a {getattr(field_type, '__name__', field_type)}, got {raw!r} ({error})") from None
+    try:
+        return ServerSettings(**values)
+    except ValueError as error:
+        raise SystemExit(f"weir: {error}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weir",
+        description="Weir: an Open Inference (KServe V2) gRPC server for PyTorch models.",
+    )
+    parser.add_argument("--version", action="version", version=f"weir {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model repository over gRPC",
+        description="Serve a Triton-style model repository over the Open Inference gRPC protocol. "
+        "SIGTERM or SIGINT stops accepting, drains in-flight requests within the grace period and exits 0.",
+    )
+    _add_settings_arguments(serve)
+    return parser
+
+
+async def _serve(settings: ServerSettings) -> int:
+    from weir.server import WeirServer
+
+    server = WeirServer(settings)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop_requested.set)
+    try:
+        await server.start()
+        await stop_requested.wait()
+        log.info("stop requested: draining in-flight requests", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    finally:
+        await server.stop()
+    return 0
+
+
+def _event_loop_factory() -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        settings = settings_from(args, os.environ)
+        configure_logging(settings.log_level, settings.log_format)
+        if settings.torch_intra_op_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_intra_op_threads)
+        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+            return runner.run(_serve(settings))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,246 @@
+"""Proto <-> numpy: decoding and validating ModelInferRequest, encoding ModelInferResponse.
+
+Raw contents are the fast path: each input becomes a zero-copy ``np.frombuffer`` view of the
+request's bytes. Validation runs against the model's signature and names the input, the expected
+and the received datatype, shape or byte size.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from weir import datatypes
+from weir.datatypes import DataType
+from weir.errors import InvalidArgumentError
+from weir.model_config import ModelSignature, TensorSpec
+from weir_proto.inference import messages as pb
+
+_LENGTH_PREFIX = struct.Struct("<I")
+
+
+@dataclass(slots=True)
+class DecodedRequest:
+    model_name: str
+    model_version: str
+    request_id: str
+    inputs: dict[str, np.ndarray]  # by input name, shaped as sent (batch dim included)
+    requested_outputs: list[str]  # output names in the order the response lists them
+    batch_size: int  # rows in the batch dimension; 1 for models that do not batch
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def parameter_value(parameter: pb.InferParameter) -> Any:
+    choice = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, choice) if choice else None
+
+
+def decode_request(
+    request: pb.ModelInferRequest, signature: ModelSignature, max_tensor_elements: int
+) -> DecodedRequest:
+    """Validate ``request`` against ``signature`` and return its inputs as numpy arrays."""
+    specs = signature.input_by_name()
+    raw_contents = request.raw_input_contents
+    if raw_contents and len(raw_contents) != len(request.inputs):
+        raise InvalidArgumentError(
+            f"raw_input_contents: expected one entry per input ({len(request.inputs)}), got {len(raw_contents)}"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    batch_size: int | None = None
+    for index, tensor in enumerate(request.inputs):
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise InvalidArgumentError(
+                f"inputs[{index}].name: expected one of {sorted(specs)}, got unexpected input '{tensor.name}'"
+            )
+        if tensor.name in arrays:
+            raise InvalidArgumentError(f"inputs[{index}].name: input '{tensor.name}' is given more than once")
+        if tensor.datatype != spec.datatype.name:
+            raise InvalidArgumentError(
+                f"input '{tensor.name}' datatype: expected {spec.datatype.name}, got '{tensor.datatype}'"
+            )
+        shape = tuple(tensor.shape)
+        rows = _check_shape(tensor.name, shape, spec, signature)
+        if batch_size is None:
+            batch_size = rows
+        elif rows != batch_size:
+            raise InvalidArgumentError(
+                f"input '{tensor.name}' shape: expected batch size {batch_size} like the other inputs, got {rows}"
+            )
+        element_count = int(np.prod(shape, dtype=np.int64))
+        if element_count > max_tensor_elements:
+            raise InvalidArgumentError(
+                f"input '{tensor.name}' shape {list(shape)}: expected at most {max_tensor_elements} elements, "
+                f"got {element_count}"
+            )
+        has_typed = tensor.HasField("contents")
+        if raw_contents:
+            if has_typed:
+                raise InvalidArgumentError(
+                    f"input '{tensor.name}': contents and raw_input_contents are both set; "
+                    "when any input is raw, every input must be raw"
+                )
+            arrays[tensor.name] = _decode_raw(tensor.name, spec.datatype, shape, element_count, raw_contents[index])
+        else:
+            arrays[tensor.name] = _decode_typed(tensor.name, spec.datatype, shape, element_count, tensor.contents)
+    missing = [spec.name for spec in signature.inputs if spec.name not in arrays and not spec.optional]
+    if missing:
+        raise InvalidArgumentError(
+            f"inputs: expected {[spec.name for spec in signature.inputs]}, got {list(arrays)} (missing {missing})"
+        )
+    return DecodedRequest(
+        model_name=request.model_name,
+        model_version=request.model_version,
+        request_id=request.id,
+        inputs=arrays,
+        requested_outputs=_requested_outputs(request, signature),
+        batch_size=batch_size if batch_size is not None and signature.batched else 1,
+        parameters={key: parameter_value(value) for key, value in request.parameters.items()},
+    )
+
+
+def _check_shape(name: str, shape: tuple[int, ...], spec: TensorSpec, signature: ModelSignature) -> int:
+    expected = signature.full_shape(spec)
+    if any(dim < 0 for dim in shape):
+        raise InvalidArgumentError(f"input '{name}' shape: expected non-negative dimensions, got {list(shape)}")
+    if len(shape) != len(expected) or any(want not in (-1, got) for want, got in zip(expected, shape, strict=False)):
+        raise InvalidArgumentError(f"input '{name}' shape: expected {expected}, got {list(shape)}")
+    if not signature.batched:
+        return 1
+    rows = shape[0]
+    if not 1 <= rows <= signature.max_batch_size:
+        raise InvalidArgumentError(
+            f"input '{name}' shape {list(shape)}: expected a batch size of 1 to {signature.max_batch_size} "
+            f"(max_batch_size), got {rows}"
+        )
+    return rows
+
+
+def _decode_raw(name: str, datatype: DataType, shape: tuple[int, ...], element_count: int, raw: bytes) -> np.ndarray:
+    if datatype.name == "BYTES":
+        return _decode_bytes_elements(name, raw, element_count).reshape(shape)
+    expected_size = element_count * datatype.element_size
+    if len(raw) != expected_size:
+        raise InvalidArgumentError(
+            f"input '{name}' raw_input_contents: expected {expected_size} bytes "
+            f"({element_count} {datatype.name} elements of shape {list(shape)}), got {len(raw)}"
+        )
+    # A view of the request's bytes: no copy on the way in.
+    return np.frombuffer(raw, dtype=datatype.numpy_dtype).reshape(shape)
+
+
+def _decode_bytes_elements(name: str, raw: bytes, element_count: int) -> np.ndarray:
+    elements = np.empty(element_count, dtype=object)
+    view = memoryview(raw)
+    offset = 0
+    for index in range(element_count):
+        if offset + 4 > len(view):
+            raise InvalidArgumentError(
+                f"input '{name}' raw_input_contents: expected {element_count} length-prefixed BYTES elements, "
+                f"the data ends after {index}"
+            )
+        (length,) = _LENGTH_PREFIX.unpack_from(view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise InvalidArgumentError(
+                f"input '{name}' raw_input_contents: element {index} declares {length} bytes, "
+                f"only {len(view) - offset} remain"
+            )
+        elements[index] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != len(view):
+        raise InvalidArgumentError(
+            f"input '{name}' raw_input_contents: expected {element_count} BYTES elements, "
+            f"got {len(view) - offset} bytes left over after them"
+        )
+    return elements
+
+
+def _decode_typed(
+    name: str, datatype: DataType, shape: tuple[int, ...], element_count: int, contents: pb.InferTensorContents
+) -> np.ndarray:
+    if datatype.contents_field is None:
+        raise InvalidArgumentError(
+            f"input '{name}': {datatype.name} travels only in raw_input_contents, got typed contents"
+        )
+    values = getattr(contents, datatype.contents_field)
+    if len(values) != element_count:
+        raise InvalidArgumentError(
+            f"input '{name}' contents.{datatype.contents_field}: expected {element_count} values for shape "
+            f"{list(shape)}, got {len(values)}"
+        )
+    if datatype.name == "BYTES":
+        array = np.empty(element_count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
+    try:
+        return np.array(values, dtype=datatype.numpy_dtype).reshape(shape)
+    except OverflowError as error:
+        raise InvalidArgumentError(
+            f"input '{name}' contents.{datatype.contents_field}: a value does not fit {datatype.name}: {error}"
+        ) from error
+
+
+def _requested_outputs(request: pb.ModelInferRequest, signature: ModelSignature) -> list[str]:
+    if not request.outputs:
+        return [spec.name for spec in signature.outputs]
+    known = signature.output_by_name()
+    names: list[str] = []
+    for index, requested in enumerate(request.outputs):
+        if requested.name not in known:
+            raise InvalidArgumentError(
+                f"outputs[{index}].name: expected one of {sorted(known)}, got unknown output '{requested.name}'"
+            )
+        if requested.name not in names:
+            names.append(requested.name)
+    return names
+
+
+def encode_bytes_elements(array: np.ndarray) -> bytes:
+    """BYTES tensor -> raw form: each element as a 4-byte little-endian length, then its bytes."""
+    parts: list[bytes] = []
+    for element in array.reshape(-1):
+        data = element.encode("utf-8") if isinstance(element, str) else bytes(element)
+        parts.append(_LENGTH_PREFIX.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def encode_response(
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    outputs: Sequence[tuple[TensorSpec, np.ndarray]],
+    parameters: Mapping[str, pb.InferParameter] | None = None,
+) -> pb.ModelInferResponse:
+    """Outputs always travel as raw_output_contents, as Triton sends them (the fast path)."""
+    response = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=request_id)
+    if parameters:
+        for key, value in parameters.items():
+            response.parameters[key].CopyFrom(value)
+    raw_contents = response.raw_output_contents
+    for spec, array in outputs:
+        tensor = response.outputs.add(name=spec.name, datatype=spec.datatype.name)
+        tensor.shape.extend(array.shape)
+        if spec.datatype.name == "BYTES":
+            raw_contents.append(encode_bytes_elements(array))
+        else:
+            raw_contents.append(np.ascontiguousarray(array, dtype=spec.datatype.numpy_dtype).tobytes())
+    return response
+
+
+def encode_typed_contents(datatype_name: str, array: np.ndarray, contents: pb.InferTensorContents) -> None:
+    """Fill typed ``contents`` from ``array`` (for clients and tests that build typed requests)."""
+    datatype = datatypes.BY_NAME[datatype_name]
+    if datatype.contents_field is None:
+        raise ValueError(f"{datatype_name} has no typed contents field: it travels only raw")
+    flat = array.reshape(-1)
+    target = getattr(contents, datatype.contents_field)
+    if datatype.name == "BYTES":
+        target.extend(element.encode("utf-8") if isinstance(element, str) else bytes(element) for element in flat)
+    else:
+        target.extend(flat.tolist())

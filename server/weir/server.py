@@ -1,0 +1,130 @@
+"""Assembling and running the data plane: settings -> repository -> data plane -> gRPC server.
+
+``WeirServer`` has an explicit ``start()`` / ``stop()``; tests run it in-process on port 0 and the
+CLI runs it until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import CollectorRegistry, start_http_server
+
+from weir.dataplane import DataPlane
+from weir.grpc_service import InferenceServicer, generic_handler
+from weir.metrics import Metrics
+from weir.repository import ModelRepository
+from weir.settings import ControlMode, ServerSettings
+from weir_proto.inference import pool
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE_NAMES = ("", pool.SERVICE_NAME)
+
+
+class WeirServer:
+    def __init__(self, settings: ServerSettings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics.create(self.registry)
+        self._executor = ThreadPoolExecutor(settings.compute_threads, thread_name_prefix="weir-compute")
+        self.repository = ModelRepository(
+            settings.model_repository, self._executor, self.metrics, settings.torch_intra_op_threads
+        )
+        self.dataplane = DataPlane(self.repository, self._executor, self.metrics, settings.max_tensor_elements)
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http: WSGIServer | None = None
+        self._accepting = False
+        self.grpc_port = 0
+        self.metrics_port: int | None = None
+
+    def is_ready(self) -> bool:
+        return self._accepting and self.repository.all_ready()
+
+    async def start(self) -> None:
+        """Listen first (live, not ready), then load models, then report ready."""
+        settings = self.settings
+        options = [
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # Two servers silently sharing a port would split traffic between them: refuse instead.
+            ("grpc.so_reuseport", 0),
+            # Clients that keep idle connections alive with pings are welcome every 10 s.
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        server = grpc.aio.server(options=options)
+        servicer = InferenceServicer(
+            self.dataplane,
+            self.repository,
+            explicit_model_control=settings.model_control_mode is ControlMode.EXPLICIT,
+            is_ready=self.is_ready,
+            on_repository_change=self.refresh_health,
+        )
+        server.add_generic_rpc_handlers((generic_handler(servicer),))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        # Reflection reads one pool: give it health and reflection too, so grpcurl sees every service.
+        pool.add_file_to_pool(health_pb2.DESCRIPTOR)
+        pool.add_file_to_pool(reflection_pb2.DESCRIPTOR)
+        reflection_names = (pool.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(reflection_names, server, pool=pool.POOL)
+        self.grpc_port = server.add_insecure_port(f"{_host(settings.listen_address)}:{settings.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC on {settings.listen_address}:{settings.grpc_port}")
+        await server.start()
+        self._server = server
+        self._accepting = True
+        for name in HEALTH_SERVICE_NAMES:
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if settings.metrics_port >= 0:
+            self._metrics_http, _ = start_http_server(settings.metrics_port, settings.listen_address, self.registry)
+            self.metrics_port = self._metrics_http.server_port
+        log.info(
+            "listening",
+            extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port, "address": settings.listen_address},
+        )
+        await self._load_initial_models()
+        await self.refresh_health()
+        log.info("server started", extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port})
+
+    async def _load_initial_models(self) -> None:
+        settings = self.settings
+        if settings.model_control_mode is ControlMode.NONE or "*" in settings.load_model:
+            await self.repository.load_all()
+            return
+        for name in settings.load_model:
+            try:
+                await self.repository.load(name)
+            except Exception as error:
+                log.error("model failed to load", extra={"model": name, "reason": str(error)})
+
+    async def refresh_health(self) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if self.is_ready() else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in HEALTH_SERVICE_NAMES:
+            await self._health.set(name, status)
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish within the grace period, release models."""
+        grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        self._accepting = False
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        await self.repository.aclose()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        log.info("server stopped")
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address

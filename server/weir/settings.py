@@ -1,0 +1,85 @@
+"""Server settings: one frozen dataclass, each field documented once with its default.
+
+The CLI (``weir serve --help``) and the ``WEIR_*`` environment variables are both generated from
+these fields, so a default lives in exactly one place. Precedence: flag > environment > default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ControlMode(enum.Enum):
+    """How models get loaded: all at start (``none``, Triton's default) or by RPC (``explicit``)."""
+
+    NONE = "none"
+    EXPLICIT = "explicit"
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_repository: Path = field(
+        default=Path("model_repository"), metadata=_doc("Directory of models: MODEL/config.pbtxt, MODEL/VERSION/model.pt")
+    )
+    listen_address: str = field(default="0.0.0.0", metadata=_doc("Address the gRPC and metrics servers bind."))
+    grpc_port: int = field(default=8001, metadata=_doc("gRPC port (0 picks a free one; the chosen port is logged)."))
+    metrics_port: int = field(default=8002, metadata=_doc("Prometheus /metrics port (0 picks a free one, -1 disables)."))
+    model_control_mode: ControlMode = field(
+        default=ControlMode.NONE,
+        metadata=_doc("none: load every model at start, refuse load/unload RPCs; explicit: load by RPC or --load-model."),
+    )
+    load_model: tuple[str, ...] = field(
+        default=(), metadata=_doc("In explicit mode, models to load at start (repeatable; '*' loads all).")
+    )
+    compute_threads: int = field(default=4, metadata=_doc("Threads that run model compute off the event loop."))
+    torch_intra_op_threads: int = field(
+        default=0, metadata=_doc("torch intra-op threads per computation (0 keeps torch's default).")
+    )
+    max_message_bytes: int = field(
+        default=128 * 1024 * 1024,
+        metadata=_doc("Largest gRPC message accepted or sent, in bytes (gRPC's own default is 4 MiB)."),
+    )
+    max_tensor_elements: int = field(
+        default=64 * 1024 * 1024, metadata=_doc("Largest element count accepted for one input tensor.")
+    )
+    shutdown_grace_seconds: float = field(
+        default=15.0, metadata=_doc("On SIGTERM, how long in-flight requests may take to finish before exit.")
+    )
+    log_level: str = field(default="INFO", metadata=_doc("Log level: DEBUG, INFO, WARNING, ERROR."))
+    log_format: str = field(default="json", metadata=_doc("Log format: json (one object per line) or text."))
+
+    def __post_init__(self) -> None:
+        _require(self.compute_threads >= 1, "compute_threads", "at least 1", self.compute_threads)
+        _require(self.torch_intra_op_threads >= 0, "torch_intra_op_threads", "0 or more", self.torch_intra_op_threads)
+        _require(0 <= self.grpc_port <= 65535, "grpc_port", "0..65535", self.grpc_port)
+        _require(-1 <= self.metrics_port <= 65535, "metrics_port", "-1..65535", self.metrics_port)
+        _require(self.max_message_bytes >= 1024 * 1024, "max_message_bytes", "at least 1 MiB", self.max_message_bytes)
+        _require(self.max_tensor_elements >= 1, "max_tensor_elements", "at least 1", self.max_tensor_elements)
+        _require(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds", "0 or more", self.shutdown_grace_seconds)
+        _require(self.log_format in ("json", "text"), "log_format", "json or text", self.log_format)
+        _require(
+            self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+            "log_level",
+            "DEBUG, INFO, WARNING or ERROR",
+            self.log_level,
+        )
+
+
+def _require(condition: bool, name: str, expected: str, received: object) -> None:
+    if not condition:
+        raise ValueError(f"setting {name}: expected {expected}, got {received!r}")
+
+
+def settings_fields() -> tuple[dataclasses.Field, ...]:  # type: ignore[type-arg]
+    return dataclasses.fields(ServerSettings)
+
+
+def environment_variable(field_name: str) -> str:
+    return "WEIR_" + field_name.upper()

@@ -1,0 +1,65 @@
+"""Warm-up inputs: from config.pbtxt's ``model_warmup`` or, when it has none, one zero-filled
+sample per input. A version reports ready only after its warm-up ran and produced outputs that
+match its config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from weir import datatypes
+from weir.errors import ModelConfigError
+from weir.model_config import ModelSignature
+from weir_proto.inference import messages as pb
+
+
+def warmup_samples(config: pb.ModelConfig, signature: ModelSignature, model_dir: Path) -> list[tuple[dict[str, np.ndarray], int]]:
+    """(inputs, batch size) pairs to run, in order."""
+    if not config.model_warmup:
+        inputs = {
+            spec.name: _filled(spec.datatype.name, signature.full_shape(spec), zero=True)
+            for spec in signature.inputs
+        }
+        # Every -1 (the batch dimension and variable dims) becomes 1.
+        return [(inputs, 1)]
+    samples: list[tuple[dict[str, np.ndarray], int]] = []
+    for warmup in config.model_warmup:
+        batch_size = max(1, warmup.batch_size) if signature.batched else 1
+        inputs: dict[str, np.ndarray] = {}
+        for name, sample in warmup.inputs.items():
+            datatype = datatypes.BY_CONFIG_NAME[pb.DataType.Name(sample.data_type)]
+            shape = ([batch_size] if signature.batched else []) + list(sample.dims)
+            source = sample.WhichOneof("input_data_type")
+            if source == "input_data_file":
+                path = model_dir / "warmup" / sample.input_data_file
+                try:
+                    raw = path.read_bytes()
+                    array = np.frombuffer(raw, dtype=datatype.numpy_dtype).reshape(shape[1:] if signature.batched else shape)
+                except (OSError, ValueError) as error:
+                    raise ModelConfigError(f"model_warmup '{warmup.name}' input '{name}': cannot use {path}: {error}") from error
+                if signature.batched:
+                    array = np.repeat(array[np.newaxis, ...], batch_size, axis=0)
+            else:
+                array = _filled(datatype.name, shape, zero=source != "random_data")
+            inputs[name] = array
+        for _ in range(max(1, warmup.count)):
+            samples.append((inputs, batch_size))
+    return samples
+
+
+def _filled(datatype_name: str, shape: list[int], zero: bool) -> np.ndarray:
+    concrete = [1 if dim < 0 else dim for dim in shape]
+    datatype = datatypes.BY_NAME[datatype_name]
+    if datatype_name == "BYTES":
+        array = np.empty(int(np.prod(concrete)), dtype=object)
+        array[:] = [b"" if zero else b"warmup"] * array.size
+        return array.reshape(concrete)
+    if zero:
+        return np.zeros(concrete, dtype=datatype.numpy_dtype)
+    generator = np.random.default_rng(0)
+    if datatype.numpy_dtype.kind == "f":
+        return generator.standard_normal(concrete).astype(datatype.numpy_dtype)
+    if datatype_name == "BF16":
+        return np.zeros(concrete, dtype=datatype.numpy_dtype)
+    return generator.integers(0, 2, size=concrete).astype(datatype.numpy_dtype)
