@@ -22,7 +22,9 @@ FEATURES, CLASSES, MAX_BATCH = 256, 10, 64
 class MLPClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(FEATURES, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, CLASSES))
+        self.layers = nn.Sequential(
+            nn.Linear(FEATURES, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, CLASSES)
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features)

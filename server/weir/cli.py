@@ -44,7 +44,7 @@ def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         field_type = hints[settings_field.name]
         env_name = environment_variable(settings_field.name)
         doc = settings_field.metadata.get("doc", "")
-        default = settings_field.default
+        default: Any = settings_field.default
         if typing.get_origin(field_type) is tuple:
             shown = ",".join(default) if default else "none"
             parser.add_argument(
@@ -82,7 +82,9 @@ def settings_from(namespace: argparse.Namespace, environ: typing.Mapping[str, st
             else:
                 values[name] = _converter(field_type)(raw)
         except ValueError as error:
-            raise SystemExit(f"weir: {source}: expected a {getattr(field_type, '__name__', field_type)}, got {raw!r} ({error})") from None
+            raise SystemExit(
+                f"weir: {source}: expected a {getattr(field_type, '__name__', field_type)}, got {raw!r} ({error})"
+            ) from None
     try:
         return ServerSettings(**values)
     except ValueError as error:
@@ -117,7 +119,9 @@ async def _serve(settings: ServerSettings) -> int:
     try:
         await server.start()
         await stop_requested.wait()
-        log.info("stop requested: draining in-flight requests", extra={"grace_seconds": settings.shutdown_grace_seconds})
+        log.info(
+            "stop requested: draining in-flight requests", extra={"grace_seconds": settings.shutdown_grace_seconds}
+        )
     finally:
         await server.stop()
     return 0
@@ -147,4 +151,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

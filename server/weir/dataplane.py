@@ -15,13 +15,13 @@ import time
 from concurrent.futures import Executor, Future
 
 import numpy as np
+from weir_proto.inference import messages as pb
 
 from weir import codec
 from weir.errors import DeadlineExceededError, InternalError, WeirError
 from weir.metrics import UNKNOWN_MODEL_LABEL, Metrics
 from weir.model_config import conform_outputs
 from weir.repository import LoadedVersion, ModelRepository
-from weir_proto.inference import messages as pb
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ class DataPlane:
 
         decode_ns, queue_ns = decoded_at - started, queued_at - decoded_at
         infer_ns, encode_ns = inferred_at - queued_at, finished - inferred_at
-        loaded.statistics.record_success(decoded.batch_size, finished - started, queue_ns, decode_ns, infer_ns, encode_ns)
+        loaded.statistics.record_success(
+            decoded.batch_size, finished - started, queue_ns, decode_ns, infer_ns, encode_ns
+        )
         labels = (loaded.name, loaded.version_label)
         metrics = self._metrics
         metrics.request_success.labels(*labels).inc()

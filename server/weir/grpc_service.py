@@ -17,6 +17,8 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import json_format
+from weir_proto.inference import messages as pb
+from weir_proto.inference.pool import SERVICE
 
 from weir import __version__
 from weir.dataplane import DataPlane
@@ -24,8 +26,6 @@ from weir.errors import FailedPreconditionError, InvalidArgumentError, NotFoundE
 from weir.grpc_status import status_code_for
 from weir.logs import request_id_var
 from weir.repository import ModelRepository
-from weir_proto.inference import messages as pb
-from weir_proto.inference.pool import SERVICE
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,10 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoR
     if isinstance(error, WeirError):
         await context.abort(status_code_for(error.kind), error.message)
     log.exception("unexpected error in an RPC", exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id '{request_id_var.get()}'); see the server log")
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error (request id '{request_id_var.get()}'); see the server log"
+    )
+    raise AssertionError("unreachable: context.abort raises")
 
 
 class InferenceServicer:
@@ -64,13 +67,19 @@ class InferenceServicer:
 
     # --- health and metadata --------------------------------------------------------------------
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._is_ready())
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         try:
             self._repository.resolve(request.name, request.version)
         except WeirError:
@@ -102,7 +111,9 @@ class InferenceServicer:
             response.outputs.add(name=spec.name, datatype=spec.datatype.name, shape=signature.full_shape(spec))
         return response
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
         try:
             loaded = self._repository.resolve(request.name, request.version)
         except WeirError as error:
@@ -132,7 +143,9 @@ class InferenceServicer:
 
     # --- inference ------------------------------------------------------------------------------
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         request_id_var.set(request.id)
         try:
             return await self._dataplane.infer(request, _deadline_of(context))
@@ -156,7 +169,9 @@ class InferenceServicer:
                 response = await self._dataplane.infer(request, deadline)
                 await answers.put(pb.ModelStreamInferResponse(infer_response=response))
             except WeirError as error:
-                await answers.put(pb.ModelStreamInferResponse(error_message=error.message, infer_response=_echo(request)))
+                await answers.put(
+                    pb.ModelStreamInferResponse(error_message=error.message, infer_response=_echo(request))
+                )
             except Exception:
                 log.exception("unexpected error in a stream request")
                 message = f"internal error (request id '{request.id}'); see the server log"
@@ -240,7 +255,9 @@ def _config_override(request: pb.RepositoryModelLoadRequest) -> pb.ModelConfig |
             try:
                 json_format.Parse(parameter.string_param, override)
             except json_format.ParseError as error:
-                raise InvalidArgumentError(f"parameters['config']: expected a JSON ModelConfig, got: {error}") from error
+                raise InvalidArgumentError(
+                    f"parameters['config']: expected a JSON ModelConfig, got: {error}"
+                ) from error
         else:
             raise InvalidArgumentError(f"parameters: expected only 'config', got unsupported parameter '{key}'")
     if request.repository_name:

@@ -8,18 +8,20 @@ dropped silently. Everything the request path needs from a config is computed on
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import Message
+from weir_proto.inference import messages as pb
 
 from weir import datatypes
 from weir.datatypes import DataType
 from weir.errors import InternalError, ModelConfigError
-from weir_proto.inference import messages as pb
 
 # Field paths Weir honours; a path covers everything beneath it.
 SUPPORTED_FIELDS = frozenset(
@@ -159,13 +161,15 @@ def normalize_config(config: pb.ModelConfig, model_name: str) -> pb.ModelConfig:
         if group.count == 0:
             group.count = 1
         if group.count < 0:
-            raise ModelConfigError(f"{source}: field instance_group[{index}].count: expected 1 or more, got {group.count}")
+            raise ModelConfigError(
+                f"{source}: field instance_group[{index}].count: expected 1 or more, got {group.count}"
+            )
     if normalized.version_policy.WhichOneof("policy_choice") is None:
         normalized.version_policy.latest.num_versions = 1
     return normalized
 
 
-def _check_tensors(source: str, kind: str, tensors: Sequence[pb.ModelInput] | Sequence[pb.ModelOutput]) -> None:
+def _check_tensors(source: str, kind: str, tensors: Sequence[Any]) -> None:
     seen: set[str] = set()
     for index, tensor in enumerate(tensors):
         where = f"{source}: field {kind}[{index}]"
@@ -205,7 +209,11 @@ def select_versions(policy: pb.ModelVersionPolicy, available: Sequence[int]) -> 
         return ordered, []
     if choice == "specific":
         wanted = sorted(set(policy.specific.versions))
-        missing = [f"version {version} is listed in version_policy but has no directory" for version in wanted if version not in ordered]
+        missing = [
+            f"version {version} is listed in version_policy but has no directory"
+            for version in wanted
+            if version not in ordered
+        ]
         return [version for version in wanted if version in ordered], missing
     count = policy.latest.num_versions if choice == "latest" and policy.latest.num_versions > 0 else 1
     return ordered[-count:], []
@@ -222,11 +230,12 @@ def conform_outputs(
         spec = specs[name]
         expected = [batch_size, *spec.dims] if signature.batched else list(spec.dims)
         if spec.datatype.name == "BYTES" and array.ndim == 1 and len(expected) > 1 and expected.count(-1) <= 1:
-            try:
+            # On failure the shape check just below reports the shape the model really produced.
+            with contextlib.suppress(ValueError):
                 array = outputs[name] = array.reshape(expected)
-            except ValueError:
-                pass  # reported just below with the shape the model really produced
         shape = list(array.shape)
-        if len(shape) != len(expected) or any(want not in (-1, got) for want, got in zip(expected, shape, strict=False)):
+        if len(shape) != len(expected) or any(
+            want not in (-1, got) for want, got in zip(expected, shape, strict=False)
+        ):
             raise InternalError(f"output '{name}': the config declares shape {expected}, the model returned {shape}")
     return outputs

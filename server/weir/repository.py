@@ -18,6 +18,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from weir_proto.inference import messages as pb
+
 from weir.backends.base import Backend
 from weir.backends.torch_backend import TorchBackend, find_model_file
 from weir.errors import (
@@ -40,7 +42,6 @@ from weir.model_config import (
 )
 from weir.statistics import VersionStatistics
 from weir.warmup import warmup_samples
-from weir_proto.inference import messages as pb
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,7 @@ def _instance_count_and_device(config: pb.ModelConfig) -> tuple[int, str]:
 
 
 class ModelRepository:
-    def __init__(
-        self, root: Path, executor: Executor, metrics: Metrics, intra_op_threads: int = 0
-    ) -> None:
+    def __init__(self, root: Path, executor: Executor, metrics: Metrics, intra_op_threads: int = 0) -> None:
         self._root = root
         self._executor = executor
         self._metrics = metrics
@@ -132,7 +131,9 @@ class ModelRepository:
         if loaded is None:
             state = self._version_status.get(name, {}).get(number)
             if state is not None and state.state != VersionState.READY:
-                raise UnavailableError(f"model '{name}' version {number} is not ready: {state.reason or state.state.value}")
+                raise UnavailableError(
+                    f"model '{name}' version {number} is not ready: {state.reason or state.state.value}"
+                )
             raise NotFoundError(
                 f"model_version: model '{name}' has no version {number}; ready versions are {sorted(served.versions)}"
             )
@@ -218,7 +219,10 @@ class ModelRepository:
                     statuses[version] = Status(VersionState.READY, note)
                 except WeirError as error:
                     statuses[version] = Status(VersionState.UNAVAILABLE, error.message)
-                    log.error("model version failed to load", extra={"model": name, "version": version, "reason": error.message})
+                    log.error(
+                        "model version failed to load",
+                        extra={"model": name, "version": version, "reason": error.message},
+                    )
             for problem in problems:
                 log.error("version policy problem", extra={"model": name, "reason": problem})
             if not loaded:

@@ -10,6 +10,7 @@ import dataclasses
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 class ControlMode(enum.Enum):
@@ -26,14 +27,19 @@ def _doc(text: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class ServerSettings:
     model_repository: Path = field(
-        default=Path("model_repository"), metadata=_doc("Directory of models: MODEL/config.pbtxt, MODEL/VERSION/model.pt")
+        default=Path("model_repository"),
+        metadata=_doc("Directory of models: MODEL/config.pbtxt, MODEL/VERSION/model.pt"),
     )
     listen_address: str = field(default="0.0.0.0", metadata=_doc("Address the gRPC and metrics servers bind."))
     grpc_port: int = field(default=8001, metadata=_doc("gRPC port (0 picks a free one; the chosen port is logged)."))
-    metrics_port: int = field(default=8002, metadata=_doc("Prometheus /metrics port (0 picks a free one, -1 disables)."))
+    metrics_port: int = field(
+        default=8002, metadata=_doc("Prometheus /metrics port (0 picks a free one, -1 disables).")
+    )
     model_control_mode: ControlMode = field(
         default=ControlMode.NONE,
-        metadata=_doc("none: load every model at start, refuse load/unload RPCs; explicit: load by RPC or --load-model."),
+        metadata=_doc(
+            "none: load every model at start, refuse load/unload RPCs; explicit: load by RPC or --load-model."
+        ),
     )
     load_model: tuple[str, ...] = field(
         default=(), metadata=_doc("In explicit mode, models to load at start (repeatable; '*' loads all).")
@@ -77,7 +83,7 @@ def _require(condition: bool, name: str, expected: str, received: object) -> Non
         raise ValueError(f"setting {name}: expected {expected}, got {received!r}")
 
 
-def settings_fields() -> tuple[dataclasses.Field, ...]:  # type: ignore[type-arg]
+def settings_fields() -> tuple[dataclasses.Field[Any], ...]:
     return dataclasses.fields(ServerSettings)
 
 

@@ -7,22 +7,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from weir_proto.inference import messages as pb
 
 from weir import datatypes
 from weir.errors import ModelConfigError
 from weir.model_config import ModelSignature
-from weir_proto.inference import messages as pb
 
 
-def warmup_samples(config: pb.ModelConfig, signature: ModelSignature, model_dir: Path) -> list[tuple[dict[str, np.ndarray], int]]:
+def warmup_samples(
+    config: pb.ModelConfig, signature: ModelSignature, model_dir: Path
+) -> list[tuple[dict[str, np.ndarray], int]]:
     """(inputs, batch size) pairs to run, in order."""
     if not config.model_warmup:
-        inputs = {
-            spec.name: _filled(spec.datatype.name, signature.full_shape(spec), zero=True)
-            for spec in signature.inputs
+        zeros = {
+            spec.name: _filled(spec.datatype.name, signature.full_shape(spec), zero=True) for spec in signature.inputs
         }
         # Every -1 (the batch dimension and variable dims) becomes 1.
-        return [(inputs, 1)]
+        return [(zeros, 1)]
     samples: list[tuple[dict[str, np.ndarray], int]] = []
     for warmup in config.model_warmup:
         batch_size = max(1, warmup.batch_size) if signature.batched else 1
@@ -35,9 +36,13 @@ def warmup_samples(config: pb.ModelConfig, signature: ModelSignature, model_dir:
                 path = model_dir / "warmup" / sample.input_data_file
                 try:
                     raw = path.read_bytes()
-                    array = np.frombuffer(raw, dtype=datatype.numpy_dtype).reshape(shape[1:] if signature.batched else shape)
+                    array = np.frombuffer(raw, dtype=datatype.numpy_dtype).reshape(
+                        shape[1:] if signature.batched else shape
+                    )
                 except (OSError, ValueError) as error:
-                    raise ModelConfigError(f"model_warmup '{warmup.name}' input '{name}': cannot use {path}: {error}") from error
+                    raise ModelConfigError(
+                        f"model_warmup '{warmup.name}' input '{name}': cannot use {path}: {error}"
+                    ) from error
                 if signature.batched:
                     array = np.repeat(array[np.newaxis, ...], batch_size, axis=0)
             else:

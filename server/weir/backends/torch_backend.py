@@ -137,7 +137,9 @@ class TorchBackend:
         torch = self._torch
         if spec.datatype.name == "BYTES":
             if isinstance(value, torch.Tensor):
-                raise InternalError(f"output '{spec.name}': config says BYTES, the model returned a {value.dtype} tensor")
+                raise InternalError(
+                    f"output '{spec.name}': config says BYTES, the model returned a {value.dtype} tensor"
+                )
             array = np.empty(len(value), dtype=object)
             array[:] = [element.encode("utf-8") if isinstance(element, str) else bytes(element) for element in value]
             return array

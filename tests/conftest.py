@@ -1,0 +1,146 @@
+"""Shared fixtures: the demo repository, an in-process server on port 0, and `weir serve` as a
+real subprocess on port 0 (its chosen ports are read from its own "server started" log line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import build_demo_repository  # noqa: E402
+from weir.server import WeirServer  # noqa: E402
+from weir.settings import ControlMode, ServerSettings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_repository_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built once per session; tests that change a repository copy it first (``demo_repository``)."""
+    out = tmp_path_factory.mktemp("demo-repository-template")
+    build_demo_repository.build(out)
+    return out
+
+
+@pytest.fixture
+def demo_repository(demo_repository_template: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the demo repository."""
+    target = tmp_path / "repository"
+    shutil.copytree(demo_repository_template, target)
+    return target
+
+
+@pytest_asyncio.fixture
+async def inprocess_server(demo_repository: Path) -> AsyncIterator[WeirServer]:
+    """The demo repository served in this process on free ports (load-all mode)."""
+    server = WeirServer(
+        ServerSettings(model_repository=demo_repository, listen_address="127.0.0.1", grpc_port=0, metrics_port=0)
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace_seconds=1)
+
+
+def inprocess_settings(repository: Path, **overrides: object) -> ServerSettings:
+    values: dict[str, object] = {
+        "model_repository": repository,
+        "listen_address": "127.0.0.1",
+        "grpc_port": 0,
+        "metrics_port": 0,
+    }
+    values.update(overrides)
+    return ServerSettings(**values)  # type: ignore[arg-type]
+
+
+@dataclass
+class WeirProcess:
+    """A running `weir serve` subprocess."""
+
+    process: subprocess.Popen[str]
+    grpc_port: int
+    metrics_port: int | None
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log_records(self) -> list[dict[str, object]]:
+        records = []
+        for line in list(self.log_lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def terminate_and_wait(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+def start_weir(
+    repository: Path, *extra_args: str, env: dict[str, str] | None = None, timeout: float = 90
+) -> WeirProcess:
+    """Start `weir serve` on free ports and wait for its "server started" line."""
+    command = [
+        sys.executable, "-m", "weir.cli", "serve",
+        "--model-repository", str(repository),
+        "--listen-address", "127.0.0.1",
+        "--grpc-port", "0", "--metrics-port", "0",
+        *extra_args,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
+    lines: list[str] = []
+    started = threading.Event()
+    ports: dict[str, int | None] = {}
+
+    def pump() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line.rstrip("\n"))
+            if not started.is_set() and '"server started"' in line:
+                record = json.loads(line)
+                ports["grpc"] = record["grpc_port"]
+                ports["metrics"] = record.get("metrics_port")
+                started.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not started.wait(0.1):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("weir serve did not start:\n" + "\n".join(lines[-40:]))
+    grpc_port = ports["grpc"]
+    assert grpc_port is not None
+    return WeirProcess(process, grpc_port, ports.get("metrics"), lines)
+
+
+@pytest.fixture
+def weir_process(demo_repository: Path) -> Iterator[WeirProcess]:
+    """`weir serve` over a copy of the demo repository, in explicit control mode with every model
+    loaded at start (so load/unload RPCs work too)."""
+    running = start_weir(demo_repository, "--model-control-mode", ControlMode.EXPLICIT.value, "--load-model", "*")
+    try:
+        yield running
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait(timeout=10)
