@@ -43,7 +43,7 @@ def decode_request(
     request: pb.ModelInferRequest, signature: ModelSignature, max_tensor_elements: int
 ) -> DecodedRequest:
     """Validate ``request`` against ``signature`` and return its inputs as numpy arrays."""
-    specs = signature.input_by_name()
+    specs = signature.inputs_by_name
     raw_contents = request.raw_input_contents
     if raw_contents and len(raw_contents) != len(request.inputs):
         raise InvalidArgumentError(
@@ -188,7 +188,7 @@ def _decode_typed(
 def _requested_outputs(request: pb.ModelInferRequest, signature: ModelSignature) -> list[str]:
     if not request.outputs:
         return [spec.name for spec in signature.outputs]
-    known = signature.output_by_name()
+    known = signature.outputs_by_name
     names: list[str] = []
     for index, requested in enumerate(request.outputs):
         if requested.name not in known:

@@ -44,8 +44,7 @@ class DataPlane:
         except WeirError as error:
             self._metrics.request_failure.labels(UNKNOWN_MODEL_LABEL, "", error.kind.value).inc()
             raise
-        labels = (loaded.name, loaded.version_label)
-        pending = self._metrics.pending_requests.labels(*labels)
+        pending = loaded.metrics.pending_requests
         pending.inc()
         try:
             response = await self._infer_on(loaded, request, deadline, started)
@@ -70,7 +69,7 @@ class DataPlane:
         outputs = await self._run_on_instance(loaded, decoded.inputs, decoded.requested_outputs, decoded.batch_size)
         inferred_at = time.perf_counter_ns()
 
-        specs = loaded.signature.output_by_name()
+        specs = loaded.signature.outputs_by_name
         response = codec.encode_response(
             request.model_name,
             loaded.version_label,
@@ -84,14 +83,13 @@ class DataPlane:
         loaded.statistics.record_success(
             decoded.batch_size, finished - started, queue_ns, decode_ns, infer_ns, encode_ns
         )
-        labels = (loaded.name, loaded.version_label)
-        metrics = self._metrics
-        metrics.request_success.labels(*labels).inc()
-        metrics.request_duration.labels(*labels).observe((finished - started) / 1e9)
+        metrics = loaded.metrics
+        metrics.request_success.inc()
+        metrics.request_duration.observe((finished - started) / 1e9)
         for stage, ns in (("decode", decode_ns), ("queue", queue_ns), ("infer", infer_ns), ("encode", encode_ns)):
-            metrics.stage_duration.labels(*labels, stage).observe(ns / 1e9)
-        metrics.inference_count.labels(*labels).inc(decoded.batch_size)
-        metrics.execution_count.labels(*labels).inc()
+            metrics.stage_duration[stage].observe(ns / 1e9)
+        metrics.inference_count.inc(decoded.batch_size)
+        metrics.execution_count.inc()
         return response
 
     async def _acquire_instance(self, loaded: LoadedVersion, deadline: float | None) -> None:

@@ -9,6 +9,7 @@ model) and encode (numpy -> proto).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -68,3 +69,27 @@ class Metrics:
                 "weir_model_ready", "1 when the model version is loaded and ready.", model_labels, registry=registry,
             ),
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VersionMetrics:
+    """The metric children of one model version, bound once at load time so the request path does
+    no label lookups."""
+
+    request_success: Any
+    request_duration: Any
+    stage_duration: dict[str, Any]
+    inference_count: Any
+    execution_count: Any
+    pending_requests: Any
+
+    @classmethod
+    def bind(cls, metrics: Metrics, model: str, version: str) -> VersionMetrics:
+        return cls(
+            request_success=metrics.request_success.labels(model, version),
+            request_duration=metrics.request_duration.labels(model, version),
+            stage_duration={stage: metrics.stage_duration.labels(model, version, stage) for stage in STAGES},
+            inference_count=metrics.inference_count.labels(model, version),
+            execution_count=metrics.execution_count.labels(model, version),
+            pending_requests=metrics.pending_requests.labels(model, version),
+        )

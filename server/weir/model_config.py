@@ -9,6 +9,7 @@ dropped silently. Everything the request path needs from a config is computed on
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,10 +76,14 @@ class ModelSignature:
         """The shape as metadata reports it: a leading -1 for the batch dimension if any."""
         return [-1, *spec.dims] if self.batched else list(spec.dims)
 
-    def input_by_name(self) -> dict[str, TensorSpec]:
+    # Computed once per loaded version, not per request (cached_property writes the instance
+    # dict directly, so it works on a frozen dataclass).
+    @functools.cached_property
+    def inputs_by_name(self) -> dict[str, TensorSpec]:
         return {spec.name: spec for spec in self.inputs}
 
-    def output_by_name(self) -> dict[str, TensorSpec]:
+    @functools.cached_property
+    def outputs_by_name(self) -> dict[str, TensorSpec]:
         return {spec.name: spec for spec in self.outputs}
 
 
@@ -225,7 +230,7 @@ def conform_outputs(
     """Check the backend's outputs against the config's shapes (catching a model/config mismatch
     with a clear message instead of sending a wrong tensor) and give flat BYTES outputs their
     configured shape."""
-    specs = signature.output_by_name()
+    specs = signature.outputs_by_name
     for name, array in outputs.items():
         spec = specs[name]
         expected = [batch_size, *spec.dims] if signature.batched else list(spec.dims)

@@ -30,7 +30,7 @@ from weir.errors import (
     UnavailableError,
     WeirError,
 )
-from weir.metrics import Metrics
+from weir.metrics import Metrics, VersionMetrics
 from weir.model_config import (
     ModelSignature,
     conform_outputs,
@@ -63,6 +63,7 @@ class LoadedVersion:
     signature: ModelSignature
     backend: Backend
     instance_slots: asyncio.Semaphore  # one per model instance: executions allowed at once
+    metrics: VersionMetrics
     statistics: VersionStatistics = field(default_factory=VersionStatistics)
 
     @property
@@ -283,6 +284,7 @@ class ModelRepository:
             signature=signature,
             backend=backend,
             instance_slots=asyncio.Semaphore(instance_count),
+            metrics=VersionMetrics.bind(self._metrics, name, str(version)),
         )
 
     def _build_and_warm(

@@ -115,7 +115,7 @@ class TorchBackend:
         return tensor.to(self._device, non_blocking=True) if self._device.type != "cpu" else tensor
 
     def _outputs_from(self, result: Any, output_names: list[str]) -> dict[str, np.ndarray]:
-        specs = self._signature.output_by_name()
+        specs = self._signature.outputs_by_name
         if isinstance(result, dict):
             by_name = result
         else:
