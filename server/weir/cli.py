@@ -92,9 +92,15 @@ def settings_from(namespace: argparse.Namespace, environ: typing.Mapping[str, st
 
 
 def build_parser() -> argparse.ArgumentParser:
+    flags = "\n".join(
+        f"  {_flag(item.name):28} {environment_variable(item.name):30} {item.metadata.get('doc', '')}"
+        for item in settings_fields()
+    )
     parser = argparse.ArgumentParser(
         prog="weir",
         description="Weir: an Open Inference (KServe V2) gRPC server for PyTorch models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"weir serve flags (each also an environment variable; see `weir serve --help` for defaults):\n{flags}",
     )
     parser.add_argument("--version", action="version", version=f"weir {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
