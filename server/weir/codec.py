@@ -7,6 +7,7 @@ and the received datatype, shape or byte size.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ def decode_request(
             raise InvalidArgumentError(
                 f"input '{tensor.name}' shape: expected batch size {batch_size} like the other inputs, got {rows}"
             )
-        element_count = int(np.prod(shape, dtype=np.int64))
+        element_count = math.prod(shape)  # Python ints: a huge shape cannot overflow past the limit
         if element_count > max_tensor_elements:
             raise InvalidArgumentError(
                 f"input '{tensor.name}' shape {list(shape)}: expected at most {max_tensor_elements} elements, "

@@ -48,14 +48,3 @@ NAMES = tuple(BY_NAME)
 
 def by_name(name: str) -> DataType | None:
     return BY_NAME.get(name)
-
-
-def from_numpy(dtype: np.dtype) -> DataType:
-    """The V2 datatype of a numpy array (BF16 cannot be told from UINT16 here: callers that
-    produce BF16 say so explicitly)."""
-    if dtype.kind in ("O", "S", "U"):
-        return BY_NAME["BYTES"]
-    for datatype in _ALL:
-        if datatype.name != "BF16" and datatype.numpy_dtype == dtype.newbyteorder("<"):
-            return datatype
-    raise ValueError(f"numpy dtype {dtype} has no V2 datatype")
