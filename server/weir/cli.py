@@ -24,6 +24,15 @@ from weir.settings import ControlMode, ServerSettings, environment_variable, set
 log = logging.getLogger("weir.cli")
 
 
+_TYPE_WORDS: dict[Any, str] = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    Path: "a path",
+    ControlMode: "one of " + ", ".join(mode.value for mode in ControlMode),
+}
+
+
 def _flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
@@ -82,13 +91,17 @@ def settings_from(namespace: argparse.Namespace, environ: typing.Mapping[str, st
             else:
                 values[name] = _converter(field_type)(raw)
         except ValueError as error:
-            raise SystemExit(
-                f"weir: {source}: expected a {getattr(field_type, '__name__', field_type)}, got {raw!r} ({error})"
-            ) from None
+            expected = _TYPE_WORDS.get(field_type, str(field_type))
+            raise SystemExit(f"weir: {source}: expected {expected}, got {raw!r} ({error})") from None
     try:
         return ServerSettings(**values)
     except ValueError as error:
-        raise SystemExit(f"weir: {error}") from None
+        message = str(error)
+        for item in settings_fields():  # name the flag and variable the user actually types
+            prefix = f"setting {item.name}:"
+            if message.startswith(prefix):
+                message = f"{_flag(item.name)} / {environment_variable(item.name)}:{message[len(prefix) :]}"
+        raise SystemExit(f"weir: {message}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -178,12 +178,18 @@ def _decode_typed(
         array = np.empty(element_count, dtype=object)
         array[:] = list(values)
         return array.reshape(shape)
-    try:
-        return np.array(values, dtype=datatype.numpy_dtype).reshape(shape)
-    except OverflowError as error:
-        raise InvalidArgumentError(
-            f"input '{name}' contents.{datatype.contents_field}: a value does not fit {datatype.name}: {error}"
-        ) from error
+    target = datatype.numpy_dtype
+    if target.kind in "iu" and target.itemsize < 8:
+        # INT8/16 and UINT8/16 share 32-bit fields: check the range, as a cast would wrap silently.
+        wide = np.array(values, dtype=np.int64)
+        limits = np.iinfo(target)
+        if wide.size and (wide.min() < limits.min or wide.max() > limits.max):
+            raise InvalidArgumentError(
+                f"input '{name}' contents.{datatype.contents_field}: expected values in "
+                f"[{limits.min}, {limits.max}] for {datatype.name}, got {wide.min()}..{wide.max()}"
+            )
+        return wide.astype(target).reshape(shape)
+    return np.array(values, dtype=target).reshape(shape)
 
 
 def _requested_outputs(request: pb.ModelInferRequest, signature: ModelSignature) -> list[str]:

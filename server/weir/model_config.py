@@ -169,6 +169,7 @@ def normalize_config(config: pb.ModelConfig, model_name: str) -> pb.ModelConfig:
             raise ModelConfigError(
                 f"{source}: field instance_group[{index}].count: expected 1 or more, got {group.count}"
             )
+    _check_warmup(source, normalized)
     if normalized.version_policy.WhichOneof("policy_choice") is None:
         normalized.version_policy.latest.num_versions = 1
     return normalized
@@ -189,6 +190,33 @@ def _check_tensors(source: str, kind: str, tensors: Sequence[Any]) -> None:
         for dim in tensor.dims:
             if dim != -1 and dim <= 0:
                 raise ModelConfigError(f"{where}.dims: expected -1 or a positive size, got {list(tensor.dims)}")
+
+
+def _check_warmup(source: str, config: pb.ModelConfig) -> None:
+    """Warm-up samples must feed every required input with its declared datatype and a concrete
+    shape that fits (Triton's rule), so a bad sample fails here with a message, not mid-load."""
+    inputs = {tensor.name: tensor for tensor in config.input}
+    for index, warmup in enumerate(config.model_warmup):
+        where = f"{source}: field model_warmup[{index}]"
+        missing = [name for name, tensor in inputs.items() if name not in warmup.inputs and not tensor.optional]
+        if missing:
+            raise ModelConfigError(f"{where}.inputs: expected a sample for every input, missing {missing}")
+        for name, sample in warmup.inputs.items():
+            if name not in inputs:
+                raise ModelConfigError(f"{where}.inputs: expected one of {sorted(inputs)}, got unknown input '{name}'")
+            declared = inputs[name]
+            if sample.data_type != declared.data_type:
+                raise ModelConfigError(
+                    f"{where}.inputs['{name}'].data_type: expected {pb.DataType.Name(declared.data_type)}, "
+                    f"got {pb.DataType.Name(sample.data_type)}"
+                )
+            dims, declared_dims = list(sample.dims), list(declared.dims)
+            if len(dims) != len(declared_dims) or any(
+                dim <= 0 or want not in (-1, dim) for want, dim in zip(declared_dims, dims, strict=False)
+            ):
+                raise ModelConfigError(
+                    f"{where}.inputs['{name}'].dims: expected concrete dims fitting {declared_dims}, got {dims}"
+                )
 
 
 def signature_of(config: pb.ModelConfig) -> ModelSignature:

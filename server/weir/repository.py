@@ -227,12 +227,9 @@ class ModelRepository:
             for problem in problems:
                 log.error("version policy problem", extra={"model": name, "reason": problem})
             if not loaded:
-                if previous is not None:
-                    # A failed reload keeps the old versions serving (Triton's behaviour).
-                    self._version_status[name] = {
-                        **statuses,
-                        **{v: Status(VersionState.READY) for v in previous.versions},
-                    }
+                # A failed reload keeps the old versions serving (Triton's behaviour).
+                still_serving = {v: Status(VersionState.READY) for v in previous.versions} if previous else {}
+                self._version_status[name] = {**statuses, **still_serving}
                 reasons = "; ".join(f"version {v}: {s.reason}" for v, s in sorted(statuses.items()))
                 raise FailedPreconditionError(f"failed to load model '{name}': {reasons}")
             self._served[name] = ServedModel(name, loaded)
