@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import build_demo_repository  # noqa: E402
+
 from weir.server import WeirServer  # noqa: E402
 from weir.settings import ControlMode, ServerSettings  # noqa: E402
 

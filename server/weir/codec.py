@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from weir_proto.inference import messages as pb
 
 from weir import datatypes
 from weir.datatypes import DataType
 from weir.errors import InvalidArgumentError
 from weir.model_config import ModelSignature, TensorSpec
+from weir_proto.inference import messages as pb
 
 _LENGTH_PREFIX = struct.Struct("<I")
 

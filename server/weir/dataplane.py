@@ -15,13 +15,13 @@ import time
 from concurrent.futures import Executor, Future
 
 import numpy as np
-from weir_proto.inference import messages as pb
 
 from weir import codec
 from weir.errors import DeadlineExceededError, InternalError, WeirError
 from weir.metrics import UNKNOWN_MODEL_LABEL, Metrics
 from weir.model_config import conform_outputs
 from weir.repository import LoadedVersion, ModelRepository
+from weir_proto.inference import messages as pb
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,6 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import json_format
-from weir_proto.inference import messages as pb
-from weir_proto.inference.pool import SERVICE
 
 from weir import __version__
 from weir.dataplane import DataPlane
@@ -26,6 +24,8 @@ from weir.errors import FailedPreconditionError, InvalidArgumentError, NotFoundE
 from weir.grpc_status import status_code_for
 from weir.logs import request_id_var
 from weir.repository import ModelRepository
+from weir_proto.inference import messages as pb
+from weir_proto.inference.pool import SERVICE
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import Message
-from weir_proto.inference import messages as pb
 
 from weir import datatypes
 from weir.datatypes import DataType
 from weir.errors import InternalError, ModelConfigError
+from weir_proto.inference import messages as pb
 
 # Field paths Weir honours; a path covers everything beneath it.
 SUPPORTED_FIELDS = frozenset(

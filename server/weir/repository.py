@@ -18,8 +18,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from weir_proto.inference import messages as pb
-
 from weir.backends.base import Backend
 from weir.backends.torch_backend import TorchBackend, find_model_file
 from weir.errors import (
@@ -42,6 +40,7 @@ from weir.model_config import (
 )
 from weir.statistics import VersionStatistics
 from weir.warmup import warmup_samples
+from weir_proto.inference import messages as pb
 
 log = logging.getLogger(__name__)
 

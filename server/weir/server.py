@@ -14,13 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry, start_http_server
-from weir_proto.inference import pool
 
 from weir.dataplane import DataPlane
 from weir.grpc_service import InferenceServicer, generic_handler
 from weir.metrics import Metrics
 from weir.repository import ModelRepository
 from weir.settings import ControlMode, ServerSettings
+from weir_proto.inference import pool
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from weir_proto.inference import messages as pb
 
 from weir import datatypes
 from weir.errors import ModelConfigError
 from weir.model_config import ModelSignature
+from weir_proto.inference import messages as pb
 
 
 def warmup_samples(

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from weir import codec, datatypes
 from weir.errors import InvalidArgumentError
 from weir.model_config import ModelSignature, TensorSpec

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from weir import datatypes
 from weir.errors import InternalError, ModelConfigError
 from weir.model_config import (

@@ -62,6 +62,7 @@ def _compare_messages(ours: Descriptor, theirs: Descriptor, differences: list[st
 @pytest.mark.parametrize("file_name", ["grpc_service", "model_config"])
 def test_every_message_matches_tritons_field_numbers_and_types(file_name: str) -> None:
     from tritonclient.grpc import model_config_pb2, service_pb2
+
     from weir_proto.inference import pool
 
     theirs = {"grpc_service": service_pb2, "model_config": model_config_pb2}[file_name].DESCRIPTOR
@@ -81,6 +82,7 @@ def test_every_message_matches_tritons_field_numbers_and_types(file_name: str) -
 
 def test_service_has_the_required_rpcs_with_tritons_paths_and_types() -> None:
     from tritonclient.grpc import service_pb2
+
     from weir_proto.inference import pool
 
     theirs = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]

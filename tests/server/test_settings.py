@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from weir.cli import build_parser, settings_from
 from weir.settings import ControlMode, ServerSettings, environment_variable, settings_fields
 
