@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -65,6 +66,14 @@ def inprocess_settings(repository: Path, **overrides: object) -> ServerSettings:
     }
     values.update(overrides)
     return ServerSettings(**values)  # type: ignore[arg-type]
+
+
+def write_torchscript_model(repository: Path, name: str, module: torch.nn.Module, config: str) -> None:
+    """Add ``name`` version 1 to ``repository``: ``module`` scripted to TorchScript, and its config."""
+    version_dir = repository / name / "1"
+    version_dir.mkdir(parents=True)
+    torch.jit.save(torch.jit.script(module), str(version_dir / "model.pt"))
+    (repository / name / "config.pbtxt").write_text(config)
 
 
 @dataclass

@@ -49,10 +49,10 @@ class DataPlane:
         try:
             response = await self._infer_on(loaded, request, deadline, started)
         except WeirError as error:
-            self._record_failure(loaded, error, started)
+            self._record_failure(loaded, error.kind.value, started)
             raise
-        except asyncio.CancelledError:
-            self._record_failure(loaded, DeadlineExceededError("cancelled by the client"), started)
+        except asyncio.CancelledError:  # the client went away or its deadline passed mid-request
+            self._record_failure(loaded, "cancelled", started)
             raise
         finally:
             pending.dec()
@@ -132,6 +132,6 @@ class DataPlane:
                 f"model '{loaded.name}' version {loaded.version} failed: {type(error).__name__}: {error}"
             ) from error
 
-    def _record_failure(self, loaded: LoadedVersion, error: WeirError, started: int) -> None:
+    def _record_failure(self, loaded: LoadedVersion, reason: str, started: int) -> None:
         loaded.statistics.record_failure(time.perf_counter_ns() - started)
-        self._metrics.request_failure.labels(loaded.name, loaded.version_label, error.kind.value).inc()
+        self._metrics.request_failure.labels(loaded.name, loaded.version_label, reason).inc()

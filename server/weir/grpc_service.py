@@ -98,11 +98,10 @@ class InferenceServicer:
             loaded = self._repository.resolve(request.name, request.version)
         except WeirError as error:
             await _abort(context, error)
-        served = next(model for model in self._repository.served_models() if model.name == loaded.name)
         signature = loaded.signature
         response = pb.ModelMetadataResponse(
             name=loaded.name,
-            versions=[str(version) for version in sorted(served.versions)],
+            versions=[version.version_label for version in self._repository.ready_versions(loaded.name)],
             platform=loaded.config.platform,
         )
         for spec in signature.inputs:
@@ -127,13 +126,14 @@ class InferenceServicer:
         try:
             if request.name:
                 loaded = self._repository.resolve(request.name, request.version)
-                served = next(model for model in self._repository.served_models() if model.name == loaded.name)
-                versions = [loaded] if request.version else [served.versions[v] for v in sorted(served.versions)]
+                versions = [loaded] if request.version else self._repository.ready_versions(loaded.name)
             elif request.version:
                 raise InvalidArgumentError("version: expected empty when name is empty (statistics of all models)")
             else:
                 versions = [
-                    model.versions[v] for model in self._repository.served_models() for v in sorted(model.versions)
+                    loaded
+                    for model in self._repository.served_models()
+                    for loaded in self._repository.ready_versions(model.name)
                 ]
         except WeirError as error:
             await _abort(context, error)

@@ -142,6 +142,11 @@ class ModelRepository:
     def served_models(self) -> list[ServedModel]:
         return list(self._served.values())
 
+    def ready_versions(self, name: str) -> list[LoadedVersion]:
+        """The loaded versions of ``name``, oldest first (empty when it is not served)."""
+        served = self._served.get(name)
+        return [served.versions[version] for version in sorted(served.versions)] if served else []
+
     def all_ready(self) -> bool:
         """Server readiness (Triton's strict readiness): every model asked for is loaded."""
         if any(status.reason != "unloaded" for status in self._model_status.values()):

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tests.conftest import WeirProcess, start_weir
+from tests.conftest import WeirProcess, start_weir, write_torchscript_model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -105,13 +105,6 @@ max_batch_size: 8
 input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]
 output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]
 """
-
-
-def write_torchscript_model(repository: Path, name: str, module: nn.Module, config: str) -> None:
-    version_dir = repository / name / "1"
-    version_dir.mkdir(parents=True)
-    torch.jit.save(torch.jit.script(module), str(version_dir / "model.pt"))
-    (repository / name / "config.pbtxt").write_text(config)
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
