@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS_SECONDS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 STAGES = ("decode", "queue", "infer", "encode")
 UNKNOWN_MODEL_LABEL = "_unknown"  # requests for models that do not exist: bounded label cardinality
 
@@ -32,6 +33,11 @@ class Metrics:
     execution_count: Counter
     pending_requests: Gauge
     model_ready: Gauge
+    queue_depth: Gauge
+    batch_rows: Histogram
+    rejected: Counter
+    expired: Counter
+    cache_requests: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -68,6 +74,25 @@ class Metrics:
             model_ready=Gauge(
                 "weir_model_ready", "1 when the model version is loaded and ready.", model_labels, registry=registry,
             ),
+            queue_depth=Gauge(
+                "weir_queue_depth", "Requests waiting in the scheduler queue.", model_labels, registry=registry,
+            ),
+            batch_rows=Histogram(
+                "weir_batch_size", "Rows per model execution (a dynamic batch of requests counts all rows).",
+                model_labels, buckets=BATCH_SIZE_BUCKETS, registry=registry,
+            ),
+            rejected=Counter(
+                "weir_queue_rejected", "Requests refused at once because the queue was full.", model_labels,
+                registry=registry,
+            ),
+            expired=Counter(
+                "weir_queue_expired", "Requests dropped from the queue, uncomputed, when their deadline or "
+                "queue timeout passed.", model_labels, registry=registry,
+            ),
+            cache_requests=Counter(
+                "weir_cache_requests", "Response cache lookups by model version and result.",
+                (*model_labels, "result"), registry=registry,
+            ),
         )  # fmt: skip
 
 
@@ -82,6 +107,12 @@ class VersionMetrics:
     inference_count: Any
     execution_count: Any
     pending_requests: Any
+    queue_depth: Any
+    batch_rows: Any
+    rejected: Any
+    expired: Any
+    cache_hits: Any
+    cache_misses: Any
 
     @classmethod
     def bind(cls, metrics: Metrics, model: str, version: str) -> VersionMetrics:
@@ -92,4 +123,10 @@ class VersionMetrics:
             inference_count=metrics.inference_count.labels(model, version),
             execution_count=metrics.execution_count.labels(model, version),
             pending_requests=metrics.pending_requests.labels(model, version),
+            queue_depth=metrics.queue_depth.labels(model, version),
+            batch_rows=metrics.batch_rows.labels(model, version),
+            rejected=metrics.rejected.labels(model, version),
+            expired=metrics.expired.labels(model, version),
+            cache_hits=metrics.cache_requests.labels(model, version, "hit"),
+            cache_misses=metrics.cache_requests.labels(model, version, "miss"),
         )

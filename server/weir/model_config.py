@@ -46,6 +46,7 @@ SUPPORTED_FIELDS = frozenset(
         "default_model_filename",
         "parameters",
         "model_warmup",
+        "dynamic_batching",
     }
 )
 

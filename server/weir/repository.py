@@ -15,11 +15,15 @@ import enum
 import logging
 from collections.abc import Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from weir.backends.base import Backend
 from weir.backends.torch_backend import TorchBackend, find_model_file
+from weir.batching.batcher import DynamicBatcher
+from weir.batching.policy import BatchingConfig
 from weir.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -61,9 +65,9 @@ class LoadedVersion:
     config: pb.ModelConfig
     signature: ModelSignature
     backend: Backend
-    instance_slots: asyncio.Semaphore  # one per model instance: executions allowed at once
+    batcher: DynamicBatcher  # every request of this version is scheduled through it
     metrics: VersionMetrics
-    statistics: VersionStatistics = field(default_factory=VersionStatistics)
+    statistics: VersionStatistics
 
     @property
     def version_label(self) -> str:
@@ -270,7 +274,9 @@ class ModelRepository:
     @staticmethod
     def _read_config(model_dir: Path, name: str, override: pb.ModelConfig | None) -> pb.ModelConfig:
         config = override if override is not None else load_config_file(model_dir / "config.pbtxt")
-        return normalize_config(config, name)
+        normalized = normalize_config(config, name)
+        BatchingConfig.from_config(normalized)  # scheduling errors fail the model here, with the field named
+        return normalized
 
     async def _load_version(self, name: str, version: int, model_dir: Path, config: pb.ModelConfig) -> LoadedVersion:
         signature = signature_of(config)
@@ -278,15 +284,22 @@ class ModelRepository:
         backend = await asyncio.get_running_loop().run_in_executor(
             self._executor, self._build_and_warm, model_dir, version, config, signature, device
         )
-        return LoadedVersion(
-            name=name,
-            version=version,
-            config=config,
-            signature=signature,
-            backend=backend,
-            instance_slots=asyncio.Semaphore(instance_count),
-            metrics=VersionMetrics.bind(self._metrics, name, str(version)),
+        statistics = VersionStatistics()
+        metrics = VersionMetrics.bind(self._metrics, name, str(version))
+
+        def run_batch(inputs: dict[str, np.ndarray], output_names: list[str], rows: int) -> dict[str, np.ndarray]:
+            return conform_outputs(signature, backend.infer(inputs, output_names), rows)
+
+        batcher = DynamicBatcher(
+            f"'{name}' version {version}",
+            BatchingConfig.from_config(config),
+            instance_count,
+            self._executor,
+            run_batch,
+            statistics,
+            metrics,
         )
+        return LoadedVersion(name, version, config, signature, backend, batcher, metrics, statistics)
 
     def _build_and_warm(
         self, model_dir: Path, version: int, config: pb.ModelConfig, signature: ModelSignature, device: str

@@ -36,7 +36,7 @@ class WeirServer:
         self.repository = ModelRepository(
             settings.model_repository, self._executor, self.metrics, settings.torch_intra_op_threads
         )
-        self.dataplane = DataPlane(self.repository, self._executor, self.metrics, settings.max_tensor_elements)
+        self.dataplane = DataPlane(self.repository, self.metrics, settings.max_tensor_elements)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_http: WSGIServer | None = None

@@ -131,8 +131,6 @@ def test_triton_config_parses_with_every_field() -> None:
 
 def test_unsupported_fields_of_a_triton_config_are_exactly_the_ones_weir_ignores() -> None:
     assert unsupported_fields(parse(TRITON_CONFIG)) == [
-        "dynamic_batching.max_queue_delay_microseconds",
-        "dynamic_batching.preferred_batch_size",
         "input.format",
         "instance_group.rate_limiter.priority",
         "metric_tags",
@@ -160,7 +158,7 @@ def test_config_using_only_supported_fields_reports_nothing() -> None:
     ("text", "expected"),
     [
         pytest.param("sequence_batching {}", ["sequence_batching"], id="empty-sequence"),
-        pytest.param("dynamic_batching {}", ["dynamic_batching"], id="empty-dynamic"),
+        pytest.param("dynamic_batching {}", [], id="empty-dynamic-is-supported"),
         pytest.param(
             "ensemble_scheduling { step [ { model_name: 'a' } ] }",
             ["ensemble_scheduling.step.model_name"],

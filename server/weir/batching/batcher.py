@@ -1,0 +1,238 @@
+"""The asyncio shell around ``BatchQueue``: one ``DynamicBatcher`` per loaded model version.
+
+Every request goes through it, batching or not, so queue limits, priorities, timeouts and the
+client's deadline behave the same for every model. Scheduling runs synchronously on the event loop
+whenever something changes (a request arrives, an execution finishes, a timer fires): no scheduler
+task, no extra hop. Model compute runs in the executor; an instance is freed when its *thread*
+finishes, so a caller that goes away never lets more executions run than instances exist.
+
+Each request's future exists before the request is queued. A cancelled caller's future is simply
+skipped when results are handed out; the rest of its batch is unaffected. A batch whose outputs do
+not have one row per input row fails with INTERNAL for its own requests only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from weir.batching.policy import BatchingConfig, BatchQueue, QueuedRequest
+from weir.errors import DeadlineExceededError, InternalError, ResourceExhaustedError, WeirError
+from weir.metrics import VersionMetrics
+from weir.statistics import VersionStatistics
+
+log = logging.getLogger(__name__)
+
+# Runs one batch: (inputs with the batch dim first, output names, total rows) -> outputs.
+RunBatch = Callable[[dict[str, np.ndarray], list[str], int], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    outputs: dict[str, np.ndarray]  # this request's rows only (views into the batch's outputs)
+    queue_ns: int  # from queued to dispatched
+    infer_ns: int  # from dispatched to the batch's results being back on the event loop
+    batch_rows: int
+
+
+@dataclass(eq=False)
+class _Pending:
+    future: asyncio.Future[BatchResult]
+    inputs: dict[str, np.ndarray]
+    output_names: list[str]
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        model_label: str,
+        config: BatchingConfig,
+        instance_count: int,
+        executor: Executor,
+        run_batch: RunBatch,
+        statistics: VersionStatistics,
+        metrics: VersionMetrics,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self._model_label = model_label
+        self._config = config
+        self._queue = BatchQueue(config)
+        self._idle_instances = instance_count
+        self._executor = executor
+        self._run_batch = run_batch
+        self._statistics = statistics
+        self._metrics = metrics
+        self._clock = clock
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at_ns: int | None = None
+
+    @property
+    def config(self) -> BatchingConfig:
+        return self._config
+
+    def shape_key(self, inputs: dict[str, np.ndarray]) -> Hashable:
+        """Requests share an execution only when every input agrees beyond the batch dimension."""
+        if not self._config.batching:
+            return object()  # never equal to another request's key
+        return tuple(sorted((name, array.shape[1:], array.dtype.str) for name, array in inputs.items()))
+
+    async def infer(
+        self,
+        inputs: dict[str, np.ndarray],
+        output_names: list[str],
+        rows: int,
+        parameters: dict[str, object],
+        deadline_ns: int | None,
+    ) -> BatchResult:
+        config = self._config
+        level = config.priority_level(parameters.get("priority"))
+        now = self._clock()
+        timeout_ns = config.queue_timeout_ns(level, parameters.get("timeout"))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[BatchResult] = loop.create_future()  # exists before the request is queued
+        request = QueuedRequest(
+            rows=rows,
+            shape_key=self.shape_key(inputs),
+            priority=level,
+            enqueued_ns=now,
+            deadline_ns=deadline_ns,
+            timeout_ns=now + timeout_ns if timeout_ns else None,
+            payload=_Pending(future, inputs, output_names),
+        )
+        if not self._queue.admit(request):
+            self._metrics.rejected.inc()
+            limit = config.queue_policies[level - 1].max_queue_size
+            raise ResourceExhaustedError(
+                f"model {self._model_label}: queue for priority level {level} is full "
+                f"(max_queue_size {limit}); try again later"
+            )
+        self._metrics.queue_depth.inc()
+        future.add_done_callback(lambda done: self._forget_if_cancelled(done, request))
+        self._schedule()
+        return await future
+
+    def _forget_if_cancelled(self, future: asyncio.Future[BatchResult], request: QueuedRequest) -> None:
+        if future.cancelled():
+            before = len(self._queue)
+            self._queue.discard(request)
+            if len(self._queue) < before:
+                self._metrics.queue_depth.dec()
+
+    # --- scheduling -----------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        while True:
+            decision = self._queue.next_batch(self._clock(), self._idle_instances)
+            for request in decision.expired:
+                self._expire(request)
+            if decision.batch:
+                self._dispatch(decision.batch)
+                continue
+            self._arm_timer(decision.wake_at_ns)
+            return
+
+    def _arm_timer(self, wake_at_ns: int | None) -> None:
+        if wake_at_ns == self._timer_at_ns:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at_ns = None
+        if wake_at_ns is not None:
+            delay = max(0.0, (wake_at_ns - self._clock()) / 1e9)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+            self._timer_at_ns = wake_at_ns
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at_ns = None
+        self._schedule()
+
+    def _expire(self, request: QueuedRequest) -> None:
+        self._metrics.queue_depth.dec()
+        self._metrics.expired.inc()
+        pending = request.payload
+        assert isinstance(pending, _Pending)
+        if not pending.future.done():
+            waited_ms = (self._clock() - request.enqueued_ns) / 1e6
+            pending.future.set_exception(
+                DeadlineExceededError(
+                    f"model {self._model_label}: the request's deadline or queue timeout passed after "
+                    f"{waited_ms:.1f} ms in the queue; it was not computed"
+                )
+            )
+
+    def _dispatch(self, batch: list[QueuedRequest]) -> None:
+        self._metrics.queue_depth.dec(len(batch))
+        live = [request for request in batch if not _pending(request).future.done()]
+        if not live:
+            return
+        dispatched_ns = self._clock()
+        rows = sum(request.rows for request in live)
+        inputs = _concatenate([_pending(request).inputs for request in live])
+        output_names = _union([_pending(request).output_names for request in live])
+        self._idle_instances -= 1
+        loop = asyncio.get_running_loop()
+        try:
+            execution: Future[dict[str, np.ndarray]] = self._executor.submit(
+                self._run_batch, inputs, output_names, rows
+            )
+        except RuntimeError as error:  # the executor is shut down: the server is stopping
+            self._idle_instances += 1
+            for request in live:
+                _pending(request).future.set_exception(InternalError(f"server is shutting down: {error}"))
+            return
+        execution.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._complete, live, rows, dispatched_ns, done)
+        )
+
+    def _complete(
+        self, batch: list[QueuedRequest], rows: int, dispatched_ns: int, execution: Future[dict[str, np.ndarray]]
+    ) -> None:
+        self._idle_instances += 1
+        completed_ns = self._clock()
+        infer_ns = completed_ns - dispatched_ns
+        try:
+            outputs = execution.result()
+        except Exception as error:
+            failure = error if isinstance(error, WeirError) else self._internal_error(error)
+            for request in batch:
+                if not _pending(request).future.done():
+                    _pending(request).future.set_exception(failure)
+        else:
+            self._statistics.record_execution(rows, 0, infer_ns, 0)
+            self._metrics.batch_rows.observe(rows)
+            offset = 0
+            for request in batch:
+                pending = _pending(request)
+                if not pending.future.done():  # a cancelled caller is skipped, the others still get theirs
+                    mine = {name: outputs[name][offset : offset + request.rows] for name in pending.output_names}
+                    pending.future.set_result(BatchResult(mine, dispatched_ns - request.enqueued_ns, infer_ns, rows))
+                offset += request.rows
+        self._schedule()
+
+    def _internal_error(self, error: BaseException) -> InternalError:
+        log.error("model execution failed", exc_info=error, extra={"model": self._model_label})
+        return InternalError(f"model {self._model_label} failed: {type(error).__name__}: {error}")
+
+
+def _pending(request: QueuedRequest) -> _Pending:
+    pending = request.payload
+    assert isinstance(pending, _Pending)
+    return pending
+
+
+def _concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]  # a batch of one: no copy
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _union(name_lists: list[list[str]]) -> list[str]:
+    if len(name_lists) == 1:
+        return name_lists[0]
+    return list(dict.fromkeys(name for names in name_lists for name in names))

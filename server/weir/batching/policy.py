@@ -1,0 +1,295 @@
+"""The dynamic batching policy as a pure state machine: no asyncio, no threads, the clock passed in.
+
+``BatchQueue.next_batch(now, idle_instances)`` is the one decision point. It is called whenever
+something changes (a request arrives, an execution finishes, a timer fires) and answers: which
+queued requests expired, which batch to run now (if any), and when to look again.
+
+The policy is work-conserving: an idle instance never waits for a batch to fill unless more requests
+are actually expected within ``max_queue_delay`` (judged from the recent arrival rate), so a lone
+request runs at once, while under load batches grow on their own while instances are busy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections import deque
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+
+from weir.errors import InvalidArgumentError, ModelConfigError
+from weir_proto.inference import messages as pb
+
+NANOS_PER_MICRO = 1_000
+# Arrival gaps longer than this do not say anything about the next one: cap them in the estimate.
+_MAX_TRACKED_GAP_NS = 1_000_000_000
+_EWMA_WEIGHT = 0.2
+
+
+class TimeoutAction(enum.Enum):
+    REJECT = "REJECT"  # a request whose queue timeout passes is answered DEADLINE_EXCEEDED
+    DELAY = "DELAY"  # it stays queued, behind every request that has not timed out
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    timeout_action: TimeoutAction = TimeoutAction.REJECT
+    default_timeout_ns: int = 0  # 0 = no queue timeout
+    allow_timeout_override: bool = False  # a request may shorten the timeout, never lengthen it
+    max_queue_size: int = 0  # requests waiting at this priority level; 0 = unbounded
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """What config.pbtxt says about scheduling, in Triton's terms, validated once at load."""
+
+    batching: bool  # dynamic_batching present and max_batch_size > 0: requests may share an execution
+    max_batch_size: int  # rows per execution when batching
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_ns: int = 0
+    preserve_ordering: bool = False
+    priority_levels: int = 1  # level 1 is the highest
+    default_priority_level: int = 1
+    queue_policies: tuple[QueuePolicy, ...] = (QueuePolicy(),)  # index = level - 1
+
+    @classmethod
+    def from_config(cls, config: pb.ModelConfig) -> BatchingConfig:
+        source = f"model '{config.name}' config.pbtxt: field dynamic_batching"
+        if not config.HasField("dynamic_batching"):
+            return cls(batching=False, max_batch_size=max(1, config.max_batch_size))
+        dynamic = config.dynamic_batching
+        levels = max(1, dynamic.priority_levels)
+        # Unset, requests without a priority go to the lowest level.
+        default_level = dynamic.default_priority_level or levels
+        if not 1 <= default_level <= levels:
+            raise ModelConfigError(
+                f"{source}.default_priority_level: expected 1..{levels}, got {dynamic.default_priority_level}"
+            )
+        for size in dynamic.preferred_batch_size:
+            if not 1 <= size <= max(1, config.max_batch_size):
+                raise ModelConfigError(
+                    f"{source}.preferred_batch_size: expected sizes in 1..{config.max_batch_size} "
+                    f"(max_batch_size), got {list(dynamic.preferred_batch_size)}"
+                )
+        for level in dynamic.priority_queue_policy:
+            if not 1 <= level <= levels:
+                raise ModelConfigError(f"{source}.priority_queue_policy: expected levels 1..{levels}, got {level}")
+        default_policy = _queue_policy(dynamic.default_queue_policy)
+        policies = tuple(
+            _queue_policy(dynamic.priority_queue_policy[level])
+            if level in dynamic.priority_queue_policy
+            else default_policy
+            for level in range(1, levels + 1)
+        )
+        return cls(
+            batching=config.max_batch_size > 0,
+            max_batch_size=max(1, config.max_batch_size),
+            preferred_batch_sizes=tuple(sorted(set(dynamic.preferred_batch_size))),
+            max_queue_delay_ns=dynamic.max_queue_delay_microseconds * NANOS_PER_MICRO,
+            preserve_ordering=dynamic.preserve_ordering,
+            priority_levels=levels,
+            default_priority_level=default_level,
+            queue_policies=policies,
+        )
+
+    def priority_level(self, requested: object) -> int:
+        """The level for a request's ``priority`` parameter (0 or absent = the default level)."""
+        if requested is None or requested == 0:
+            return self.default_priority_level
+        if isinstance(requested, bool) or not isinstance(requested, int):
+            raise InvalidArgumentError(f"parameters['priority']: expected an integer, got {requested!r}")
+        if not 1 <= requested <= self.priority_levels:
+            raise InvalidArgumentError(
+                f"parameters['priority']: expected 0 (default) or 1..{self.priority_levels}, got {requested}"
+            )
+        return requested
+
+    def queue_timeout_ns(self, level: int, requested_us: object) -> int:
+        """The queue timeout for a request at ``level`` with Triton's ``timeout`` parameter
+        (microseconds); 0 = none."""
+        policy = self.queue_policies[level - 1]
+        if requested_us is None:
+            return policy.default_timeout_ns
+        if isinstance(requested_us, bool) or not isinstance(requested_us, int) or requested_us < 0:
+            raise InvalidArgumentError(
+                f"parameters['timeout']: expected microseconds as a non-negative integer, got {requested_us!r}"
+            )
+        if not policy.allow_timeout_override:
+            return policy.default_timeout_ns
+        requested_ns = requested_us * NANOS_PER_MICRO
+        if policy.default_timeout_ns and (requested_ns == 0 or requested_ns > policy.default_timeout_ns):
+            return policy.default_timeout_ns  # a request may shorten the timeout, never lengthen it
+        return requested_ns
+
+
+def _queue_policy(message: pb.ModelQueuePolicy) -> QueuePolicy:
+    return QueuePolicy(
+        timeout_action=(
+            TimeoutAction.DELAY if message.timeout_action == pb.ModelQueuePolicy.DELAY else TimeoutAction.REJECT
+        ),
+        default_timeout_ns=message.default_timeout_microseconds * NANOS_PER_MICRO,
+        allow_timeout_override=message.allow_timeout_override,
+        max_queue_size=message.max_queue_size,
+    )
+
+
+@dataclass(eq=False)
+class QueuedRequest:
+    rows: int
+    shape_key: Hashable  # requests run together only when their keys are equal (same non-batch dims)
+    priority: int
+    enqueued_ns: int
+    deadline_ns: int | None = None  # the client's deadline: past it the request is never computed
+    timeout_ns: int | None = None  # the queue timeout instant (REJECT: expire; DELAY: demote)
+    payload: object = None  # the shell's own data (future, inputs); the policy never looks inside
+    delayed: bool = False
+
+
+@dataclass
+class Decision:
+    batch: list[QueuedRequest] = field(default_factory=list)  # run these together now (may be empty)
+    expired: list[QueuedRequest] = field(default_factory=list)  # answer DEADLINE_EXCEEDED, never compute
+    wake_at_ns: int | None = None  # call next_batch again at this instant (a delay ends, a deadline passes)
+
+
+class BatchQueue:
+    def __init__(self, config: BatchingConfig) -> None:
+        self.config = config
+        self._levels: list[deque[QueuedRequest]] = [deque() for _ in range(config.priority_levels)]
+        self._delayed: deque[QueuedRequest] = deque()  # timed out under DELAY: behind everything else
+        self._last_arrival_ns: int | None = None
+        self._arrival_gap_ns: float | None = None  # moving average of the time between arrivals
+
+    def __len__(self) -> int:
+        return sum(len(queue) for queue in self._levels) + len(self._delayed)
+
+    def admit(self, request: QueuedRequest) -> bool:
+        """Queue ``request``; False when its priority level's queue is full (reject it at once)."""
+        limit = self.config.queue_policies[request.priority - 1].max_queue_size
+        queue = self._levels[request.priority - 1]
+        if limit and len(queue) >= limit:
+            return False
+        queue.append(request)
+        self._note_arrival(request.enqueued_ns)
+        return True
+
+    def discard(self, request: QueuedRequest) -> None:
+        """Forget a request whose caller went away (a no-op if it already left the queue)."""
+        queue = self._delayed if request.delayed else self._levels[request.priority - 1]
+        with contextlib.suppress(ValueError):
+            queue.remove(request)
+
+    def next_batch(self, now_ns: int, idle_instances: int) -> Decision:
+        decision = Decision(expired=self._expire(now_ns))
+        head = next(self._in_order(), None)
+        if head is None:
+            return decision
+        next_expiry = self._next_expiry()
+        if idle_instances <= 0:
+            decision.wake_at_ns = next_expiry  # instances busy: look again when one frees or one expires
+            return decision
+        candidates = self._candidates(head)
+        rows = sum(request.rows for request in candidates)
+        wait_until = self._hold_until(candidates, rows, now_ns)
+        if wait_until is None:
+            self._remove(candidates)
+            decision.batch = candidates
+            decision.wake_at_ns = self._next_expiry()
+        else:
+            decision.wake_at_ns = wait_until if next_expiry is None else min(wait_until, next_expiry)
+        return decision
+
+    # --- the pieces of the decision -------------------------------------------------------------
+
+    def _expire(self, now_ns: int) -> list[QueuedRequest]:
+        expired: list[QueuedRequest] = []
+        for level, queue in enumerate(self._levels):
+            action = self.config.queue_policies[level].timeout_action
+            if not any(_is_due(request, now_ns) for request in queue):
+                continue
+            kept: deque[QueuedRequest] = deque()
+            for request in queue:
+                if request.deadline_ns is not None and request.deadline_ns <= now_ns:
+                    expired.append(request)
+                elif request.timeout_ns is not None and request.timeout_ns <= now_ns:
+                    if action is TimeoutAction.REJECT:
+                        expired.append(request)
+                    else:
+                        request.delayed, request.timeout_ns = True, None
+                        self._delayed.append(request)
+                else:
+                    kept.append(request)
+            self._levels[level] = kept
+        if any(_is_due(request, now_ns) for request in self._delayed):
+            expired.extend(r for r in self._delayed if r.deadline_ns is not None and r.deadline_ns <= now_ns)
+            self._delayed = deque(r for r in self._delayed if r.deadline_ns is None or r.deadline_ns > now_ns)
+        return expired
+
+    def _in_order(self) -> Iterator[QueuedRequest]:
+        for queue in self._levels:
+            yield from queue
+        yield from self._delayed
+
+    def _candidates(self, head: QueuedRequest) -> list[QueuedRequest]:
+        """The head plus, in priority then arrival order, what fits beside it: same shape key and
+        rows within max_batch_size. With preserve_ordering nothing is taken past a request left out."""
+        if not self.config.batching:
+            return [head]
+        chosen: list[QueuedRequest] = []
+        rows = 0
+        for request in self._in_order():
+            fits = request.shape_key == head.shape_key and rows + request.rows <= self.config.max_batch_size
+            if fits:
+                chosen.append(request)
+                rows += request.rows
+                if rows == self.config.max_batch_size:
+                    break
+            elif self.config.preserve_ordering:
+                break
+        return chosen
+
+    def _hold_until(self, candidates: list[QueuedRequest], rows: int, now_ns: int) -> int | None:
+        """None = run now; otherwise the instant to look again while waiting for more rows."""
+        config = self.config
+        if not config.batching or rows >= config.max_batch_size or config.max_queue_delay_ns == 0:
+            return None
+        if config.preferred_batch_sizes and rows >= config.preferred_batch_sizes[-1]:
+            return None
+        oldest = min(request.enqueued_ns for request in candidates)
+        release_at = oldest + config.max_queue_delay_ns
+        if release_at <= now_ns:
+            return None
+        # Work-conserving: hold an idle instance only when another request is expected in time.
+        if self._arrival_gap_ns is None or self._arrival_gap_ns > release_at - now_ns:
+            return None
+        return release_at
+
+    def _remove(self, chosen: list[QueuedRequest]) -> None:
+        taken = {id(request) for request in chosen}
+        for level, queue in enumerate(self._levels):
+            if any(id(request) in taken for request in queue):
+                self._levels[level] = deque(request for request in queue if id(request) not in taken)
+        if any(id(request) in taken for request in self._delayed):
+            self._delayed = deque(request for request in self._delayed if id(request) not in taken)
+
+    def _next_expiry(self) -> int | None:
+        instants = [
+            instant
+            for request in self._in_order()
+            for instant in (request.deadline_ns, request.timeout_ns)
+            if instant is not None
+        ]
+        return min(instants) if instants else None
+
+    def _note_arrival(self, now_ns: int) -> None:
+        if self._last_arrival_ns is not None:
+            gap = min(max(0, now_ns - self._last_arrival_ns), _MAX_TRACKED_GAP_NS)
+            previous = self._arrival_gap_ns
+            self._arrival_gap_ns = gap if previous is None else previous + _EWMA_WEIGHT * (gap - previous)
+        self._last_arrival_ns = now_ns
+
+
+def _is_due(request: QueuedRequest, now_ns: int) -> bool:
+    return (request.deadline_ns is not None and request.deadline_ns <= now_ns) or (
+        request.timeout_ns is not None and request.timeout_ns <= now_ns
+    )
