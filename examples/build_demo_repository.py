@@ -3,7 +3,8 @@
     python examples/build_demo_repository.py --out build/demo-repository
 
 Models:
-  mlp_classifier  TorchScript MLP, FP32 INPUT__0 [-1, 256] -> FP32 OUTPUT__0 [-1, 10] (Triton naming)
+  mlp_classifier  TorchScript MLP 256 -> 1024 -> 1024 -> 10, FP32 INPUT__0 [-1, 256] -> FP32 OUTPUT__0 [-1, 10]
+                  (Triton naming), dynamic batching
   mlp_export      the same weights saved with torch.export (model.pt2), inputs named by meaning
   text_stats      TorchScript model with a BYTES input: TEXT [-1, 1] -> FP32 STATS [-1, 2], BYTES UPPER [-1, 1]
 """
@@ -16,14 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FEATURES, CLASSES, MAX_BATCH = 256, 10, 64
+FEATURES, HIDDEN, CLASSES, MAX_BATCH = 256, 1024, 10, 64
 
 
 class MLPClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(FEATURES, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, CLASSES)
+            nn.Linear(FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES)
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -50,6 +51,9 @@ max_batch_size: {max_batch}
 input [ {{ name: "INPUT__0" data_type: TYPE_FP32 dims: [ {features} ] }} ]
 output [ {{ name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ {classes} ] }} ]
 instance_group [ {{ count: 2 kind: KIND_CPU }} ]
+# Work-conserving: a lone request runs at once; under load, requests that arrive while both instances
+# are busy (or within 1 ms of each other) share one execution.
+dynamic_batching {{ max_queue_delay_microseconds: 1000 }}
 """
 
 EXPORT_CONFIG = """\

@@ -13,6 +13,7 @@ import logging
 import time
 
 from weir import codec
+from weir.cache import ResponseCache, response_cache_key
 from weir.errors import WeirError
 from weir.metrics import UNKNOWN_MODEL_LABEL, Metrics
 from weir.repository import LoadedVersion, ModelRepository
@@ -22,10 +23,17 @@ log = logging.getLogger(__name__)
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, metrics: Metrics, max_tensor_elements: int) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        metrics: Metrics,
+        max_tensor_elements: int,
+        response_cache: ResponseCache | None = None,
+    ) -> None:
         self._repository = repository
         self._metrics = metrics
         self._max_tensor_elements = max_tensor_elements
+        self._response_cache = response_cache
 
     async def infer(self, request: pb.ModelInferRequest, deadline: float | None = None) -> pb.ModelInferResponse:
         """Answer one request. ``deadline`` is a ``time.monotonic()`` instant (the client's gRPC
@@ -54,6 +62,14 @@ class DataPlane:
         self, loaded: LoadedVersion, request: pb.ModelInferRequest, deadline: float | None, started: int
     ) -> pb.ModelInferResponse:
         decoded = codec.decode_request(request, loaded.signature, self._max_tensor_elements)
+        cache_key = None
+        if self._response_cache is not None and loaded.config.response_cache.enable:
+            cache_key = _cache_key(loaded, decoded)
+            cached = await self._response_cache.lookup(loaded.cache_namespace, cache_key)
+            if cached is not None:
+                return self._answer_from_cache(loaded, request, cached, started)
+            loaded.statistics.record_cache_miss(time.perf_counter_ns() - started)
+            loaded.metrics.cache_misses.inc()
         decoded_at = time.perf_counter_ns()
 
         result = await loaded.batcher.infer(
@@ -73,6 +89,8 @@ class DataPlane:
             [(specs[name], result.outputs[name]) for name in decoded.requested_outputs],
         )
         finished = time.perf_counter_ns()
+        if cache_key is not None and self._response_cache is not None:
+            self._response_cache.store(loaded.cache_namespace, cache_key, _cacheable(response))
 
         decode_ns, encode_ns = decoded_at - started, finished - inferred_at
         queue_ns, infer_ns = result.queue_ns, result.infer_ns
@@ -85,6 +103,36 @@ class DataPlane:
         metrics.inference_count.inc(decoded.batch_size)
         return response
 
+    def _answer_from_cache(
+        self, loaded: LoadedVersion, request: pb.ModelInferRequest, cached: bytes, started: int
+    ) -> pb.ModelInferResponse:
+        response = pb.ModelInferResponse.FromString(cached)
+        response.model_name = request.model_name
+        response.id = request.id
+        total_ns = time.perf_counter_ns() - started
+        loaded.statistics.record_cache_hit(total_ns)
+        metrics = loaded.metrics
+        metrics.cache_hits.inc()
+        metrics.request_success.inc()
+        metrics.request_duration.observe(total_ns / 1e9)
+        return response
+
     def _record_failure(self, loaded: LoadedVersion, reason: str, started: int) -> None:
         loaded.statistics.record_failure(time.perf_counter_ns() - started)
         self._metrics.request_failure.labels(loaded.name, loaded.version_label, reason).inc()
+
+
+def _cache_key(loaded: LoadedVersion, decoded: codec.DecodedRequest) -> bytes:
+    specs = loaded.signature.inputs_by_name
+    inputs = {name: (specs[name].datatype.name, array) for name, array in decoded.inputs.items()}
+    return response_cache_key(loaded.name, loaded.version_label, inputs, decoded.requested_outputs, decoded.parameters)
+
+
+def _cacheable(response: pb.ModelInferResponse) -> bytes:
+    """The response without the caller's request id (each hit gets its own caller's id)."""
+    request_id = response.id
+    response.id = ""
+    try:
+        return response.SerializeToString()
+    finally:
+        response.id = request_id

@@ -47,6 +47,7 @@ SUPPORTED_FIELDS = frozenset(
         "parameters",
         "model_warmup",
         "dynamic_batching",
+        "response_cache",
     }
 )
 

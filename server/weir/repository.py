@@ -73,6 +73,11 @@ class LoadedVersion:
     def version_label(self) -> str:
         return str(self.version)
 
+    @property
+    def cache_namespace(self) -> str:
+        """Response-cache entries live per version: a new version never sees an old one's answers."""
+        return f"{self.name}/{self.version}"
+
 
 @dataclass(frozen=True)
 class ServedModel:

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 
+from weir.cache import CacheMetrics, LocalResponseCache, RedisResponseCache, ResponseCache
 from weir.dataplane import DataPlane
 from weir.grpc_service import InferenceServicer, generic_handler
 from weir.metrics import Metrics
@@ -36,7 +37,8 @@ class WeirServer:
         self.repository = ModelRepository(
             settings.model_repository, self._executor, self.metrics, settings.torch_intra_op_threads
         )
-        self.dataplane = DataPlane(self.repository, self.metrics, settings.max_tensor_elements)
+        self.response_cache = _response_cache(settings, self.registry)
+        self.dataplane = DataPlane(self.repository, self.metrics, settings.max_tensor_elements, self.response_cache)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_http: WSGIServer | None = None
@@ -120,12 +122,23 @@ class WeirServer:
             await self._server.stop(grace)
             self._server = None
         await self.repository.aclose()
+        await self.response_cache.aclose()
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
         log.info("server stopped")
+
+
+def _response_cache(settings: ServerSettings, registry: CollectorRegistry) -> ResponseCache:
+    metrics = CacheMetrics.create(registry)
+    redis = None
+    if settings.redis_url:
+        redis = RedisResponseCache(
+            settings.redis_url, settings.redis_ttl_seconds, settings.redis_timeout_ms / 1000, metrics
+        )
+    return ResponseCache(LocalResponseCache(settings.response_cache_bytes, metrics), redis)
 
 
 def _host(address: str) -> str:

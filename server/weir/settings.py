@@ -55,6 +55,18 @@ class ServerSettings:
     max_tensor_elements: int = field(
         default=64 * 1024 * 1024, metadata=_doc("Largest element count accepted for one input tensor.")
     )
+    response_cache_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=_doc("In-process response cache size in bytes, for models with response_cache { enable: true }."),
+    )
+    redis_url: str = field(
+        default="",
+        metadata=_doc("Redis shared by replicas as a second cache tier, e.g. redis://127.0.0.1:6379/0 (empty = none)."),
+    )
+    redis_ttl_seconds: float = field(default=300.0, metadata=_doc("Lifetime of a response cached in Redis."))
+    redis_timeout_ms: float = field(
+        default=20.0, metadata=_doc("A Redis call slower than this is abandoned and the cache bypassed.")
+    )
     shutdown_grace_seconds: float = field(
         default=15.0, metadata=_doc("On SIGTERM, how long in-flight requests may take to finish before exit.")
     )
@@ -68,6 +80,15 @@ class ServerSettings:
         _require(-1 <= self.metrics_port <= 65535, "metrics_port", "-1..65535", self.metrics_port)
         _require(self.max_message_bytes >= 1024 * 1024, "max_message_bytes", "at least 1 MiB", self.max_message_bytes)
         _require(self.max_tensor_elements >= 1, "max_tensor_elements", "at least 1", self.max_tensor_elements)
+        _require(self.response_cache_bytes >= 0, "response_cache_bytes", "0 or more", self.response_cache_bytes)
+        _require(self.redis_ttl_seconds > 0, "redis_ttl_seconds", "more than 0", self.redis_ttl_seconds)
+        _require(self.redis_timeout_ms > 0, "redis_timeout_ms", "more than 0", self.redis_timeout_ms)
+        _require(
+            not self.redis_url or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            "redis_url",
+            "a redis://, rediss:// or unix:// URL",
+            self.redis_url,
+        )
         _require(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds", "0 or more", self.shutdown_grace_seconds)
         _require(self.log_format in ("json", "text"), "log_format", "json or text", self.log_format)
         _require(

@@ -182,8 +182,8 @@ def test_config_using_only_supported_fields_reports_nothing() -> None:
         ),
         pytest.param(
             "response_cache { enable: true }\nbatch_input [ { target_name: 't' } ]",
-            ["batch_input.target_name", "response_cache.enable"],
-            id="cache-and-batch-input",
+            ["batch_input.target_name"],
+            id="response-cache-is-supported-batch-input-is-not",
         ),
         pytest.param(
             "input [ { name: 'x' reshape {} is_shape_tensor: true } ]",
