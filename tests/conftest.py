@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import redis
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 sys.path.insert(0, str(ROOT / "examples"))
 
 import build_demo_repository  # noqa: E402
@@ -74,6 +77,39 @@ def write_torchscript_model(repository: Path, name: str, module: torch.nn.Module
     version_dir.mkdir(parents=True)
     torch.jit.save(torch.jit.script(module), str(version_dir / "model.pt"))
     (repository / name / "config.pbtxt").write_text(config)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_redis_server(port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2, socket_timeout=0.2)
+    deadline = time.monotonic() + 5.0
+    try:
+        while True:  # readiness probe: the server answers PING
+            try:
+                if client.ping():
+                    return process
+            except redis.exceptions.ConnectionError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {port} did not start") from None
+                time.sleep(0.01)
+    finally:
+        client.close()
+
+
+def stop_redis_server(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=5)
 
 
 @dataclass

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,10 +19,10 @@ import redis
 import redis.asyncio
 from prometheus_client import CollectorRegistry
 
+from tests.conftest import free_port, start_redis_server, stop_redis_server
 from weir.cache import CacheMetrics, LocalResponseCache, RedisResponseCache, ResponseCache, response_cache_key
 
 SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -57,45 +55,12 @@ def redis_errors(metrics: CacheMetrics, operation: str, reason: str) -> float:
     return sample(metrics, "weir_cache_redis_errors_total", {"operation": operation, "reason": reason})
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextmanager
 def closed_port() -> Iterator[int]:
     """A port that refuses connections: bound (so nobody else takes it) but not listening."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         yield int(holder.getsockname()[1])
-
-
-def start_redis_server(port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2, socket_timeout=0.2)
-    deadline = time.monotonic() + 5.0
-    try:
-        while True:  # readiness probe: the server answers PING
-            try:
-                if client.ping():
-                    return process
-            except redis.exceptions.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {port} did not start") from None
-                time.sleep(0.01)
-    finally:
-        client.close()
-
-
-def stop_redis_server(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.kill()
-    process.wait(timeout=5)
 
 
 @pytest_asyncio.fixture
