@@ -24,6 +24,7 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,  # tells the workers of `weir serve --workers N` apart
             "msg": record.getMessage(),
         }
         request_id = request_id_var.get()

@@ -29,8 +29,11 @@ HEALTH_SERVICE_NAMES = ("", pool.SERVICE_NAME)
 
 
 class WeirServer:
-    def __init__(self, settings: ServerSettings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, settings: ServerSettings, registry: CollectorRegistry | None = None, reuse_port: bool = False
+    ) -> None:
         self.settings = settings
+        self._reuse_port = reuse_port
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics.create(self.registry)
         self._executor = ThreadPoolExecutor(settings.compute_threads, thread_name_prefix="weir-compute")
@@ -55,8 +58,9 @@ class WeirServer:
         options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
-            # Two servers silently sharing a port would split traffic between them: refuse instead.
-            ("grpc.so_reuseport", 0),
+            # Two servers silently sharing a port would split traffic between them: refuse, unless
+            # sharing is the point (the workers of `weir serve --workers N`).
+            ("grpc.so_reuseport", 1 if self._reuse_port else 0),
             # Clients that keep idle connections alive with pings are welcome every 10 s.
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -44,6 +44,13 @@ class ServerSettings:
     load_model: tuple[str, ...] = field(
         default=(), metadata=_doc("In explicit mode, models to load at start (repeatable; '*' loads all).")
     )
+    workers: int = field(
+        default=1,
+        metadata=_doc(
+            "Processes serving the gRPC port together (SO_REUSEPORT); each has its own compute threads and, "
+            "with a metrics port P > 0, metrics on P + worker index."
+        ),
+    )
     compute_threads: int = field(default=4, metadata=_doc("Threads that run model compute off the event loop."))
     torch_intra_op_threads: int = field(
         default=0, metadata=_doc("torch intra-op threads per computation (0 keeps torch's default).")
@@ -74,6 +81,7 @@ class ServerSettings:
     log_format: str = field(default="json", metadata=_doc("Log format: json (one object per line) or text."))
 
     def __post_init__(self) -> None:
+        _require(self.workers >= 1, "workers", "at least 1", self.workers)
         _require(self.compute_threads >= 1, "compute_threads", "at least 1", self.compute_threads)
         _require(self.torch_intra_op_threads >= 0, "torch_intra_op_threads", "0 or more", self.torch_intra_op_threads)
         _require(0 <= self.grpc_port <= 65535, "grpc_port", "0..65535", self.grpc_port)

@@ -23,6 +23,7 @@ EXPECTED_FIELDS = [
     "metrics_port",
     "model_control_mode",
     "load_model",
+    "workers",
     "compute_threads",
     "torch_intra_op_threads",
     "max_message_bytes",

@@ -21,8 +21,6 @@ from weir.errors import InvalidArgumentError, ModelConfigError
 from weir_proto.inference import messages as pb
 
 NANOS_PER_MICRO = 1_000
-# Arrival gaps longer than this do not say anything about the next one: cap them in the estimate.
-_MAX_TRACKED_GAP_NS = 1_000_000_000
 _EWMA_WEIGHT = 0.2
 
 
@@ -155,27 +153,31 @@ class Decision:
 class BatchQueue:
     def __init__(self, config: BatchingConfig) -> None:
         self.config = config
-        self._levels: list[deque[QueuedRequest]] = [deque() for _ in range(config.priority_levels)]
-        self._delayed: deque[QueuedRequest] = deque()  # timed out under DELAY: behind everything else
+        levels = config.priority_levels
+        self._levels: list[deque[QueuedRequest]] = [deque() for _ in range(levels)]
+        # Per level, requests whose queue timeout passed under DELAY: behind their own level's
+        # punctual requests, still ahead of lower levels (Triton's order).
+        self._delayed: list[deque[QueuedRequest]] = [deque() for _ in range(levels)]
         self._last_arrival_ns: int | None = None
         self._arrival_gap_ns: float | None = None  # moving average of the time between arrivals
 
     def __len__(self) -> int:
-        return sum(len(queue) for queue in self._levels) + len(self._delayed)
+        return sum(len(queue) for queue in self._levels) + sum(len(queue) for queue in self._delayed)
 
     def admit(self, request: QueuedRequest) -> bool:
         """Queue ``request``; False when its priority level's queue is full (reject it at once)."""
-        limit = self.config.queue_policies[request.priority - 1].max_queue_size
-        queue = self._levels[request.priority - 1]
-        if limit and len(queue) >= limit:
+        index = request.priority - 1
+        limit = self.config.queue_policies[index].max_queue_size
+        if limit and len(self._levels[index]) + len(self._delayed[index]) >= limit:
             return False
-        queue.append(request)
+        self._levels[index].append(request)
         self._note_arrival(request.enqueued_ns)
         return True
 
     def discard(self, request: QueuedRequest) -> None:
         """Forget a request whose caller went away (a no-op if it already left the queue)."""
-        queue = self._delayed if request.delayed else self._levels[request.priority - 1]
+        index = request.priority - 1
+        queue = self._delayed[index] if request.delayed else self._levels[index]
         with contextlib.suppress(ValueError):
             queue.remove(request)
 
@@ -189,11 +191,12 @@ class BatchQueue:
             decision.wake_at_ns = next_expiry  # instances busy: look again when one frees or one expires
             return decision
         candidates = self._candidates(head)
-        rows = sum(request.rows for request in candidates)
-        wait_until = self._hold_until(candidates, rows, now_ns)
+        preferred = self._preferred_prefix(candidates)
+        wait_until = None if preferred else self._hold_until(candidates, now_ns)
         if wait_until is None:
-            self._remove(candidates)
-            decision.batch = candidates
+            batch = preferred or candidates
+            self._remove(batch)
+            decision.batch = batch
             decision.wake_at_ns = self._next_expiry()
         else:
             decision.wake_at_ns = wait_until if next_expiry is None else min(wait_until, next_expiry)
@@ -203,32 +206,33 @@ class BatchQueue:
 
     def _expire(self, now_ns: int) -> list[QueuedRequest]:
         expired: list[QueuedRequest] = []
-        for level, queue in enumerate(self._levels):
-            action = self.config.queue_policies[level].timeout_action
+        for index, queue in enumerate(self._levels):
             if not any(_is_due(request, now_ns) for request in queue):
                 continue
+            delay = self.config.queue_policies[index].timeout_action is TimeoutAction.DELAY
             kept: deque[QueuedRequest] = deque()
             for request in queue:
                 if request.deadline_ns is not None and request.deadline_ns <= now_ns:
                     expired.append(request)
                 elif request.timeout_ns is not None and request.timeout_ns <= now_ns:
-                    if action is TimeoutAction.REJECT:
-                        expired.append(request)
-                    else:
+                    if delay:
                         request.delayed, request.timeout_ns = True, None
-                        self._delayed.append(request)
+                        self._delayed[index].append(request)
+                    else:
+                        expired.append(request)
                 else:
                     kept.append(request)
-            self._levels[level] = kept
-        if any(_is_due(request, now_ns) for request in self._delayed):
-            expired.extend(r for r in self._delayed if r.deadline_ns is not None and r.deadline_ns <= now_ns)
-            self._delayed = deque(r for r in self._delayed if r.deadline_ns is None or r.deadline_ns > now_ns)
+            self._levels[index] = kept
+        for index, queue in enumerate(self._delayed):
+            if any(_is_due(request, now_ns) for request in queue):  # only a client deadline is left
+                expired.extend(request for request in queue if _is_due(request, now_ns))
+                self._delayed[index] = deque(request for request in queue if not _is_due(request, now_ns))
         return expired
 
     def _in_order(self) -> Iterator[QueuedRequest]:
-        for queue in self._levels:
-            yield from queue
-        yield from self._delayed
+        for punctual, delayed in zip(self._levels, self._delayed, strict=True):
+            yield from punctual
+            yield from delayed
 
     def _candidates(self, head: QueuedRequest) -> list[QueuedRequest]:
         """The head plus, in priority then arrival order, what fits beside it: same shape key and
@@ -248,12 +252,25 @@ class BatchQueue:
                 break
         return chosen
 
-    def _hold_until(self, candidates: list[QueuedRequest], rows: int, now_ns: int) -> int | None:
+    def _preferred_prefix(self, candidates: list[QueuedRequest]) -> list[QueuedRequest]:
+        """The longest prefix of ``candidates`` whose rows make a preferred batch size (Triton runs
+        such a batch at once and leaves the rest for the next one); empty when there is none."""
+        preferred = self.config.preferred_batch_sizes
+        if not preferred or not self.config.batching:
+            return []
+        best = 0
+        rows = 0
+        for count, request in enumerate(candidates, start=1):
+            rows += request.rows
+            if rows in preferred:
+                best = count
+        return candidates[:best]
+
+    def _hold_until(self, candidates: list[QueuedRequest], now_ns: int) -> int | None:
         """None = run now; otherwise the instant to look again while waiting for more rows."""
         config = self.config
+        rows = sum(request.rows for request in candidates)
         if not config.batching or rows >= config.max_batch_size or config.max_queue_delay_ns == 0:
-            return None
-        if config.preferred_batch_sizes and rows >= config.preferred_batch_sizes[-1]:
             return None
         oldest = min(request.enqueued_ns for request in candidates)
         release_at = oldest + config.max_queue_delay_ns
@@ -266,11 +283,10 @@ class BatchQueue:
 
     def _remove(self, chosen: list[QueuedRequest]) -> None:
         taken = {id(request) for request in chosen}
-        for level, queue in enumerate(self._levels):
-            if any(id(request) in taken for request in queue):
-                self._levels[level] = deque(request for request in queue if id(request) not in taken)
-        if any(id(request) in taken for request in self._delayed):
-            self._delayed = deque(request for request in self._delayed if id(request) not in taken)
+        for queues in (self._levels, self._delayed):
+            for index, queue in enumerate(queues):
+                if any(id(request) in taken for request in queue):
+                    queues[index] = deque(request for request in queue if id(request) not in taken)
 
     def _next_expiry(self) -> int | None:
         instants = [
@@ -283,9 +299,14 @@ class BatchQueue:
 
     def _note_arrival(self, now_ns: int) -> None:
         if self._last_arrival_ns is not None:
-            gap = min(max(0, now_ns - self._last_arrival_ns), _MAX_TRACKED_GAP_NS)
+            gap = max(0, now_ns - self._last_arrival_ns)
             previous = self._arrival_gap_ns
-            self._arrival_gap_ns = gap if previous is None else previous + _EWMA_WEIGHT * (gap - previous)
+            if previous is None or gap > max(self.config.max_queue_delay_ns, previous):
+                # A lull longer than the delay (or than usual) says nothing will follow soon: start the
+                # estimate over from it, so a lone request after a quiet spell is not held.
+                self._arrival_gap_ns = float(gap)
+            else:
+                self._arrival_gap_ns = previous + _EWMA_WEIGHT * (gap - previous)
         self._last_arrival_ns = now_ns
 
 
