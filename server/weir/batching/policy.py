@@ -160,6 +160,9 @@ class BatchQueue:
         self._delayed: list[deque[QueuedRequest]] = [deque() for _ in range(levels)]
         self._last_arrival_ns: int | None = None
         self._arrival_gap_ns: float | None = None  # moving average of the time between arrivals
+        # No later than the earliest deadline or timeout queued (it may be earlier than the truth
+        # after removals, which only costs one scan): requests without any keep decisions O(batch).
+        self._earliest_expiry_ns: int | None = None
 
     def __len__(self) -> int:
         return sum(len(queue) for queue in self._levels) + sum(len(queue) for queue in self._delayed)
@@ -171,6 +174,9 @@ class BatchQueue:
         if limit and len(self._levels[index]) + len(self._delayed[index]) >= limit:
             return False
         self._levels[index].append(request)
+        for instant in (request.deadline_ns, request.timeout_ns):
+            if instant is not None and (self._earliest_expiry_ns is None or instant < self._earliest_expiry_ns):
+                self._earliest_expiry_ns = instant
         self._note_arrival(request.enqueued_ns)
         return True
 
@@ -205,6 +211,8 @@ class BatchQueue:
     # --- the pieces of the decision -------------------------------------------------------------
 
     def _expire(self, now_ns: int) -> list[QueuedRequest]:
+        if self._earliest_expiry_ns is None or now_ns < self._earliest_expiry_ns:
+            return []
         expired: list[QueuedRequest] = []
         for index, queue in enumerate(self._levels):
             if not any(_is_due(request, now_ns) for request in queue):
@@ -227,6 +235,7 @@ class BatchQueue:
             if any(_is_due(request, now_ns) for request in queue):  # only a client deadline is left
                 expired.extend(request for request in queue if _is_due(request, now_ns))
                 self._delayed[index] = deque(request for request in queue if not _is_due(request, now_ns))
+        self._earliest_expiry_ns = self._scan_earliest_expiry()
         return expired
 
     def _in_order(self) -> Iterator[QueuedRequest]:
@@ -289,6 +298,9 @@ class BatchQueue:
                     queues[index] = deque(request for request in queue if id(request) not in taken)
 
     def _next_expiry(self) -> int | None:
+        return self._earliest_expiry_ns
+
+    def _scan_earliest_expiry(self) -> int | None:
         instants = [
             instant
             for request in self._in_order()
