@@ -251,3 +251,28 @@ def encode_typed_contents(datatype_name: str, array: np.ndarray, contents: pb.In
         target.extend(element.encode("utf-8") if isinstance(element, str) else bytes(element) for element in flat)
     else:
         target.extend(flat.tolist())
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_MODEL_NAME_TAG = b"\x0a"  # ModelInferResponse field 1 (model_name), length-delimited
+_ID_TAG = b"\x1a"  # ModelInferResponse field 3 (id), length-delimited
+
+
+def with_caller_fields(serialized: bytes, model_name: str, request_id: str) -> bytes:
+    """A serialized ModelInferResponse stored without ``model_name`` and ``id``, completed for one
+    caller by appending those two fields (protobuf reads fields in any order), so a cache hit is
+    answered without parsing and re-serializing the whole response."""
+    parts = [serialized]
+    for tag, text in ((_MODEL_NAME_TAG, model_name), (_ID_TAG, request_id)):
+        if text:
+            encoded = text.encode("utf-8")
+            parts += (tag, _varint(len(encoded)), encoded)
+    return b"".join(parts)

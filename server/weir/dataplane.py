@@ -21,6 +21,9 @@ from weir_proto.inference import messages as pb
 
 log = logging.getLogger(__name__)
 
+# A response message, or (a cache hit) the serialized bytes of one.
+InferAnswer = pb.ModelInferResponse | bytes
+
 
 class DataPlane:
     def __init__(
@@ -35,9 +38,10 @@ class DataPlane:
         self._max_tensor_elements = max_tensor_elements
         self._response_cache = response_cache
 
-    async def infer(self, request: pb.ModelInferRequest, deadline: float | None = None) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, deadline: float | None = None) -> InferAnswer:
         """Answer one request. ``deadline`` is a ``time.monotonic()`` instant (the client's gRPC
-        deadline): a request still waiting when it passes is dropped before compute."""
+        deadline): a request still waiting when it passes is dropped before compute. A cache hit
+        comes back already serialized (bytes), ready for the wire."""
         started = time.perf_counter_ns()
         try:
             loaded = self._repository.resolve(request.model_name, request.model_version)
@@ -60,7 +64,7 @@ class DataPlane:
 
     async def _infer_on(
         self, loaded: LoadedVersion, request: pb.ModelInferRequest, deadline: float | None, started: int
-    ) -> pb.ModelInferResponse:
+    ) -> InferAnswer:
         decoded = codec.decode_request(request, loaded.signature, self._max_tensor_elements)
         cache_key = None
         if self._response_cache is not None and loaded.config.response_cache.enable:
@@ -105,10 +109,8 @@ class DataPlane:
 
     def _answer_from_cache(
         self, loaded: LoadedVersion, request: pb.ModelInferRequest, cached: bytes, started: int
-    ) -> pb.ModelInferResponse:
-        response = pb.ModelInferResponse.FromString(cached)
-        response.model_name = request.model_name
-        response.id = request.id
+    ) -> bytes:
+        response = codec.with_caller_fields(cached, request.model_name, request.id)
         total_ns = time.perf_counter_ns() - started
         loaded.statistics.record_cache_hit(total_ns)
         metrics = loaded.metrics
@@ -129,10 +131,11 @@ def _cache_key(loaded: LoadedVersion, decoded: codec.DecodedRequest) -> bytes:
 
 
 def _cacheable(response: pb.ModelInferResponse) -> bytes:
-    """The response without the caller's request id (each hit gets its own caller's id)."""
-    request_id = response.id
-    response.id = ""
+    """The response without the caller's model name and request id: each hit gets its own caller's
+    (``codec.with_caller_fields``)."""
+    model_name, request_id = response.model_name, response.id
+    response.model_name = response.id = ""
     try:
         return response.SerializeToString()
     finally:
-        response.id = request_id
+        response.model_name, response.id = model_name, request_id

@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import json_format
 
 from weir import __version__
-from weir.dataplane import DataPlane
+from weir.dataplane import DataPlane, InferAnswer
 from weir.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, WeirError
 from weir.grpc_status import status_code_for
 from weir.logs import request_id_var
@@ -143,9 +143,7 @@ class InferenceServicer:
 
     # --- inference ------------------------------------------------------------------------------
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> InferAnswer:
         request_id_var.set(request.id)
         try:
             return await self._dataplane.infer(request, _deadline_of(context))
@@ -166,7 +164,8 @@ class InferenceServicer:
         async def answer(request: pb.ModelInferRequest) -> None:
             request_id_var.set(request.id)
             try:
-                response = await self._dataplane.infer(request, deadline)
+                answer = await self._dataplane.infer(request, deadline)
+                response = pb.ModelInferResponse.FromString(answer) if isinstance(answer, bytes) else answer
                 await answers.put(pb.ModelStreamInferResponse(infer_response=response))
             except WeirError as error:
                 await answers.put(
@@ -265,6 +264,17 @@ def _config_override(request: pb.RepositoryModelLoadRequest) -> pb.ModelConfig |
     return override
 
 
+def _serializer(response_class: Any) -> Callable[[Any], bytes]:
+    """Messages are serialized; bytes (an answer served from the response cache, already in wire
+    form) pass through untouched."""
+    serialize = response_class.SerializeToString
+
+    def serialize_or_pass(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return serialize_or_pass
+
+
 def generic_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     """Method handlers for every RPC of the service, built from the private descriptors."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -276,6 +286,6 @@ def generic_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
         handlers[method.name] = make(
             behaviour,
             request_deserializer=request_class.FromString,
-            response_serializer=response_class.SerializeToString,
+            response_serializer=_serializer(response_class),
         )
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)

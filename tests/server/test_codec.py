@@ -553,3 +553,16 @@ def test_typed_value_that_does_not_fit_the_datatype_is_refused(datatype: str, fi
 
     message = caught.value.message
     assert "'IN'" in message and f"contents.{field}" in message and datatype in message
+
+
+@pytest.mark.parametrize("request_id", ["", "a", "é-" * 100])  # empty, short, a multi-byte varint length
+def test_a_cached_response_completed_for_a_caller_parses_with_their_name_and_id(request_id: str) -> None:
+    from weir.codec import with_caller_fields
+
+    stored = pb.ModelInferResponse(model_version="3")
+    stored.outputs.add(name="y", datatype="FP32", shape=[1, 2])
+    stored.raw_output_contents.append(np.array([[1.5, -2.0]], np.float32).tobytes())
+
+    answer = pb.ModelInferResponse.FromString(with_caller_fields(stored.SerializeToString(), "model", request_id))
+    assert (answer.model_name, answer.model_version, answer.id) == ("model", "3", request_id)
+    np.testing.assert_array_equal(np.frombuffer(answer.raw_output_contents[0], np.float32), [1.5, -2.0])
