@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from weir import __version__
+from weir.loadtest.options import add_bench_arguments
 from weir.logs import configure_logging
 from weir.settings import ControlMode, ServerSettings, environment_variable, settings_fields
 
@@ -124,13 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
         "SIGTERM or SIGINT stops accepting, drains in-flight requests within the grace period and exits 0.",
     )
     _add_settings_arguments(serve)
+    bench = commands.add_parser(
+        "bench",
+        help="load-test a V2 gRPC inference server on loopback (Weir, Triton, MLServer...)",
+        description="Send inference load to a model on an Open Inference (KServe V2) gRPC server on loopback, "
+        "closed loop or open loop, level by level; report latency percentiles, throughput, errors and (for Weir) "
+        "the server's stage budget; check SLOs. Exit status: 0 every SLO held, 1 an SLO failed, 2 usage error or "
+        "server unreachable.",
+    )
+    add_bench_arguments(bench)
     return parser
 
 
-async def _serve(settings: ServerSettings) -> int:
+async def _serve(settings: ServerSettings, reuse_port: bool) -> int:
     from weir.server import WeirServer
 
-    server = WeirServer(settings)
+    server = WeirServer(settings, reuse_port=reuse_port)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
@@ -156,16 +166,28 @@ def _event_loop_factory() -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from weir.loadtest.command import run  # lazy: numpy, grpc, tritonclient, matplotlib
+
+        return run(args)
     if args.command == "serve":
         settings = settings_from(args, os.environ)
         configure_logging(settings.log_level, settings.log_format)
-        if settings.torch_intra_op_threads:
-            import torch
+        if settings.workers > 1:
+            from weir.workers import serve_with_workers
 
-            torch.set_num_threads(settings.torch_intra_op_threads)
-        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-            return runner.run(_serve(settings))
+            return serve_with_workers(settings, lambda worker: _serve_in_process(worker, reuse_port=True))
+        return _serve_in_process(settings, reuse_port=False)
     return 2
+
+
+def _serve_in_process(settings: ServerSettings, reuse_port: bool) -> int:
+    if settings.torch_intra_op_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_intra_op_threads)
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        return runner.run(_serve(settings, reuse_port))
 
 
 if __name__ == "__main__":
