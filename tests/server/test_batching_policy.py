@@ -157,16 +157,25 @@ def test_a_lone_request_without_arrival_history_runs_at_once_despite_a_long_dela
     assert len(queue) == 0
 
 
+def test_with_every_instance_idle_a_steady_stream_still_runs_at_once() -> None:
+    """A closed-loop client's next request cannot come before this one is answered: with nothing
+    in flight there is no load to batch with, whatever the arrival history says."""
+    queue = BatchQueue(batching("max_queue_delay_microseconds: 10000"))
+    last = steady(queue, "a", "b", "c")
+    assert names(queue.next_batch(last, idle_instances=2, busy_instances=0).batch) == ["a", "b", "c"]
+
+
 def test_a_steady_stream_holds_an_idle_instance_until_the_delay_of_the_oldest_ends() -> None:
+    """Under load (another instance busy) an idle instance waits for a fuller batch."""
     queue = BatchQueue(batching("max_queue_delay_microseconds: 10000"))  # 10 ms
     last = steady(queue, "a", "b", "c")
 
-    held = queue.next_batch(last, idle_instances=1)
+    held = queue.next_batch(last, idle_instances=1, busy_instances=1)
     assert held.batch == [] and held.expired == []
     assert held.wake_at_ns == 0 + 10 * MS  # the oldest arrived at 0
-    assert queue.next_batch(last + GAP, idle_instances=1).batch == []  # still held, nothing arrived
+    assert queue.next_batch(last + GAP, idle_instances=1, busy_instances=1).batch == []  # still held, nothing arrived
 
-    released = queue.next_batch(10 * MS, idle_instances=1)
+    released = queue.next_batch(10 * MS, idle_instances=1, busy_instances=1)
     assert names(released.batch) == ["a", "b", "c"]
     assert len(queue) == 0
 
@@ -174,20 +183,20 @@ def test_a_steady_stream_holds_an_idle_instance_until_the_delay_of_the_oldest_en
 def test_a_full_batch_runs_at_once() -> None:
     queue = BatchQueue(batching("max_queue_delay_microseconds: 10000", max_batch_size=4))
     last = steady(queue, "a", "b", "c")
-    assert queue.next_batch(last, idle_instances=1).batch == []  # would wait for a 4th row
+    assert queue.next_batch(last, idle_instances=1, busy_instances=1).batch == []  # would wait for a 4th row
 
     admit_all(queue, request("d", at=last + GAP))
-    decision = queue.next_batch(last + GAP, idle_instances=1)
+    decision = queue.next_batch(last + GAP, idle_instances=1, busy_instances=1)
     assert names(decision.batch) == ["a", "b", "c", "d"]
 
 
 def test_reaching_the_preferred_batch_size_runs_at_once() -> None:
     queue = BatchQueue(batching("preferred_batch_size: 4 max_queue_delay_microseconds: 10000", max_batch_size=16))
     last = steady(queue, "a", "b", "c")
-    assert queue.next_batch(last, idle_instances=1).batch == []
+    assert queue.next_batch(last, idle_instances=1, busy_instances=1).batch == []
 
     admit_all(queue, request("d", at=last + GAP))
-    assert names(queue.next_batch(last + GAP, idle_instances=1).batch) == ["a", "b", "c", "d"]
+    assert names(queue.next_batch(last + GAP, idle_instances=1, busy_instances=1).batch) == ["a", "b", "c", "d"]
 
 
 def test_reaching_a_smaller_preferred_batch_size_runs_at_once() -> None:

@@ -63,6 +63,7 @@ class DynamicBatcher:
         self._model_label = model_label
         self._config = config
         self._queue = BatchQueue(config)
+        self._instance_count = instance_count
         self._idle_instances = instance_count
         self._executor = executor
         self._run_batch = run_batch
@@ -128,7 +129,8 @@ class DynamicBatcher:
 
     def _schedule(self) -> None:
         while True:
-            decision = self._queue.next_batch(self._clock(), self._idle_instances)
+            busy = self._instance_count - self._idle_instances
+            decision = self._queue.next_batch(self._clock(), self._idle_instances, busy)
             for request in decision.expired:
                 self._expire(request)
             if decision.batch:

@@ -1,12 +1,14 @@
 """The dynamic batching policy as a pure state machine: no asyncio, no threads, the clock passed in.
 
-``BatchQueue.next_batch(now, idle_instances)`` is the one decision point. It is called whenever
-something changes (a request arrives, an execution finishes, a timer fires) and answers: which
-queued requests expired, which batch to run now (if any), and when to look again.
+``BatchQueue.next_batch(now, idle_instances, busy_instances)`` is the one decision point. It is
+called whenever something changes (a request arrives, an execution finishes, a timer fires) and
+answers: which queued requests expired, which batch to run now (if any), and when to look again.
 
-The policy is work-conserving: an idle instance never waits for a batch to fill unless more requests
-are actually expected within ``max_queue_delay`` (judged from the recent arrival rate), so a lone
-request runs at once, while under load batches grow on their own while instances are busy.
+The policy is work-conserving: an idle instance runs what is queued at once, unless the model is
+under load (another instance is busy) and more requests are expected within ``max_queue_delay``
+(judged from the recent arrival rate). So a lone request, or a closed-loop client whose next request
+cannot come before this one is answered, never waits; under load, batches grow on their own while
+instances are busy, and the delay lets an idle instance collect a fuller batch.
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ class BatchQueue:
         with contextlib.suppress(ValueError):
             queue.remove(request)
 
-    def next_batch(self, now_ns: int, idle_instances: int) -> Decision:
+    def next_batch(self, now_ns: int, idle_instances: int, busy_instances: int = 0) -> Decision:
         decision = Decision(expired=self._expire(now_ns))
         head = next(self._in_order(), None)
         if head is None:
@@ -198,7 +200,7 @@ class BatchQueue:
             return decision
         candidates = self._candidates(head)
         preferred = self._preferred_prefix(candidates)
-        wait_until = None if preferred else self._hold_until(candidates, now_ns)
+        wait_until = None if preferred or busy_instances <= 0 else self._hold_until(candidates, now_ns)
         if wait_until is None:
             batch = preferred or candidates
             self._remove(batch)
