@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.weir-installed
 DEMO_REPOSITORY := build/demo-repository
 
-.PHONY: setup demo test lint format typecheck protos check-protos bench perf-analyzer-setup clean
+.PHONY: setup demo test lint format typecheck protos check-protos bench compare perf-analyzer-setup clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ protos: setup
 
 bench: setup
 	$(PY) bench/latency.py
+
+# Weir against MLServer, PyTriton (real Triton), KServe, Ray Serve and the floors: each peer in its
+# own venv under .peers/ (about 1.3 GB each, built once), server and client pinned to separate CPUs.
+compare: setup
+	$(PY) bench/peers/setup.py
+	$(PY) bench/peers/compare.py
 
 # Optional: what Triton's perf_analyzer (bundled in the tritonclient 2.41.0 wheel) needs to run here.
 perf-analyzer-setup: setup

@@ -50,9 +50,10 @@ platform: "pytorch_libtorch"
 max_batch_size: {max_batch}
 input [ {{ name: "INPUT__0" data_type: TYPE_FP32 dims: [ {features} ] }} ]
 output [ {{ name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ {classes} ] }} ]
-instance_group [ {{ count: 2 kind: KIND_CPU }} ]
-# Work-conserving: a lone request runs at once; under load, requests that arrive while both instances
-# are busy (or within 1 ms of each other) share one execution.
+# One instance: on a small machine a second one only competes with the event loop for the CPU,
+# while requests that arrive during an execution share the next one (dynamic batching). A lone
+# request runs at once (the batcher is work-conserving).
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 dynamic_batching {{ max_queue_delay_microseconds: 1000 }}
 """
 

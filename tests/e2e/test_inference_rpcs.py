@@ -218,7 +218,7 @@ def test_model_config_decodes(client: grpcclient.InferenceServerClient) -> None:
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
         ("OUTPUT__0", model_config_pb2.TYPE_FP32, [10])
     ]
-    assert sum(group.count for group in config.instance_group) == 2
+    assert sum(group.count for group in config.instance_group) == 1
     assert all(group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU for group in config.instance_group)
 
     text = client.get_model_config("text_stats", as_json=True, client_timeout=RPC_TIMEOUT)["config"]
