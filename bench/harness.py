@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weir.loadtest.report import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 LOOPBACK = "127.0.0.1"
@@ -117,16 +119,6 @@ def start_weir(repository: Path, *extra_args: str, timeout: float = 90.0) -> Wei
     return WeirServer(process, command, ports["grpc"], lines)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _version(module: str) -> str | None:
     try:
         from importlib.metadata import version
@@ -139,7 +131,7 @@ def _version(module: str) -> str | None:
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": _version("torch"),

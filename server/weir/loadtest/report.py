@@ -31,7 +31,7 @@ def machine_info() -> dict[str, Any]:
             packages[name] = None
     info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "packages": packages,
@@ -41,7 +41,8 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name, for reports (benchmark numbers mean little without it)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
