@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from weir import datatypes
 from weir.datatypes import DataType
 from weir.errors import InvalidArgumentError
 from weir.model_config import ModelSignature, TensorSpec
@@ -238,19 +237,6 @@ def encode_response(
         else:
             raw_contents.append(np.ascontiguousarray(array, dtype=spec.datatype.numpy_dtype).tobytes())
     return response
-
-
-def encode_typed_contents(datatype_name: str, array: np.ndarray, contents: pb.InferTensorContents) -> None:
-    """Fill typed ``contents`` from ``array`` (for clients and tests that build typed requests)."""
-    datatype = datatypes.BY_NAME[datatype_name]
-    if datatype.contents_field is None:
-        raise ValueError(f"{datatype_name} has no typed contents field: it travels only raw")
-    flat = array.reshape(-1)
-    target = getattr(contents, datatype.contents_field)
-    if datatype.name == "BYTES":
-        target.extend(element.encode("utf-8") if isinstance(element, str) else bytes(element) for element in flat)
-    else:
-        target.extend(flat.tolist())
 
 
 def _varint(value: int) -> bytes:

@@ -44,7 +44,3 @@ _ALL = (
 BY_NAME: dict[str, DataType] = {datatype.name: datatype for datatype in _ALL}
 BY_CONFIG_NAME: dict[str, DataType] = {datatype.config_name: datatype for datatype in _ALL}
 NAMES = tuple(BY_NAME)
-
-
-def by_name(name: str) -> DataType | None:
-    return BY_NAME.get(name)
