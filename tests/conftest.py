@@ -3,6 +3,7 @@ real subprocess on port 0 (its chosen ports are read from its own "server starte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -177,6 +178,18 @@ def start_weir(
     grpc_port = ports["grpc"]
     assert grpc_port is not None
     return WeirProcess(process, grpc_port, ports.get("metrics"), lines)
+
+
+@contextlib.contextmanager
+def serving(repository: Path, *extra_args: str) -> Iterator[WeirProcess]:
+    """`weir serve` for the ``with`` block (module-scoped fixtures share one this way); stopped with
+    SIGTERM at the end if it is still running."""
+    running = start_weir(repository, *extra_args)
+    try:
+        yield running
+    finally:
+        if running.process.poll() is None:
+            running.terminate_and_wait()
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tests.conftest import WeirProcess, start_weir, write_torchscript_model
+from tests.conftest import WeirProcess, serving, write_torchscript_model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -135,24 +135,16 @@ def repository(demo_repository_template: Path, workdir: Path, pickle_marker: Pat
 
 @pytest.fixture(scope="module")
 def server(repository: Path) -> Iterator[WeirProcess]:
-    running = start_weir(repository, "--model-control-mode", "explicit", "--load-model", "*")
-    try:
+    with serving(repository, "--model-control-mode", "explicit", "--load-model", "*") as running:
         yield running
-    finally:
-        if running.process.poll() is None:
-            running.terminate_and_wait()
 
 
 @pytest.fixture(scope="module")
 def restricted_server(demo_repository_template: Path, workdir: Path) -> Iterator[WeirProcess]:
     target = workdir / "restricted-repository"
     shutil.copytree(demo_repository_template, target)
-    running = start_weir(target, "--model-control-mode", "none", "--max-tensor-elements", str(MAX_TENSOR_ELEMENTS))
-    try:
+    with serving(target, "--model-control-mode", "none", "--max-tensor-elements", str(MAX_TENSOR_ELEMENTS)) as running:
         yield running
-    finally:
-        if running.process.poll() is None:
-            running.terminate_and_wait()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from tests.conftest import WeirProcess, start_weir, write_torchscript_model
+from tests.conftest import WeirProcess, serving, write_torchscript_model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -103,12 +103,8 @@ def repository(demo_repository_template: Path, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(scope="module")
 def server(repository: Path) -> Iterator[WeirProcess]:
-    running = start_weir(repository, "--model-control-mode", "explicit", "--load-model", "*")
-    try:
+    with serving(repository, "--model-control-mode", "explicit", "--load-model", "*") as running:
         yield running
-    finally:
-        if running.process.poll() is None:
-            running.terminate_and_wait()
 
 
 @pytest.fixture(scope="module")
