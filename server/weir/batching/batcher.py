@@ -73,10 +73,6 @@ class DynamicBatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at_ns: int | None = None
 
-    @property
-    def config(self) -> BatchingConfig:
-        return self._config
-
     def shape_key(self, inputs: dict[str, np.ndarray]) -> Hashable:
         """Requests share an execution only when every input agrees beyond the batch dimension."""
         if not self._config.batching:
