@@ -21,6 +21,7 @@ from weir.model_config import ModelSignature, TensorSpec
 from weir_proto.inference import messages as pb
 
 _LENGTH_PREFIX = struct.Struct("<I")
+_ACCEPTED_SHAPES_LIMIT = 1024  # validated (input, shape) pairs remembered per model version
 
 
 @dataclass(slots=True)
@@ -44,6 +45,7 @@ def decode_request(
 ) -> DecodedRequest:
     """Validate ``request`` against ``signature`` and return its inputs as numpy arrays."""
     specs = signature.inputs_by_name
+    accepted_shapes = signature.accepted_shapes
     raw_contents = request.raw_input_contents
     if raw_contents and len(raw_contents) != len(request.inputs):
         raise InvalidArgumentError(
@@ -64,18 +66,22 @@ def decode_request(
                 f"input '{tensor.name}' datatype: expected {spec.datatype.name}, got '{tensor.datatype}'"
             )
         shape = tuple(tensor.shape)
-        rows = _check_shape(tensor.name, shape, spec, signature)
+        known = accepted_shapes.get((tensor.name, shape))
+        if known is None:
+            known = _check_shape(tensor.name, shape, spec, signature)
+            if len(accepted_shapes) < _ACCEPTED_SHAPES_LIMIT:
+                accepted_shapes[(tensor.name, shape)] = known
+        rows, element_count = known
+        if element_count > max_tensor_elements:
+            raise InvalidArgumentError(
+                f"input '{tensor.name}' shape {list(shape)}: expected at most {max_tensor_elements} elements, "
+                f"got {element_count}"
+            )
         if batch_size is None:
             batch_size = rows
         elif rows != batch_size:
             raise InvalidArgumentError(
                 f"input '{tensor.name}' shape: expected batch size {batch_size} like the other inputs, got {rows}"
-            )
-        element_count = math.prod(shape)  # Python ints: a huge shape cannot overflow past the limit
-        if element_count > max_tensor_elements:
-            raise InvalidArgumentError(
-                f"input '{tensor.name}' shape {list(shape)}: expected at most {max_tensor_elements} elements, "
-                f"got {element_count}"
             )
         has_typed = tensor.HasField("contents")
         if raw_contents:
@@ -99,25 +105,29 @@ def decode_request(
         inputs=arrays,
         requested_outputs=_requested_outputs(request, signature),
         batch_size=batch_size if batch_size is not None and signature.batched else 1,
-        parameters={key: parameter_value(value) for key, value in request.parameters.items()},
+        parameters={key: parameter_value(value) for key, value in request.parameters.items()}
+        if request.parameters
+        else {},
     )
 
 
-def _check_shape(name: str, shape: tuple[int, ...], spec: TensorSpec, signature: ModelSignature) -> int:
+def _check_shape(name: str, shape: tuple[int, ...], spec: TensorSpec, signature: ModelSignature) -> tuple[int, int]:
+    """(rows, elements) of a valid shape for ``spec``; raises naming what was expected otherwise."""
     expected = signature.full_shape(spec)
     if any(dim < 0 for dim in shape):
         raise InvalidArgumentError(f"input '{name}' shape: expected non-negative dimensions, got {list(shape)}")
     if len(shape) != len(expected) or any(want not in (-1, got) for want, got in zip(expected, shape, strict=False)):
         raise InvalidArgumentError(f"input '{name}' shape: expected {expected}, got {list(shape)}")
+    element_count = math.prod(shape)  # Python ints: a huge shape cannot overflow
     if not signature.batched:
-        return 1
+        return 1, element_count
     rows = shape[0]
     if not 1 <= rows <= signature.max_batch_size:
         raise InvalidArgumentError(
             f"input '{name}' shape {list(shape)}: expected a batch size of 1 to {signature.max_batch_size} "
             f"(max_batch_size), got {rows}"
         )
-    return rows
+    return rows, element_count
 
 
 def _decode_raw(name: str, datatype: DataType, shape: tuple[int, ...], element_count: int, raw: bytes) -> np.ndarray:
@@ -193,7 +203,7 @@ def _decode_typed(
 
 def _requested_outputs(request: pb.ModelInferRequest, signature: ModelSignature) -> list[str]:
     if not request.outputs:
-        return [spec.name for spec in signature.outputs]
+        return signature.output_names
     known = signature.outputs_by_name
     names: list[str] = []
     for index, requested in enumerate(request.outputs):

@@ -88,6 +88,17 @@ class ModelSignature:
     def outputs_by_name(self) -> dict[str, TensorSpec]:
         return {spec.name: spec for spec in self.outputs}
 
+    @functools.cached_property
+    def output_names(self) -> list[str]:
+        """Every output, in config order (shared: callers must not modify it)."""
+        return [spec.name for spec in self.outputs]
+
+    @functools.cached_property
+    def accepted_shapes(self) -> dict[tuple[str, tuple[int, ...]], tuple[int, int]]:
+        """(input name, shape) -> (rows, elements) for shapes that passed validation: clients send the
+        same few shapes over and over, so each is checked once (the codec bounds the memo's size)."""
+        return {}
+
 
 def parse_config_text(text: str, source: str) -> pb.ModelConfig:
     config = pb.ModelConfig()

@@ -224,10 +224,12 @@ async def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(tmp_pa
     samples = {
         (sample.name, sample.labels.get("le")): sample.value
         for family in text_string_to_metric_families(text)
-        if family.name == "weir_batch_size"
+        if family.name in ("weir_batch_size", "weir_inference_exec_count", "weir_inference_count")
         for sample in family.samples
         if sample.labels.get("model") == "scale"
     }
+    assert samples[("weir_inference_exec_count_total", None)] == stats.execution_count
+    assert samples[("weir_inference_count_total", None)] == total_rows
     assert samples[("weir_batch_size_count", None)] == stats.execution_count
     assert samples[("weir_batch_size_sum", None)] == total_rows
     assert samples[("weir_batch_size_bucket", "1.0")] < stats.execution_count, "some executions had > 1 row"

@@ -2,8 +2,9 @@
 integer clock (nanoseconds) and no asyncio.
 
 Requests carry their name as ``payload`` so a batch reads as a list of names. ``steady`` admits
-requests a few microseconds apart: the queue then expects more arrivals soon, so an idle instance may
-wait for a batch to fill; without arrival history it never waits.
+requests a few microseconds apart while others are in flight (concurrent load), so an idle instance
+may wait for a batch to fill; ``sequential`` admits each one after the previous one finished (a
+closed-loop client of one), and nothing ever waits.
 """
 
 from __future__ import annotations
@@ -59,12 +60,23 @@ def admit_all(queue: BatchQueue, *requests: QueuedRequest) -> None:
         assert queue.admit(queued), queued.payload
 
 
-def steady(queue: BatchQueue, *labels: str, start: int = 0) -> int:
-    """Admit one single-row request per label, GAP apart; returns the last arrival instant."""
+def steady(queue: BatchQueue, *labels: str, start: int = 0, executing: int = 1) -> int:
+    """Admit one single-row request per label, GAP apart, each while ``executing`` requests are
+    being computed (concurrent load); returns the last arrival instant."""
     at = start
     for index, label in enumerate(labels):
         at = start + index * GAP
-        admit_all(queue, request(label, at=at))
+        assert queue.admit(request(label, at=at), executing=executing), label
+    return at
+
+
+def sequential(queue: BatchQueue, count: int, start: int = 0) -> int:
+    """``count`` requests GAP apart, each run alone before the next arrives; returns the last instant."""
+    at = start
+    for index in range(count):
+        at = start + index * GAP
+        admit_all(queue, request(f"s{index}", at=at))
+        assert len(queue.next_batch(at, idle_instances=1).batch) == 1
     return at
 
 
@@ -157,18 +169,49 @@ def test_a_lone_request_without_arrival_history_runs_at_once_despite_a_long_dela
     assert len(queue) == 0
 
 
-def test_with_every_instance_idle_a_steady_stream_still_runs_at_once() -> None:
+def test_a_sequential_stream_never_waits_however_frequent() -> None:
     """A closed-loop client's next request cannot come before this one is answered: with nothing
-    in flight there is no load to batch with, whatever the arrival history says."""
+    in flight at each arrival there is no load to batch with, however short the gaps."""
     queue = BatchQueue(batching("max_queue_delay_microseconds: 10000"))
-    last = steady(queue, "a", "b", "c")
-    assert names(queue.next_batch(last, idle_instances=2, busy_instances=0).batch) == ["a", "b", "c"]
+    last = sequential(queue, 50)
+    admit_all(queue, request("next", at=last + GAP))
+    assert names(queue.next_batch(last + GAP, idle_instances=1).batch) == ["next"]
+
+
+def test_under_concurrent_load_the_only_instance_waits_for_a_fuller_batch() -> None:
+    """Requests that keep arriving while others are computed: with its one instance idle again, the
+    queue holds what it has until the delay of the oldest ends (Triton's max_queue_delay)."""
+    queue = BatchQueue(batching("max_queue_delay_microseconds: 10000"))  # 10 ms
+    last = steady(queue, "a", "b", "c", "d", executing=1)
+
+    held = queue.next_batch(last, idle_instances=1, busy_instances=0)
+    assert held.batch == [] and held.wake_at_ns == 10 * MS
+    admit_all(queue, request("e", at=last + GAP))
+    assert queue.next_batch(last + GAP, idle_instances=1).batch == []
+    assert names(queue.next_batch(10 * MS, idle_instances=1).batch) == ["a", "b", "c", "d", "e"]
+
+
+def test_a_few_concurrent_arrivals_in_a_sequential_stream_do_not_make_it_wait() -> None:
+    queue = BatchQueue(batching("max_queue_delay_microseconds: 10000"))
+    last = sequential(queue, 20)
+    last = steady(queue, "a", "b", start=last + GAP)  # two arrivals found another in flight
+    assert names(queue.next_batch(last, idle_instances=1).batch) == ["a", "b"]
+
+
+def test_after_a_quiet_spell_the_first_request_runs_at_once_despite_earlier_load() -> None:
+    queue = BatchQueue(batching("max_queue_delay_microseconds: 1000"))  # 1 ms
+    last = steady(queue, *"abcdefgh", executing=1)
+    assert drain(queue, last + 1 * MS) == [["a", "b", "c", "d", "e", "f", "g", "h"]]
+
+    after_quiet = last + 20 * MS  # more than ten delays without an arrival
+    admit_all(queue, request("lone", at=after_quiet))
+    assert names(queue.next_batch(after_quiet, idle_instances=1).batch) == ["lone"]
 
 
 def test_a_steady_stream_holds_an_idle_instance_until_the_delay_of_the_oldest_ends() -> None:
     """Under load (another instance busy) an idle instance waits for a fuller batch."""
     queue = BatchQueue(batching("max_queue_delay_microseconds: 10000"))  # 10 ms
-    last = steady(queue, "a", "b", "c")
+    last = steady(queue, "a", "b", "c", executing=0)
 
     held = queue.next_batch(last, idle_instances=1, busy_instances=1)
     assert held.batch == [] and held.expired == []
@@ -458,3 +501,45 @@ def test_a_lone_request_after_a_long_idle_period_runs_at_once() -> None:
     idle_until = last + 60 * S  # a minute without a single request
     admit_all(queue, request("lone", at=idle_until))
     assert names(queue.next_batch(idle_until, idle_instances=1).batch) == ["lone"]
+
+
+def test_the_queue_length_stays_true_through_a_random_mix_of_operations() -> None:
+    """len() is a running count: after any mix of arrivals, batches, expiries, demotions and
+    discards it equals the requests actually held."""
+    import random
+
+    randomness = random.Random(7)
+    config = batching(
+        "priority_levels: 2 default_priority_level: 2 max_queue_delay_microseconds: 500 "
+        "default_queue_policy { timeout_action: DELAY default_timeout_microseconds: 300 } "
+        "priority_queue_policy { key: 1 value { default_timeout_microseconds: 200 max_queue_size: 6 } }",
+        max_batch_size=4,
+    )
+    queue = BatchQueue(config)
+    held: list[QueuedRequest] = []
+    now = 0
+    for step in range(3000):
+        now += randomness.randrange(0, 150) * US
+        action = randomness.random()
+        if action < 0.5:
+            queued = request(
+                f"r{step}",
+                at=now,
+                rows=randomness.choice([1, 1, 2, 3]),
+                key=randomness.choice("ab"),
+                priority=randomness.choice([1, 2]),
+                deadline=now + randomness.randrange(100, 2000) * US if randomness.random() < 0.3 else None,
+                timeout=now + 200 * US if randomness.random() < 0.5 else None,
+            )
+            if queue.admit(queued, executing=randomness.choice([0, 1])):
+                held.append(queued)
+        elif action < 0.6 and held:
+            queue.discard(randomness.choice(held))
+        else:
+            decision = queue.next_batch(now, idle_instances=randomness.choice([0, 1, 1]))
+            for gone in decision.batch + decision.expired:
+                held.remove(gone)
+        actual = sum(len(level) for level in queue._levels) + sum(len(level) for level in queue._delayed)
+        assert len(queue) == actual, f"step {step}"
+        held = [queued for queued in held if any(queued in level for level in (*queue._levels, *queue._delayed))]
+        assert len(held) == actual

@@ -72,6 +72,7 @@ class DynamicBatcher:
         self._clock = clock
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at_ns: int | None = None
+        self._executing_requests = 0  # dispatched, results not yet handed out
 
     def shape_key(self, inputs: dict[str, np.ndarray]) -> Hashable:
         """Requests share an execution only when every input agrees beyond the batch dimension."""
@@ -102,7 +103,7 @@ class DynamicBatcher:
             timeout_ns=now + timeout_ns if timeout_ns else None,
             payload=_Pending(future, inputs, output_names),
         )
-        if not self._queue.admit(request):
+        if not self._queue.admit(request, self._executing_requests):
             self._metrics.rejected.inc()
             limit = config.queue_policies[level - 1].max_queue_size
             raise ResourceExhaustedError(
@@ -124,9 +125,14 @@ class DynamicBatcher:
     # --- scheduling -----------------------------------------------------------------------------
 
     def _schedule(self) -> None:
+        queue = self._queue
         while True:
+            if not queue:  # nothing waits: only a stale timer may need cancelling
+                if self._timer is not None:
+                    self._arm_timer(None)
+                return
             busy = self._instance_count - self._idle_instances
-            decision = self._queue.next_batch(self._clock(), self._idle_instances, busy)
+            decision = queue.next_batch(self._clock(), self._idle_instances, busy)
             for request in decision.expired:
                 self._expire(request)
             if decision.batch:
@@ -174,6 +180,7 @@ class DynamicBatcher:
         inputs = _concatenate([_pending(request).inputs for request in live])
         output_names = _union([_pending(request).output_names for request in live])
         self._idle_instances -= 1
+        self._executing_requests += len(live)
         loop = asyncio.get_running_loop()
         try:
             execution: Future[dict[str, np.ndarray]] = self._executor.submit(
@@ -181,6 +188,7 @@ class DynamicBatcher:
             )
         except RuntimeError as error:  # the executor is shut down: the server is stopping
             self._idle_instances += 1
+            self._executing_requests -= len(live)
             for request in live:
                 _pending(request).future.set_exception(InternalError(f"server is shutting down: {error}"))
             return
@@ -192,6 +200,7 @@ class DynamicBatcher:
         self, batch: list[QueuedRequest], rows: int, dispatched_ns: int, execution: Future[dict[str, np.ndarray]]
     ) -> None:
         self._idle_instances += 1
+        self._executing_requests -= len(batch)
         completed_ns = self._clock()
         infer_ns = completed_ns - dispatched_ns
         try:
@@ -203,6 +212,7 @@ class DynamicBatcher:
                     _pending(request).future.set_exception(failure)
         else:
             self._statistics.record_execution(rows, 0, infer_ns, 0)
+            self._metrics.execution_count.inc()
             self._metrics.batch_rows.observe(rows)
             offset = 0
             for request in batch:

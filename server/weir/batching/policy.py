@@ -5,10 +5,13 @@ called whenever something changes (a request arrives, an execution finishes, a t
 answers: which queued requests expired, which batch to run now (if any), and when to look again.
 
 The policy is work-conserving: an idle instance runs what is queued at once, unless the model is
-under load (another instance is busy) and more requests are expected within ``max_queue_delay``
-(judged from the recent arrival rate). So a lone request, or a closed-loop client whose next request
-cannot come before this one is answered, never waits; under load, batches grow on their own while
-instances are busy, and the delay lets an idle instance collect a fuller batch.
+under concurrent load; then, as in Triton, it waits up to ``max_queue_delay`` (from the oldest
+request) for a fuller batch. "Concurrent load" means another instance is busy right now, or requests
+have lately been arriving while others were still queued or executing (a moving average over
+arrivals, forgotten after a quiet spell). So a lone request, or a closed-loop client whose next
+request cannot come before this one is answered, never waits. Holding under load matters most when
+the server has few cores: an execution started for one row takes the CPU from the event loop that
+is reading the next rows, and one batch of N rows costs far less than N batches of one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from weir_proto.inference import messages as pb
 
 NANOS_PER_MICRO = 1_000
 _EWMA_WEIGHT = 0.2
+_CONCURRENT_THRESHOLD = 0.5  # share of recent arrivals that found others in flight: "under load"
+# A gap between arrivals this many times max_queue_delay ends a period of load: the share starts over.
+_QUIET_SPELL_DELAYS = 10
 
 
 class TimeoutAction(enum.Enum):
@@ -160,26 +166,31 @@ class BatchQueue:
         # Per level, requests whose queue timeout passed under DELAY: behind their own level's
         # punctual requests, still ahead of lower levels (Triton's order).
         self._delayed: list[deque[QueuedRequest]] = [deque() for _ in range(levels)]
+        self._size = 0  # requests queued, punctual and delayed
         self._last_arrival_ns: int | None = None
-        self._arrival_gap_ns: float | None = None  # moving average of the time between arrivals
+        # Moving average of "this arrival found other requests queued or executing" (1) or not (0).
+        self._concurrent_share = 0.0
         # No later than the earliest deadline or timeout queued (it may be earlier than the truth
         # after removals, which only costs one scan): requests without any keep decisions O(batch).
         self._earliest_expiry_ns: int | None = None
 
     def __len__(self) -> int:
-        return sum(len(queue) for queue in self._levels) + sum(len(queue) for queue in self._delayed)
+        return self._size
 
-    def admit(self, request: QueuedRequest) -> bool:
-        """Queue ``request``; False when its priority level's queue is full (reject it at once)."""
+    def admit(self, request: QueuedRequest, executing: int = 0) -> bool:
+        """Queue ``request``; False when its priority level's queue is full (reject it at once).
+        ``executing``: requests dispatched and not yet finished (to tell concurrent load from a
+        sequential stream)."""
         index = request.priority - 1
         limit = self.config.queue_policies[index].max_queue_size
         if limit and len(self._levels[index]) + len(self._delayed[index]) >= limit:
             return False
+        self._note_arrival(request.enqueued_ns, concurrent=executing > 0 or self._size > 0)
         self._levels[index].append(request)
+        self._size += 1
         for instant in (request.deadline_ns, request.timeout_ns):
             if instant is not None and (self._earliest_expiry_ns is None or instant < self._earliest_expiry_ns):
                 self._earliest_expiry_ns = instant
-        self._note_arrival(request.enqueued_ns)
         return True
 
     def discard(self, request: QueuedRequest) -> None:
@@ -188,6 +199,7 @@ class BatchQueue:
         queue = self._delayed[index] if request.delayed else self._levels[index]
         with contextlib.suppress(ValueError):
             queue.remove(request)
+            self._size -= 1
 
     def next_batch(self, now_ns: int, idle_instances: int, busy_instances: int = 0) -> Decision:
         decision = Decision(expired=self._expire(now_ns))
@@ -200,7 +212,8 @@ class BatchQueue:
             return decision
         candidates = self._candidates(head)
         preferred = self._preferred_prefix(candidates)
-        wait_until = None if preferred or busy_instances <= 0 else self._hold_until(candidates, now_ns)
+        under_load = busy_instances > 0 or self._concurrent_share >= _CONCURRENT_THRESHOLD
+        wait_until = None if preferred or not under_load else self._hold_until(candidates, now_ns)
         if wait_until is None:
             batch = preferred or candidates
             self._remove(batch)
@@ -238,6 +251,7 @@ class BatchQueue:
                 expired.extend(request for request in queue if _is_due(request, now_ns))
                 self._delayed[index] = deque(request for request in queue if not _is_due(request, now_ns))
         self._earliest_expiry_ns = self._scan_earliest_expiry()
+        self._size -= len(expired)
         return expired
 
     def _in_order(self) -> Iterator[QueuedRequest]:
@@ -287,12 +301,19 @@ class BatchQueue:
         release_at = oldest + config.max_queue_delay_ns
         if release_at <= now_ns:
             return None
-        # Work-conserving: hold an idle instance only when another request is expected in time.
-        if self._arrival_gap_ns is None or self._arrival_gap_ns > release_at - now_ns:
-            return None
         return release_at
 
     def _remove(self, chosen: list[QueuedRequest]) -> None:
+        self._size -= len(chosen)
+        first = self._levels[chosen[0].priority - 1] if not chosen[0].delayed else None
+        if (
+            first is not None
+            and len(first) >= len(chosen)
+            and all(queued is request for queued, request in zip(first, chosen, strict=False))
+        ):
+            for _ in chosen:  # the usual case: the batch is the head of one level's queue
+                first.popleft()
+            return
         taken = {id(request) for request in chosen}
         for queues in (self._levels, self._delayed):
             for index, queue in enumerate(queues):
@@ -311,17 +332,12 @@ class BatchQueue:
         ]
         return min(instants) if instants else None
 
-    def _note_arrival(self, now_ns: int) -> None:
-        if self._last_arrival_ns is not None:
-            gap = max(0, now_ns - self._last_arrival_ns)
-            previous = self._arrival_gap_ns
-            if previous is None or gap > max(self.config.max_queue_delay_ns, previous):
-                # A lull longer than the delay (or than usual) says nothing will follow soon: start the
-                # estimate over from it, so a lone request after a quiet spell is not held.
-                self._arrival_gap_ns = float(gap)
-            else:
-                self._arrival_gap_ns = previous + _EWMA_WEIGHT * (gap - previous)
+    def _note_arrival(self, now_ns: int, concurrent: bool) -> None:
+        quiet_spell = max(self.config.max_queue_delay_ns * _QUIET_SPELL_DELAYS, 1)
+        if self._last_arrival_ns is not None and now_ns - self._last_arrival_ns > quiet_spell:
+            self._concurrent_share = 0.0  # the load that was is over: do not hold the first request after it
         self._last_arrival_ns = now_ns
+        self._concurrent_share += _EWMA_WEIGHT * ((1.0 if concurrent else 0.0) - self._concurrent_share)
 
 
 def _is_due(request: QueuedRequest, now_ns: int) -> bool:
