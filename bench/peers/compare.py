@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,9 +37,10 @@ sys.path.insert(0, str(HERE.parent))
 import common  # noqa: E402
 import harness  # noqa: E402
 
-TARGET_ORDER = ("weir", *common.NAMES)
+TARGET_ORDER = ("weir", "weir-cache", *common.NAMES)
 LABELS = {
     "weir": "Weir",
+    "weir-cache": "Weir, response cache hits",
     "floor": "bare grpc.aio floor (canned response)",
     "mlserver": "MLServer 1.7.1",
     "pytriton": "PyTriton 0.7.0 (Triton server)",
@@ -49,6 +51,7 @@ LABELS = {
 COLORS = {
     "direct": "tab:gray",
     "weir": "tab:orange",
+    "weir-cache": "tab:red",
     "floor": "tab:olive",
     "mlserver": "tab:green",
     "pytriton": "tab:purple",
@@ -87,18 +90,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # The load client: `weir bench` as a subprocess, pinned
 
 
-def bench_command(url: str, args: argparse.Namespace, out: Path) -> list[str]:
+def bench_command(url: str, args: argparse.Namespace, out: Path, extra: list[str]) -> list[str]:
     return [
         "taskset", "-c", str(args.client_cpu),
         sys.executable, "-m", "weir.cli", "bench",
         "--url", url, "--model", common.MODEL, "--mode", "closed",
         "--concurrency", ",".join(map(str, args.concurrency_list)),
-        "--duration", f"{args.duration:g}", "--processes", "1", "--out", str(out),
+        "--duration", f"{args.duration:g}", "--processes", "1", "--out", str(out), *extra,
     ]  # fmt: skip
 
 
-def run_bench(url: str, args: argparse.Namespace, out: Path, prefix: list[str]) -> dict[str, Any]:
-    command = [*prefix, *bench_command(url, args, out)]
+def run_bench(
+    url: str, args: argparse.Namespace, out: Path, prefix: list[str], extra: list[str] | None = None
+) -> dict[str, Any]:
+    command = [*prefix, *bench_command(url, args, out, extra or [])]
     say("$ " + shlex.join(command))
     limit = (args.duration + 60) * len(args.concurrency_list) + 120
     result = subprocess.run(command, capture_output=True, text=True, timeout=limit, cwd=str(common.ROOT))
@@ -145,7 +150,18 @@ def normalise_levels(raw: dict[str, Any]) -> list[dict[str, Any]]:
 # Targets
 
 
-def measure_weir(repository: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def cached_repository(repository: Path, tmp: Path) -> Path:
+    """A copy of the demo repository whose model has ``response_cache { enable: true }``."""
+    copy = tmp / "cached-repository"
+    shutil.copytree(repository / common.MODEL, copy / common.MODEL)
+    config = copy / common.MODEL / "config.pbtxt"
+    config.write_text(config.read_text() + "\nresponse_cache { enable: true }\n")
+    return copy
+
+
+def measure_weir(
+    repository: Path, args: argparse.Namespace, tmp: Path, label: str = "weir", bench_extra: list[str] | None = None
+) -> dict[str, Any]:
     # harness.start_weir takes no affinity: pin this thread while it forks, so the child inherits CPU 0.
     saved = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {args.server_cpu})
@@ -155,7 +171,7 @@ def measure_weir(repository: Path, args: argparse.Namespace, tmp: Path) -> dict[
         os.sched_setaffinity(0, saved)
     record: dict[str, Any] = {"server_command": f"taskset -c {args.server_cpu} " + shlex.join(server.command)}
     try:
-        record.update(run_bench(server.url, args, tmp / "weir", []))
+        record.update(run_bench(server.url, args, tmp / label, [], bench_extra))
     finally:
         record["stop_status"] = server.stop()
     return record
@@ -251,6 +267,55 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+PEERS_WITH_A_SERVER = ("mlserver", "pytriton", "kserve", "ray")
+
+
+def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's three goals, computed from this run's own numbers."""
+    targets = report["targets"]
+    weir = _by_concurrency(targets.get("weir", {}))
+    cache = _by_concurrency(targets.get("weir-cache", {}))
+    floor = _by_concurrency(targets.get("floor", {}))
+    direct = _by_concurrency(report.get("direct", {}))
+    results: list[dict[str, Any]] = []
+    top = max(report["settings"]["concurrency"])
+    peers = {name: _by_concurrency(targets.get(name, {})).get(top) for name in PEERS_WITH_A_SERVER}
+    peers = {name: level for name, level in peers.items() if level}
+    if peers and top in weir:
+        best = max(peers, key=lambda name: peers[name]["throughput"])
+        ratio = _ratio(weir[top]["throughput"], peers[best]["throughput"])
+        p99_ratio = _ratio(weir[top]["p99_ms"], peers[best]["p99_ms"])
+        results.append(
+            {
+                "goal": f"concurrency {top}: >= 1.5x the best peer's throughput with a lower p99",
+                "measured": f"{ratio}x {LABELS[best]}'s throughput, p99 {p99_ratio}x",
+                "met": bool(ratio and ratio >= 1.5 and p99_ratio is not None and p99_ratio < 1),
+            }
+        )
+    if 1 in weir and 1 in floor and 1 in direct:
+        bound = floor[1]["p50_ms"] + direct[1]["p50_ms"]
+        ratio = _ratio(weir[1]["p50_ms"], bound)
+        results.append(
+            {
+                "goal": "concurrency 1: p50 <= 1.3x (bare grpc.aio p50 + direct model p50)",
+                "measured": f"{weir[1]['p50_ms']:.3f} ms = {ratio}x"
+                f" ({floor[1]['p50_ms']:.3f} + {direct[1]['p50_ms']:.3f} ms)",
+                "met": bool(ratio and ratio <= 1.3),
+            }
+        )
+    for concurrency in sorted(set(cache) & set(floor)):
+        ratio = _ratio(cache[concurrency]["p50_ms"], floor[concurrency]["p50_ms"])
+        results.append(
+            {
+                "goal": f"cache hits, concurrency {concurrency}: p50 <= 1.2x the bare grpc.aio server's",
+                "measured": f"{cache[concurrency]['p50_ms']:.3f} ms = {ratio}x the floor's"
+                f" {floor[concurrency]['p50_ms']:.3f} ms",
+                "met": bool(ratio and ratio <= 1.2),
+            }
+        )
+    return results
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
@@ -288,6 +353,9 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
             f" | {_fmt(row['p99_ms'], 3)} | {row['errors']} | {_fmt(row['weir_over_peer_throughput'], 2)}"
             f" | {_fmt(row['weir_over_peer_p99'], 2)} |"
         )
+    lines += ["", "Goals (issue 3), from this run:", "", "| goal | measured | met |", "|---|---|---|"]
+    for goal in report.get("goals", []):
+        lines.append(f"| {goal['goal']} | {goal['measured']} | {'yes' if goal['met'] else 'no'} |")
     lines += ["", "Server commands:", ""]
     for name, record in report["targets"].items():
         if record.get("server_command"):
@@ -362,12 +430,16 @@ def main(argv: list[str] | None = None) -> int:
         model_path = repository / common.MODEL / "1" / "model.pt"
         say("direct torch calls (in-process, server CPU)")
         report["direct"] = measure_direct(model_path, args)
-        targets = ([] if args.no_weir else ["weir"]) + args.peers
+        targets = ([] if args.no_weir else ["weir", "weir-cache"]) + args.peers
         for name in targets:
             say(f"{name}: starting")
             try:
                 if name == "weir":
                     record = measure_weir(repository, args, tmp)
+                elif name == "weir-cache":
+                    # Identical requests (zeros): every one after the first is answered from the cache.
+                    cached = cached_repository(repository, tmp)
+                    record = measure_weir(cached, args, tmp, "weir-cache", ["--input-data", "zeros"])
                 else:
                     record = measure_peer(name, model_path, args, tmp)
             except Exception as error:
@@ -383,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             report["targets"][name] = record
     report["total_seconds"] = round(time.monotonic() - started, 1)
     report["table"] = table_rows(report)
+    report["goals"] = goals(report)
     (args.out / "peers.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     write_markdown(args.out / "peers.md", report)
     try:

@@ -67,9 +67,12 @@ class DataPlane:
     ) -> InferAnswer:
         decoded = codec.decode_request(request, loaded.signature, self._max_tensor_elements)
         cache_key = None
-        if self._response_cache is not None and loaded.config.response_cache.enable:
+        cache = self._response_cache
+        if cache is not None and loaded.response_cache_enabled:
             cache_key = _cache_key(loaded, decoded)
-            cached = await self._response_cache.lookup(loaded.cache_namespace, cache_key)
+            cached = cache.lookup_local(loaded.cache_namespace, cache_key)
+            if cached is None:
+                cached = await cache.lookup_shared(loaded.cache_namespace, cache_key)
             if cached is not None:
                 return self._answer_from_cache(loaded, request, cached, started)
             loaded.statistics.record_cache_miss(time.perf_counter_ns() - started)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 from collections.abc import Mapping
 from concurrent.futures import Executor
@@ -69,14 +70,19 @@ class LoadedVersion:
     metrics: VersionMetrics
     statistics: VersionStatistics
 
-    @property
+    # Computed once per version, not per request.
+    @functools.cached_property
     def version_label(self) -> str:
         return str(self.version)
 
-    @property
+    @functools.cached_property
     def cache_namespace(self) -> str:
         """Response-cache entries live per version: a new version never sees an old one's answers."""
         return f"{self.name}/{self.version}"
+
+    @functools.cached_property
+    def response_cache_enabled(self) -> bool:
+        return self.config.response_cache.enable
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,8 @@ class ResponseCache:
         self.redis = redis
         self.metrics = local.metrics
         self.max_pending_writes = max_pending_writes
+        self._local_hits = self.metrics.hits.labels("local")  # bound once: no label lookup per hit
+        self._redis_hits = self.metrics.hits.labels("redis")
         # Strong references: the event loop keeps only weak ones to tasks, and an unreferenced
         # write could be garbage-collected mid-flight.
         self._pending_writes: set[asyncio.Task[None]] = set()
@@ -62,21 +64,30 @@ class ResponseCache:
         """Background Redis writes started and not yet finished."""
         return len(self._pending_writes)
 
-    async def lookup(self, namespace: str, key: bytes) -> bytes | None:
-        local_key = _local_key(namespace, key)
-        value = self.local.get(local_key)
+    def lookup_local(self, namespace: str, key: bytes) -> bytes | None:
+        """The in-process tier alone, without a coroutine: a local hit is the hot path. On None,
+        finish with ``lookup_shared`` (which counts the miss)."""
+        value = self.local.get(_local_key(namespace, key))
         if value is not None:
-            self.metrics.hits.labels("local").inc()
-            return value
+            self._local_hits.inc()
+        return value
+
+    async def lookup_shared(self, namespace: str, key: bytes) -> bytes | None:
+        """After a local miss: Redis, if configured. Counts the hit or the miss of the lookup."""
         if self.redis is not None:
             value = await self.redis.get(namespace, key)
             if value is not None:
                 # Keep it close: the next identical request on this replica skips the network.
-                self.local.put(local_key, value)
-                self.metrics.hits.labels("redis").inc()
+                self.local.put(_local_key(namespace, key), value)
+                self._redis_hits.inc()
                 return value
         self.metrics.misses.inc()
         return None
+
+    async def lookup(self, namespace: str, key: bytes) -> bytes | None:
+        """Both tiers, local first."""
+        value = self.lookup_local(namespace, key)
+        return value if value is not None else await self.lookup_shared(namespace, key)
 
     def store(self, namespace: str, key: bytes, value: bytes) -> None:
         """Store locally at once and write to Redis in the background: the response that produced
