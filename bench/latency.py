@@ -220,11 +220,15 @@ def closed_loop(session: Session, concurrency: int, max_requests: int, max_secon
 # The two targets
 
 
-def direct_session(module: Any, features: Any) -> Session:
+def direct_session(module: Any, features: Any, torch_threads: int = 0) -> Session:
+    """In-process calls of ``module``. ``torch_threads``: intra-op threads set in each calling
+    thread (torch keeps the count per thread; 0 leaves torch's default)."""
     import torch
 
     @contextlib.contextmanager
     def session() -> Iterator[Callable[[], Any]]:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         with torch.inference_mode():  # thread-local: entered in the calling thread
             yield lambda: module(features)
 

@@ -207,7 +207,9 @@ def measure_direct(model_path: Path, args: argparse.Namespace) -> dict[str, Any]
     torch.set_num_threads(1)  # one thread on one CPU, as a server started pinned to it gets
     try:
         module = torch.jit.load(str(model_path)).eval()
-        session = latency.direct_session(module, torch.from_numpy(common.check_input()))
+        # One intra-op thread in every calling thread: set only here, the worker threads would each run
+        # two OpenMP threads on the one server CPU (torch keeps the count per thread).
+        session = latency.direct_session(module, torch.from_numpy(common.check_input()), torch_threads=1)
         latency.warm_up(session, 1.0)
         result: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "levels": []}
         for concurrency in args.concurrency_list:

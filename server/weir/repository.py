@@ -115,11 +115,10 @@ def _instance_count_and_device(config: pb.ModelConfig) -> tuple[int, str]:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, executor: Executor, metrics: Metrics, intra_op_threads: int = 0) -> None:
+    def __init__(self, root: Path, executor: Executor, metrics: Metrics) -> None:
         self._root = root
         self._executor = executor
         self._metrics = metrics
-        self._intra_op_threads = intra_op_threads
         self._served: dict[str, ServedModel] = {}
         self._model_status: dict[str, Status] = {}  # model-level problems (config) and "unloaded"
         self._version_status: dict[str, dict[int, Status]] = {}
@@ -315,10 +314,6 @@ class ModelRepository:
     def _build_and_warm(
         self, model_dir: Path, version: int, config: pb.ModelConfig, signature: ModelSignature, device: str
     ) -> Backend:
-        if self._intra_op_threads:
-            import torch
-
-            torch.set_num_threads(self._intra_op_threads)
         model_file = find_model_file(model_dir / str(version), config.default_model_filename)
         backend = TorchBackend(model_file, signature, device)
         output_names = [spec.name for spec in signature.outputs]

@@ -6,6 +6,7 @@ CLI runs it until SIGTERM.
 
 from __future__ import annotations
 
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from wsgiref.simple_server import WSGIServer
@@ -25,6 +26,17 @@ from weir_proto.inference import pool
 
 log = logging.getLogger(__name__)
 
+
+def set_torch_threads(count: int) -> None:
+    """Runs in each compute thread as it starts. torch's intra-op thread count (OpenMP's) is kept per
+    thread: set only on the main thread, a compute thread would still start as many OpenMP threads
+    as the process saw CPUs at start-up, e.g. two spinning on the one CPU a server is pinned to
+    (a 60x slower model, measured)."""
+    import torch
+
+    torch.set_num_threads(count)
+
+
 HEALTH_SERVICE_NAMES = ("", pool.SERVICE_NAME)
 
 
@@ -36,10 +48,13 @@ class WeirServer:
         self._reuse_port = reuse_port
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics.create(self.registry)
-        self._executor = ThreadPoolExecutor(settings.compute_threads, thread_name_prefix="weir-compute")
-        self.repository = ModelRepository(
-            settings.model_repository, self._executor, self.metrics, settings.torch_intra_op_threads
+        threads = settings.torch_intra_op_threads
+        self._executor = ThreadPoolExecutor(
+            settings.compute_threads,
+            thread_name_prefix="weir-compute",
+            initializer=functools.partial(set_torch_threads, threads) if threads else None,
         )
+        self.repository = ModelRepository(settings.model_repository, self._executor, self.metrics)
         self.response_cache = _response_cache(settings, self.registry)
         self.dataplane = DataPlane(self.repository, self.metrics, settings.max_tensor_elements, self.response_cache)
         self._health = health.aio.HealthServicer()
