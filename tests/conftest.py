@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 import pytest_asyncio
 import redis
 import torch
+from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -203,3 +205,34 @@ def weir_process(demo_repository: Path) -> Iterator[WeirProcess]:
         if running.process.poll() is None:
             running.process.kill()
             running.process.wait(timeout=10)
+
+
+# --- stores: SQLite and the local PostgreSQL -----------------------------------------------------
+
+# PostgreSQL tests use a database of their own, created for the test and dropped after it, on the
+# server at WEIR_TEST_POSTGRES (`.ci/run` keeps the default one running). Nothing is skipped when it
+# is down: the store must work on PostgreSQL, so its absence fails the run.
+POSTGRES_URL = os.environ.get("WEIR_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_database() -> Iterator[str]:
+    name = f"weir_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    base = POSTGRES_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL for an empty store, on each backend in turn."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'control.db'}"
+    else:
+        yield from _postgres_database()

@@ -21,6 +21,8 @@ from weir import __version__
 from weir.loadtest.options import add_bench_arguments
 from weir.logs import configure_logging
 from weir.settings import ControlMode, ServerSettings, environment_variable, settings_fields
+from weir.up import add_up_arguments
+from weir_control.cli import CLIENT_COMMANDS
 
 log = logging.getLogger("weir.cli")
 
@@ -29,6 +31,7 @@ _TYPE_WORDS: dict[Any, str] = {
     int: "an integer",
     float: "a number",
     str: "a string",
+    bool: "true or false",
     Path: "a path",
     ControlMode: "one of " + ", ".join(mode.value for mode in ControlMode),
 }
@@ -45,7 +48,18 @@ def _converter(field_type: Any) -> Any:
         return ControlMode
     if field_type in (int, float, str):
         return field_type
+    if field_type is bool:
+        return _boolean
     raise TypeError(f"no CLI converter for {field_type}")
+
+
+def _boolean(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
 
 
 def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
         "server unreachable.",
     )
     add_bench_arguments(bench)
+    # The composition root is the one place the data plane's package may reach the control plane's.
+    from weir_control.cli import add_commands
+
+    add_commands(commands)
+    up = commands.add_parser(
+        "up",
+        help="run a control plane and one data plane together on embedded defaults (SQLite, local artifacts)",
+        description="Start `weir control` and `weir serve --control-plane` together under .weir/ (or --state-dir), "
+        "with a generated admin token in STATE_DIR/admin.token; --demo also pushes and deploys the demo model and "
+        "sends requests through the data plane with tritonclient.",
+    )
+    add_up_arguments(up)
     return parser
 
 
@@ -170,6 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from weir.loadtest.command import run  # lazy: numpy, grpc, tritonclient, matplotlib
 
         return run(args)
+    if args.command == "up":
+        from weir.up import run_up
+
+        return run_up(args)
+    if args.command in ("control", "control-gc", *CLIENT_COMMANDS):
+        from weir_control.cli import run as run_control_command
+
+        if args.command == "control":
+            configure_logging(args.log_level, args.log_format)
+        return run_control_command(args)
     if args.command == "serve":
         settings = settings_from(args, os.environ)
         configure_logging(settings.log_level, settings.log_format)

@@ -6,9 +6,13 @@ CLI runs it until SIGTERM.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -18,11 +22,14 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from weir.cache import CacheMetrics, LocalResponseCache, RedisResponseCache, ResponseCache
 from weir.dataplane import DataPlane
+from weir.follower import ControlPlaneFollower, FollowerSettings, default_replica_id
 from weir.grpc_service import InferenceServicer, generic_handler
 from weir.metrics import Metrics
 from weir.repository import ModelRepository
 from weir.settings import ControlMode, ServerSettings
+from weir_proto.auth import AuthInterceptor, Role, TokenTable
 from weir_proto.inference import pool
+from weir_proto.tls import ClientTLS, server_tls
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,21 @@ def set_torch_threads(count: int) -> None:
 
 
 HEALTH_SERVICE_NAMES = ("", pool.SERVICE_NAME)
+_REPOSITORY_CHANGES = ("RepositoryModelLoad", "RepositoryModelUnload")
+
+
+def data_plane_policy(require_inference_token: bool) -> Callable[[str], Role | None]:
+    """With tokens configured: load/unload need a deployer; inference needs any token if asked."""
+
+    def policy(method: str) -> Role | None:
+        service, _, name = method.lstrip("/").partition("/")
+        if service != pool.SERVICE_NAME:
+            return None  # health, reflection
+        if name in _REPOSITORY_CHANGES:
+            return Role.DEPLOYER
+        return Role.VIEWER if require_inference_token else None
+
+    return policy
 
 
 class WeirServer:
@@ -58,6 +80,13 @@ class WeirServer:
         self.response_cache = _response_cache(settings, self.registry)
         self.dataplane = DataPlane(self.repository, self.metrics, settings.max_tensor_elements, self.response_cache)
         self._health = health.aio.HealthServicer()
+        self.tokens = TokenTable.load(Path(settings.tokens_file) if settings.tokens_file else None)
+        if settings.require_inference_token and self.tokens is None:
+            raise ValueError(
+                "setting require_inference_token: expected tokens (--tokens-file or WEIR_TOKENS), got none"
+            )
+        self.follower: ControlPlaneFollower | None = None
+        self._follower_task: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_http: WSGIServer | None = None
         self._accepting = False
@@ -80,7 +109,10 @@ class WeirServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
         ]
-        server = grpc.aio.server(options=options)
+        interceptors = []
+        if self.tokens is not None:
+            interceptors.append(AuthInterceptor(self.tokens, data_plane_policy(settings.require_inference_token)))
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         servicer = InferenceServicer(
             self.dataplane,
             self.repository,
@@ -95,7 +127,15 @@ class WeirServer:
         pool.add_file_to_pool(reflection_pb2.DESCRIPTOR)
         reflection_names = (pool.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(reflection_names, server, pool=pool.POOL)
-        self.grpc_port = server.add_insecure_port(f"{_host(settings.listen_address)}:{settings.grpc_port}")
+        address = f"{_host(settings.listen_address)}:{settings.grpc_port}"
+        tls = server_tls(
+            Path(settings.tls_cert) if settings.tls_cert else None,
+            Path(settings.tls_key) if settings.tls_key else None,
+            Path(settings.tls_client_ca) if settings.tls_client_ca else None,
+        )
+        self.grpc_port = (
+            server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+        )
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC on {settings.listen_address}:{settings.grpc_port}")
         await server.start()
@@ -116,6 +156,9 @@ class WeirServer:
 
     async def _load_initial_models(self) -> None:
         settings = self.settings
+        if settings.control_plane:
+            await self._follow_control_plane()
+            return
         if settings.model_control_mode is ControlMode.NONE or "*" in settings.load_model:
             await self.repository.load_all()
             return
@@ -124,6 +167,30 @@ class WeirServer:
                 await self.repository.load(name)
             except Exception as error:
                 log.error("model failed to load", extra={"model": name, "reason": str(error)})
+
+    async def _follow_control_plane(self) -> None:
+        settings = self.settings
+        tls = None
+        if settings.control_plane_tls_ca or settings.control_plane_tls_cert:
+            tls = ClientTLS(
+                ca=Path(settings.control_plane_tls_ca) if settings.control_plane_tls_ca else None,
+                cert=Path(settings.control_plane_tls_cert) if settings.control_plane_tls_cert else None,
+                key=Path(settings.control_plane_tls_key) if settings.control_plane_tls_key else None,
+            )
+        follower_settings = FollowerSettings(
+            address=settings.control_plane,
+            token=settings.control_plane_token or None,
+            replica_id=settings.replica_id or default_replica_id(),
+            serving_address=f"{_host(settings.listen_address)}:{self.grpc_port}",
+            heartbeat_seconds=settings.heartbeat_seconds,
+            tls=tls,
+        )
+        settings.model_repository.mkdir(parents=True, exist_ok=True)
+        self.follower = ControlPlaneFollower(
+            follower_settings, self.repository, settings.model_repository, self.refresh_health
+        )
+        await self.follower.load_last_known_good()
+        self._follower_task = asyncio.create_task(self.follower.run(), name="weir-control-plane-follower")
 
     async def refresh_health(self) -> None:
         status = (
@@ -136,6 +203,11 @@ class WeirServer:
         """Stop accepting, let in-flight requests finish within the grace period, release models."""
         grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
         self._accepting = False
+        if self._follower_task is not None:
+            self._follower_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower_task
+            self._follower_task = None
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)

@@ -77,6 +77,33 @@ class ServerSettings:
     shutdown_grace_seconds: float = field(
         default=15.0, metadata=_doc("On SIGTERM, how long in-flight requests may take to finish before exit.")
     )
+    tokens_file: str = field(
+        default="",
+        metadata=_doc(
+            "TOML file of bearer tokens and roles (else WEIR_TOKENS=name:role:token,...); with tokens, load/unload "
+            "need the deployer role."
+        ),
+    )
+    require_inference_token: bool = field(
+        default=False, metadata=_doc("Inference RPCs need a token too (any role); needs tokens.")
+    )
+    tls_cert: str = field(default="", metadata=_doc("PEM certificate: serve gRPC over TLS (with --tls-key)."))
+    tls_key: str = field(default="", metadata=_doc("PEM private key of --tls-cert."))
+    tls_client_ca: str = field(default="", metadata=_doc("PEM CA: require client certificates it signed (mutual TLS)."))
+    control_plane: str = field(
+        default="",
+        metadata=_doc(
+            "HOST:PORT of a Weir control plane to follow; the model repository directory then holds what it deploys."
+        ),
+    )
+    control_plane_token: str = field(
+        default="", metadata=_doc("Bearer token for the control plane (prefer the environment variable).")
+    )
+    control_plane_tls_ca: str = field(default="", metadata=_doc("PEM CA of the control plane: attach over TLS."))
+    control_plane_tls_cert: str = field(default="", metadata=_doc("PEM client certificate for mutual TLS."))
+    control_plane_tls_key: str = field(default="", metadata=_doc("PEM key of --control-plane-tls-cert."))
+    replica_id: str = field(default="", metadata=_doc("This replica's name for the control plane (default host-pid)."))
+    heartbeat_seconds: float = field(default=5.0, metadata=_doc("Interval of heartbeats to the control plane."))
     log_level: str = field(default="INFO", metadata=_doc("Log level: DEBUG, INFO, WARNING, ERROR."))
     log_format: str = field(default="json", metadata=_doc("Log format: json (one object per line) or text."))
 
@@ -99,6 +126,9 @@ class ServerSettings:
         )
         _require(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds", "0 or more", self.shutdown_grace_seconds)
         _require(self.log_format in ("json", "text"), "log_format", "json or text", self.log_format)
+        _require(self.heartbeat_seconds > 0, "heartbeat_seconds", "more than 0", self.heartbeat_seconds)
+        _require(bool(self.tls_cert) == bool(self.tls_key), "tls_cert/tls_key", "both or neither", self.tls_cert)
+        _require(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca", "--tls-cert and --tls-key too", "none")
         _require(
             self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
             "log_level",

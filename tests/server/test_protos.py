@@ -16,6 +16,12 @@ GENERATED = [
     "weir_proto/inference/grpc_service_pb2.pyi",
     "weir_proto/inference/model_config_pb2.pyi",
     "weir_proto/inference/inference_descriptors.binpb",
+    *(
+        f"weir_proto/{package}/v1/{name}{suffix}"
+        for package, names in (("common", ["types"]), ("control", ["registry", "deployments", "audit"]))
+        for name in names
+        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+    ),
 ]
 REQUIRED_RPCS = [
     "ServerLive",

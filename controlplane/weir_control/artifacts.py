@@ -1,0 +1,162 @@
+"""The artifact store: model files in a content-addressed directory, named by their sha256.
+
+    <root>/blobs/ab/abcdef...    one file per distinct content, never modified once in place
+    <root>/incoming/             uploads in progress (a crash leaves them here; `gc` clears them)
+
+A write goes to a temporary file in ``incoming/`` while its sha256 is computed, is fsynced, checked
+against the expected digest and size, then renamed into place (atomic on one file system) and the
+directory fsynced: a blob path either does not exist or holds complete, verified bytes. Reads hash
+what they stream and fail at the end if the bytes no longer match their name (disk corruption).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from weir_proto.errors import InternalError, InvalidArgumentError, NotFoundError
+
+CHUNK_BYTES = 1 << 20  # streamed in 1 MiB pieces: large models never sit in memory whole
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_sha256(field: str, value: str) -> str:
+    if not _SHA256.match(value):
+        raise InvalidArgumentError(f"{field}: expected 64 lowercase hex characters (a sha256), got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    sha256: str
+    size: int
+
+
+class BlobWriter:
+    """Receives an upload's bytes; ``commit`` verifies and publishes them, ``discard`` drops them."""
+
+    def __init__(self, store: ArtifactStore, expected_sha256: str, expected_size: int) -> None:
+        self._store = store
+        self._expected_sha256 = expected_sha256
+        self._expected_size = expected_size
+        descriptor, name = tempfile.mkstemp(dir=store.incoming, prefix="upload-")
+        self._path = Path(name)
+        self._file = os.fdopen(descriptor, "wb")
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self._expected_size and self.size > self._expected_size:
+            raise InvalidArgumentError(
+                f"artifact: expected {self._expected_size} bytes (artifact_size), got more ({self.size} so far)"
+            )
+        self._digest.update(chunk)
+        self._file.write(chunk)
+
+    def commit(self) -> StoredBlob:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        digest = self._digest.hexdigest()
+        if self._expected_size and self.size != self._expected_size:
+            self.discard()
+            raise InvalidArgumentError(
+                f"artifact: expected {self._expected_size} bytes (artifact_size), got {self.size}"
+            )
+        if digest != self._expected_sha256:
+            self.discard()
+            raise InvalidArgumentError(
+                f"artifact_sha256: expected the bytes to hash to {self._expected_sha256}, they hash to {digest}"
+            )
+        target = self._store.path_of(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._path, target)  # same content, same name: replacing an existing blob is harmless
+        _fsync_directory(target.parent)
+        return StoredBlob(digest, self.size)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()
+
+
+class ArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.incoming = root / "incoming"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
+
+    def path_of(self, sha256: str) -> Path:
+        return self.blobs / sha256[:2] / sha256
+
+    def writer(self, expected_sha256: str, expected_size: int) -> BlobWriter:
+        return BlobWriter(self, check_sha256("artifact_sha256", expected_sha256), expected_size)
+
+    def put(self, chunks: Iterable[bytes], sha256: str, size: int = 0) -> StoredBlob:
+        writer = self.writer(sha256, size)
+        try:
+            for chunk in chunks:
+                writer.write(chunk)
+        except BaseException:
+            writer.discard()
+            raise
+        return writer.commit()
+
+    def exists(self, sha256: str) -> bool:
+        return self.path_of(sha256).is_file()
+
+    def size_of(self, sha256: str) -> int:
+        try:
+            return self.path_of(sha256).stat().st_size
+        except FileNotFoundError as error:
+            raise NotFoundError(f"artifact {sha256}: not in the artifact store") from error
+
+    def read(self, sha256: str) -> Iterator[bytes]:
+        """The blob's bytes in chunks; raises INTERNAL after the last chunk if they do not hash to
+        their name (a reader must treat what it got as invalid then)."""
+        path = self.path_of(check_sha256("artifact_sha256", sha256))
+        digest = hashlib.sha256()
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError as error:
+            raise NotFoundError(f"artifact {sha256}: not in the artifact store") from error
+        with handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                digest.update(chunk)
+                yield chunk
+        if digest.hexdigest() != sha256:
+            raise InternalError(f"artifact {sha256}: stored bytes are corrupt (they hash to {digest.hexdigest()})")
+
+    def collect_garbage(self, referenced: set[str], min_age_seconds: float = 3600.0) -> list[str]:
+        """Delete blobs no version references and abandoned uploads, both older than
+        ``min_age_seconds`` (an upload in progress may not be registered as READY yet). Returns
+        what was deleted, as paths relative to the root."""
+        cutoff = time.time() - min_age_seconds
+        deleted: list[str] = []
+        for path in list(self.blobs.glob("*/*")) + list(self.incoming.glob("*")):
+            if path.parent.parent == self.blobs and path.name in referenced:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime <= cutoff:
+                    path.unlink()
+                    deleted.append(str(path.relative_to(self.root)))
+        return sorted(deleted)
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,463 @@
+"""The control plane's commands: ``weir control`` (the service) and the client commands release
+tooling uses: ``weir models push|list|show|alias``, ``weir deploy|undeploy|deployments``,
+``weir audit``. Every client command takes ``--json`` for machine-readable output.
+
+Client options come from flags or the environment: ``--control-plane`` / WEIR_CONTROL_PLANE (default
+127.0.0.1:8011), ``--token`` / WEIR_TOKEN (default: the file ``.weir/admin.token`` that ``weir up``
+writes, if present), ``--tls-ca`` / WEIR_TLS_CA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from weir_proto.auth import client_metadata
+from weir_proto.control.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    deployments_pb2,
+    deployments_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
+from weir_proto.errors import WeirError
+
+DEFAULT_CONTROL_PLANE = "127.0.0.1:8011"
+DEFAULT_TOKEN_FILE = Path(".weir") / "admin.token"
+UPLOAD_CHUNK = 1 << 20
+CLIENT_COMMANDS = ("models", "deploy", "undeploy", "deployments", "audit")
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def add_commands(subcommands: Any) -> None:
+    control = subcommands.add_parser("control", help="run the control plane (registry, deployments, attach stream)")
+    control.add_argument("--state-dir", type=Path, default=Path(".weir"), help="SQLite file and artifacts (.weir)")
+    control.add_argument("--database-url", default=os.environ.get("WEIR_DATABASE_URL", ""),
+                         help="postgresql+psycopg://... instead of SQLite [env WEIR_DATABASE_URL]")  # fmt: skip
+    control.add_argument("--artifact-dir", type=Path, help="artifact store (default STATE_DIR/artifacts)")
+    control.add_argument("--listen-address", default="127.0.0.1")
+    control.add_argument("--port", type=int, default=8011, help="gRPC port (0 picks one; it is logged)")
+    control.add_argument("--tokens", type=Path, help="TOML token file (else WEIR_TOKENS)")
+    control.add_argument("--tls-cert", type=Path)
+    control.add_argument("--tls-key", type=Path)
+    control.add_argument("--tls-client-ca", type=Path, help="require client certificates it signed (mutual TLS)")
+    control.add_argument("--log-level", default="INFO")
+    control.add_argument("--log-format", default="json", choices=("json", "text"))
+    gc = subcommands.add_parser("control-gc", help="delete artifacts no model version references")
+    gc.add_argument("--state-dir", type=Path, default=Path(".weir"))
+    gc.add_argument("--database-url", default=os.environ.get("WEIR_DATABASE_URL", ""))
+    gc.add_argument("--artifact-dir", type=Path)
+    gc.add_argument("--min-age-seconds", type=float, default=3600.0)
+    gc.add_argument("--json", action="store_true")
+
+    models = subcommands.add_parser("models", help="the model registry")
+    actions = models.add_subparsers(dest="models_command", required=True)
+    push = actions.add_parser("push", help="upload a model file with its config.pbtxt as a new version")
+    push.add_argument("name")
+    push.add_argument("model_file", type=Path, help="model.pt (TorchScript) or model.pt2 (torch.export)")
+    push.add_argument("--config", type=Path, required=True, help="the version's config.pbtxt")
+    push.add_argument("--description", default="")
+    push.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    push.add_argument("--metric", action="append", default=[], metavar="NAME=NUMBER")
+    push.add_argument("--source-job", default="")
+    push.add_argument("--dataset-hash", default="")
+    push.add_argument("--code-version", default="")
+    push.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="lineage parameter")
+    push.add_argument("--alias", action="append", default=[], help="set this alias on the new version")
+    listing = actions.add_parser("list", help="registered models")
+    listing.add_argument("--name-contains", default="")
+    listing.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    show = actions.add_parser("show", help="a model, or one of its versions")
+    show.add_argument("name")
+    show.add_argument("version", nargs="?", help="a version number or an alias")
+    alias = actions.add_parser("alias", help="set (or --delete) an alias")
+    alias.add_argument("name")
+    alias.add_argument("alias")
+    alias.add_argument("version", nargs="?", type=int)
+    alias.add_argument("--delete", action="store_true")
+
+    deploy = subcommands.add_parser("deploy", help="point an endpoint at a model version or alias")
+    deploy.add_argument("endpoint")
+    deploy.add_argument("model")
+    deploy.add_argument("target", help="a version number or an alias")
+    undeploy = subcommands.add_parser("undeploy", help="remove an endpoint")
+    undeploy.add_argument("endpoint")
+    subcommands.add_parser("deployments", help="endpoints, and the data planes following them")
+    audit = subcommands.add_parser("audit", help="the audit log, newest first")
+    audit.add_argument("--actor", default="")
+    audit.add_argument("--action", default="")
+    audit.add_argument("--target-prefix", default="")
+    audit.add_argument("--limit", type=int, default=50)
+    for parser in (models, push, listing, show, alias, deploy, undeploy, audit, *_leaves(subcommands)):
+        _add_client_options(parser)
+
+
+def _leaves(subcommands: Any) -> Iterator[argparse.ArgumentParser]:
+    yield subcommands.choices["deployments"]
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    if any(action.dest == "control_plane" for action in parser._actions):
+        return
+    parser.add_argument("--control-plane", default=os.environ.get("WEIR_CONTROL_PLANE", DEFAULT_CONTROL_PLANE))
+    parser.add_argument("--token", default=os.environ.get("WEIR_TOKEN"), help="bearer token [env WEIR_TOKEN]")
+    parser.add_argument("--tls-ca", type=Path, default=os.environ.get("WEIR_TLS_CA") or None)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "control":
+        return _run_control(args)
+    if args.command == "control-gc":
+        return _run_gc(args)
+    try:
+        with _Client(args) as client:
+            return client.dispatch()
+    except grpc.RpcError as error:
+        code, details = error.code(), error.details()
+        _fail(args, f"{code.name}: {details}", code.name)
+    except WeirError as error:
+        _fail(args, error.message, error.kind.name)
+    except OSError as error:
+        _fail(args, str(error), "OS_ERROR")
+    return 1
+
+
+def _fail(args: argparse.Namespace, message: str, code: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": code, "message": message}}))
+    else:
+        print(f"weir: {message}", file=sys.stderr)
+
+
+def _run_control(args: argparse.Namespace) -> int:
+    from weir_control.server import ControlPlaneServer, ControlSettings
+
+    settings = ControlSettings(
+        state_dir=args.state_dir,
+        database_url=args.database_url,
+        artifact_dir=args.artifact_dir,
+        listen_address=args.listen_address,
+        port=args.port,
+        tokens_file=args.tokens,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+    )
+
+    async def serve() -> int:
+        server = ControlPlaneServer(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(number, stop.set)
+        await server.start()
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+        return 0
+
+    try:
+        return asyncio.run(serve())
+    except WeirError as error:
+        print(f"weir control: {error.message}", file=sys.stderr)
+        return 2
+
+
+def _run_gc(args: argparse.Namespace) -> int:
+    from weir_control.artifacts import ArtifactStore
+    from weir_control.store import open_store
+
+    store = open_store(args.database_url or str(args.state_dir / "control.db"))
+    try:
+        artifacts = ArtifactStore(args.artifact_dir or args.state_dir / "artifacts")
+        deleted = artifacts.collect_garbage(store.referenced_artifacts(), args.min_age_seconds)
+    finally:
+        store.close()
+    print(json.dumps({"deleted": deleted}) if args.json else "\n".join(deleted) or "nothing to delete")
+    return 0
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise WeirError(f"{flag}: expected KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(UPLOAD_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _Client:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        token = args.token
+        if not token and DEFAULT_TOKEN_FILE.is_file():
+            token = DEFAULT_TOKEN_FILE.read_text().strip()
+        self._metadata = client_metadata(token)
+        if args.tls_ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(args.tls_ca).read_bytes())
+            self._channel = grpc.secure_channel(args.control_plane, credentials)
+        else:
+            self._channel = grpc.insecure_channel(args.control_plane)
+        self._registry = registry_pb2_grpc.RegistryStub(self._channel)
+        self._deployments = deployments_pb2_grpc.DeploymentsStub(self._channel)
+        self._audit = audit_pb2_grpc.AuditStub(self._channel)
+
+    def __enter__(self) -> _Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._channel.close()
+
+    def dispatch(self) -> int:
+        commands = {
+            "deploy": self.deploy,
+            "undeploy": self.undeploy,
+            "deployments": self.list_deployments,
+            "audit": self.audit_log,
+        }
+        if self.args.command == "models":
+            return int(getattr(self, f"models_{self.args.models_command}")())
+        return commands[self.args.command]()
+
+    def _print(self, message: Message | list[Message], text: str) -> None:
+        if self.args.json:
+            items = message if isinstance(message, list) else [message]
+            documents = [json_format.MessageToDict(item, preserving_proto_field_name=True) for item in items]
+            print(json.dumps(documents if isinstance(message, list) else documents[0], indent=2))
+        else:
+            print(text)
+
+    # models
+
+    def models_push(self) -> int:
+        args = self.args
+        size = args.model_file.stat().st_size
+        header = registry_pb2.CreateModelVersionRequest.Header(
+            model_name=args.name,
+            config_pbtxt=args.config.read_text(encoding="utf-8"),
+            artifact_filename=args.model_file.name,
+            artifact_sha256=file_sha256(args.model_file),
+            artifact_size=size,
+            description=args.description,
+            tags=_pairs(args.tag, "--tag"),
+            metrics={key: float(value) for key, value in _pairs(args.metric, "--metric").items()},
+            lineage=registry_pb2.Lineage(
+                source_job=args.source_job,
+                parameters=_pairs(args.param, "--param"),
+                dataset_hash=args.dataset_hash,
+                code_version=args.code_version,
+            ),
+        )
+        try:
+            self._registry.GetRegisteredModel(
+                registry_pb2.GetRegisteredModelRequest(name=args.name), metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            self._registry.CreateRegisteredModel(
+                registry_pb2.CreateRegisteredModelRequest(name=args.name), metadata=self._metadata
+            )
+        version = self._registry.CreateModelVersion(
+            _upload_messages(header, args.model_file, size, show_progress=not args.json), metadata=self._metadata
+        )
+        for alias in args.alias:
+            version = self._registry.SetAlias(
+                registry_pb2.SetAliasRequest(model_name=args.name, alias=alias, version=version.version),
+                metadata=self._metadata,
+            )
+        self._print(version, f"{version.model_name} version {version.version}: READY ({version.artifact_sha256[:12]})")
+        return 0
+
+    def models_list(self) -> int:
+        models: list[Message] = []
+        token = ""
+        while True:
+            page = self._registry.SearchRegisteredModels(
+                registry_pb2.SearchRegisteredModelsRequest(
+                    name_contains=self.args.name_contains, tags=_pairs(self.args.tag, "--tag"), page_token=token
+                ),
+                metadata=self._metadata,
+            )
+            models += list(page.models)
+            token = page.next_page_token
+            if not token:
+                break
+        lines = [
+            f"{model.name}\tlatest {model.latest_version}\t"
+            + " ".join(f"{alias}->{version}" for alias, version in sorted(model.aliases.items()))
+            for model in models
+        ]
+        self._print(models, "\n".join(lines) or "no models")
+        return 0
+
+    def models_show(self) -> int:
+        args = self.args
+        if args.version is None:
+            model = self._registry.GetRegisteredModel(
+                registry_pb2.GetRegisteredModelRequest(name=args.name), metadata=self._metadata
+            )
+            self._print(model, json_format.MessageToJson(model, preserving_proto_field_name=True))
+            return 0
+        if str(args.version).isdigit():
+            version = self._registry.GetModelVersion(
+                registry_pb2.GetModelVersionRequest(model_name=args.name, version=int(args.version)),
+                metadata=self._metadata,
+            )
+        else:
+            version = self._registry.GetModelVersionByAlias(
+                registry_pb2.GetModelVersionByAliasRequest(model_name=args.name, alias=args.version),
+                metadata=self._metadata,
+            )
+        self._print(version, json_format.MessageToJson(version, preserving_proto_field_name=True))
+        return 0
+
+    def models_alias(self) -> int:
+        args = self.args
+        if args.delete:
+            self._registry.DeleteAlias(
+                registry_pb2.DeleteAliasRequest(model_name=args.name, alias=args.alias), metadata=self._metadata
+            )
+            if args.json:
+                print(json.dumps({"deleted": {"model": args.name, "alias": args.alias}}))
+            else:
+                print(f"{args.name}: alias {args.alias} deleted")
+            return 0
+        if args.version is None:
+            raise WeirError("version: expected the version the alias should point at (or --delete), got none")
+        version = self._registry.SetAlias(
+            registry_pb2.SetAliasRequest(model_name=args.name, alias=args.alias, version=args.version),
+            metadata=self._metadata,
+        )
+        self._print(version, f"{args.name}: {args.alias} -> version {version.version}")
+        return 0
+
+    # deployments
+
+    def deploy(self) -> int:
+        args = self.args
+        request = deployments_pb2.DeployRequest(endpoint=args.endpoint, model_name=args.model)
+        if args.target.isdigit():
+            request.version = int(args.target)
+        else:
+            request.alias = args.target
+        deployment = self._deployments.Deploy(request, metadata=self._metadata)
+        resolved = ", ".join(f"{ref.model_name}:{ref.version}" for ref in deployment.resolved)
+        self._print(deployment, f"{deployment.endpoint} -> {resolved} (revision {deployment.revision})")
+        return 0
+
+    def undeploy(self) -> int:
+        self._deployments.Undeploy(
+            deployments_pb2.UndeployRequest(endpoint=self.args.endpoint), metadata=self._metadata
+        )
+        if self.args.json:
+            print(json.dumps({"undeployed": self.args.endpoint}))
+        else:
+            print(f"{self.args.endpoint}: undeployed")
+        return 0
+
+    def list_deployments(self) -> int:
+        listing = self._all_deployments()
+        replicas = self._deployments.ListReplicas(deployments_pb2.ListReplicasRequest(), metadata=self._metadata)
+        if self.args.json:
+            print(
+                json.dumps(
+                    {
+                        "deployments": [
+                            json_format.MessageToDict(item, preserving_proto_field_name=True) for item in listing
+                        ],
+                        "replicas": [
+                            json_format.MessageToDict(item, preserving_proto_field_name=True)
+                            for item in replicas.replicas
+                        ],
+                    },
+                    indent=2,
+                )
+            )
+            return 0
+        for deployment in listing:
+            resolved = ", ".join(f"{ref.model_name}:{ref.version}" for ref in deployment.resolved)
+            print(f"{deployment.endpoint}\t{resolved}\trevision {deployment.revision}")
+        for replica in replicas.replicas:
+            states = ", ".join(
+                f"{status.endpoint}={deployments_pb2.EndpointStatus.State.Name(status.state)}"
+                for status in replica.status.endpoints
+            )
+            print(f"replica {replica.replica_id} at {replica.address}: {states or 'nothing'}")
+        return 0
+
+    def _all_deployments(self) -> list[deployments_pb2.Deployment]:
+        items: list[deployments_pb2.Deployment] = []
+        token = ""
+        while True:
+            page = self._deployments.ListDeployments(
+                deployments_pb2.ListDeploymentsRequest(page_token=token), metadata=self._metadata
+            )
+            items += list(page.deployments)
+            token = page.next_page_token
+            if not token:
+                return items
+
+    def audit_log(self) -> int:
+        args = self.args
+        response = self._audit.ListAuditEvents(
+            audit_pb2.ListAuditEventsRequest(
+                actor=args.actor, action=args.action, target_prefix=args.target_prefix, page_size=args.limit
+            ),
+            metadata=self._metadata,
+        )
+        lines = [
+            f"{event.at.ToDatetime().isoformat()}Z\t{event.actor}\t{event.action}\t{event.target}\t{event.result}"
+            for event in response.events
+        ]
+        self._print(list(response.events), "\n".join(lines) or "no events")
+        return 0
+
+
+def _upload_messages(
+    header: registry_pb2.CreateModelVersionRequest.Header, path: Path, size: int, show_progress: bool
+) -> Iterator[registry_pb2.CreateModelVersionRequest]:
+    yield registry_pb2.CreateModelVersionRequest(header=header)
+    progress = None
+    if show_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=size, unit="B", unit_scale=True, desc=f"upload {path.name}", file=sys.stderr)
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(UPLOAD_CHUNK):
+                if progress is not None:
+                    progress.update(len(chunk))
+                yield registry_pb2.CreateModelVersionRequest(chunk=chunk)
+    finally:
+        if progress is not None:
+            progress.close()

@@ -1,0 +1,56 @@
+"""What the registry checks in a version's config.pbtxt, and the signature it derives from it.
+
+The data plane validates a config fully when it loads it; the registry checks enough to refuse a
+version no data plane could serve (unparsable text, no inputs or outputs, unknown datatypes), so a
+bad config fails at push time with the field named, not later on every replica.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import text_format
+
+from weir_proto.common.v1 import types_pb2
+from weir_proto.errors import InvalidArgumentError
+from weir_proto.inference import messages as inference
+
+ARTIFACT_FILENAMES = ("model.pt", "model.pt2")  # TorchScript, torch.export
+
+
+def signature_from_config(config_pbtxt: str) -> types_pb2.ModelSignature:
+    config = inference.ModelConfig()
+    try:
+        text_format.Parse(config_pbtxt, config)
+    except text_format.ParseError as error:
+        raise InvalidArgumentError(f"config_pbtxt: expected a ModelConfig in text format, got: {error}") from error
+    if config.max_batch_size < 0:
+        raise InvalidArgumentError(f"config_pbtxt max_batch_size: expected 0 or more, got {config.max_batch_size}")
+    signature = types_pb2.ModelSignature(max_batch_size=config.max_batch_size)
+    for field, tensors, target in (
+        ("input", config.input, signature.inputs),
+        ("output", config.output, signature.outputs),
+    ):
+        if not tensors:
+            raise InvalidArgumentError(f"config_pbtxt {field}: expected at least one {field}, got none")
+        for tensor in tensors:
+            type_name = inference.DataType.Name(tensor.data_type)
+            datatype = type_name.removeprefix("TYPE_")
+            if datatype == "STRING":
+                datatype = "BYTES"
+            if datatype not in types_pb2.DataType.keys() or datatype == "DATA_TYPE_UNSPECIFIED":  # noqa: SIM118
+                raise InvalidArgumentError(
+                    f"config_pbtxt {field} '{tensor.name}' data_type: expected a V2 datatype, got {type_name}"
+                )
+            shape = ([-1] if config.max_batch_size > 0 else []) + list(tensor.dims)
+            target.add(
+                name=tensor.name,
+                datatype=types_pb2.DataType.Value(datatype),
+                shape=shape,
+                optional=getattr(tensor, "optional", False),
+            )
+    return signature
+
+
+def check_artifact_filename(name: str) -> str:
+    if name not in ARTIFACT_FILENAMES:
+        raise InvalidArgumentError(f"artifact_filename: expected one of {list(ARTIFACT_FILENAMES)}, got {name!r}")
+    return name

@@ -1,0 +1,156 @@
+"""Assembling and running the control plane: settings -> store + artifacts -> gRPC services.
+
+``ControlPlaneServer`` has an explicit ``start()`` / ``stop()``: tests run it in-process on port 0,
+``weir control`` runs it until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from weir_control.artifacts import ArtifactStore
+from weir_control.attach import DataPlaneSyncService, DesiredStateHub
+from weir_control.services import Auditor, AuditService, DeploymentsService, RegistryService
+from weir_control.store import Store, open_store
+from weir_proto.auth import AuthInterceptor, Role, TokenTable
+from weir_proto.control.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    deployments_pb2,
+    deployments_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
+from weir_proto.errors import InvalidArgumentError
+from weir_proto.tls import server_tls
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
+    deployments_pb2.DESCRIPTOR.services_by_name["Deployments"].full_name,
+    deployments_pb2.DESCRIPTOR.services_by_name["DataPlaneSync"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
+)
+
+# The least role each control RPC needs; anything not listed under a control service is open
+# (health, reflection). Reads are for viewers, changes for deployers.
+_MUTATIONS = {
+    "CreateRegisteredModel",
+    "UpdateRegisteredModel",
+    "CreateModelVersion",
+    "UpdateModelVersion",
+    "SetAlias",
+    "DeleteAlias",
+    "Deploy",
+    "Undeploy",
+}
+
+
+def control_policy(method: str) -> Role | None:
+    service, _, name = method.lstrip("/").partition("/")
+    if service not in SERVICE_NAMES:
+        return None
+    return Role.DEPLOYER if name in _MUTATIONS else Role.VIEWER
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    state_dir: Path = Path(".weir")  # the SQLite file and the artifact store live here by default
+    database_url: str = ""  # empty: SQLite file <state_dir>/control.db; or postgresql+psycopg://...
+    artifact_dir: Path | None = None  # default <state_dir>/artifacts
+    listen_address: str = "127.0.0.1"
+    port: int = 8011
+    tokens_file: Path | None = None  # else WEIR_TOKENS
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or str(self.state_dir / "control.db")
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return self.artifact_dir or self.state_dir / "artifacts"
+
+
+class ControlPlaneServer:
+    def __init__(self, settings: ControlSettings, tokens: TokenTable | None = None) -> None:
+        self.settings = settings
+        self.tokens = tokens if tokens is not None else TokenTable.load(settings.tokens_file)
+        if self.tokens is None or not len(self.tokens):
+            raise InvalidArgumentError(
+                "tokens: every control RPC needs a bearer token; expected --tokens FILE or WEIR_TOKENS, got neither"
+            )
+        self.store: Store | None = None
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.store = store = await asyncio.to_thread(open_store, settings.resolved_database_url)
+        interrupted = await asyncio.to_thread(
+            store.fail_pending_versions, "the upload did not complete: the control plane stopped during it"
+        )
+        if interrupted:
+            log.warning("uploads interrupted by the previous stop marked FAILED", extra={"count": interrupted})
+        artifacts = ArtifactStore(settings.resolved_artifact_dir)
+        hub = DesiredStateHub(store)
+        auditor = Auditor(store, self.tokens)
+        server = grpc.aio.server(
+            interceptors=[AuthInterceptor(self.tokens, control_policy)] if self.tokens is not None else [],
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        registry_pb2_grpc.add_RegistryServicer_to_server(RegistryService(store, artifacts, auditor, hub), server)
+        deployments_pb2_grpc.add_DeploymentsServicer_to_server(DeploymentsService(store, auditor, hub), server)
+        deployments_pb2_grpc.add_DataPlaneSyncServicer_to_server(DataPlaneSyncService(hub), server)
+        audit_pb2_grpc.add_AuditServicer_to_server(AuditService(store), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
+        address = f"{settings.listen_address}:{settings.port}"
+        tls = server_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        self.port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "control plane started",
+            extra={"port": self.port, "database": _redacted(settings.resolved_database_url), "tls": bool(tls)},
+        )
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+            self.store = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def _redacted(url: str) -> str:
+    """A database URL without its password, for logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

@@ -1,0 +1,422 @@
+"""The Registry, Deployments and Audit gRPC services: thin adapters over the store.
+
+Every store call runs in a thread (``asyncio.to_thread``): SQL and disk never block the event loop.
+Weir's errors become status codes in ``abort_with``. Every mutating call, successful or not,
+appends one audit event naming who (the token's owner), what, the target and a before/after summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from weir_control.artifacts import ArtifactStore, check_sha256
+from weir_control.attach import DesiredStateHub
+from weir_control.model_config import check_artifact_filename, signature_from_config
+from weir_control.store import Store
+from weir_proto.auth import Identity, TokenTable, identity_of
+from weir_proto.control.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    deployments_pb2,
+    deployments_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
+from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, WeirError, status_code_for
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+PRIMARY_VARIANT = "primary"
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
+    if isinstance(error, WeirError):
+        await context.abort(status_code_for(error.kind), error.message)
+    log.exception("unexpected error in a control RPC", exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the control plane's log")
+    raise AssertionError("unreachable: context.abort raises")
+
+
+def summary(message: Message | None) -> str:
+    """A compact JSON summary of a message for the audit log (big text fields left out)."""
+    if message is None:
+        return ""
+    document = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    document.pop("config_pbtxt", None)
+    document.pop("signature", None)
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))
+
+
+class Auditor:
+    def __init__(self, store: Store, tokens: TokenTable | None) -> None:
+        self._store = store
+        self._tokens = tokens
+
+    def identity(self, context: grpc.aio.ServicerContext) -> Identity:
+        return identity_of(context, self._tokens)
+
+    async def run(
+        self,
+        context: grpc.aio.ServicerContext,
+        action: str,
+        target: str,
+        before: Callable[[], Message | None],
+        change: Callable[[], T],
+        after: Callable[[T], Message | None] = lambda result: result if isinstance(result, Message) else None,
+    ) -> T:
+        """Run the blocking ``change`` in a thread and record it; aborts the RPC on a WeirError."""
+        identity = self.identity(context)
+        event = audit_pb2.AuditEvent(actor=identity.name, role=identity.role.name.lower(), action=action, target=target)
+        event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
+        try:
+            event.before = summary(await asyncio.to_thread(_or_none, before))
+            result = await asyncio.to_thread(change)
+        except Exception as error:
+            kind = error.kind if isinstance(error, WeirError) else None
+            event.result = status_code_for(kind).name if kind else "INTERNAL"
+            event.detail = error.message if isinstance(error, WeirError) else type(error).__name__
+            await asyncio.to_thread(self._store.append_audit, event)
+            await abort_with(context, error)
+        event.after = summary(after(result))
+        event.result = "OK"
+        await asyncio.to_thread(self._store.append_audit, event)
+        return result
+
+
+def _or_none(read: Callable[[], Message | None]) -> Message | None:
+    try:
+        return read()
+    except WeirError:
+        return None  # the target does not exist (yet): nothing to summarise
+
+
+async def _read(context: grpc.aio.ServicerContext, call: Callable[[], T]) -> T:
+    try:
+        return await asyncio.to_thread(call)
+    except Exception as error:
+        await abort_with(context, error)
+
+
+def _optional(message: Any, field: str) -> Any:
+    return getattr(message, field) if message.HasField(field) else None
+
+
+class RegistryService(registry_pb2_grpc.RegistryServicer):
+    def __init__(self, store: Store, artifacts: ArtifactStore, auditor: Auditor, hub: DesiredStateHub) -> None:
+        self._store = store
+        self._artifacts = artifacts
+        self._auditor = auditor
+        self._hub = hub
+
+    async def CreateRegisteredModel(
+        self, request: registry_pb2.CreateRegisteredModelRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.RegisteredModel:
+        return await self._auditor.run(
+            context,
+            "Registry/CreateRegisteredModel",
+            f"model/{request.name}",
+            lambda: self._store.get_model(request.name),
+            lambda: self._store.create_model(request.name, request.description, request.tags),
+        )
+
+    async def GetRegisteredModel(
+        self, request: registry_pb2.GetRegisteredModelRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.RegisteredModel:
+        return await _read(context, lambda: self._store.get_model(request.name))
+
+    async def UpdateRegisteredModel(
+        self, request: registry_pb2.UpdateRegisteredModelRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.RegisteredModel:
+        return await self._auditor.run(
+            context,
+            "Registry/UpdateRegisteredModel",
+            f"model/{request.name}",
+            lambda: self._store.get_model(request.name),
+            lambda: self._store.update_model(
+                request.name, _optional(request, "description"), request.set_tags, list(request.delete_tags)
+            ),
+        )
+
+    async def SearchRegisteredModels(
+        self, request: registry_pb2.SearchRegisteredModelsRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.SearchRegisteredModelsResponse:
+        models, token = await _read(
+            context,
+            lambda: self._store.search_models(
+                request.name_contains, request.tags, request.page_size, request.page_token
+            ),
+        )
+        return registry_pb2.SearchRegisteredModelsResponse(models=models, next_page_token=token)
+
+    async def CreateModelVersion(
+        self, request_iterator: AsyncIterator[registry_pb2.CreateModelVersionRequest], context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ModelVersion:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "header":
+            await abort_with(
+                context, InvalidArgumentError("part: expected the first message to be a header, got a chunk or nothing")
+            )
+        header = first.header
+        target = f"model/{header.model_name}"
+        upload = _Upload(self._store, self._artifacts, header)
+        await self._auditor.run(context, "Registry/CreateModelVersion", target, lambda: None, upload.begin)
+        loop = asyncio.get_running_loop()
+
+        def on_rpc_done(_: object) -> None:
+            # A client that goes away mid-upload does not always end the read loop below; the RPC's
+            # end does fire this. Marking FAILED twice or after READY is a no-op (PENDING only).
+            if not upload.finished:
+                loop.run_in_executor(None, upload.fail, "the upload ended before it completed")
+
+        context.add_done_callback(on_rpc_done)
+        return await self._finish_upload(context, upload, request_iterator)
+
+    async def _finish_upload(
+        self,
+        context: grpc.aio.ServicerContext,
+        upload: _Upload,
+        request_iterator: AsyncIterator[registry_pb2.CreateModelVersionRequest],
+    ) -> registry_pb2.ModelVersion:
+        """Receive the chunks into the artifact store; READY at the end, FAILED on any problem."""
+        target = f"model/{upload.header.model_name}/version/{upload.version}"
+        try:
+            async for part in request_iterator:
+                if part.WhichOneof("part") != "chunk":
+                    raise InvalidArgumentError("part: expected chunks after the header, got a second header")
+                await asyncio.to_thread(upload.write, part.chunk)
+        except asyncio.CancelledError:
+            # The caller went away: mark the version FAILED in a worker thread that this task's
+            # cancellation cannot interrupt (an await here could be cancelled again).
+            asyncio.get_running_loop().run_in_executor(
+                None, upload.fail, "the upload was cancelled before it completed"
+            )
+            raise
+        except Exception as error:
+            reason = error.message if isinstance(error, WeirError) else f"upload failed: {type(error).__name__}"
+            await asyncio.to_thread(upload.fail, reason)
+            if isinstance(error, WeirError):
+                await abort_with(context, error)
+            raise
+        return await self._auditor.run(
+            context,
+            "Registry/CompleteModelVersion",
+            target,
+            lambda: self._store.get_version(upload.header.model_name, upload.version),
+            upload.commit,
+        )
+
+    async def GetModelVersion(
+        self, request: registry_pb2.GetModelVersionRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ModelVersion:
+        return await _read(context, lambda: self._store.get_version(request.model_name, request.version))
+
+    async def SearchModelVersions(
+        self, request: registry_pb2.SearchModelVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.SearchModelVersionsResponse:
+        versions, token = await _read(
+            context,
+            lambda: self._store.search_versions(
+                request.model_name, request.state, request.tags, request.page_size, request.page_token
+            ),
+        )
+        return registry_pb2.SearchModelVersionsResponse(versions=versions, next_page_token=token)
+
+    async def UpdateModelVersion(
+        self, request: registry_pb2.UpdateModelVersionRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ModelVersion:
+        return await self._auditor.run(
+            context,
+            "Registry/UpdateModelVersion",
+            f"model/{request.model_name}/version/{request.version}",
+            lambda: self._store.get_version(request.model_name, request.version),
+            lambda: self._store.update_version(
+                request.model_name,
+                request.version,
+                _optional(request, "description"),
+                request.set_tags,
+                list(request.delete_tags),
+                request.set_metrics,
+            ),
+        )
+
+    async def SetAlias(
+        self, request: registry_pb2.SetAliasRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ModelVersion:
+        version = await self._auditor.run(
+            context,
+            "Registry/SetAlias",
+            f"model/{request.model_name}/alias/{request.alias}",
+            lambda: self._store.get_version_by_alias(request.model_name, request.alias),
+            lambda: self._store.set_alias(request.model_name, request.alias, request.version),
+        )
+        await self._hub.changed()  # deployments that follow the alias now resolve elsewhere
+        return version
+
+    async def DeleteAlias(
+        self, request: registry_pb2.DeleteAliasRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.DeleteAliasResponse:
+        await self._auditor.run(
+            context,
+            "Registry/DeleteAlias",
+            f"model/{request.model_name}/alias/{request.alias}",
+            lambda: self._store.get_version_by_alias(request.model_name, request.alias),
+            lambda: self._store.delete_alias(request.model_name, request.alias),
+        )
+        await self._hub.changed()
+        return registry_pb2.DeleteAliasResponse()
+
+    async def GetModelVersionByAlias(
+        self, request: registry_pb2.GetModelVersionByAliasRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ModelVersion:
+        return await _read(context, lambda: self._store.get_version_by_alias(request.model_name, request.alias))
+
+    async def DownloadArtifact(
+        self, request: registry_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[registry_pb2.DownloadArtifactResponse]:
+        version = await _read(context, lambda: self._store.get_version(request.model_name, request.version))
+        if version.state != registry_pb2.ModelVersion.READY:
+            await abort_with(
+                context,
+                FailedPreconditionError(
+                    f"model '{request.model_name}' version {request.version}: expected a READY version to "
+                    f"download, it is {registry_pb2.ModelVersion.State.Name(version.state)}"
+                ),
+            )
+        yield registry_pb2.DownloadArtifactResponse(
+            header=registry_pb2.DownloadArtifactResponse.Header(
+                artifact_sha256=version.artifact_sha256,
+                artifact_size=version.artifact_size,
+                artifact_filename=version.artifact_filename,
+            )
+        )
+        chunks = self._artifacts.read(version.artifact_sha256)
+        while True:
+            try:
+                chunk = await asyncio.to_thread(next, chunks, None)
+            except Exception as error:
+                await abort_with(context, error)
+            if chunk is None:
+                return
+            yield registry_pb2.DownloadArtifactResponse(chunk=chunk)
+
+
+class _Upload:
+    """One CreateModelVersion call: PENDING row, then bytes, then READY or FAILED (blocking calls,
+    run in threads by the service)."""
+
+    def __init__(self, store: Store, artifacts: ArtifactStore, header: registry_pb2.CreateModelVersionRequest.Header):
+        self.header = header
+        self._store = store
+        self._artifacts = artifacts
+        self.version = 0
+        self.finished = False  # committed or failed
+        self._writer: Any = None
+
+    def begin(self) -> registry_pb2.ModelVersion:
+        header = self.header
+        check_artifact_filename(header.artifact_filename)
+        check_sha256("artifact_sha256", header.artifact_sha256)
+        if header.artifact_size < 0:
+            raise InvalidArgumentError(f"artifact_size: expected 0 (unknown) or more, got {header.artifact_size}")
+        signature = signature_from_config(header.config_pbtxt)
+        self.version = self._store.begin_version(header, signature)
+        self._writer = self._artifacts.writer(header.artifact_sha256, header.artifact_size)
+        return self._store.get_version(header.model_name, self.version)
+
+    def write(self, chunk: bytes) -> None:
+        self._writer.write(chunk)
+
+    def commit(self) -> registry_pb2.ModelVersion:
+        try:
+            blob = self._writer.commit()
+        except WeirError as error:
+            self._store.fail_version(self.header.model_name, self.version, error.message)
+            raise
+        finally:
+            self.finished = True
+        return self._store.complete_version(self.header.model_name, self.version, blob.sha256, blob.size)
+
+    def fail(self, reason: str) -> None:
+        self.finished = True
+        if self._writer is not None:
+            self._writer.discard()
+        if self.version:
+            self._store.fail_version(self.header.model_name, self.version, reason)
+
+
+class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
+    def __init__(self, store: Store, auditor: Auditor, hub: DesiredStateHub) -> None:
+        self._store = store
+        self._auditor = auditor
+        self._hub = hub
+
+    async def Deploy(
+        self, request: deployments_pb2.DeployRequest, context: grpc.aio.ServicerContext
+    ) -> deployments_pb2.Deployment:
+        variant = deployments_pb2.Variant(name=PRIMARY_VARIANT, model_name=request.model_name, weight=100)
+        target = request.WhichOneof("target")
+        if target == "alias":
+            variant.alias = request.alias
+        elif target == "version":
+            variant.version = request.version
+        identity = self._auditor.identity(context)
+        deployment = await self._auditor.run(
+            context,
+            "Deployments/Deploy",
+            f"endpoint/{request.endpoint}",
+            lambda: self._store.get_deployment(request.endpoint),
+            lambda: self._store.deploy(request.endpoint, [variant], identity.name),
+        )
+        await self._hub.changed()
+        return deployment
+
+    async def Undeploy(
+        self, request: deployments_pb2.UndeployRequest, context: grpc.aio.ServicerContext
+    ) -> deployments_pb2.UndeployResponse:
+        await self._auditor.run(
+            context,
+            "Deployments/Undeploy",
+            f"endpoint/{request.endpoint}",
+            lambda: self._store.get_deployment(request.endpoint),
+            lambda: self._store.undeploy(request.endpoint),
+        )
+        await self._hub.changed()
+        return deployments_pb2.UndeployResponse()
+
+    async def GetDeployment(
+        self, request: deployments_pb2.GetDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> deployments_pb2.Deployment:
+        return await _read(context, lambda: self._store.get_deployment(request.endpoint))
+
+    async def ListDeployments(
+        self, request: deployments_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext
+    ) -> deployments_pb2.ListDeploymentsResponse:
+        deployments, token = await _read(
+            context, lambda: self._store.list_deployments(request.page_size, request.page_token)
+        )
+        return deployments_pb2.ListDeploymentsResponse(deployments=deployments, next_page_token=token)
+
+    async def ListReplicas(
+        self, request: deployments_pb2.ListReplicasRequest, context: grpc.aio.ServicerContext
+    ) -> deployments_pb2.ListReplicasResponse:
+        return deployments_pb2.ListReplicasResponse(replicas=self._hub.replicas())
+
+
+class AuditService(audit_pb2_grpc.AuditServicer):
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def ListAuditEvents(
+        self, request: audit_pb2.ListAuditEventsRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.ListAuditEventsResponse:
+        events, token = await _read(context, lambda: self._store.list_audit(request))
+        return audit_pb2.ListAuditEventsResponse(events=events, next_page_token=token)

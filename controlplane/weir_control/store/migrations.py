@@ -1,0 +1,68 @@
+"""Schema versions and the steps between them.
+
+The store records its schema version in ``weir_schema_version``. Opening a store runs, each in its
+own transaction, every step above the recorded version, so a store made by an older Weir opens in a
+newer one. A step never changes: it builds its tables from its own definition function in
+``schema``; a later change to a table is a new step (ALTER), never an edit of an old one.
+
+Why not Alembic: the store is embedded and migrates itself when it opens, inside the process, on
+SQLite and PostgreSQL alike; a list of steps in code does that without Alembic's script directory and
+environment files, which a pip-installed sidecar would have to ship and locate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Connection, MetaData, insert, inspect, select, update
+
+from weir_control.store import schema
+
+
+def _create(tables: Callable[[MetaData], dict[str, Any]]) -> Callable[[Connection], None]:
+    def step(connection: Connection) -> None:
+        metadata = MetaData()
+        tables(metadata)
+        metadata.create_all(connection)
+
+    return step
+
+
+STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "registry: registered models, versions, tags, aliases", _create(schema.registry_tables)),
+    (2, "deployments, desired-state revision, audit log", _create(schema.deployment_tables)),
+]
+LATEST = STEPS[-1][0]
+
+
+def current_version(connection: Connection) -> int:
+    if not inspect(connection).has_table(schema.SCHEMA_VERSION.name):
+        return 0
+    version = connection.execute(select(schema.SCHEMA_VERSION.c.version)).scalar()
+    return int(version or 0)
+
+
+def migrate(connection_factory: Callable[[], object], target: int = LATEST) -> list[int]:
+    """Run the steps above the store's version up to ``target``; returns the versions applied.
+    ``connection_factory`` is ``engine.begin``: one transaction per step."""
+    applied: list[int] = []
+    for version, _, step in STEPS:
+        if version > target:
+            break
+        with connection_factory() as connection:  # type: ignore[attr-defined]
+            found = current_version(connection)
+            if found > LATEST:
+                raise RuntimeError(
+                    f"the store has schema version {found}, newer than this Weir knows ({LATEST}): upgrade Weir"
+                )
+            if version <= found:
+                continue
+            step(connection)
+            if found == 0:
+                schema.SCHEMA_VERSION.create(connection, checkfirst=True)
+                connection.execute(insert(schema.SCHEMA_VERSION).values(version=version))
+            else:
+                connection.execute(update(schema.SCHEMA_VERSION).values(version=version))
+            applied.append(version)
+    return applied

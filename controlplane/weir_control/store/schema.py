@@ -1,0 +1,141 @@
+"""The tables, as the latest schema version has them. ``weir_control.store.migrations`` builds
+them step by step; a test checks that a store migrated from nothing matches these definitions.
+
+Tags live in their own tables (not JSON columns) so searches filter by tag in SQL, the same way on
+SQLite and PostgreSQL, and paging stays exact.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKeyConstraint,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+NAME = String(256)
+# SQLite makes only "INTEGER PRIMARY KEY" an auto-incrementing rowid.
+ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def registry_tables(metadata: MetaData) -> dict[str, Table]:
+    """Schema version 1: registered models, versions, tags, aliases."""
+    models = Table(
+        "registered_models",
+        metadata,
+        Column("name", NAME, primary_key=True),
+        Column("description", Text, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+    model_tags = Table(
+        "registered_model_tags",
+        metadata,
+        Column("model_name", NAME, primary_key=True),
+        Column("key", NAME, primary_key=True),
+        Column("value", Text, nullable=False),
+        ForeignKeyConstraint(["model_name"], ["registered_models.name"], ondelete="CASCADE"),
+    )
+    versions = Table(
+        "model_versions",
+        metadata,
+        Column("model_name", NAME, primary_key=True),
+        Column("version", BigInteger, primary_key=True, autoincrement=False),
+        Column("state", String(16), nullable=False),  # PENDING, READY, FAILED
+        Column("failure_reason", Text, nullable=False),
+        Column("artifact_sha256", String(64), nullable=False),  # "" until the upload completes
+        Column("artifact_size", BigInteger, nullable=False),
+        Column("artifact_filename", NAME, nullable=False),
+        Column("config_pbtxt", Text, nullable=False),
+        Column("signature", LargeBinary, nullable=False),  # weir.common.v1.ModelSignature, serialized
+        Column("metrics", JSON, nullable=False),
+        Column("description", Text, nullable=False),
+        Column("lineage", JSON, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+        ForeignKeyConstraint(["model_name"], ["registered_models.name"], ondelete="CASCADE"),
+    )
+    version_tags = Table(
+        "model_version_tags",
+        metadata,
+        Column("model_name", NAME, primary_key=True),
+        Column("version", BigInteger, primary_key=True, autoincrement=False),
+        Column("key", NAME, primary_key=True),
+        Column("value", Text, nullable=False),
+        ForeignKeyConstraint(
+            ["model_name", "version"], ["model_versions.model_name", "model_versions.version"], ondelete="CASCADE"
+        ),
+    )
+    aliases = Table(
+        "model_aliases",
+        metadata,
+        Column("model_name", NAME, primary_key=True),
+        Column("alias", NAME, primary_key=True),
+        Column("version", BigInteger, nullable=False),
+        ForeignKeyConstraint(
+            ["model_name", "version"], ["model_versions.model_name", "model_versions.version"], ondelete="CASCADE"
+        ),
+    )
+    return {table.name: table for table in (models, model_tags, versions, version_tags, aliases)}
+
+
+def deployment_tables(metadata: MetaData) -> dict[str, Table]:
+    """Schema version 2: deployments, the desired-state revision counter, the audit log."""
+    deployments = Table(
+        "deployments",
+        metadata,
+        Column("endpoint", NAME, primary_key=True),
+        Column("variants", JSON, nullable=False),  # [{name, model_name, version | alias, weight}]
+        Column("revision", BigInteger, nullable=False),
+        Column("updated_by", NAME, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+    counters = Table(
+        "counters",
+        metadata,
+        Column("name", NAME, primary_key=True),
+        Column("value", BigInteger, nullable=False),
+    )
+    audit = Table(
+        "audit_events",
+        metadata,
+        Column("id", ID, primary_key=True, autoincrement=True),
+        Column("at", DateTime(timezone=True), nullable=False, index=True),
+        Column("actor", NAME, nullable=False),
+        Column("role", String(32), nullable=False),
+        Column("action", NAME, nullable=False),
+        Column("target", Text, nullable=False),
+        Column("before", Text, nullable=False),
+        Column("after", Text, nullable=False),
+        Column("result", String(32), nullable=False),
+        Column("detail", Text, nullable=False),
+    )
+    return {table.name: table for table in (deployments, counters, audit)}
+
+
+def schema_version_table(metadata: MetaData) -> Table:
+    return Table("weir_schema_version", metadata, Column("version", Integer, nullable=False))
+
+
+METADATA = MetaData()
+SCHEMA_VERSION = schema_version_table(METADATA)
+_REGISTRY = registry_tables(METADATA)
+_DEPLOYMENTS = deployment_tables(METADATA)
+
+REGISTERED_MODELS = _REGISTRY["registered_models"]
+REGISTERED_MODEL_TAGS = _REGISTRY["registered_model_tags"]
+MODEL_VERSIONS = _REGISTRY["model_versions"]
+MODEL_VERSION_TAGS = _REGISTRY["model_version_tags"]
+MODEL_ALIASES = _REGISTRY["model_aliases"]
+DEPLOYMENTS = _DEPLOYMENTS["deployments"]
+COUNTERS = _DEPLOYMENTS["counters"]
+AUDIT_EVENTS = _DEPLOYMENTS["audit_events"]

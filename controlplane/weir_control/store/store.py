@@ -1,0 +1,698 @@
+"""The metadata store: every registry, deployment and audit read or write, each in one transaction.
+
+Synchronous SQLAlchemy Core; the gRPC services call it through ``asyncio.to_thread`` so the event
+loop never waits on the database. Methods return the ``weir.control.v1`` messages the services send,
+so nothing converts twice. Errors are Weir's kinds (NOT_FOUND, FAILED_PRECONDITION, ...) with
+messages that name what was asked for.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from weir_control.store import migrations
+from weir_control.store.schema import (
+    AUDIT_EVENTS,
+    COUNTERS,
+    DEPLOYMENTS,
+    MODEL_ALIASES,
+    MODEL_VERSION_TAGS,
+    MODEL_VERSIONS,
+    REGISTERED_MODEL_TAGS,
+    REGISTERED_MODELS,
+)
+from weir_proto.common.v1 import types_pb2
+from weir_proto.control.v1 import audit_pb2, deployments_pb2, registry_pb2
+from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+DESIRED_STATE_REVISION = "desired_state_revision"
+READY = registry_pb2.ModelVersion.READY
+PENDING = registry_pb2.ModelVersion.PENDING
+FAILED = registry_pb2.ModelVersion.FAILED
+_STATE_NAMES: dict[int, str] = {PENDING: "PENDING", READY: "READY", FAILED: "FAILED"}
+_STATE_BY_NAME: dict[str, Any] = {name: state for state, name in _STATE_NAMES.items()}
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def open_store(url: str) -> Store:
+    """``url``: a SQLAlchemy URL (``sqlite:///path``, ``postgresql+psycopg://...``) or a plain file
+    path (SQLite). The schema is created or migrated to the latest version."""
+    if "://" not in url:
+        path = Path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{path}"
+    return Store(create_store_engine(url))
+
+
+def create_store_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+            # WAL: readers never wait for the writer; foreign keys are off by default in SQLite.
+            # isolation_level None hands transactions to the "begin" hook below.
+            connection.isolation_level = None
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection: Any) -> None:
+            # IMMEDIATE: take the write lock at the start, so two writers serialise instead of one
+            # failing at commit ("database is locked" after a read-then-write).
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.schema_version_applied = migrations.migrate(engine.begin)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        with self.engine.begin() as connection:
+            yield connection
+
+    # --- registered models -----------------------------------------------------------------------
+
+    def create_model(self, name: str, description: str, tags: Mapping[str, str]) -> registry_pb2.RegisteredModel:
+        _check_name("name", name)
+        at = now()
+        try:
+            with self._transaction() as connection:
+                connection.execute(
+                    insert(REGISTERED_MODELS).values(name=name, description=description, created_at=at, updated_at=at)
+                )
+                _put_tags(connection, REGISTERED_MODEL_TAGS, {"model_name": name}, tags)
+                return self._model(connection, name)
+        except IntegrityError as error:
+            raise FailedPreconditionError(f"name: registered model '{name}' already exists") from error
+
+    def get_model(self, name: str) -> registry_pb2.RegisteredModel:
+        with self._transaction() as connection:
+            return self._model(connection, name)
+
+    def update_model(
+        self, name: str, description: str | None, set_tags: Mapping[str, str], delete_tags: Sequence[str]
+    ) -> registry_pb2.RegisteredModel:
+        with self._transaction() as connection:
+            self._model(connection, name)
+            values: dict[str, Any] = {"updated_at": now()}
+            if description is not None:
+                values["description"] = description
+            connection.execute(update(REGISTERED_MODELS).where(REGISTERED_MODELS.c.name == name).values(**values))
+            _delete_tags(connection, REGISTERED_MODEL_TAGS, {"model_name": name}, delete_tags)
+            _put_tags(connection, REGISTERED_MODEL_TAGS, {"model_name": name}, set_tags)
+            return self._model(connection, name)
+
+    def search_models(
+        self, name_contains: str, tags: Mapping[str, str], page_size: int, page_token: str
+    ) -> tuple[list[registry_pb2.RegisteredModel], str]:
+        limit = _page_size(page_size)
+        query = select(REGISTERED_MODELS.c.name).order_by(REGISTERED_MODELS.c.name).limit(limit + 1)
+        if name_contains:
+            query = query.where(func.lower(REGISTERED_MODELS.c.name).contains(name_contains.lower(), autoescape=True))
+        for key, value in tags.items():
+            query = query.where(
+                exists().where(
+                    and_(
+                        REGISTERED_MODEL_TAGS.c.model_name == REGISTERED_MODELS.c.name,
+                        REGISTERED_MODEL_TAGS.c.key == key,
+                        REGISTERED_MODEL_TAGS.c.value == value,
+                    )
+                )
+            )
+        after = _decode_token(page_token)
+        if after is not None:
+            query = query.where(REGISTERED_MODELS.c.name > after[0])
+        with self._transaction() as connection:
+            names = [row.name for row in connection.execute(query)]
+            page = [self._model(connection, name) for name in names[:limit]]
+        next_token = _encode_token([names[limit - 1]]) if len(names) > limit else ""
+        return page, next_token
+
+    def _model(self, connection: Connection, name: str) -> registry_pb2.RegisteredModel:
+        row = connection.execute(select(REGISTERED_MODELS).where(REGISTERED_MODELS.c.name == name)).first()
+        if row is None:
+            raise NotFoundError(f"model_name: no registered model named '{name}'")
+        model = registry_pb2.RegisteredModel(name=row.name, description=row.description)
+        model.created_at.FromDatetime(_utc(row.created_at))
+        model.updated_at.FromDatetime(_utc(row.updated_at))
+        model.tags.update(_tags(connection, REGISTERED_MODEL_TAGS, REGISTERED_MODEL_TAGS.c.model_name == name))
+        latest = connection.execute(
+            select(func.max(MODEL_VERSIONS.c.version)).where(
+                MODEL_VERSIONS.c.model_name == name, MODEL_VERSIONS.c.state == "READY"
+            )
+        ).scalar()
+        model.latest_version = int(latest or 0)
+        for alias in connection.execute(select(MODEL_ALIASES).where(MODEL_ALIASES.c.model_name == name)):
+            model.aliases[alias.alias] = alias.version
+        return model
+
+    # --- model versions --------------------------------------------------------------------------
+
+    def begin_version(
+        self, header: registry_pb2.CreateModelVersionRequest.Header, signature: types_pb2.ModelSignature
+    ) -> int:
+        """Register a PENDING version (the next number for the model) before its bytes arrive."""
+        for _ in range(5):  # two uploads racing for the same number: the loser takes the next one
+            try:
+                with self._transaction() as connection:
+                    self._model(connection, header.model_name)
+                    latest = connection.execute(
+                        select(func.max(MODEL_VERSIONS.c.version)).where(
+                            MODEL_VERSIONS.c.model_name == header.model_name
+                        )
+                    ).scalar()
+                    version = int(latest or 0) + 1
+                    at = now()
+                    connection.execute(
+                        insert(MODEL_VERSIONS).values(
+                            model_name=header.model_name,
+                            version=version,
+                            state="PENDING",
+                            failure_reason="",
+                            artifact_sha256="",
+                            artifact_size=0,
+                            artifact_filename=header.artifact_filename,
+                            config_pbtxt=header.config_pbtxt,
+                            signature=signature.SerializeToString(),
+                            metrics=dict(header.metrics),
+                            description=header.description,
+                            lineage=_lineage_json(header.lineage),
+                            created_at=at,
+                            updated_at=at,
+                        )
+                    )
+                    _put_tags(
+                        connection,
+                        MODEL_VERSION_TAGS,
+                        {"model_name": header.model_name, "version": version},
+                        header.tags,
+                    )
+                    return version
+            except IntegrityError:
+                continue
+        raise FailedPreconditionError(f"model '{header.model_name}': too many concurrent uploads; try again")
+
+    def complete_version(self, model_name: str, version: int, sha256: str, size: int) -> registry_pb2.ModelVersion:
+        with self._transaction() as connection:
+            changed = connection.execute(
+                update(MODEL_VERSIONS)
+                .where(
+                    MODEL_VERSIONS.c.model_name == model_name,
+                    MODEL_VERSIONS.c.version == version,
+                    MODEL_VERSIONS.c.state == "PENDING",
+                )
+                .values(state="READY", artifact_sha256=sha256, artifact_size=size, updated_at=now())
+            ).rowcount
+            if changed != 1:
+                raise FailedPreconditionError(f"model '{model_name}' version {version}: expected PENDING, it is not")
+            return self._version(connection, model_name, version)
+
+    def fail_version(self, model_name: str, version: int, reason: str) -> None:
+        with self._transaction() as connection:
+            connection.execute(
+                update(MODEL_VERSIONS)
+                .where(
+                    MODEL_VERSIONS.c.model_name == model_name,
+                    MODEL_VERSIONS.c.version == version,
+                    MODEL_VERSIONS.c.state == "PENDING",
+                )
+                .values(state="FAILED", failure_reason=reason, updated_at=now())
+            )
+
+    def fail_pending_versions(self, reason: str) -> int:
+        """At start-up: uploads that were in flight when the previous process died can never finish."""
+        with self._transaction() as connection:
+            return int(
+                connection.execute(
+                    update(MODEL_VERSIONS)
+                    .where(MODEL_VERSIONS.c.state == "PENDING")
+                    .values(state="FAILED", failure_reason=reason, updated_at=now())
+                ).rowcount
+            )
+
+    def get_version(self, model_name: str, version: int) -> registry_pb2.ModelVersion:
+        with self._transaction() as connection:
+            return self._version(connection, model_name, version)
+
+    def search_versions(
+        self,
+        model_name: str,
+        state: int,
+        tags: Mapping[str, str],
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[registry_pb2.ModelVersion], str]:
+        limit = _page_size(page_size)
+        columns = MODEL_VERSIONS.c
+        query = (
+            select(columns.model_name, columns.version).order_by(columns.model_name, columns.version).limit(limit + 1)
+        )
+        if model_name:
+            query = query.where(columns.model_name == model_name)
+        if state:
+            query = query.where(columns.state == _STATE_NAMES[int(state)])
+        for key, value in tags.items():
+            query = query.where(
+                exists().where(
+                    and_(
+                        MODEL_VERSION_TAGS.c.model_name == columns.model_name,
+                        MODEL_VERSION_TAGS.c.version == columns.version,
+                        MODEL_VERSION_TAGS.c.key == key,
+                        MODEL_VERSION_TAGS.c.value == value,
+                    )
+                )
+            )
+        after = _decode_token(page_token)
+        if after is not None:
+            after_name, after_version = str(after[0]), int(after[1])
+            query = query.where(
+                (columns.model_name > after_name)
+                | and_(columns.model_name == after_name, columns.version > after_version)
+            )
+        with self._transaction() as connection:
+            keys = [(row.model_name, row.version) for row in connection.execute(query)]
+            page = [self._version(connection, name, version) for name, version in keys[:limit]]
+        next_token = _encode_token(list(keys[limit - 1])) if len(keys) > limit else ""
+        return page, next_token
+
+    def update_version(
+        self,
+        model_name: str,
+        version: int,
+        description: str | None,
+        set_tags: Mapping[str, str],
+        delete_tags: Sequence[str],
+        set_metrics: Mapping[str, float],
+    ) -> registry_pb2.ModelVersion:
+        with self._transaction() as connection:
+            current = self._version(connection, model_name, version)
+            values: dict[str, Any] = {"updated_at": now()}
+            if description is not None:
+                values["description"] = description
+            if set_metrics:
+                values["metrics"] = {**dict(current.metrics), **dict(set_metrics)}
+            connection.execute(
+                update(MODEL_VERSIONS)
+                .where(MODEL_VERSIONS.c.model_name == model_name, MODEL_VERSIONS.c.version == version)
+                .values(**values)
+            )
+            key = {"model_name": model_name, "version": version}
+            _delete_tags(connection, MODEL_VERSION_TAGS, key, delete_tags)
+            _put_tags(connection, MODEL_VERSION_TAGS, key, set_tags)
+            return self._version(connection, model_name, version)
+
+    def set_alias(self, model_name: str, alias: str, version: int) -> registry_pb2.ModelVersion:
+        _check_name("alias", alias)
+        if alias.isdigit():
+            raise InvalidArgumentError(f"alias: expected a name that is not a number (versions are), got '{alias}'")
+        with self._transaction() as connection:
+            target = self._version(connection, model_name, version)
+            if target.state != READY:
+                raise FailedPreconditionError(
+                    f"model '{model_name}' version {version}: expected a READY version for alias '{alias}', "
+                    f"it is {_STATE_NAMES.get(target.state, target.state)}"
+                )
+            # Moving an alias is one statement in one transaction: readers see the old or the new target.
+            moved = connection.execute(
+                update(MODEL_ALIASES)
+                .where(MODEL_ALIASES.c.model_name == model_name, MODEL_ALIASES.c.alias == alias)
+                .values(version=version)
+            ).rowcount
+            if not moved:
+                connection.execute(insert(MODEL_ALIASES).values(model_name=model_name, alias=alias, version=version))
+            return self._version(connection, model_name, version)
+
+    def delete_alias(self, model_name: str, alias: str) -> None:
+        with self._transaction() as connection:
+            deleted = connection.execute(
+                delete(MODEL_ALIASES).where(MODEL_ALIASES.c.model_name == model_name, MODEL_ALIASES.c.alias == alias)
+            ).rowcount
+            if not deleted:
+                raise NotFoundError(f"alias: model '{model_name}' has no alias '{alias}'")
+
+    def get_version_by_alias(self, model_name: str, alias: str) -> registry_pb2.ModelVersion:
+        with self._transaction() as connection:
+            return self._version(connection, model_name, _resolve_alias(connection, model_name, alias))
+
+    def referenced_artifacts(self) -> set[str]:
+        with self._transaction() as connection:
+            rows = connection.execute(
+                select(MODEL_VERSIONS.c.artifact_sha256).where(MODEL_VERSIONS.c.artifact_sha256 != "")
+            )
+            return {row.artifact_sha256 for row in rows}
+
+    def _version(self, connection: Connection, model_name: str, version: int) -> registry_pb2.ModelVersion:
+        row = connection.execute(
+            select(MODEL_VERSIONS).where(MODEL_VERSIONS.c.model_name == model_name, MODEL_VERSIONS.c.version == version)
+        ).first()
+        if row is None:
+            self._model(connection, model_name)  # NOT_FOUND for the model first, if that is what is missing
+            raise NotFoundError(f"version: model '{model_name}' has no version {version}")
+        message = registry_pb2.ModelVersion(
+            model_name=row.model_name,
+            version=row.version,
+            state=_STATE_BY_NAME[row.state],
+            failure_reason=row.failure_reason,
+            artifact_sha256=row.artifact_sha256,
+            artifact_size=row.artifact_size,
+            artifact_filename=row.artifact_filename,
+            config_pbtxt=row.config_pbtxt,
+            description=row.description,
+        )
+        message.signature.ParseFromString(row.signature)
+        message.metrics.update(row.metrics or {})
+        _fill_lineage(message.lineage, row.lineage or {})
+        message.created_at.FromDatetime(_utc(row.created_at))
+        message.updated_at.FromDatetime(_utc(row.updated_at))
+        message.tags.update(
+            _tags(
+                connection,
+                MODEL_VERSION_TAGS,
+                and_(MODEL_VERSION_TAGS.c.model_name == model_name, MODEL_VERSION_TAGS.c.version == version),
+            )
+        )
+        aliases = connection.execute(
+            select(MODEL_ALIASES.c.alias)
+            .where(MODEL_ALIASES.c.model_name == model_name, MODEL_ALIASES.c.version == version)
+            .order_by(MODEL_ALIASES.c.alias)
+        )
+        message.aliases.extend(row.alias for row in aliases)
+        return message
+
+    # --- deployments -----------------------------------------------------------------------------
+
+    def deploy(
+        self, endpoint: str, variants: Sequence[deployments_pb2.Variant], actor: str
+    ) -> deployments_pb2.Deployment:
+        """Create or replace the endpoint's variants; every target must resolve to a READY version."""
+        _check_name("endpoint", endpoint)
+        with self._transaction() as connection:
+            for variant in variants:
+                _resolve_variant(connection, self, variant)
+            revision = _bump_revision(connection)
+            at = now()
+            encoded = [_variant_json(variant) for variant in variants]
+            changed = connection.execute(
+                update(DEPLOYMENTS)
+                .where(DEPLOYMENTS.c.endpoint == endpoint)
+                .values(variants=encoded, revision=revision, updated_by=actor, updated_at=at)
+            ).rowcount
+            if not changed:
+                connection.execute(
+                    insert(DEPLOYMENTS).values(
+                        endpoint=endpoint,
+                        variants=encoded,
+                        revision=revision,
+                        updated_by=actor,
+                        created_at=at,
+                        updated_at=at,
+                    )
+                )
+            return self._deployment(connection, endpoint)
+
+    def undeploy(self, endpoint: str) -> None:
+        with self._transaction() as connection:
+            deleted = connection.execute(delete(DEPLOYMENTS).where(DEPLOYMENTS.c.endpoint == endpoint)).rowcount
+            if not deleted:
+                raise NotFoundError(f"endpoint: nothing is deployed at '{endpoint}'")
+            _bump_revision(connection)
+
+    def get_deployment(self, endpoint: str) -> deployments_pb2.Deployment:
+        with self._transaction() as connection:
+            return self._deployment(connection, endpoint)
+
+    def list_deployments(self, page_size: int, page_token: str) -> tuple[list[deployments_pb2.Deployment], str]:
+        limit = _page_size(page_size)
+        query = select(DEPLOYMENTS.c.endpoint).order_by(DEPLOYMENTS.c.endpoint).limit(limit + 1)
+        after = _decode_token(page_token)
+        if after is not None:
+            query = query.where(DEPLOYMENTS.c.endpoint > after[0])
+        with self._transaction() as connection:
+            endpoints = [row.endpoint for row in connection.execute(query)]
+            page = [self._deployment(connection, endpoint) for endpoint in endpoints[:limit]]
+        return page, _encode_token([endpoints[limit - 1]]) if len(endpoints) > limit else ""
+
+    def desired_state(self) -> deployments_pb2.DesiredState:
+        """Every endpoint with its variants resolved to concrete, READY versions, as one snapshot."""
+        with self._transaction() as connection:
+            revision = connection.execute(
+                select(COUNTERS.c.value).where(COUNTERS.c.name == DESIRED_STATE_REVISION)
+            ).scalar()
+            state = deployments_pb2.DesiredState(revision=int(revision or 0))
+            for row in connection.execute(select(DEPLOYMENTS).order_by(DEPLOYMENTS.c.endpoint)):
+                endpoint = state.endpoints.add(endpoint=row.endpoint)
+                for variant in (_variant_from_json(item) for item in row.variants):
+                    try:
+                        version = _resolve_variant(connection, self, variant)
+                    except (NotFoundError, FailedPreconditionError):
+                        continue  # e.g. an alias deleted after the deploy: that variant has no target now
+                    endpoint.variants.add(
+                        name=variant.name,
+                        model=types_pb2.ModelVersionRef(model_name=version.model_name, version=version.version),
+                        artifact_sha256=version.artifact_sha256,
+                        artifact_size=version.artifact_size,
+                        artifact_filename=version.artifact_filename,
+                        config_pbtxt=version.config_pbtxt,
+                        weight=variant.weight,
+                    )
+            return state
+
+    def touch_revision(self) -> int:
+        """Bump the desired-state revision (an alias moved: deployments following it change)."""
+        with self._transaction() as connection:
+            return _bump_revision(connection)
+
+    def _deployment(self, connection: Connection, endpoint: str) -> deployments_pb2.Deployment:
+        row = connection.execute(select(DEPLOYMENTS).where(DEPLOYMENTS.c.endpoint == endpoint)).first()
+        if row is None:
+            raise NotFoundError(f"endpoint: nothing is deployed at '{endpoint}'")
+        message = deployments_pb2.Deployment(endpoint=row.endpoint, revision=row.revision, updated_by=row.updated_by)
+        for item in row.variants:
+            variant = message.variants.add()
+            variant.CopyFrom(_variant_from_json(item))
+            try:
+                version = _resolve_variant(connection, self, variant)
+                message.resolved.add(model_name=version.model_name, version=version.version)
+            except (NotFoundError, FailedPreconditionError):
+                message.resolved.add(model_name=variant.model_name, version=0)
+        message.created_at.FromDatetime(_utc(row.created_at))
+        message.updated_at.FromDatetime(_utc(row.updated_at))
+        return message
+
+    # --- audit log -------------------------------------------------------------------------------
+
+    def append_audit(self, event: audit_pb2.AuditEvent) -> None:
+        with self._transaction() as connection:
+            connection.execute(
+                insert(AUDIT_EVENTS).values(
+                    at=event.at.ToDatetime(datetime.UTC) if event.HasField("at") else now(),
+                    actor=event.actor,
+                    role=event.role,
+                    action=event.action,
+                    target=event.target,
+                    before=event.before,
+                    after=event.after,
+                    result=event.result,
+                    detail=event.detail,
+                )
+            )
+
+    def list_audit(self, request: audit_pb2.ListAuditEventsRequest) -> tuple[list[audit_pb2.AuditEvent], str]:
+        limit = _page_size(request.page_size)
+        columns = AUDIT_EVENTS.c
+        query = select(AUDIT_EVENTS).order_by(columns.id.desc()).limit(limit + 1)
+        if request.actor:
+            query = query.where(columns.actor == request.actor)
+        if request.action:
+            query = query.where(columns.action == request.action)
+        if request.target_prefix:
+            query = query.where(columns.target.startswith(request.target_prefix, autoescape=True))
+        if request.HasField("since"):
+            query = query.where(columns.at >= request.since.ToDatetime(datetime.UTC))
+        after = _decode_token(request.page_token)
+        if after is not None:
+            query = query.where(columns.id < int(after[0]))
+        with self._transaction() as connection:
+            rows = list(connection.execute(query))
+        events = []
+        for row in rows[:limit]:
+            event = audit_pb2.AuditEvent(
+                id=row.id,
+                actor=row.actor,
+                role=row.role,
+                action=row.action,
+                target=row.target,
+                before=row.before,
+                after=row.after,
+                result=row.result,
+                detail=row.detail,
+            )
+            event.at.FromDatetime(_utc(row.at))
+            events.append(event)
+        return events, _encode_token([rows[limit - 1].id]) if len(rows) > limit else ""
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _check_name(field: str, value: str) -> None:
+    if not value or len(value) > 256 or value != value.strip() or "/" in value or any(ord(c) < 32 for c in value):
+        raise InvalidArgumentError(
+            f"{field}: expected 1-256 characters without '/', control characters or surrounding spaces, got {value!r}"
+        )
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgumentError(f"page_size: expected 0 (default {DEFAULT_PAGE_SIZE}) or more, got {requested}")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _encode_token(position: list[Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode()
+
+
+def _decode_token(token: str) -> list[Any] | None:
+    if not token:
+        return None
+    try:
+        position = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidArgumentError(
+            "page_token: expected a token from a previous response, got another string"
+        ) from error
+    if not isinstance(position, list) or not position:
+        raise InvalidArgumentError("page_token: expected a token from a previous response, got another string")
+    return position
+
+
+def _utc(value: datetime.datetime) -> datetime.datetime:
+    # SQLite hands timestamps back without their zone; they were stored in UTC.
+    return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+
+
+def _tags(connection: Connection, table: Any, condition: Any) -> dict[str, str]:
+    return {row.key: row.value for row in connection.execute(select(table.c.key, table.c.value).where(condition))}
+
+
+def _put_tags(connection: Connection, table: Any, key: dict[str, Any], tags: Mapping[str, str]) -> None:
+    for name, value in tags.items():
+        _check_name("tags key", name)
+        condition = and_(*(table.c[column] == wanted for column, wanted in key.items()), table.c.key == name)
+        if not connection.execute(update(table).where(condition).values(value=value)).rowcount:
+            connection.execute(insert(table).values(**key, key=name, value=value))
+
+
+def _delete_tags(connection: Connection, table: Any, key: dict[str, Any], names: Sequence[str]) -> None:
+    if names:
+        condition = and_(*(table.c[column] == wanted for column, wanted in key.items()), table.c.key.in_(list(names)))
+        connection.execute(delete(table).where(condition))
+
+
+def _lineage_json(lineage: registry_pb2.Lineage) -> dict[str, Any]:
+    return {
+        "source_job": lineage.source_job,
+        "parameters": dict(lineage.parameters),
+        "dataset_hash": lineage.dataset_hash,
+        "code_version": lineage.code_version,
+    }
+
+
+def _fill_lineage(target: registry_pb2.Lineage, stored: dict[str, Any]) -> None:
+    target.source_job = stored.get("source_job", "")
+    target.parameters.update(stored.get("parameters", {}))
+    target.dataset_hash = stored.get("dataset_hash", "")
+    target.code_version = stored.get("code_version", "")
+
+
+def _resolve_alias(connection: Connection, model_name: str, alias: str) -> int:
+    version = connection.execute(
+        select(MODEL_ALIASES.c.version).where(MODEL_ALIASES.c.model_name == model_name, MODEL_ALIASES.c.alias == alias)
+    ).scalar()
+    if version is None:
+        raise NotFoundError(f"alias: model '{model_name}' has no alias '{alias}'")
+    return int(version)
+
+
+def _resolve_variant(
+    connection: Connection, store: Store, variant: deployments_pb2.Variant
+) -> registry_pb2.ModelVersion:
+    target = variant.WhichOneof("target")
+    if target is None:
+        raise InvalidArgumentError(f"variant '{variant.name}': expected a version or an alias, got neither")
+    number = _resolve_alias(connection, variant.model_name, variant.alias) if target == "alias" else variant.version
+    version = store._version(connection, variant.model_name, number)
+    if version.state != READY:
+        raise FailedPreconditionError(
+            f"model '{variant.model_name}' version {number}: expected a READY version to deploy, it is "
+            f"{_STATE_NAMES.get(version.state, version.state)}"
+            + (f" ({version.failure_reason})" if version.failure_reason else "")
+        )
+    return version
+
+
+def _variant_json(variant: deployments_pb2.Variant) -> dict[str, Any]:
+    item: dict[str, Any] = {"name": variant.name, "model_name": variant.model_name, "weight": variant.weight}
+    if variant.WhichOneof("target") == "alias":
+        item["alias"] = variant.alias
+    else:
+        item["version"] = variant.version
+    return item
+
+
+def _variant_from_json(item: dict[str, Any]) -> deployments_pb2.Variant:
+    variant = deployments_pb2.Variant(name=item["name"], model_name=item["model_name"], weight=item["weight"])
+    if "alias" in item:
+        variant.alias = item["alias"]
+    else:
+        variant.version = int(item["version"])
+    return variant
+
+
+def _bump_revision(connection: Connection) -> int:
+    changed = connection.execute(
+        update(COUNTERS).where(COUNTERS.c.name == DESIRED_STATE_REVISION).values(value=COUNTERS.c.value + 1)
+    ).rowcount
+    if not changed:
+        connection.execute(insert(COUNTERS).values(name=DESIRED_STATE_REVISION, value=1))
+    return int(
+        connection.execute(select(COUNTERS.c.value).where(COUNTERS.c.name == DESIRED_STATE_REVISION)).scalar() or 0
+    )

@@ -1,0 +1,318 @@
+"""Following a control plane: the data plane side of the attach stream.
+
+With ``--control-plane ADDR`` the model repository directory is Weir's to manage: it holds, per
+endpoint, the version the control plane wants served. The follower
+
+1. loads what the directory already holds (the last-known-good state), so a restart serves at once
+   even when the control plane is away;
+2. attaches (one bidirectional stream), says hello with what it serves, heartbeats;
+3. on every desired state: for each endpoint whose target changed, fetches the artifact it lacks
+   (streamed, sha256-checked, kept by digest under ``.artifacts/``), writes the version directory and
+   a config naming that version, loads it (warm-up included) while the old one keeps serving, and
+   only then lets the endpoint route to it; a version that fails to load is reported FAILED and the
+   old one keeps serving. Endpoints no longer desired are unloaded;
+4. reports its status after every change; when the stream breaks it keeps serving and reconnects
+   with exponential backoff, then reconciles against the state it is sent.
+
+It talks to the control plane only through the ``weir.control.v1`` protos.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf import text_format
+
+from weir import __version__
+from weir.errors import WeirError
+from weir.repository import ModelRepository
+from weir_proto.auth import client_metadata
+from weir_proto.common.v1 import types_pb2
+from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc, registry_pb2, registry_pb2_grpc
+from weir_proto.inference import messages as inference
+from weir_proto.tls import ClientTLS
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS_DIR = ".artifacts"  # dot-prefixed: the repository never mistakes it for a model
+EndpointState = deployments_pb2.EndpointStatus
+
+
+@dataclass(frozen=True)
+class FollowerSettings:
+    address: str  # the control plane, HOST:PORT
+    token: str | None
+    replica_id: str
+    serving_address: str  # where this replica serves inference, reported to the control plane
+    heartbeat_seconds: float = 5.0
+    max_backoff_seconds: float = 10.0
+    tls: ClientTLS | None = None
+
+
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class _Served:
+    model: types_pb2.ModelVersionRef
+    sha256: str
+
+
+class ControlPlaneFollower:
+    def __init__(
+        self,
+        settings: FollowerSettings,
+        repository: ModelRepository,
+        root: Path,
+        on_change: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._settings = settings
+        self._repository = repository
+        self._root = root
+        self._artifacts = root / ARTIFACTS_DIR
+        self._on_change = on_change
+        self._served: dict[str, _Served] = {}
+        self._statuses: dict[str, deployments_pb2.EndpointStatus] = {}
+        self._applied_revision = 0
+        self._outbox: asyncio.Queue[deployments_pb2.DataPlaneMessage] | None = None
+        self.attached = asyncio.Event()  # set while a stream is open (tests and readiness logs)
+
+    # --- start-up ----------------------------------------------------------------------------------
+
+    async def load_last_known_good(self) -> None:
+        """Serve what the managed directory holds before the control plane is reachable."""
+        self._artifacts.mkdir(parents=True, exist_ok=True)
+        for model_dir in sorted(p for p in self._root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            endpoint = model_dir.name
+            try:
+                await self._repository.load(endpoint)
+            except WeirError as error:
+                log.error("last-known-good endpoint failed to load", extra={"model": endpoint, "reason": error.message})
+                continue
+            marker = model_dir / "weir-served.txt"
+            if marker.is_file():
+                name, version, sha256 = marker.read_text().split()
+                self._served[endpoint] = _Served(
+                    types_pb2.ModelVersionRef(model_name=name, version=int(version)), sha256
+                )
+                self._statuses[endpoint] = EndpointState(
+                    endpoint=endpoint, state=EndpointState.READY, serving=self._served[endpoint].model
+                )
+        await self._on_change()
+
+    # --- the attach loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Attach, follow, and reattach with backoff forever (until cancelled)."""
+        delay = 0.2
+        while True:
+            try:
+                await self._session()
+                delay = 0.2  # a clean end (the control plane closed the stream): come back quickly
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # grpc.aio.AioRpcError, OSError...: keep serving, retry
+                log.warning(
+                    "control plane unreachable; serving the last-known-good state",
+                    extra={"control_plane": self._settings.address, "reason": _short(error), "retry_in_s": delay},
+                )
+            finally:
+                self.attached.clear()
+            await asyncio.sleep(delay * (0.5 + random.random()))  # jitter: replicas do not reconnect in step
+            delay = min(delay * 2, self._settings.max_backoff_seconds)
+
+    async def _session(self) -> None:
+        settings = self._settings
+        async with _channel(settings) as channel:
+            sync = deployments_pb2_grpc.DataPlaneSyncStub(channel)
+            registry = registry_pb2_grpc.RegistryStub(channel)
+            outbox: asyncio.Queue[deployments_pb2.DataPlaneMessage] = asyncio.Queue()
+            self._outbox = outbox
+            hello = deployments_pb2.Hello(
+                replica_id=settings.replica_id,
+                address=settings.serving_address,
+                weir_version=__version__,
+                status=self._status(),
+            )
+            outbox.put_nowait(deployments_pb2.DataPlaneMessage(hello=hello))
+            call = sync.Attach(_drain(outbox), metadata=client_metadata(settings.token))
+            heartbeats = asyncio.create_task(self._heartbeat(outbox))
+            try:
+                async for message in call:
+                    self.attached.set()
+                    if message.WhichOneof("body") == "desired_state":
+                        await self._apply(message.desired_state, registry)
+            finally:
+                heartbeats.cancel()
+                self._outbox = None
+                call.cancel()
+
+    async def _heartbeat(self, outbox: asyncio.Queue[deployments_pb2.DataPlaneMessage]) -> None:
+        while True:
+            await asyncio.sleep(self._settings.heartbeat_seconds)
+            beat = deployments_pb2.Heartbeat()
+            beat.sent_at.GetCurrentTime()
+            outbox.put_nowait(deployments_pb2.DataPlaneMessage(heartbeat=beat))
+
+    def _status(self) -> deployments_pb2.ReplicaStatus:
+        return deployments_pb2.ReplicaStatus(
+            applied_revision=self._applied_revision,
+            endpoints=[self._statuses[name] for name in sorted(self._statuses)],
+        )
+
+    def _report(self) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(deployments_pb2.DataPlaneMessage(status=self._status()))
+
+    # --- reconciling -------------------------------------------------------------------------------
+
+    async def _apply(self, state: deployments_pb2.DesiredState, registry: registry_pb2_grpc.RegistryStub) -> None:
+        desired = {endpoint.endpoint: endpoint for endpoint in state.endpoints if endpoint.variants}
+        for name, endpoint in desired.items():
+            variant = endpoint.variants[0]  # v1: one variant takes all traffic
+            served = self._served.get(name)
+            if served is not None and served.model == variant.model and served.sha256 == variant.artifact_sha256:
+                continue
+            previous_model = served.model if served else None
+            self._statuses[name] = EndpointState(
+                endpoint=name, state=EndpointState.LOADING, desired=variant.model, serving=previous_model
+            )
+            self._report()
+            try:
+                await self._install(name, variant, registry)
+                await self._repository.load(name)
+            except (WeirError, grpc.aio.AioRpcError, OSError) as error:
+                message = error.message if isinstance(error, WeirError) else _short(error)
+                log.error("desired version failed to load; the previous one keeps serving",
+                          extra={"model": name, "reason": message})  # fmt: skip
+                self._statuses[name] = EndpointState(
+                    endpoint=name, state=EndpointState.FAILED, desired=variant.model, serving=previous_model,
+                    message=message,
+                )  # fmt: skip
+                continue
+            self._served[name] = _Served(variant.model, variant.artifact_sha256)
+            (self._root / name / "weir-served.txt").write_text(
+                f"{variant.model.model_name} {variant.model.version} {variant.artifact_sha256}\n"
+            )
+            self._prune_versions(name, keep=variant.model.version)
+            self._statuses[name] = EndpointState(
+                endpoint=name, state=EndpointState.READY, desired=variant.model, serving=variant.model
+            )
+            log.info("endpoint now serves", extra={"model": name, "source": f"{variant.model.model_name}:"
+                                                                           f"{variant.model.version}"})  # fmt: skip
+        for name in [name for name in self._served if name not in desired]:
+            with contextlib.suppress(WeirError):
+                await self._repository.unload(name)
+            self._served.pop(name, None)
+            self._statuses.pop(name, None)
+            await asyncio.to_thread(shutil.rmtree, self._root / name, True)
+            log.info("endpoint undeployed", extra={"model": name})
+        self._applied_revision = state.revision
+        await self._on_change()
+        self._report()
+
+    async def _install(
+        self, endpoint: str, variant: deployments_pb2.ResolvedVariant, registry: registry_pb2_grpc.RegistryStub
+    ) -> None:
+        """Put the variant's artifact and config where the repository loads ``endpoint`` from."""
+        blob = await self._fetch(variant, registry)
+        version_dir = self._root / endpoint / str(variant.model.version)
+        config = inference.ModelConfig()
+        text_format.Parse(variant.config_pbtxt, config)
+        config.name = endpoint  # clients call the endpoint; the registry's model name may differ
+        config.version_policy.Clear()
+        config.version_policy.specific.versions.append(variant.model.version)
+
+        def write() -> None:
+            version_dir.mkdir(parents=True, exist_ok=True)
+            target = version_dir / variant.artifact_filename
+            staged = version_dir / f".{variant.artifact_filename}.incoming"
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
+            try:
+                os.link(blob, staged)  # the cache and the version share one copy on disk
+            except OSError:
+                shutil.copyfile(blob, staged)
+            os.replace(staged, target)
+            _write_atomically(self._root / endpoint / "config.pbtxt", text_format.MessageToString(config))
+
+        await asyncio.to_thread(write)
+
+    async def _fetch(self, variant: deployments_pb2.ResolvedVariant, registry: registry_pb2_grpc.RegistryStub) -> Path:
+        """The artifact from the local cache, or downloaded into it and checked against its sha256."""
+        cached = self._artifacts / variant.artifact_sha256
+        if cached.is_file():
+            return cached
+        request = registry_pb2.DownloadArtifactRequest(
+            model_name=variant.model.model_name, version=variant.model.version
+        )
+        digest = hashlib.sha256()
+        descriptor, temporary = tempfile.mkstemp(dir=self._artifacts, prefix=".download-")
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                async for part in registry.DownloadArtifact(request, metadata=client_metadata(self._settings.token)):
+                    if part.WhichOneof("part") == "chunk":
+                        digest.update(part.chunk)
+                        await asyncio.to_thread(handle.write, part.chunk)
+                await asyncio.to_thread(handle.flush)
+                await asyncio.to_thread(os.fsync, handle.fileno())
+            if digest.hexdigest() != variant.artifact_sha256:
+                raise WeirError(
+                    f"artifact of {variant.model.model_name} version {variant.model.version}: expected sha256 "
+                    f"{variant.artifact_sha256}, the downloaded bytes hash to {digest.hexdigest()}"
+                )
+            os.replace(temporary, cached)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        return cached
+
+    def _prune_versions(self, endpoint: str, keep: int) -> None:
+        for path in (self._root / endpoint).iterdir():
+            if path.is_dir() and path.name.isdigit() and int(path.name) != keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+async def _drain(
+    outbox: asyncio.Queue[deployments_pb2.DataPlaneMessage],
+) -> AsyncIterator[deployments_pb2.DataPlaneMessage]:
+    while True:
+        yield await outbox.get()
+
+
+@contextlib.asynccontextmanager
+async def _channel(settings: FollowerSettings) -> AsyncIterator[grpc.aio.Channel]:
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    if settings.tls is not None:
+        channel = grpc.aio.secure_channel(settings.address, settings.tls.credentials(), options=options)
+    else:
+        channel = grpc.aio.insecure_channel(settings.address, options=options)
+    try:
+        yield channel
+    finally:
+        await channel.close()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    staged = path.with_name(f".{path.name}.incoming")
+    staged.write_text(text)
+    os.replace(staged, path)
+
+
+def _short(error: BaseException) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return f"{type(error).__name__}: {error}"
