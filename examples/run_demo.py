@@ -1,13 +1,21 @@
-"""Weir's main job on embedded defaults: build the demo repository, start `weir serve`, send
-requests with the unmodified tritonclient, print the results, stop cleanly with SIGTERM.
+"""Weir's main job on embedded defaults: `weir up` (a control plane and a data plane following it,
+SQLite and a local artifact store, generated tokens), then the release flow a team runs:
 
-    python examples/run_demo.py [--repository build/demo-repository]
+1. build the demo models locally (nothing is downloaded);
+2. push them to the registry with `weir models push` (progress bar, sha256 checked), alias `champion`;
+3. deploy them with `weir deploy`; the data plane fetches, loads, warms up and routes to them;
+4. send requests with the unmodified tritonclient through the data plane and print the results;
+5. print the deployments, the replica's status and the audit log; stop `weir up` with SIGTERM.
+
+    python examples/run_demo.py [--state-dir build/weir-up] [--repository build/demo-repository]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,31 +29,68 @@ import tritonclient.grpc as triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_demo_repository
 
+DEMO_MODELS = ("mlp_classifier", "text_stats")
 
-def start_server(repository: Path) -> tuple[subprocess.Popen[str], int]:
+
+def start_weir_up(state_dir: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    ready_file = state_dir / "ready.json"
     command = [
-        sys.executable, "-m", "weir.cli", "serve", "--model-repository", str(repository),
-        "--listen-address", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--log-format", "json",
+        sys.executable, "-m", "weir.cli", "up", "--state-dir", str(state_dir),
+        "--control-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+        "--ready-file", str(ready_file), "--log-format", "json",
     ]  # fmt: skip
+    print("$ weir " + " ".join(command[3:]))
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    port: list[int] = []
-    ready = threading.Event()
 
     def follow_log() -> None:
         assert process.stderr is not None
         for line in process.stderr:
-            if '"server started"' in line and not ready.is_set():
-                port.append(json.loads(line)["grpc_port"])
-                ready.set()
-            print(f"  [weir] {line.rstrip()}")
+            print(f"  [weir up] {line.rstrip()}")
 
     threading.Thread(target=follow_log, daemon=True).start()
     deadline = time.monotonic() + 120
-    while not ready.wait(0.2):
+    while not ready_file.is_file():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise SystemExit("weir serve did not start; see its log above")
-    return process, port[0]
+            raise SystemExit("weir up did not start; see its log above")
+        time.sleep(0.2)
+    return process, json.loads(ready_file.read_text())
+
+
+def weir(ready: dict[str, str], *args: str) -> dict:
+    """A `weir` client command against the control plane, with the admin token `weir up` wrote."""
+    token = Path(ready["admin_token_file"]).read_text().strip()
+    command = [sys.executable, "-m", "weir.cli", *args, "--control-plane", ready["control_plane"], "--json"]
+    print("$ weir " + " ".join(args))
+    result = subprocess.run(command, env={**os.environ, "WEIR_TOKEN": token}, capture_output=True, text=True)
+    if result.stderr.strip():
+        print(result.stderr.rstrip().splitlines()[-1])  # the progress bar's last state
+    if result.returncode != 0:
+        raise SystemExit(f"weir {args[0]} failed: {result.stdout}{result.stderr}")
+    return json.loads(result.stdout)
+
+
+def push_and_deploy(ready: dict[str, str], repository: Path) -> None:
+    for name in DEMO_MODELS:
+        model_file = next((repository / name / "1").glob("model.pt*"))
+        version = weir(
+            ready, "models", "push", name, str(model_file), "--config", str(repository / name / "config.pbtxt"),
+            "--description", f"demo {name}", "--tag", "source=examples", "--code-version", "demo",
+            "--alias", "champion",
+        )  # fmt: skip
+        print(f"  {name} version {version['version']}: {version['state']}, sha256 {version['artifact_sha256'][:16]}...")
+        deployment = weir(ready, "deploy", name, name, "champion")
+        print(f"  endpoint {name} -> {deployment['resolved'][0]['model_name']}:{deployment['resolved'][0]['version']}")
+
+
+def wait_until_served(url: str) -> None:
+    client = triton.InferenceServerClient(url)
+    deadline = time.monotonic() + 120
+    while not all(client.is_model_ready(name) for name in DEMO_MODELS):
+        if time.monotonic() > deadline:
+            raise SystemExit("the data plane did not load the deployed models in time")
+        time.sleep(0.2)
+    client.close()
 
 
 def run_requests(url: str) -> None:
@@ -75,19 +120,39 @@ def run_requests(url: str) -> None:
     client.close()
 
 
+def show_state(ready: dict[str, str]) -> None:
+    listing = weir(ready, "deployments")
+    for deployment in listing["deployments"]:
+        resolved = ", ".join(f"{ref['model_name']}:{ref['version']}" for ref in deployment["resolved"])
+        print(f"  endpoint {deployment['endpoint']} -> {resolved} (revision {deployment['revision']})")
+    for replica in listing["replicas"]:
+        states = ", ".join(f"{s['endpoint']}={s['state']}" for s in replica["status"].get("endpoints", []))
+        print(f"  replica {replica['replica_id']} at {replica['address']}: {states}")
+    events = weir(ready, "audit", "--limit", "8")
+    for event in events:
+        print(f"  audit {event['at']} {event['actor']} {event['action']} {event['target']} -> {event['result']}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=Path("build/demo-repository"))
+    parser.add_argument("--state-dir", type=Path, default=Path("build/weir-up"))
     args = parser.parse_args()
-    print(f"building the demo repository in {args.repository} ...")
+    print(f"building the demo models in {args.repository} ...")
     build_demo_repository.build(args.repository)
-    process, port = start_server(args.repository)
+    shutil.rmtree(args.state_dir, ignore_errors=True)  # a fresh registry each run: the demo is repeatable
+    process, ready = start_weir_up(args.state_dir)
     try:
-        run_requests(f"127.0.0.1:{port}")
+        print(f"\ncontrol plane {ready['control_plane']}, data plane {ready['data_plane']}\n")
+        push_and_deploy(ready, args.repository)
+        wait_until_served(ready["data_plane"])
+        run_requests(ready["data_plane"])
+        print()
+        show_state(ready)
     finally:
         process.send_signal(signal.SIGTERM)
         exit_code = process.wait(timeout=60)
-    print(f"\nweir serve stopped on SIGTERM with exit code {exit_code}")
+    print(f"\nweir up stopped on SIGTERM with exit code {exit_code}")
     return exit_code
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import hashlib
 import logging
 from collections.abc import Mapping
 from concurrent.futures import Executor
@@ -69,6 +70,7 @@ class LoadedVersion:
     batcher: DynamicBatcher  # every request of this version is scheduled through it
     metrics: VersionMetrics
     statistics: VersionStatistics
+    fingerprint: str = ""  # sha256 of the model file and config: what this version's answers depend on
 
     # Computed once per version, not per request.
     @functools.cached_property
@@ -77,8 +79,10 @@ class LoadedVersion:
 
     @functools.cached_property
     def cache_namespace(self) -> str:
-        """Response-cache entries live per version: a new version never sees an old one's answers."""
-        return f"{self.name}/{self.version}"
+        """Response-cache entries live per version and content: a new version, or the same version
+        number reloaded with other files, never sees an old one's answers; replicas that load the
+        same files share entries in Redis."""
+        return f"{self.name}/{self.version}/{self.fingerprint[:16]}"
 
     @functools.cached_property
     def response_cache_enabled(self) -> bool:
@@ -291,7 +295,7 @@ class ModelRepository:
     async def _load_version(self, name: str, version: int, model_dir: Path, config: pb.ModelConfig) -> LoadedVersion:
         signature = signature_of(config)
         instance_count, device = _instance_count_and_device(config)
-        backend = await asyncio.get_running_loop().run_in_executor(
+        backend, fingerprint = await asyncio.get_running_loop().run_in_executor(
             self._executor, self._build_and_warm, model_dir, version, config, signature, device
         )
         statistics = VersionStatistics()
@@ -309,12 +313,13 @@ class ModelRepository:
             statistics,
             metrics,
         )
-        return LoadedVersion(name, version, config, signature, backend, batcher, metrics, statistics)
+        return LoadedVersion(name, version, config, signature, backend, batcher, metrics, statistics, fingerprint)
 
     def _build_and_warm(
         self, model_dir: Path, version: int, config: pb.ModelConfig, signature: ModelSignature, device: str
-    ) -> Backend:
+    ) -> tuple[Backend, str]:
         model_file = find_model_file(model_dir / str(version), config.default_model_filename)
+        fingerprint = _content_fingerprint(model_file, config)
         backend = TorchBackend(model_file, signature, device)
         output_names = [spec.name for spec in signature.outputs]
         for inputs, batch_size in warmup_samples(config, signature, model_dir):
@@ -325,4 +330,12 @@ class ModelRepository:
                 raise ModelLoadError(f"warm-up failed: {error.message}") from error
             except Exception as error:  # the model's own exception: report it, do not serve it
                 raise ModelLoadError(f"warm-up failed: {type(error).__name__}: {error}") from error
-        return backend
+        return backend, fingerprint
+
+
+def _content_fingerprint(model_file: Path, config: pb.ModelConfig) -> str:
+    digest = hashlib.sha256(config.SerializeToString(deterministic=True))
+    with model_file.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from tests.conftest import WeirProcess, free_port, start_weir
 from tritonclient.utils import InferenceServerException
 
+from tests.conftest import WeirProcess, free_port, start_weir
 from weir_proto.auth import client_metadata
 from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc, registry_pb2, registry_pb2_grpc
 

@@ -102,6 +102,22 @@ def test_a_new_version_never_answers_from_the_old_versions_entries(tmp_path: Pat
         assert server.terminate_and_wait() == 0
 
 
+def test_the_same_version_reloaded_with_other_files_does_not_answer_from_old_entries(tmp_path: Path) -> None:
+    """Triton-style repositories get rewritten in place (and the control plane may put another
+    artifact under a version number): the cache namespace follows the files, not the number."""
+    write_version(tmp_path, 1, factor=3.0)
+    server = start_weir(tmp_path, "--model-control-mode", "explicit", "--load-model", "cached")
+    try:
+        client = triton.InferenceServerClient(server.grpc_url)
+        infer(client, [1.0, 1.0])
+        np.testing.assert_array_equal(infer(client, [1.0, 1.0]).as_numpy("y"), [[3.0, 3.0]])  # a hit
+        write_version(tmp_path, 1, factor=5.0)
+        client.load_model("cached")
+        np.testing.assert_array_equal(infer(client, [1.0, 1.0]).as_numpy("y"), [[5.0, 5.0]])
+    finally:
+        assert server.terminate_and_wait() == 0
+
+
 def test_replicas_share_answers_through_redis(tmp_path: Path, redis_port: int) -> None:
     write_version(tmp_path, 1, factor=2.0)
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
