@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from weir_control.metrics import ControlMetrics
 from weir_control.store import Store
 from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc
 
@@ -44,8 +45,9 @@ class _Replica:
 class DesiredStateHub:
     """The current desired state and the replicas that follow it (event loop thread only)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, metrics: ControlMetrics | None = None) -> None:
         self._store = store
+        self._metrics = metrics
         self._state: deployments_pb2.DesiredState | None = None
         self._replicas: dict[int, _Replica] = {}
         self._lock = asyncio.Lock()
@@ -60,6 +62,8 @@ class DesiredStateHub:
         """Re-read the desired state and offer it to every attached replica."""
         async with self._lock:
             self._state = await asyncio.to_thread(self._store.desired_state)
+            if self._metrics is not None:
+                self._metrics.desired_state_changes.inc()
             for replica in self._replicas.values():
                 replica.offer(self._state)
 

@@ -56,6 +56,7 @@ def add_commands(subcommands: Any) -> None:
     control.add_argument("--tls-cert", type=Path)
     control.add_argument("--tls-key", type=Path)
     control.add_argument("--tls-client-ca", type=Path, help="require client certificates it signed (mutual TLS)")
+    control.add_argument("--metrics-port", type=int, default=-1, help="Prometheus /metrics port (-1: off)")
     control.add_argument("--log-level", default="INFO")
     control.add_argument("--log-format", default="json", choices=("json", "text"))
     gc = subcommands.add_parser("control-gc", help="delete artifacts no model version references")
@@ -161,6 +162,7 @@ def _run_control(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        metrics_port=args.metrics_port,
     )
 
     async def serve() -> int:

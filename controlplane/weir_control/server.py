@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
 
 from weir_control.artifacts import ArtifactStore
 from weir_control.attach import DataPlaneSyncService, DesiredStateHub
+from weir_control.metrics import ControlMetrics, ReplicaCollector
 from weir_control.services import Auditor, AuditService, DeploymentsService, RegistryService
 from weir_control.store import Store, open_store
 from weir_proto.auth import AuthInterceptor, Role, TokenTable
@@ -72,7 +75,7 @@ class ControlSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    metrics_port: int = -1  # Prometheus /metrics (-1: off, 0: any free port)
 
     @property
     def resolved_database_url(self) -> str:
@@ -94,6 +97,10 @@ class ControlPlaneServer:
         self.store: Store | None = None
         self._server: grpc.aio.Server | None = None
         self.port = 0
+        self.registry = CollectorRegistry()
+        self.metrics = ControlMetrics(self.registry)
+        self.metrics_port: int | None = None
+        self._metrics_http: WSGIServer | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -104,7 +111,8 @@ class ControlPlaneServer:
         if interrupted:
             log.warning("uploads interrupted by the previous stop marked FAILED", extra={"count": interrupted})
         artifacts = ArtifactStore(settings.resolved_artifact_dir)
-        hub = DesiredStateHub(store)
+        hub = DesiredStateHub(store, self.metrics)
+        self.registry.register(ReplicaCollector(hub.replicas))
         auditor = Auditor(store, self.tokens)
         server = grpc.aio.server(
             interceptors=[AuthInterceptor(self.tokens, control_policy)] if self.tokens is not None else [],
@@ -114,7 +122,9 @@ class ControlPlaneServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        registry_pb2_grpc.add_RegistryServicer_to_server(RegistryService(store, artifacts, auditor, hub), server)
+        registry_pb2_grpc.add_RegistryServicer_to_server(
+            RegistryService(store, artifacts, auditor, hub, self.metrics), server
+        )
         deployments_pb2_grpc.add_DeploymentsServicer_to_server(DeploymentsService(store, auditor, hub), server)
         deployments_pb2_grpc.add_DataPlaneSyncServicer_to_server(DataPlaneSyncService(hub), server)
         audit_pb2_grpc.add_AuditServicer_to_server(AuditService(store), server)
@@ -128,9 +138,17 @@ class ControlPlaneServer:
         self._server = server
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if settings.metrics_port >= 0:
+            self._metrics_http, _ = start_http_server(settings.metrics_port, settings.listen_address, self.registry)
+            self.metrics_port = self._metrics_http.server_port
         log.info(
             "control plane started",
-            extra={"port": self.port, "database": _redacted(settings.resolved_database_url), "tls": bool(tls)},
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "database": _redacted(settings.resolved_database_url),
+                "tls": bool(tls),
+            },
         )
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -140,6 +158,10 @@ class ControlPlaneServer:
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
             self.store = None
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 
 from weir_control.artifacts import ArtifactStore, check_sha256
 from weir_control.attach import DesiredStateHub
+from weir_control.metrics import ControlMetrics
 from weir_control.model_config import check_artifact_filename, signature_from_config
 from weir_control.store import Store
 from weir_proto.auth import Identity, TokenTable, identity_of
@@ -111,7 +112,15 @@ def _optional(message: Any, field: str) -> Any:
 
 
 class RegistryService(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, store: Store, artifacts: ArtifactStore, auditor: Auditor, hub: DesiredStateHub) -> None:
+    def __init__(
+        self,
+        store: Store,
+        artifacts: ArtifactStore,
+        auditor: Auditor,
+        hub: DesiredStateHub,
+        metrics: ControlMetrics | None = None,
+    ) -> None:
+        self._metrics = metrics
         self._store = store
         self._artifacts = artifacts
         self._auditor = auditor
@@ -203,16 +212,27 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         except Exception as error:
             reason = error.message if isinstance(error, WeirError) else f"upload failed: {type(error).__name__}"
             await asyncio.to_thread(upload.fail, reason)
+            self._count_upload("failed")
             if isinstance(error, WeirError):
                 await abort_with(context, error)
             raise
-        return await self._auditor.run(
-            context,
-            "Registry/CompleteModelVersion",
-            target,
-            lambda: self._store.get_version(upload.header.model_name, upload.version),
-            upload.commit,
-        )
+        try:
+            version = await self._auditor.run(
+                context,
+                "Registry/CompleteModelVersion",
+                target,
+                lambda: self._store.get_version(upload.header.model_name, upload.version),
+                upload.commit,
+            )
+        except BaseException:
+            self._count_upload("failed")
+            raise
+        self._count_upload("ready")
+        return version
+
+    def _count_upload(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.uploads.labels(result).inc()
 
     async def GetModelVersion(
         self, request: registry_pb2.GetModelVersionRequest, context: grpc.aio.ServicerContext

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from weir_control.server import ControlPlaneServer, ControlSettings
 from weir_proto.auth import TokenTable, client_metadata
@@ -291,3 +293,32 @@ async def test_an_upload_cut_off_midway_leaves_no_ready_version(control) -> None
             break
         await asyncio.sleep(0.1)
     assert [(v.version, v.state) for v in versions] == [(1, registry_pb2.ModelVersion.FAILED)]
+
+
+async def test_the_control_plane_exports_upload_and_replica_metrics(store_url: str, tmp_path: Path) -> None:
+    server = ControlPlaneServer(
+        ControlSettings(state_dir=tmp_path / "state", database_url=store_url, port=0, metrics_port=0),
+        tokens=TokenTable.from_environment_value(TOKENS),
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            client = Client(channel)
+            await client.registry.CreateRegisteredModel(
+                registry_pb2.CreateRegisteredModelRequest(name="mlp"), metadata=DEPLOYER
+            )
+            await client.push()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await client.push(sha256="1" * 64)
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+    finally:
+        await server.stop()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("weir_control_uploads_total", (("result", "ready"),))] == 1
+    assert samples[("weir_control_uploads_total", (("result", "failed"),))] == 1
+    assert samples[("weir_control_replicas_attached", ())] == 0

@@ -271,3 +271,22 @@ def test_a_newer_schema_than_this_weir_knows_is_refused(tmp_path) -> None:
     engine.dispose()
     with pytest.raises(RuntimeError, match="newer than this Weir knows"):
         Store(create_store_engine(url))
+
+
+def test_control_planes_opening_one_empty_store_at_once_migrate_it_once(store_url: str) -> None:
+    results: list[object] = []
+
+    def open_it() -> None:
+        try:
+            store = Store(create_store_engine(store_url))
+            results.append(store.schema_version_applied)
+            store.close()
+        except BaseException as error:  # surfaced below
+            results.append(error)
+
+    threads = [threading.Thread(target=open_it) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(map(str, results)) == ["[1, 2]", "[]", "[]"]

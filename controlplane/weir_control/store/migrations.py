@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, MetaData, insert, inspect, select, update
+from sqlalchemy import Connection, MetaData, insert, inspect, select, text, update
 
 from weir_control.store import schema
 
@@ -34,6 +34,7 @@ STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (2, "deployments, desired-state revision, audit log", _create(schema.deployment_tables)),
 ]
 LATEST = STEPS[-1][0]
+_MIGRATION_LOCK = 0x7765697200  # "weir\0": the advisory lock key migrations take on PostgreSQL
 
 
 def current_version(connection: Connection) -> int:
@@ -51,6 +52,10 @@ def migrate(connection_factory: Callable[[], object], target: int = LATEST) -> l
         if version > target:
             break
         with connection_factory() as connection:  # type: ignore[attr-defined]
+            if connection.dialect.name == "postgresql":
+                # Two control planes opening one database at once: the second waits, then finds the
+                # step done. (SQLite's BEGIN IMMEDIATE already serialises writers.)
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
             found = current_version(connection)
             if found > LATEST:
                 raise RuntimeError(
