@@ -86,6 +86,10 @@ def add_commands(subcommands: Any) -> None:
     show = actions.add_parser("show", help="a model, or one of its versions")
     show.add_argument("name")
     show.add_argument("version", nargs="?", help="a version number or an alias")
+    download = actions.add_parser("download", help="download a version's artifact (sha256 checked)")
+    download.add_argument("name")
+    download.add_argument("version", help="a version number or an alias")
+    download.add_argument("--out", type=Path, help="file to write (default: the artifact's name, here)")
     alias = actions.add_parser("alias", help="set (or --delete) an alias")
     alias.add_argument("name")
     alias.add_argument("alias")
@@ -104,7 +108,7 @@ def add_commands(subcommands: Any) -> None:
     audit.add_argument("--action", default="")
     audit.add_argument("--target-prefix", default="")
     audit.add_argument("--limit", type=int, default=50)
-    for parser in (models, push, listing, show, alias, deploy, undeploy, audit, *_leaves(subcommands)):
+    for parser in (models, push, listing, show, download, alias, deploy, undeploy, audit, *_leaves(subcommands)):
         _add_client_options(parser)
 
 
@@ -330,17 +334,54 @@ class _Client:
             )
             self._print(model, json_format.MessageToJson(model, preserving_proto_field_name=True))
             return 0
-        if str(args.version).isdigit():
-            version = self._registry.GetModelVersion(
-                registry_pb2.GetModelVersionRequest(model_name=args.name, version=int(args.version)),
-                metadata=self._metadata,
-            )
-        else:
-            version = self._registry.GetModelVersionByAlias(
-                registry_pb2.GetModelVersionByAliasRequest(model_name=args.name, alias=args.version),
-                metadata=self._metadata,
-            )
+        version = self._version_of(args.name, str(args.version))
         self._print(version, json_format.MessageToJson(version, preserving_proto_field_name=True))
+        return 0
+
+    def _version_of(self, name: str, version: str) -> registry_pb2.ModelVersion:
+        if version.isdigit():
+            return self._registry.GetModelVersion(
+                registry_pb2.GetModelVersionRequest(model_name=name, version=int(version)), metadata=self._metadata
+            )
+        return self._registry.GetModelVersionByAlias(
+            registry_pb2.GetModelVersionByAliasRequest(model_name=name, alias=version), metadata=self._metadata
+        )
+
+    def models_download(self) -> int:
+        args = self.args
+        version = self._version_of(args.name, str(args.version))
+        target = args.out or Path(version.artifact_filename)
+        staged = target.with_name(f".{target.name}.incoming")
+        digest = hashlib.sha256()
+        progress = None
+        if not args.json:
+            from tqdm import tqdm
+
+            progress = tqdm(total=version.artifact_size, unit="B", unit_scale=True, desc=f"download {target.name}",
+                            file=sys.stderr)  # fmt: skip
+        try:
+            with staged.open("wb") as handle:
+                request = registry_pb2.DownloadArtifactRequest(model_name=args.name, version=version.version)
+                for part in self._registry.DownloadArtifact(request, metadata=self._metadata):
+                    if part.WhichOneof("part") == "chunk":
+                        digest.update(part.chunk)
+                        handle.write(part.chunk)
+                        if progress is not None:
+                            progress.update(len(part.chunk))
+            if digest.hexdigest() != version.artifact_sha256:
+                raise WeirError(
+                    f"artifact: expected sha256 {version.artifact_sha256}, the downloaded bytes hash to "
+                    f"{digest.hexdigest()}"
+                )
+            os.replace(staged, target)
+        finally:
+            if progress is not None:
+                progress.close()
+            staged.unlink(missing_ok=True)
+        if args.json:
+            print(json.dumps({"path": str(target), "sha256": version.artifact_sha256, "size": version.artifact_size}))
+        else:
+            print(f"{target}: {version.artifact_size} bytes, sha256 {version.artifact_sha256}")
         return 0
 
     def models_alias(self) -> int:

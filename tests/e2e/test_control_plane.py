@@ -193,6 +193,9 @@ def test_two_data_planes_follow_deploys_survive_the_control_plane_and_refuse_bad
     pushed = cli(control, "models", "push", "scale", str(scripted(tmp_path, 2.0)), "--config", str(config),
                  "--tag", "owner=test", "--source-job", "job-1")  # fmt: skip
     assert pushed["state"] == "READY" and pushed["version"] == "1"
+    downloaded = cli(control, "models", "download", "scale", "1", "--out", str(tmp_path / "copy.pt"), token="t-replica")
+    assert (tmp_path / "copy.pt").read_bytes() == (tmp_path / "scale-2.0" / "model.pt").read_bytes()
+    assert downloaded["sha256"] == pushed["artifact_sha256"]
     cli(control, "deploy", "scale", "scale", "1")
     for url in urls:
         wait_until(lambda url=url: serves_factor(url, 2.0), message=f"{url} to serve version 1")
@@ -275,6 +278,11 @@ def test_two_data_planes_follow_deploys_survive_the_control_plane_and_refuse_bad
         finally:
             client.close()
     assert serves_factor(urls[0], 2.0)
+
+    # no token ever reaches a log
+    for lines in (control.lines, *(running.log_lines for running in data_planes)):
+        text = "\n".join(lines)
+        assert not any(token in text for token in ("t-admin", "t-deployer", "t-replica"))
 
 
 def test_a_control_plane_killed_during_an_upload_leaves_no_ready_version(store_url: str, tmp_path: Path) -> None:
