@@ -53,6 +53,8 @@ _MUTATIONS = {
     "SetAlias",
     "DeleteAlias",
     "Deploy",
+    "SetTraffic",
+    "SetFlag",
     "Undeploy",
 }
 

@@ -399,6 +399,35 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
         await self._hub.changed()
         return deployment
 
+    async def SetTraffic(
+        self, request: deployments_pb2.SetTrafficRequest, context: grpc.aio.ServicerContext
+    ) -> deployments_pb2.Deployment:
+        identity = self._auditor.identity(context)
+        routing = request.routing if request.HasField("routing") else None
+        deployment = await self._auditor.run(
+            context,
+            "Deployments/SetTraffic",
+            f"endpoint/{request.endpoint}",
+            lambda: self._store.get_deployment(request.endpoint),
+            lambda: self._store.deploy(request.endpoint, list(request.variants), identity.name, routing),
+        )
+        await self._hub.changed()
+        return deployment
+
+    async def SetFlag(
+        self, request: deployments_pb2.SetFlagRequest, context: grpc.aio.ServicerContext
+    ) -> deployments_pb2.Deployment:
+        identity = self._auditor.identity(context)
+        deployment = await self._auditor.run(
+            context,
+            "Deployments/SetFlag",
+            f"endpoint/{request.endpoint}/flag/{request.name}",
+            lambda: self._store.get_deployment(request.endpoint),
+            lambda: self._store.set_flag(request.endpoint, request.name, request.value, identity.name),
+        )
+        await self._hub.changed()
+        return deployment
+
     async def Undeploy(
         self, request: deployments_pb2.UndeployRequest, context: grpc.aio.ServicerContext
     ) -> deployments_pb2.UndeployResponse:

@@ -240,7 +240,7 @@ def test_a_store_made_by_an_older_schema_opens_migrated_with_its_data(store_url:
 
     store = Store(create_store_engine(store_url))
     try:
-        assert store.schema_version_applied == [2]
+        assert store.schema_version_applied == [2, 3]
         assert store.get_model("old").description == "from v1"
         ready_version(store, "old")
         store.deploy("old", [deployments_pb2.Variant(name="p", model_name="old", version=1, weight=1)], "x")
@@ -289,4 +289,34 @@ def test_control_planes_opening_one_empty_store_at_once_migrate_it_once(store_ur
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(map(str, results)) == ["[1, 2]", "[]", "[]"]
+    assert all(isinstance(applied, list) for applied in results), results
+    assert sorted(step for applied in results for step in applied) == [1, 2, 3]  # each step exactly once
+
+
+def test_traffic_splits_flags_and_routing_reach_the_desired_state(store: Store) -> None:
+    store.create_model("mlp", "", {})
+    first, second = ready_version(store), ready_version(store)
+    variants = [
+        deployments_pb2.Variant(name="canary", model_name="mlp", version=second, weight=10),
+        deployments_pb2.Variant(name="stable", model_name="mlp", version=first, weight=90),
+    ]
+    store.deploy("web", variants, "alice", deployments_pb2.RoutingPolicy(key_header="X-User"))
+    flagged = store.set_flag("web", "kill_switch", "stable", "bob")
+    assert flagged.flags == {"kill_switch": "stable"} and flagged.routing.key_header == "x-user"
+
+    endpoint = store.desired_state().endpoints[0]
+    assert [(v.name, v.model.version, v.weight) for v in endpoint.variants] == [
+        ("canary", second, 10),
+        ("stable", first, 90),
+    ]
+    assert endpoint.flags == {"kill_switch": "stable"} and endpoint.routing.key_header == "x-user"
+
+    store.deploy("web", variants[1:], "alice")  # new variants keep the flags and the routing policy
+    assert store.get_deployment("web").flags == {"kill_switch": "stable"}
+    assert store.set_flag("web", "kill_switch", "", "bob").flags == {}
+    with pytest.raises(InvalidArgumentError, match="the kill switch must name a variant"):
+        store.set_flag("web", "kill_switch", "canary", "bob")
+    with pytest.raises(InvalidArgumentError, match="expected unique names"):
+        store.deploy("web", [variants[1], variants[1]], "alice")
+    with pytest.raises(InvalidArgumentError, match="at least one weight above 0"):
+        store.deploy("web", [deployments_pb2.Variant(name="s", model_name="mlp", version=first, weight=0)], "a")

@@ -29,9 +29,16 @@ def _create(tables: Callable[[MetaData], dict[str, Any]]) -> Callable[[Connectio
     return step
 
 
+def _add_traffic_columns(connection: Connection) -> None:
+    for column in schema.traffic_columns():
+        kind = column.type.compile(dialect=connection.dialect)
+        connection.execute(text(f"ALTER TABLE deployments ADD COLUMN {column.name} {kind} NOT NULL DEFAULT '{{}}'"))
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "registry: registered models, versions, tags, aliases", _create(schema.registry_tables)),
     (2, "deployments, desired-state revision, audit log", _create(schema.deployment_tables)),
+    (3, "deployments: flags and routing policy", _add_traffic_columns),
 ]
 LATEST = STEPS[-1][0]
 _MIGRATION_LOCK = 0x7765697200  # "weir\0": the advisory lock key migrations take on PostgreSQL

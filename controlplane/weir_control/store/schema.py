@@ -126,10 +126,20 @@ def schema_version_table(metadata: MetaData) -> Table:
     return Table("weir_schema_version", metadata, Column("version", Integer, nullable=False))
 
 
+def traffic_columns() -> list[Column[object]]:
+    """Schema version 3 (ALTER of ``deployments``): per-endpoint flags and the routing policy."""
+    return [
+        Column("flags", JSON, nullable=False, server_default="{}"),  # name -> value
+        Column("routing", JSON, nullable=False, server_default="{}"),  # {key_parameter, key_header}
+    ]
+
+
 METADATA = MetaData()
 SCHEMA_VERSION = schema_version_table(METADATA)
 _REGISTRY = registry_tables(METADATA)
 _DEPLOYMENTS = deployment_tables(METADATA)
+for _column in traffic_columns():
+    _DEPLOYMENTS["deployments"].append_column(_column)
 
 REGISTERED_MODELS = _REGISTRY["registered_models"]
 REGISTERED_MODEL_TAGS = _REGISTRY["registered_model_tags"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +50,7 @@ from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, Not
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DESIRED_STATE_REVISION = "desired_state_revision"
+KILL_SWITCH = "kill_switch"  # the flag that sends all of an endpoint's traffic to the variant it names
 READY = registry_pb2.ModelVersion.READY
 PENDING = registry_pb2.ModelVersion.PENDING
 FAILED = registry_pb2.ModelVersion.FAILED
@@ -80,7 +82,7 @@ def create_store_engine(url: str) -> Engine:
             # isolation_level None hands transactions to the "begin" hook below.
             connection.isolation_level = None
             cursor = connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(cursor)
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
@@ -93,6 +95,20 @@ def create_store_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _enable_wal(cursor: Any) -> None:
+    """WAL persists in the file; switching to it needs a moment alone with the database, which a
+    process opening the same new file at the same time may not give at once (no busy handler there)."""
+    for attempt in range(50):
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as error:  # sqlite3.OperationalError: database is locked
+            if "locked" not in str(error) or attempt == 49:
+                raise
+            time.sleep(0.05)
 
 
 class Store:
@@ -420,32 +436,59 @@ class Store:
     # --- deployments -----------------------------------------------------------------------------
 
     def deploy(
-        self, endpoint: str, variants: Sequence[deployments_pb2.Variant], actor: str
+        self,
+        endpoint: str,
+        variants: Sequence[deployments_pb2.Variant],
+        actor: str,
+        routing: deployments_pb2.RoutingPolicy | None = None,
     ) -> deployments_pb2.Deployment:
-        """Create or replace the endpoint's variants; every target must resolve to a READY version."""
+        """Create or replace the endpoint's variants (flags stay); every target must resolve to a
+        READY version."""
         _check_name("endpoint", endpoint)
+        _check_variants(variants)
         with self._transaction() as connection:
             for variant in variants:
                 _resolve_variant(connection, self, variant)
             revision = _bump_revision(connection)
             at = now()
             encoded = [_variant_json(variant) for variant in variants]
+            values: dict[str, Any] = {"variants": encoded, "revision": revision, "updated_by": actor, "updated_at": at}
+            if routing is not None:
+                values["routing"] = _routing_json(routing)
             changed = connection.execute(
-                update(DEPLOYMENTS)
-                .where(DEPLOYMENTS.c.endpoint == endpoint)
-                .values(variants=encoded, revision=revision, updated_by=actor, updated_at=at)
+                update(DEPLOYMENTS).where(DEPLOYMENTS.c.endpoint == endpoint).values(**values)
             ).rowcount
             if not changed:
                 connection.execute(
                     insert(DEPLOYMENTS).values(
                         endpoint=endpoint,
-                        variants=encoded,
-                        revision=revision,
-                        updated_by=actor,
+                        flags={},
+                        routing=values.get("routing", {}),
                         created_at=at,
-                        updated_at=at,
+                        **values,
                     )
                 )
+            return self._deployment(connection, endpoint)
+
+    def set_flag(self, endpoint: str, name: str, value: str, actor: str) -> deployments_pb2.Deployment:
+        _check_name("name", name)
+        with self._transaction() as connection:
+            current = self._deployment(connection, endpoint)
+            if name == KILL_SWITCH and value and value not in {variant.name for variant in current.variants}:
+                raise InvalidArgumentError(
+                    f"value: the kill switch must name a variant of '{endpoint}' "
+                    f"({sorted(variant.name for variant in current.variants)}), got {value!r}"
+                )
+            flags = dict(current.flags)
+            if value:
+                flags[name] = value
+            else:
+                flags.pop(name, None)
+            connection.execute(
+                update(DEPLOYMENTS)
+                .where(DEPLOYMENTS.c.endpoint == endpoint)
+                .values(flags=flags, revision=_bump_revision(connection), updated_by=actor, updated_at=now())
+            )
             return self._deployment(connection, endpoint)
 
     def undeploy(self, endpoint: str) -> None:
@@ -478,7 +521,8 @@ class Store:
             ).scalar()
             state = deployments_pb2.DesiredState(revision=int(revision or 0))
             for row in connection.execute(select(DEPLOYMENTS).order_by(DEPLOYMENTS.c.endpoint)):
-                endpoint = state.endpoints.add(endpoint=row.endpoint)
+                endpoint = state.endpoints.add(endpoint=row.endpoint, flags=row.flags or {})
+                endpoint.routing.CopyFrom(_routing_from_json(row.routing or {}))
                 for variant in (_variant_from_json(item) for item in row.variants):
                     try:
                         version = _resolve_variant(connection, self, variant)
@@ -504,7 +548,10 @@ class Store:
         row = connection.execute(select(DEPLOYMENTS).where(DEPLOYMENTS.c.endpoint == endpoint)).first()
         if row is None:
             raise NotFoundError(f"endpoint: nothing is deployed at '{endpoint}'")
-        message = deployments_pb2.Deployment(endpoint=row.endpoint, revision=row.revision, updated_by=row.updated_by)
+        message = deployments_pb2.Deployment(
+            endpoint=row.endpoint, revision=row.revision, updated_by=row.updated_by, flags=row.flags or {}
+        )
+        message.routing.CopyFrom(_routing_from_json(row.routing or {}))
         for item in row.variants:
             variant = message.variants.add()
             variant.CopyFrom(_variant_from_json(item))
@@ -667,6 +714,30 @@ def _resolve_variant(
             + (f" ({version.failure_reason})" if version.failure_reason else "")
         )
     return version
+
+
+def _check_variants(variants: Sequence[deployments_pb2.Variant]) -> None:
+    if not variants:
+        raise InvalidArgumentError("variants: expected at least one variant, got none")
+    names = [variant.name for variant in variants]
+    for name in names:
+        _check_name("variants name", name)
+        if "@" in name:
+            raise InvalidArgumentError(f"variants name: expected no '@' (Weir's separator), got {name!r}")
+    if len(set(names)) != len(names):
+        raise InvalidArgumentError(f"variants: expected unique names, got {names}")
+    if not any(variant.weight for variant in variants):
+        raise InvalidArgumentError(f"variants weight: expected at least one weight above 0, got all 0 ({names})")
+
+
+def _routing_json(routing: deployments_pb2.RoutingPolicy) -> dict[str, str]:
+    return {"key_parameter": routing.key_parameter, "key_header": routing.key_header.lower()}
+
+
+def _routing_from_json(item: dict[str, Any]) -> deployments_pb2.RoutingPolicy:
+    return deployments_pb2.RoutingPolicy(
+        key_parameter=item.get("key_parameter", ""), key_header=item.get("key_header", "")
+    )
 
 
 def _variant_json(variant: deployments_pb2.Variant) -> dict[str, Any]:

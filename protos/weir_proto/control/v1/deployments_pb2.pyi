@@ -26,7 +26,14 @@ class Variant(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("endpoint", "variants", "resolved", "revision", "updated_by", "created_at", "updated_at")
+    __slots__ = ("endpoint", "variants", "resolved", "revision", "updated_by", "created_at", "updated_at", "flags", "routing")
+    class FlagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +41,8 @@ class Deployment(_message.Message):
     UPDATED_BY_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     variants: _containers.RepeatedCompositeFieldContainer[Variant]
     resolved: _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelVersionRef]
@@ -41,7 +50,37 @@ class Deployment(_message.Message):
     updated_by: str
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, endpoint: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., resolved: _Optional[_Iterable[_Union[_types_pb2.ModelVersionRef, _Mapping]]] = ..., revision: _Optional[int] = ..., updated_by: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    flags: _containers.ScalarMap[str, str]
+    routing: RoutingPolicy
+    def __init__(self, endpoint: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., resolved: _Optional[_Iterable[_Union[_types_pb2.ModelVersionRef, _Mapping]]] = ..., revision: _Optional[int] = ..., updated_by: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., flags: _Optional[_Mapping[str, str]] = ..., routing: _Optional[_Union[RoutingPolicy, _Mapping]] = ...) -> None: ...
+
+class RoutingPolicy(_message.Message):
+    __slots__ = ("key_parameter", "key_header")
+    KEY_PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    KEY_HEADER_FIELD_NUMBER: _ClassVar[int]
+    key_parameter: str
+    key_header: str
+    def __init__(self, key_parameter: _Optional[str] = ..., key_header: _Optional[str] = ...) -> None: ...
+
+class SetTrafficRequest(_message.Message):
+    __slots__ = ("endpoint", "variants", "routing")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    variants: _containers.RepeatedCompositeFieldContainer[Variant]
+    routing: RoutingPolicy
+    def __init__(self, endpoint: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., routing: _Optional[_Union[RoutingPolicy, _Mapping]] = ...) -> None: ...
+
+class SetFlagRequest(_message.Message):
+    __slots__ = ("endpoint", "name", "value")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    name: str
+    value: str
+    def __init__(self, endpoint: _Optional[str] = ..., name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
     __slots__ = ("endpoint", "model_name", "version", "alias")
@@ -148,7 +187,7 @@ class ReplicaStatus(_message.Message):
     def __init__(self, applied_revision: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[EndpointStatus, _Mapping]]] = ...) -> None: ...
 
 class EndpointStatus(_message.Message):
-    __slots__ = ("endpoint", "state", "desired", "serving", "message")
+    __slots__ = ("endpoint", "state", "desired", "serving", "message", "variant")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[EndpointStatus.State]
@@ -164,12 +203,14 @@ class EndpointStatus(_message.Message):
     DESIRED_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     state: EndpointStatus.State
     desired: _types_pb2.ModelVersionRef
     serving: _types_pb2.ModelVersionRef
     message: str
-    def __init__(self, endpoint: _Optional[str] = ..., state: _Optional[_Union[EndpointStatus.State, str]] = ..., desired: _Optional[_Union[_types_pb2.ModelVersionRef, _Mapping]] = ..., serving: _Optional[_Union[_types_pb2.ModelVersionRef, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
+    variant: str
+    def __init__(self, endpoint: _Optional[str] = ..., state: _Optional[_Union[EndpointStatus.State, str]] = ..., desired: _Optional[_Union[_types_pb2.ModelVersionRef, _Mapping]] = ..., serving: _Optional[_Union[_types_pb2.ModelVersionRef, _Mapping]] = ..., message: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class ControlPlaneMessage(_message.Message):
     __slots__ = ("desired_state",)
@@ -186,12 +227,23 @@ class DesiredState(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[EndpointState, _Mapping]]] = ...) -> None: ...
 
 class EndpointState(_message.Message):
-    __slots__ = ("endpoint", "variants")
+    __slots__ = ("endpoint", "variants", "flags", "routing")
+    class FlagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     variants: _containers.RepeatedCompositeFieldContainer[ResolvedVariant]
-    def __init__(self, endpoint: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[ResolvedVariant, _Mapping]]] = ...) -> None: ...
+    flags: _containers.ScalarMap[str, str]
+    routing: RoutingPolicy
+    def __init__(self, endpoint: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[ResolvedVariant, _Mapping]]] = ..., flags: _Optional[_Mapping[str, str]] = ..., routing: _Optional[_Union[RoutingPolicy, _Mapping]] = ...) -> None: ...
 
 class ResolvedVariant(_message.Message):
     __slots__ = ("name", "model", "artifact_sha256", "artifact_size", "artifact_filename", "config_pbtxt", "weight")

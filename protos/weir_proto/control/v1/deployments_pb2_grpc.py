@@ -39,6 +39,16 @@ class DeploymentsStub(object):
                 request_serializer=weir__proto_dot_control_dot_v1_dot_deployments__pb2.DeployRequest.SerializeToString,
                 response_deserializer=weir__proto_dot_control_dot_v1_dot_deployments__pb2.Deployment.FromString,
                 _registered_method=True)
+        self.SetTraffic = channel.unary_unary(
+                '/weir.control.v1.Deployments/SetTraffic',
+                request_serializer=weir__proto_dot_control_dot_v1_dot_deployments__pb2.SetTrafficRequest.SerializeToString,
+                response_deserializer=weir__proto_dot_control_dot_v1_dot_deployments__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.SetFlag = channel.unary_unary(
+                '/weir.control.v1.Deployments/SetFlag',
+                request_serializer=weir__proto_dot_control_dot_v1_dot_deployments__pb2.SetFlagRequest.SerializeToString,
+                response_deserializer=weir__proto_dot_control_dot_v1_dot_deployments__pb2.Deployment.FromString,
+                _registered_method=True)
         self.Undeploy = channel.unary_unary(
                 '/weir.control.v1.Deployments/Undeploy',
                 request_serializer=weir__proto_dot_control_dot_v1_dot_deployments__pb2.UndeployRequest.SerializeToString,
@@ -66,6 +76,21 @@ class DeploymentsServicer(object):
 
     def Deploy(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTraffic(self, request, context):
+        """Replace an endpoint's variants and weights at once (canary steps, A/B splits, blue-green switch).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetFlag(self, request, context):
+        """Named per-endpoint flags, pushed to every data plane at once. The flag "kill_switch" names a
+        variant that then takes all of the endpoint's traffic; an empty value clears a flag.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -101,6 +126,16 @@ def add_DeploymentsServicer_to_server(servicer, server):
             'Deploy': grpc.unary_unary_rpc_method_handler(
                     servicer.Deploy,
                     request_deserializer=weir__proto_dot_control_dot_v1_dot_deployments__pb2.DeployRequest.FromString,
+                    response_serializer=weir__proto_dot_control_dot_v1_dot_deployments__pb2.Deployment.SerializeToString,
+            ),
+            'SetTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTraffic,
+                    request_deserializer=weir__proto_dot_control_dot_v1_dot_deployments__pb2.SetTrafficRequest.FromString,
+                    response_serializer=weir__proto_dot_control_dot_v1_dot_deployments__pb2.Deployment.SerializeToString,
+            ),
+            'SetFlag': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFlag,
+                    request_deserializer=weir__proto_dot_control_dot_v1_dot_deployments__pb2.SetFlagRequest.FromString,
                     response_serializer=weir__proto_dot_control_dot_v1_dot_deployments__pb2.Deployment.SerializeToString,
             ),
             'Undeploy': grpc.unary_unary_rpc_method_handler(
@@ -150,6 +185,60 @@ class Deployments(object):
             target,
             '/weir.control.v1.Deployments/Deploy',
             weir__proto_dot_control_dot_v1_dot_deployments__pb2.DeployRequest.SerializeToString,
+            weir__proto_dot_control_dot_v1_dot_deployments__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.control.v1.Deployments/SetTraffic',
+            weir__proto_dot_control_dot_v1_dot_deployments__pb2.SetTrafficRequest.SerializeToString,
+            weir__proto_dot_control_dot_v1_dot_deployments__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFlag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.control.v1.Deployments/SetFlag',
+            weir__proto_dot_control_dot_v1_dot_deployments__pb2.SetFlagRequest.SerializeToString,
             weir__proto_dot_control_dot_v1_dot_deployments__pb2.Deployment.FromString,
             options,
             channel_credentials,
