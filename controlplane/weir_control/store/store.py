@@ -461,11 +461,7 @@ class Store:
             if not changed:
                 connection.execute(
                     insert(DEPLOYMENTS).values(
-                        endpoint=endpoint,
-                        flags={},
-                        routing=values.get("routing", {}),
-                        created_at=at,
-                        **values,
+                        {"routing": {}, **values, "endpoint": endpoint, "flags": {}, "created_at": at}
                     )
                 )
             return self._deployment(connection, endpoint)
