@@ -38,7 +38,7 @@ from weir_proto.errors import WeirError
 DEFAULT_CONTROL_PLANE = "127.0.0.1:8011"
 DEFAULT_TOKEN_FILE = Path(".weir") / "admin.token"
 UPLOAD_CHUNK = 1 << 20
-CLIENT_COMMANDS = ("models", "deploy", "undeploy", "deployments", "audit")
+CLIENT_COMMANDS = ("models", "deploy", "undeploy", "deployments", "audit", "traffic", "flags")
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -100,6 +100,22 @@ def add_commands(subcommands: Any) -> None:
     deploy.add_argument("endpoint")
     deploy.add_argument("model")
     deploy.add_argument("target", help="a version number or an alias")
+    traffic = subcommands.add_parser("traffic", help="split an endpoint's traffic between variants")
+    traffic.add_argument("endpoint")
+    traffic.add_argument(
+        "--variant", action="append", required=True, metavar="NAME=MODEL:VERSION_OR_ALIAS:WEIGHT",
+        help="repeat for each variant, e.g. stable=mlp:champion:90 canary=mlp:4:10",
+    )  # fmt: skip
+    traffic.add_argument("--key-parameter", help="request parameter holding the sticky key (default routing_key)")
+    traffic.add_argument("--key-header", help="gRPC metadata header holding the sticky key")
+    flags = subcommands.add_parser("flags", help="per-endpoint flags (kill_switch=VARIANT sends it all traffic)")
+    flag_actions = flags.add_subparsers(dest="flags_command", required=True)
+    flag_set = flag_actions.add_parser("set", help="set a flag (an empty value removes it)")
+    flag_set.add_argument("endpoint")
+    flag_set.add_argument("name")
+    flag_set.add_argument("value")
+    flag_list = flag_actions.add_parser("list", help="an endpoint's flags")
+    flag_list.add_argument("endpoint")
     undeploy = subcommands.add_parser("undeploy", help="remove an endpoint")
     undeploy.add_argument("endpoint")
     subcommands.add_parser("deployments", help="endpoints, and the data planes following them")
@@ -108,7 +124,10 @@ def add_commands(subcommands: Any) -> None:
     audit.add_argument("--action", default="")
     audit.add_argument("--target-prefix", default="")
     audit.add_argument("--limit", type=int, default=50)
-    for parser in (models, push, listing, show, download, alias, deploy, undeploy, audit, *_leaves(subcommands)):
+    for parser in (
+        models, push, listing, show, download, alias, deploy, traffic, flag_set, flag_list, undeploy, audit,
+        *_leaves(subcommands),
+    ):  # fmt: skip
         _add_client_options(parser)
 
 
@@ -249,7 +268,10 @@ class _Client:
             "undeploy": self.undeploy,
             "deployments": self.list_deployments,
             "audit": self.audit_log,
+            "traffic": self.set_traffic,
         }
+        if self.args.command == "flags":
+            return self.set_flag() if self.args.flags_command == "set" else self.list_flags()
         if self.args.command == "models":
             return int(getattr(self, f"models_{self.args.models_command}")())
         return commands[self.args.command]()
@@ -416,6 +438,49 @@ class _Client:
         deployment = self._deployments.Deploy(request, metadata=self._metadata)
         resolved = ", ".join(f"{ref.model_name}:{ref.version}" for ref in deployment.resolved)
         self._print(deployment, f"{deployment.endpoint} -> {resolved} (revision {deployment.revision})")
+        return 0
+
+    def set_traffic(self) -> int:
+        args = self.args
+        request = deployments_pb2.SetTrafficRequest(endpoint=args.endpoint)
+        for item in args.variant:
+            name, separator, spec = item.partition("=")
+            parts = spec.split(":")
+            if not separator or len(parts) != 3 or not parts[2].isdigit():
+                raise WeirError(f"--variant: expected NAME=MODEL:VERSION_OR_ALIAS:WEIGHT, got {item!r}")
+            variant = request.variants.add(name=name, model_name=parts[0], weight=int(parts[2]))
+            if parts[1].isdigit():
+                variant.version = int(parts[1])
+            else:
+                variant.alias = parts[1]
+        if args.key_parameter is not None or args.key_header is not None:
+            request.routing.key_parameter = args.key_parameter or ""
+            request.routing.key_header = args.key_header or ""
+        deployment = self._deployments.SetTraffic(request, metadata=self._metadata)
+        split = ", ".join(
+            f"{variant.name}={ref.model_name}:{ref.version}@{variant.weight}"
+            for variant, ref in zip(deployment.variants, deployment.resolved, strict=True)
+        )
+        self._print(deployment, f"{deployment.endpoint}: {split} (revision {deployment.revision})")
+        return 0
+
+    def set_flag(self) -> int:
+        args = self.args
+        deployment = self._deployments.SetFlag(
+            deployments_pb2.SetFlagRequest(endpoint=args.endpoint, name=args.name, value=args.value),
+            metadata=self._metadata,
+        )
+        self._print(deployment, f"{deployment.endpoint} flags: {dict(deployment.flags) or 'none'}")
+        return 0
+
+    def list_flags(self) -> int:
+        deployment = self._deployments.GetDeployment(
+            deployments_pb2.GetDeploymentRequest(endpoint=self.args.endpoint), metadata=self._metadata
+        )
+        if self.args.json:
+            print(json.dumps(dict(deployment.flags)))
+        else:
+            print("\n".join(f"{name}={value}" for name, value in sorted(deployment.flags.items())) or "no flags")
         return 0
 
     def undeploy(self) -> int:

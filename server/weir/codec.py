@@ -262,13 +262,29 @@ _MODEL_NAME_TAG = b"\x0a"  # ModelInferResponse field 1 (model_name), length-del
 _ID_TAG = b"\x1a"  # ModelInferResponse field 3 (id), length-delimited
 
 
-def with_caller_fields(serialized: bytes, model_name: str, request_id: str) -> bytes:
-    """A serialized ModelInferResponse stored without ``model_name`` and ``id``, completed for one
-    caller by appending those two fields (protobuf reads fields in any order), so a cache hit is
-    answered without parsing and re-serializing the whole response."""
+_PARAMETERS_TAG = b"\x22"  # ModelInferResponse field 4 (parameters map), length-delimited entries
+_ENTRY_KEY_TAG = b"\x0a"  # map entry field 1 (key)
+_ENTRY_VALUE_TAG = b"\x12"  # map entry field 2 (value: InferParameter)
+_STRING_PARAM_TAG = b"\x1a"  # InferParameter field 3 (string_param)
+
+
+def _length_delimited(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+def with_caller_fields(
+    serialized: bytes, model_name: str, request_id: str, string_parameters: Mapping[str, str] | None = None
+) -> bytes:
+    """A serialized ModelInferResponse stored without ``model_name``, ``id`` and per-caller
+    parameters, completed for one caller by appending those fields (protobuf reads fields in any
+    order; map entries merge), so a cache hit is answered without parsing and re-serializing."""
     parts = [serialized]
     for tag, text in ((_MODEL_NAME_TAG, model_name), (_ID_TAG, request_id)):
         if text:
             encoded = text.encode("utf-8")
             parts += (tag, _varint(len(encoded)), encoded)
+    for key, value in (string_parameters or {}).items():
+        parameter = _length_delimited(_STRING_PARAM_TAG, value.encode("utf-8"))
+        entry = _length_delimited(_ENTRY_KEY_TAG, key.encode("utf-8")) + _length_delimited(_ENTRY_VALUE_TAG, parameter)
+        parts.append(_length_delimited(_PARAMETERS_TAG, entry))
     return b"".join(parts)

@@ -11,18 +11,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Protocol
 
 from weir import codec
 from weir.cache import ResponseCache, response_cache_key
-from weir.errors import WeirError
+from weir.errors import PermissionDeniedError, WeirError
 from weir.metrics import UNKNOWN_MODEL_LABEL, Metrics
 from weir.repository import LoadedVersion, ModelRepository
+from weir.routing import PIN_PARAMETER, EndpointRoute, Router, VariantRoute, routing_key
 from weir_proto.inference import messages as pb
 
 log = logging.getLogger(__name__)
 
 # A response message, or (a cache hit) the serialized bytes of one.
 InferAnswer = pb.ModelInferResponse | bytes
+
+
+class Caller(Protocol):
+    """What routing may need from the transport, asked only for routed endpoints."""
+
+    def header(self, name: str) -> str | None: ...
+
+    def may_pin(self) -> bool: ...
+
+
+class _NoCaller:
+    def header(self, name: str) -> str | None:
+        return None
+
+    def may_pin(self) -> bool:
+        return True
 
 
 class DataPlane:
@@ -32,26 +50,37 @@ class DataPlane:
         metrics: Metrics,
         max_tensor_elements: int,
         response_cache: ResponseCache | None = None,
+        router: Router | None = None,
     ) -> None:
         self._repository = repository
+        self.router = router if router is not None else Router()
         self._metrics = metrics
         self._max_tensor_elements = max_tensor_elements
         self._response_cache = response_cache
 
-    async def infer(self, request: pb.ModelInferRequest, deadline: float | None = None) -> InferAnswer:
+    async def infer(
+        self, request: pb.ModelInferRequest, deadline: float | None = None, caller: Caller | None = None
+    ) -> InferAnswer:
         """Answer one request. ``deadline`` is a ``time.monotonic()`` instant (the client's gRPC
         deadline): a request still waiting when it passes is dropped before compute. A cache hit
-        comes back already serialized (bytes), ready for the wire."""
+        comes back already serialized (bytes), ready for the wire. A request for a routed endpoint
+        runs on the variant the traffic policy picks; the response names it."""
         started = time.perf_counter_ns()
+        variant = None
         try:
-            loaded = self._repository.resolve(request.model_name, request.model_version)
+            route = self.router.get(request.model_name)
+            if route is None:
+                loaded = self._repository.resolve(request.model_name, request.model_version)
+            else:
+                variant = self._choose(route, request, caller or _NoCaller())
+                loaded = self._repository.resolve(variant.model, request.model_version)
         except WeirError as error:
             self._metrics.request_failure.labels(UNKNOWN_MODEL_LABEL, "", error.kind.value).inc()
             raise
         pending = loaded.metrics.pending_requests
         pending.inc()
         try:
-            response = await self._infer_on(loaded, request, deadline, started)
+            response = await self._infer_on(loaded, request, deadline, started, variant)
         except WeirError as error:
             self._record_failure(loaded, error.kind.value, started)
             raise
@@ -62,8 +91,30 @@ class DataPlane:
             pending.dec()
         return response
 
+    def _choose(self, route: EndpointRoute, request: pb.ModelInferRequest, caller: Caller) -> VariantRoute:
+        parameters = request.parameters
+        pinned = None
+        if PIN_PARAMETER in parameters:
+            pinned = codec.parameter_value(parameters[PIN_PARAMETER])
+            if not caller.may_pin():
+                raise PermissionDeniedError(
+                    f"parameters['{PIN_PARAMETER}']: pinning a variant needs the deployer role or above"
+                )
+            pinned = str(pinned)
+        key = None
+        if route.key_parameter in parameters:
+            key = routing_key(codec.parameter_value(parameters[route.key_parameter]))
+        elif route.key_header:
+            key = caller.header(route.key_header)
+        return route.choose(key, pinned)
+
     async def _infer_on(
-        self, loaded: LoadedVersion, request: pb.ModelInferRequest, deadline: float | None, started: int
+        self,
+        loaded: LoadedVersion,
+        request: pb.ModelInferRequest,
+        deadline: float | None,
+        started: int,
+        variant: VariantRoute | None = None,
     ) -> InferAnswer:
         decoded = codec.decode_request(request, loaded.signature, self._max_tensor_elements)
         cache_key = None
@@ -74,7 +125,7 @@ class DataPlane:
             if cached is None:
                 cached = await cache.lookup_shared(loaded.cache_namespace, cache_key)
             if cached is not None:
-                return self._answer_from_cache(loaded, request, cached, started)
+                return self._answer_from_cache(loaded, request, cached, started, variant)
             loaded.statistics.record_cache_miss(time.perf_counter_ns() - started)
             loaded.metrics.cache_misses.inc()
         decoded_at = time.perf_counter_ns()
@@ -95,6 +146,8 @@ class DataPlane:
             request.id,
             [(specs[name], result.outputs[name]) for name in decoded.requested_outputs],
         )
+        if variant is not None:
+            response.parameters[PIN_PARAMETER].string_param = variant.name
         finished = time.perf_counter_ns()
         if cache_key is not None and self._response_cache is not None:
             self._response_cache.store(loaded.cache_namespace, cache_key, _cacheable(response))
@@ -111,9 +164,16 @@ class DataPlane:
         return response
 
     def _answer_from_cache(
-        self, loaded: LoadedVersion, request: pb.ModelInferRequest, cached: bytes, started: int
+        self,
+        loaded: LoadedVersion,
+        request: pb.ModelInferRequest,
+        cached: bytes,
+        started: int,
+        variant: VariantRoute | None = None,
     ) -> bytes:
-        response = codec.with_caller_fields(cached, request.model_name, request.id)
+        response = codec.with_caller_fields(
+            cached, request.model_name, request.id, {PIN_PARAMETER: variant.name} if variant else None
+        )
         total_ns = time.perf_counter_ns() - started
         loaded.statistics.record_cache_hit(total_ns)
         metrics = loaded.metrics
@@ -134,8 +194,13 @@ def _cache_key(loaded: LoadedVersion, decoded: codec.DecodedRequest) -> bytes:
 
 
 def _cacheable(response: pb.ModelInferResponse) -> bytes:
-    """The response without the caller's model name and request id: each hit gets its own caller's
-    (``codec.with_caller_fields``)."""
+    """The response without the caller's model name, request id and variant: each hit gets its own
+    caller's (``codec.with_caller_fields``)."""
+    if PIN_PARAMETER in response.parameters:
+        copy = pb.ModelInferResponse()
+        copy.CopyFrom(response)
+        del copy.parameters[PIN_PARAMETER]
+        response = copy
     model_name, request_id = response.model_name, response.id
     response.model_name = response.id = ""
     try:

@@ -22,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import random
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from google.protobuf import text_format
 from weir import __version__
 from weir.errors import WeirError
 from weir.repository import ModelRepository
+from weir.routing import DEFAULT_KEY_PARAMETER, SEPARATOR, EndpointRoute, Router, VariantRoute, variant_model
 from weir_proto.auth import client_metadata
 from weir_proto.common.v1 import types_pb2
 from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -47,6 +49,8 @@ from weir_proto.tls import ClientTLS
 log = logging.getLogger(__name__)
 
 ARTIFACTS_DIR = ".artifacts"  # dot-prefixed: the repository never mistakes it for a model
+ROUTES_FILE = ".routes.json"  # the traffic policy last applied, for a restart without the control plane
+SERVED_MARKER = "weir-served.txt"  # in each variant's directory: registry model, version, sha256
 EndpointState = deployments_pb2.EndpointStatus
 
 
@@ -76,9 +80,11 @@ class ControlPlaneFollower:
         self,
         settings: FollowerSettings,
         repository: ModelRepository,
+        router: Router,
         root: Path,
         on_change: Callable[[], Awaitable[None]],
     ) -> None:
+        self._router = router
         self._settings = settings
         self._repository = repository
         self._root = root
@@ -93,24 +99,26 @@ class ControlPlaneFollower:
     # --- start-up ----------------------------------------------------------------------------------
 
     async def load_last_known_good(self) -> None:
-        """Serve what the managed directory holds before the control plane is reachable."""
+        """Serve what the managed directory holds (variant models and the routes saved with them)
+        before the control plane is reachable."""
         self._artifacts.mkdir(parents=True, exist_ok=True)
         for model_dir in sorted(p for p in self._root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            endpoint = model_dir.name
+            model = model_dir.name
             try:
-                await self._repository.load(endpoint)
+                await self._repository.load(model)
             except WeirError as error:
-                log.error("last-known-good endpoint failed to load", extra={"model": endpoint, "reason": error.message})
+                log.error("last-known-good model failed to load", extra={"model": model, "reason": error.message})
                 continue
-            marker = model_dir / "weir-served.txt"
+            marker = model_dir / SERVED_MARKER
             if marker.is_file():
                 name, version, sha256 = marker.read_text().split()
-                self._served[endpoint] = _Served(
-                    types_pb2.ModelVersionRef(model_name=name, version=int(version)), sha256
+                served = _Served(types_pb2.ModelVersionRef(model_name=name, version=int(version)), sha256)
+                self._served[model] = served
+                endpoint, _, variant = model.partition(SEPARATOR)
+                self._statuses[model] = EndpointState(
+                    endpoint=endpoint, variant=variant, state=EndpointState.READY, serving=served.model
                 )
-                self._statuses[endpoint] = EndpointState(
-                    endpoint=endpoint, state=EndpointState.READY, serving=self._served[endpoint].model
-                )
+        self._router.swap(_load_routes(self._root / ROUTES_FILE, set(self._served)))
         await self._on_change()
 
     # --- the attach loop ---------------------------------------------------------------------------
@@ -181,58 +189,111 @@ class ControlPlaneFollower:
 
     async def _apply(self, state: deployments_pb2.DesiredState, registry: registry_pb2_grpc.RegistryStub) -> None:
         desired = {endpoint.endpoint: endpoint for endpoint in state.endpoints if endpoint.variants}
+        wanted_models: set[str] = set()
         for name, endpoint in desired.items():
-            variant = endpoint.variants[0]  # v1: one variant takes all traffic
-            served = self._served.get(name)
-            if served is not None and served.model == variant.model and served.sha256 == variant.artifact_sha256:
-                continue
-            previous_model = served.model if served else None
-            self._statuses[name] = EndpointState(
-                endpoint=name, state=EndpointState.LOADING, desired=variant.model, serving=previous_model
-            )
-            self._report()
-            try:
-                await self._install(name, variant, registry)
-                await self._repository.load(name)
-            except (WeirError, grpc.aio.AioRpcError, OSError) as error:
-                message = error.message if isinstance(error, WeirError) else _short(error)
-                log.error("desired version failed to load; the previous one keeps serving",
-                          extra={"model": name, "reason": message})  # fmt: skip
-                self._statuses[name] = EndpointState(
-                    endpoint=name, state=EndpointState.FAILED, desired=variant.model, serving=previous_model,
-                    message=message,
-                )  # fmt: skip
-                continue
-            self._served[name] = _Served(variant.model, variant.artifact_sha256)
-            (self._root / name / "weir-served.txt").write_text(
-                f"{variant.model.model_name} {variant.model.version} {variant.artifact_sha256}\n"
-            )
-            self._prune_versions(name, keep=variant.model.version)
-            self._statuses[name] = EndpointState(
-                endpoint=name, state=EndpointState.READY, desired=variant.model, serving=variant.model
-            )
-            log.info("endpoint now serves", extra={"model": name, "source": f"{variant.model.model_name}:"
-                                                                           f"{variant.model.version}"})  # fmt: skip
-        for name in [name for name in self._served if name not in desired]:
-            with contextlib.suppress(WeirError):
-                await self._repository.unload(name)
-            self._served.pop(name, None)
-            self._statuses.pop(name, None)
-            await asyncio.to_thread(shutil.rmtree, self._root / name, True)
+            for variant in endpoint.variants:
+                model = variant_model(name, variant.name)
+                wanted_models.add(model)
+                await self._ensure_variant(name, model, variant, registry)
+            self._route(name, endpoint)
+        for name in [name for name in self._router.table() if name not in desired]:
+            self._router.remove(name)  # no new request goes there from now on
             log.info("endpoint undeployed", extra={"model": name})
+        for model in [model for model in self._served if model not in wanted_models]:
+            with contextlib.suppress(WeirError):
+                await self._repository.unload(model)
+            self._served.pop(model, None)
+            self._statuses.pop(model, None)
+            await asyncio.to_thread(shutil.rmtree, self._root / model, True)
+        for model in [model for model in self._statuses if model not in wanted_models]:
+            self._statuses.pop(model, None)  # a variant that never loaded
+        await asyncio.to_thread(_save_routes, self._root / ROUTES_FILE, self._router.table())
         self._applied_revision = state.revision
         await self._on_change()
         self._report()
 
-    async def _install(
-        self, endpoint: str, variant: deployments_pb2.ResolvedVariant, registry: registry_pb2_grpc.RegistryStub
+    async def _ensure_variant(
+        self,
+        endpoint: str,
+        model: str,
+        variant: deployments_pb2.ResolvedVariant,
+        registry: registry_pb2_grpc.RegistryStub,
     ) -> None:
-        """Put the variant's artifact and config where the repository loads ``endpoint`` from."""
+        """Load the variant's version under ``model`` unless it is already what serves there."""
+        served = self._served.get(model)
+        if served is not None and served.model == variant.model and served.sha256 == variant.artifact_sha256:
+            return
+        previous = served.model if served else None
+        status = EndpointState(
+            endpoint=endpoint,
+            variant=variant.name,
+            state=EndpointState.LOADING,
+            desired=variant.model,
+            serving=previous,
+        )
+        self._statuses[model] = status
+        self._report()
+        try:
+            await self._install(model, variant, registry)
+            await self._repository.load(model)
+        except (WeirError, grpc.aio.AioRpcError, OSError) as error:
+            message = error.message if isinstance(error, WeirError) else _short(error)
+            log.error("desired version failed to load; the previous one keeps serving",
+                      extra={"model": model, "reason": message})  # fmt: skip
+            self._statuses[model] = EndpointState(
+                endpoint=endpoint, variant=variant.name, state=EndpointState.FAILED, desired=variant.model,
+                serving=previous, message=message,
+            )  # fmt: skip
+            return
+        self._served[model] = _Served(variant.model, variant.artifact_sha256)
+        (self._root / model / SERVED_MARKER).write_text(
+            f"{variant.model.model_name} {variant.model.version} {variant.artifact_sha256}\n"
+        )
+        self._prune_versions(model, keep=variant.model.version)
+        self._statuses[model] = EndpointState(
+            endpoint=endpoint, variant=variant.name, state=EndpointState.READY, desired=variant.model,
+            serving=variant.model,
+        )  # fmt: skip
+        log.info("variant now serves", extra={"model": model, "source": f"{variant.model.model_name}:"
+                                                                        f"{variant.model.version}"})  # fmt: skip
+
+    def _route(self, name: str, endpoint: deployments_pb2.EndpointState) -> None:
+        """Switch the endpoint's traffic once every variant it names serves what it should; while one
+        failed, keep the previous split (with the new flags: a kill switch must apply regardless)."""
+        current = self._router.get(name)
+        ready = [
+            variant
+            for variant in endpoint.variants
+            if (served := self._served.get(variant_model(name, variant.name))) is not None
+            and served.model == variant.model
+        ]
+        if len(ready) == len(endpoint.variants) or current is None:
+            variants = tuple(
+                VariantRoute(variant.name, variant_model(name, variant.name), variant.weight) for variant in ready
+            )
+        else:
+            variants = current.variants
+        if not variants:
+            return
+        self._router.update(
+            EndpointRoute(
+                name,
+                variants,
+                flags=dict(endpoint.flags),
+                key_parameter=endpoint.routing.key_parameter or DEFAULT_KEY_PARAMETER,
+                key_header=endpoint.routing.key_header.lower(),
+            )
+        )
+
+    async def _install(
+        self, model: str, variant: deployments_pb2.ResolvedVariant, registry: registry_pb2_grpc.RegistryStub
+    ) -> None:
+        """Put the variant's artifact and config where the repository loads ``model`` from."""
         blob = await self._fetch(variant, registry)
-        version_dir = self._root / endpoint / str(variant.model.version)
+        version_dir = self._root / model / str(variant.model.version)
         config = inference.ModelConfig()
         text_format.Parse(variant.config_pbtxt, config)
-        config.name = endpoint  # clients call the endpoint; the registry's model name may differ
+        config.name = model  # endpoint@variant; clients call the endpoint and the router picks this
         config.version_policy.Clear()
         config.version_policy.specific.versions.append(variant.model.version)
 
@@ -247,7 +308,7 @@ class ControlPlaneFollower:
             except OSError:
                 shutil.copyfile(blob, staged)
             os.replace(staged, target)
-            _write_atomically(self._root / endpoint / "config.pbtxt", text_format.MessageToString(config))
+            _write_atomically(self._root / model / "config.pbtxt", text_format.MessageToString(config))
 
         await asyncio.to_thread(write)
 
@@ -280,8 +341,8 @@ class ControlPlaneFollower:
                 os.unlink(temporary)
         return cached
 
-    def _prune_versions(self, endpoint: str, keep: int) -> None:
-        for path in (self._root / endpoint).iterdir():
+    def _prune_versions(self, model: str, keep: int) -> None:
+        for path in (self._root / model).iterdir():
             if path.is_dir() and path.name.isdigit() and int(path.name) != keep:
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -304,6 +365,35 @@ async def _channel(settings: FollowerSettings) -> AsyncIterator[grpc.aio.Channel
         yield channel
     finally:
         await channel.close()
+
+
+def _save_routes(path: Path, table: Mapping[str, EndpointRoute]) -> None:
+    document = {
+        name: {
+            "variants": [[variant.name, variant.model, variant.weight] for variant in route.variants],
+            "flags": dict(route.flags),
+            "key_parameter": route.key_parameter,
+            "key_header": route.key_header,
+        }
+        for name, route in table.items()
+    }
+    _write_atomically(path, json.dumps(document, sort_keys=True))
+
+
+def _load_routes(path: Path, loaded_models: set[str]) -> dict[str, EndpointRoute]:
+    if not path.is_file():
+        return {}
+    routes = {}
+    for name, item in json.loads(path.read_text()).items():
+        variants = tuple(
+            VariantRoute(v, model, weight) for v, model, weight in item["variants"] if model in loaded_models
+        )
+        if variants:
+            routes[name] = EndpointRoute(
+                name, variants, flags=item.get("flags", {}), key_parameter=item.get("key_parameter") or
+                DEFAULT_KEY_PARAMETER, key_header=item.get("key_header", ""),
+            )  # fmt: skip
+    return routes
 
 
 def _write_atomically(path: Path, text: str) -> None:

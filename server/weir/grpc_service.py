@@ -23,7 +23,8 @@ from weir.dataplane import DataPlane, InferAnswer
 from weir.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, WeirError
 from weir.grpc_status import status_code_for
 from weir.logs import request_id_var
-from weir.repository import ModelRepository
+from weir.repository import LoadedVersion, ModelRepository
+from weir_proto.auth import Role, TokenTable, identity_of
 from weir_proto.inference import messages as pb
 from weir_proto.inference.pool import SERVICE
 
@@ -58,7 +59,9 @@ class InferenceServicer:
         explicit_model_control: bool,
         is_ready: Callable[[], bool],
         on_repository_change: Callable[[], Awaitable[None]],
+        tokens: TokenTable | None = None,
     ) -> None:
+        self._tokens = tokens
         self._dataplane = dataplane
         self._repository = repository
         self._explicit_model_control = explicit_model_control
@@ -77,11 +80,18 @@ class InferenceServicer:
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._is_ready())
 
+    def _resolve(self, name: str, version: str) -> LoadedVersion:
+        """A model, or for a routed endpoint the variant metadata describes (its default one)."""
+        route = self._dataplane.router.get(name)
+        if route is not None:
+            return self._repository.resolve(route.default_variant.model, version)
+        return self._repository.resolve(name, version)
+
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
         try:
-            self._repository.resolve(request.name, request.version)
+            self._resolve(request.name, request.version)
         except WeirError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -95,12 +105,12 @@ class InferenceServicer:
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         try:
-            loaded = self._repository.resolve(request.name, request.version)
+            loaded = self._resolve(request.name, request.version)
         except WeirError as error:
             await _abort(context, error)
         signature = loaded.signature
         response = pb.ModelMetadataResponse(
-            name=loaded.name,
+            name=request.name,
             versions=[version.version_label for version in self._repository.ready_versions(loaded.name)],
             platform=loaded.config.platform,
         )
@@ -114,17 +124,33 @@ class InferenceServicer:
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         try:
-            loaded = self._repository.resolve(request.name, request.version)
+            loaded = self._resolve(request.name, request.version)
         except WeirError as error:
             await _abort(context, error)
-        return pb.ModelConfigResponse(config=loaded.config)
+        if loaded.name == request.name:
+            return pb.ModelConfigResponse(config=loaded.config)
+        config = pb.ModelConfig()
+        config.CopyFrom(loaded.config)
+        config.name = request.name  # the endpoint the client asked about
+        return pb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         response = pb.ModelStatisticsResponse()
         try:
-            if request.name:
+            route = self._dataplane.router.get(request.name) if request.name else None
+            if route is not None:  # a routed endpoint: the statistics of each of its variants
+                versions = [
+                    loaded
+                    for variant in route.variants
+                    for loaded in (
+                        [self._repository.resolve(variant.model, request.version)]
+                        if request.version
+                        else self._repository.ready_versions(variant.model)
+                    )
+                ]
+            elif request.name:
                 loaded = self._repository.resolve(request.name, request.version)
                 versions = [loaded] if request.version else self._repository.ready_versions(loaded.name)
             elif request.version:
@@ -146,7 +172,7 @@ class InferenceServicer:
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> InferAnswer:
         request_id_var.set(request.id)
         try:
-            return await self._dataplane.infer(request, _deadline_of(context))
+            return await self._dataplane.infer(request, _deadline_of(context), _GrpcCaller(context, self._tokens))
         except Exception as error:
             await _abort(context, error)
 
@@ -164,7 +190,7 @@ class InferenceServicer:
         async def answer(request: pb.ModelInferRequest) -> None:
             request_id_var.set(request.id)
             try:
-                answer = await self._dataplane.infer(request, deadline)
+                answer = await self._dataplane.infer(request, deadline, _GrpcCaller(context, self._tokens))
                 response = pb.ModelInferResponse.FromString(answer) if isinstance(answer, bytes) else answer
                 await answers.put(pb.ModelStreamInferResponse(infer_response=response))
             except WeirError as error:
@@ -237,6 +263,26 @@ class InferenceServicer:
                 f"model {action}: expected the server in explicit model control mode "
                 "(--model-control-mode explicit), it runs in mode 'none'"
             )
+
+
+class _GrpcCaller:
+    """What routing asks of a gRPC call: a metadata header, and whether the caller may pin a variant
+    (any caller on a server without tokens; deployers and above with tokens)."""
+
+    __slots__ = ("_context", "_tokens")
+
+    def __init__(self, context: grpc.aio.ServicerContext, tokens: TokenTable | None) -> None:
+        self._context = context
+        self._tokens = tokens
+
+    def header(self, name: str) -> str | None:
+        for key, value in self._context.invocation_metadata() or ():
+            if key == name and isinstance(value, str):
+                return value
+        return None
+
+    def may_pin(self) -> bool:
+        return self._tokens is None or identity_of(self._context, self._tokens).role >= Role.DEPLOYER
 
 
 def _echo(request: pb.ModelInferRequest) -> pb.ModelInferResponse:

@@ -119,6 +119,7 @@ class WeirServer:
             explicit_model_control=settings.model_control_mode is ControlMode.EXPLICIT,
             is_ready=self.is_ready,
             on_repository_change=self.refresh_health,
+            tokens=self.tokens,
         )
         server.add_generic_rpc_handlers((generic_handler(servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -187,7 +188,7 @@ class WeirServer:
         )
         settings.model_repository.mkdir(parents=True, exist_ok=True)
         self.follower = ControlPlaneFollower(
-            follower_settings, self.repository, settings.model_repository, self.refresh_health
+            follower_settings, self.repository, self.dataplane.router, settings.model_repository, self.refresh_health
         )
         await self.follower.load_last_known_good()
         self._follower_task = asyncio.create_task(self.follower.run(), name="weir-control-plane-follower")

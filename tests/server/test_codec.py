@@ -566,3 +566,17 @@ def test_a_cached_response_completed_for_a_caller_parses_with_their_name_and_id(
     answer = pb.ModelInferResponse.FromString(with_caller_fields(stored.SerializeToString(), "model", request_id))
     assert (answer.model_name, answer.model_version, answer.id) == ("model", "3", request_id)
     np.testing.assert_array_equal(np.frombuffer(answer.raw_output_contents[0], np.float32), [1.5, -2.0])
+
+
+def test_a_cached_answer_gets_the_callers_string_parameters_appended() -> None:
+    from weir.codec import with_caller_fields
+
+    stored = pb.ModelInferResponse(model_version="2")
+    stored.parameters["kept"].int64_param = 7
+    answer = pb.ModelInferResponse.FromString(
+        with_caller_fields(stored.SerializeToString(), "web", "id-1", {"weir_variant": "canary", "other": "é"})
+    )
+    assert (answer.model_name, answer.id, answer.model_version) == ("web", "id-1", "2")
+    assert answer.parameters["weir_variant"].string_param == "canary"
+    assert answer.parameters["other"].string_param == "é"
+    assert answer.parameters["kept"].int64_param == 7

@@ -1,0 +1,144 @@
+"""Traffic policy across real processes: `weir control` and two `weir serve --control-plane`.
+
+Sticky keys never flip variant while the canary's weight grows, and both replicas agree on every
+key; responses name their variant; a kill switch takes effect on both replicas within one second;
+pinning a variant needs a deployer's token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import WeirProcess, free_port, start_weir
+from tests.e2e.test_control_plane import CONFIG, TOKENS, ControlProcess, cli, scripted, start_control, wait_until
+from weir_proto.auth import client_metadata
+from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc
+
+pytestmark = pytest.mark.timeout(600)
+X = np.array([[1.0, 1.0, 1.0]], np.float32)
+FACTORS = {"stable": 2.0, "canary": 3.0}
+
+
+def ask(client: grpcclient.InferenceServerClient, headers: dict[str, str] | None = None, pin: str = "") -> str:
+    """The variant that answered (checked against the answer itself)."""
+    tensor = grpcclient.InferInput("INPUT__0", [1, 3], "FP32")
+    tensor.set_data_from_numpy(X)
+    parameters = {"weir_variant": pin} if pin else None
+    result = client.infer("scale", [tensor], headers=headers, parameters=parameters, client_timeout=30)
+    variant = result.get_response().parameters["weir_variant"].string_param
+    assert np.allclose(result.as_numpy("OUTPUT__0"), X * FACTORS[variant]), variant
+    return variant
+
+
+def applied_everywhere(control: ControlProcess, revision: int) -> bool:
+    with grpc.insecure_channel(control.address) as channel:
+        replicas = deployments_pb2_grpc.DeploymentsStub(channel).ListReplicas(
+            deployments_pb2.ListReplicasRequest(), metadata=client_metadata("t-replica"), timeout=10
+        )
+    return len(replicas.replicas) == 2 and all(r.status.applied_revision >= revision for r in replicas.replicas)
+
+
+def set_traffic(control: ControlProcess, canary_weight: int) -> int:
+    deployment = cli(
+        control, "traffic", "scale", "--variant", f"stable=scale:1:{100 - canary_weight}",
+        "--variant", f"canary=scale:2:{canary_weight}", "--key-header", "x-user",
+    )  # fmt: skip
+    revision = int(deployment["revision"])
+    wait_until(lambda: applied_everywhere(control, revision), message=f"both replicas to apply revision {revision}")
+    return revision
+
+
+@pytest.fixture
+def routed(
+    tmp_path: Path,
+) -> Iterator[tuple[ControlProcess, list[WeirProcess], list[grpcclient.InferenceServerClient]]]:
+    control = start_control(tmp_path / "control", f"sqlite:///{tmp_path / 'control.db'}", free_port())
+    replicas = [
+        start_weir(
+            tmp_path / f"replica-{index}",
+            "--model-control-mode",
+            "explicit",
+            "--control-plane",
+            control.address,
+            "--replica-id",
+            f"replica-{index}",
+            "--heartbeat-seconds",
+            "0.5",
+            env={"WEIR_TOKENS": TOKENS, "WEIR_CONTROL_PLANE_TOKEN": "t-replica"},
+        )
+        for index in range(2)
+    ]
+    clients = [grpcclient.InferenceServerClient(replica.grpc_url) for replica in replicas]
+    config = tmp_path / "config.pbtxt"
+    config.write_text(CONFIG)
+    for factor in (2.0, 3.0):
+        cli(control, "models", "push", "scale", str(scripted(tmp_path, factor)), "--config", str(config))
+    try:
+        yield control, replicas, clients
+    finally:
+        for client in clients:
+            client.close()
+        for replica in replicas:
+            replica.terminate_and_wait()
+        control.process.terminate()
+        control.process.wait(timeout=30)
+
+
+def test_sticky_keys_stay_on_a_growing_canary_on_every_replica(routed) -> None:
+    control, _, clients = routed
+    keys = [f"user-{index}" for index in range(150)]
+    previous: set[str] = set()
+    for weight in (10, 25, 50):
+        set_traffic(control, weight)
+        on_canary = set()
+        for key in keys:
+            answers = {ask(client, {"x-user": key}) for client in clients}
+            assert len(answers) == 1, f"replicas disagree on {key}: {answers}"
+            if answers == {"canary"}:
+                on_canary.add(key)
+        assert previous <= on_canary, f"keys left the canary at {weight}%: {sorted(previous - on_canary)}"
+        assert abs(len(on_canary) / len(keys) - weight / 100) < 0.12, (weight, len(on_canary))
+        previous = on_canary
+    unkeyed = [ask(clients[0]) for _ in range(200)]
+    assert 0.35 < unkeyed.count("canary") / len(unkeyed) < 0.65  # no key: spread by weight (50%)
+
+
+def test_a_kill_switch_reaches_both_replicas_within_a_second(routed) -> None:
+    control, _, clients = routed
+    set_traffic(control, 50)
+    with grpc.insecure_channel(control.address) as channel:
+        deployments = deployments_pb2_grpc.DeploymentsStub(channel)
+        deployments.SetFlag(
+            deployments_pb2.SetFlagRequest(endpoint="scale", name="kill_switch", value="stable"),
+            metadata=client_metadata("t-deployer"),
+        )
+        flipped = time.monotonic()
+        for client in clients:
+            while {ask(client, {"x-user": f"k{index}"}) for index in range(12)} != {"stable"}:
+                assert time.monotonic() - flipped < 1.0, "the kill switch took more than a second"
+                time.sleep(0.02)
+        assert time.monotonic() - flipped < 1.0
+        deployments.SetFlag(
+            deployments_pb2.SetFlagRequest(endpoint="scale", name="kill_switch", value=""),
+            metadata=client_metadata("t-deployer"),
+        )
+    wait_until(lambda: "canary" in {ask(clients[0]) for _ in range(30)}, timeout=10, message="the split to return")
+
+
+def test_pinning_a_variant_needs_a_deployer(routed) -> None:
+    control, _, clients = routed
+    set_traffic(control, 0)
+    assert ask(clients[1], {"authorization": "Bearer t-deployer"}, pin="canary") == "canary"
+    with pytest.raises(InferenceServerException, match="PERMISSION_DENIED"):
+        ask(clients[1], {"authorization": "Bearer t-replica"}, pin="canary")
+    with pytest.raises(InferenceServerException, match="PERMISSION_DENIED"):
+        ask(clients[1], pin="canary")
+    assert {ask(clients[1]) for _ in range(20)} == {"stable"}  # weight 0: never chosen unpinned
