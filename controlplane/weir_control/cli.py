@@ -38,7 +38,7 @@ from weir_proto.errors import WeirError
 DEFAULT_CONTROL_PLANE = "127.0.0.1:8011"
 DEFAULT_TOKEN_FILE = Path(".weir") / "admin.token"
 UPLOAD_CHUNK = 1 << 20
-CLIENT_COMMANDS = ("models", "deploy", "undeploy", "deployments", "audit", "traffic", "flags")
+CLIENT_COMMANDS = ("models", "deploy", "undeploy", "deployments", "audit", "traffic", "flags", "shadow")
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -116,6 +116,17 @@ def add_commands(subcommands: Any) -> None:
     flag_set.add_argument("value")
     flag_list = flag_actions.add_parser("list", help="an endpoint's flags")
     flag_list.add_argument("endpoint")
+    shadow = subcommands.add_parser("shadow", help="mirror traffic to a shadow variant and compare its answers")
+    shadow_actions = shadow.add_subparsers(dest="shadow_command", required=True)
+    shadow_start = shadow_actions.add_parser("start", help="add (or change) a shadow variant of an endpoint")
+    shadow_start.add_argument("endpoint")
+    shadow_start.add_argument("variant", metavar="NAME=MODEL:VERSION_OR_ALIAS")
+    shadow_start.add_argument("--percent", type=int, default=100, help="share of requests mirrored (1-100)")
+    shadow_stop = shadow_actions.add_parser("stop", help="remove a shadow variant")
+    shadow_stop.add_argument("endpoint")
+    shadow_stop.add_argument("name")
+    shadow_status = shadow_actions.add_parser("status", help="how the shadows' answers compare, all replicas")
+    shadow_status.add_argument("endpoint")
     undeploy = subcommands.add_parser("undeploy", help="remove an endpoint")
     undeploy.add_argument("endpoint")
     subcommands.add_parser("deployments", help="endpoints, and the data planes following them")
@@ -126,6 +137,7 @@ def add_commands(subcommands: Any) -> None:
     audit.add_argument("--limit", type=int, default=50)
     for parser in (
         models, push, listing, show, download, alias, deploy, traffic, flag_set, flag_list, undeploy, audit,
+        shadow_start, shadow_stop, shadow_status,
         *_leaves(subcommands),
     ):  # fmt: skip
         _add_client_options(parser)
@@ -270,6 +282,10 @@ class _Client:
             "audit": self.audit_log,
             "traffic": self.set_traffic,
         }
+        if self.args.command == "shadow":
+            return {"start": self.shadow_start, "stop": self.shadow_stop, "status": self.shadow_status}[
+                self.args.shadow_command
+            ]()
         if self.args.command == "flags":
             return self.set_flag() if self.args.flags_command == "set" else self.list_flags()
         if self.args.command == "models":
@@ -462,6 +478,73 @@ class _Client:
             for variant, ref in zip(deployment.variants, deployment.resolved, strict=True)
         )
         self._print(deployment, f"{deployment.endpoint}: {split} (revision {deployment.revision})")
+        return 0
+
+    def _set_variants(self, endpoint: str, variants: list[deployments_pb2.Variant]) -> deployments_pb2.Deployment:
+        request = deployments_pb2.SetTrafficRequest(endpoint=endpoint, variants=variants)
+        return self._deployments.SetTraffic(request, metadata=self._metadata)
+
+    def shadow_start(self) -> int:
+        args = self.args
+        name, separator, spec = args.variant.partition("=")
+        model, colon, target = spec.partition(":")
+        if not separator or not colon or not target:
+            raise WeirError(f"variant: expected NAME=MODEL:VERSION_OR_ALIAS, got {args.variant!r}")
+        if not 1 <= args.percent <= 100:
+            raise WeirError(f"--percent: expected 1..100, got {args.percent}")
+        current = self._deployments.GetDeployment(
+            deployments_pb2.GetDeploymentRequest(endpoint=args.endpoint), metadata=self._metadata
+        )
+        shadow = deployments_pb2.Variant(name=name, model_name=model, shadow_percent=args.percent)
+        if target.isdigit():
+            shadow.version = int(target)
+        else:
+            shadow.alias = target
+        variants = [variant for variant in current.variants if variant.name != name] + [shadow]
+        deployment = self._set_variants(args.endpoint, variants)
+        self._print(deployment, f"{args.endpoint}: shadow {name} receives {args.percent}% of its requests")
+        return 0
+
+    def shadow_stop(self) -> int:
+        args = self.args
+        current = self._deployments.GetDeployment(
+            deployments_pb2.GetDeploymentRequest(endpoint=args.endpoint), metadata=self._metadata
+        )
+        variants = [v for v in current.variants if not (v.name == args.name and v.shadow_percent)]
+        if len(variants) == len(current.variants):
+            raise WeirError(f"name: '{args.endpoint}' has no shadow named '{args.name}'")
+        deployment = self._set_variants(args.endpoint, variants)
+        self._print(deployment, f"{args.endpoint}: shadow {args.name} removed")
+        return 0
+
+    def shadow_status(self) -> int:
+        replicas = self._deployments.ListReplicas(deployments_pb2.ListReplicasRequest(), metadata=self._metadata)
+        totals: dict[str, dict[str, float]] = {}
+        for replica in replicas.replicas:
+            for stats in replica.status.shadows:
+                if stats.endpoint != self.args.endpoint:
+                    continue
+                total = totals.setdefault(stats.shadow, {"replicas": 0, "max_abs_diff": 0.0})
+                total["replicas"] += 1
+                for field in ("mirrored", "errors", "dropped", "rows", "rows_agreeing", "rows_within_tolerance"):
+                    total[field] = total.get(field, 0) + getattr(stats, field)
+                total["max_abs_diff"] = max(total["max_abs_diff"], stats.max_abs_diff)
+        for total in totals.values():
+            rows = total.get("rows", 0)
+            total["agreement"] = round(total.get("rows_agreeing", 0) / rows, 6) if rows else 0.0
+            total["disagreement"] = round(1 - total["agreement"], 6) if rows else 0.0
+        if self.args.json:
+            print(json.dumps(totals, indent=2, sort_keys=True))
+        else:
+            for name, total in sorted(totals.items()):
+                print(
+                    f"{self.args.endpoint} shadow {name}: {int(total.get('mirrored', 0))} mirrored, "
+                    f"{int(total.get('errors', 0))} errors, {int(total.get('dropped', 0))} dropped, "
+                    f"argmax agreement {total['agreement']:.4f}, max |diff| {total['max_abs_diff']:.6g} "
+                    f"({int(total['replicas'])} replicas)"
+                )
+            if not totals:
+                print(f"{self.args.endpoint}: no shadow statistics yet")
         return 0
 
     def set_flag(self) -> int:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
+
+import numpy as np
 
 from weir import codec
 from weir.cache import ResponseCache, response_cache_key
@@ -19,6 +22,7 @@ from weir.errors import PermissionDeniedError, WeirError
 from weir.metrics import UNKNOWN_MODEL_LABEL, Metrics
 from weir.repository import LoadedVersion, ModelRepository
 from weir.routing import PIN_PARAMETER, EndpointRoute, Router, VariantRoute, routing_key
+from weir.shadow import ShadowMirror
 from weir_proto.inference import messages as pb
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,9 @@ class DataPlane:
         max_tensor_elements: int,
         response_cache: ResponseCache | None = None,
         router: Router | None = None,
+        shadows: ShadowMirror | None = None,
     ) -> None:
+        self.shadows = shadows
         self._repository = repository
         self.router = router if router is not None else Router()
         self._metrics = metrics
@@ -67,6 +73,7 @@ class DataPlane:
         runs on the variant the traffic policy picks; the response names it."""
         started = time.perf_counter_ns()
         variant = None
+        after_compute: Callable[[dict[str, np.ndarray]], None] | None = None
         try:
             route = self.router.get(request.model_name)
             if route is None:
@@ -74,13 +81,16 @@ class DataPlane:
             else:
                 variant = self._choose(route, request, caller or _NoCaller())
                 loaded = self._repository.resolve(variant.model, request.model_version)
+                if route.shadows and self.shadows is not None:
+                    mirror = self.shadows
+                    after_compute = lambda outputs: mirror.maybe_mirror(route, request, outputs)  # noqa: E731
         except WeirError as error:
             self._metrics.request_failure.labels(UNKNOWN_MODEL_LABEL, "", error.kind.value).inc()
             raise
         pending = loaded.metrics.pending_requests
         pending.inc()
         try:
-            response = await self._infer_on(loaded, request, deadline, started, variant)
+            response = await self._infer_on(loaded, request, deadline, started, variant, after_compute)
         except WeirError as error:
             self._record_failure(loaded, error.kind.value, started)
             raise
@@ -115,6 +125,7 @@ class DataPlane:
         deadline: float | None,
         started: int,
         variant: VariantRoute | None = None,
+        after_compute: Callable[[dict[str, np.ndarray]], None] | None = None,
     ) -> InferAnswer:
         decoded = codec.decode_request(request, loaded.signature, self._max_tensor_elements)
         cache_key = None
@@ -138,6 +149,8 @@ class DataPlane:
             None if deadline is None else int(deadline * 1e9),
         )
         inferred_at = time.perf_counter_ns()
+        if after_compute is not None:
+            after_compute(result.outputs)  # e.g. shadow mirrors: tasks that start after this answer goes out
 
         specs = loaded.signature.outputs_by_name
         response = codec.encode_response(

@@ -39,7 +39,16 @@ from google.protobuf import text_format
 from weir import __version__
 from weir.errors import WeirError
 from weir.repository import ModelRepository
-from weir.routing import DEFAULT_KEY_PARAMETER, SEPARATOR, EndpointRoute, Router, VariantRoute, variant_model
+from weir.routing import (
+    DEFAULT_KEY_PARAMETER,
+    SEPARATOR,
+    EndpointRoute,
+    Router,
+    ShadowRoute,
+    VariantRoute,
+    variant_model,
+)
+from weir.shadow import ShadowMirror
 from weir_proto.auth import client_metadata
 from weir_proto.common.v1 import types_pb2
 from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -83,7 +92,9 @@ class ControlPlaneFollower:
         router: Router,
         root: Path,
         on_change: Callable[[], Awaitable[None]],
+        shadows: ShadowMirror | None = None,
     ) -> None:
+        self._shadows = shadows
         self._router = router
         self._settings = settings
         self._repository = repository
@@ -169,17 +180,25 @@ class ControlPlaneFollower:
                 call.cancel()
 
     async def _heartbeat(self, outbox: asyncio.Queue[deployments_pb2.DataPlaneMessage]) -> None:
+        """Each beat carries the full status: the control plane's statistics (shadow comparisons)
+        stay at most one interval old."""
         while True:
             await asyncio.sleep(self._settings.heartbeat_seconds)
-            beat = deployments_pb2.Heartbeat()
-            beat.sent_at.GetCurrentTime()
-            outbox.put_nowait(deployments_pb2.DataPlaneMessage(heartbeat=beat))
+            outbox.put_nowait(deployments_pb2.DataPlaneMessage(status=self._status()))
 
     def _status(self) -> deployments_pb2.ReplicaStatus:
-        return deployments_pb2.ReplicaStatus(
+        status = deployments_pb2.ReplicaStatus(
             applied_revision=self._applied_revision,
             endpoints=[self._statuses[name] for name in sorted(self._statuses)],
         )
+        if self._shadows is not None:
+            for (endpoint, shadow), stats in sorted(self._shadows.stats.items()):
+                status.shadows.add(
+                    endpoint=endpoint, shadow=shadow, mirrored=stats.mirrored, errors=stats.errors,
+                    dropped=stats.dropped, rows=stats.rows, rows_agreeing=stats.rows_agreeing,
+                    max_abs_diff=stats.max_abs_diff, rows_within_tolerance=stats.rows_within_tolerance,
+                )  # fmt: skip
+        return status
 
     def _report(self) -> None:
         if self._outbox is not None:
@@ -267,9 +286,16 @@ class ControlPlaneFollower:
             if (served := self._served.get(variant_model(name, variant.name))) is not None
             and served.model == variant.model
         ]
+        serving_ready = [variant for variant in ready if not variant.shadow_percent]
+        shadows = tuple(
+            ShadowRoute(variant.name, variant_model(name, variant.name), variant.shadow_percent)
+            for variant in ready
+            if variant.shadow_percent
+        )
         if len(ready) == len(endpoint.variants) or current is None:
             variants = tuple(
-                VariantRoute(variant.name, variant_model(name, variant.name), variant.weight) for variant in ready
+                VariantRoute(variant.name, variant_model(name, variant.name), variant.weight)
+                for variant in serving_ready
             )
         else:
             variants = current.variants
@@ -282,6 +308,7 @@ class ControlPlaneFollower:
                 flags=dict(endpoint.flags),
                 key_parameter=endpoint.routing.key_parameter or DEFAULT_KEY_PARAMETER,
                 key_header=endpoint.routing.key_header.lower(),
+                shadows=shadows,
             )
         )
 
@@ -371,6 +398,7 @@ def _save_routes(path: Path, table: Mapping[str, EndpointRoute]) -> None:
     document = {
         name: {
             "variants": [[variant.name, variant.model, variant.weight] for variant in route.variants],
+            "shadows": [[shadow.name, shadow.model, shadow.percent] for shadow in route.shadows],
             "flags": dict(route.flags),
             "key_parameter": route.key_parameter,
             "key_header": route.key_header,
@@ -389,9 +417,14 @@ def _load_routes(path: Path, loaded_models: set[str]) -> dict[str, EndpointRoute
             VariantRoute(v, model, weight) for v, model, weight in item["variants"] if model in loaded_models
         )
         if variants:
+            shadows = tuple(
+                ShadowRoute(shadow, model, percent)
+                for shadow, model, percent in item.get("shadows", [])
+                if model in loaded_models
+            )
             routes[name] = EndpointRoute(
                 name, variants, flags=item.get("flags", {}), key_parameter=item.get("key_parameter") or
-                DEFAULT_KEY_PARAMETER, key_header=item.get("key_header", ""),
+                DEFAULT_KEY_PARAMETER, key_header=item.get("key_header", ""), shadows=shadows,
             )  # fmt: skip
     return routes
 

@@ -43,10 +43,18 @@ class VariantRoute:
 
 
 @dataclass(frozen=True)
+class ShadowRoute:
+    name: str
+    model: str
+    percent: int  # of the endpoint's computed requests mirrored to it
+
+
+@dataclass(frozen=True)
 class EndpointRoute:
     endpoint: str
-    variants: tuple[VariantRoute, ...]
+    variants: tuple[VariantRoute, ...]  # the ones that answer callers
     flags: Mapping[str, str] = field(default_factory=dict)
+    shadows: tuple[ShadowRoute, ...] = ()
     key_parameter: str = DEFAULT_KEY_PARAMETER
     key_header: str = ""  # lowercase gRPC metadata key, "" = none
 

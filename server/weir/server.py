@@ -27,6 +27,7 @@ from weir.grpc_service import InferenceServicer, generic_handler
 from weir.metrics import Metrics
 from weir.repository import ModelRepository
 from weir.settings import ControlMode, ServerSettings
+from weir.shadow import ShadowCollector, ShadowMirror
 from weir_proto.auth import AuthInterceptor, Role, TokenTable
 from weir_proto.inference import pool
 from weir_proto.tls import ClientTLS, server_tls
@@ -78,7 +79,11 @@ class WeirServer:
         )
         self.repository = ModelRepository(settings.model_repository, self._executor, self.metrics)
         self.response_cache = _response_cache(settings, self.registry)
-        self.dataplane = DataPlane(self.repository, self.metrics, settings.max_tensor_elements, self.response_cache)
+        self.shadows = ShadowMirror(self.repository, settings.max_tensor_elements)
+        self.registry.register(ShadowCollector(self.shadows))
+        self.dataplane = DataPlane(
+            self.repository, self.metrics, settings.max_tensor_elements, self.response_cache, shadows=self.shadows
+        )
         self._health = health.aio.HealthServicer()
         self.tokens = TokenTable.load(Path(settings.tokens_file) if settings.tokens_file else None)
         if settings.require_inference_token and self.tokens is None:
@@ -188,7 +193,12 @@ class WeirServer:
         )
         settings.model_repository.mkdir(parents=True, exist_ok=True)
         self.follower = ControlPlaneFollower(
-            follower_settings, self.repository, self.dataplane.router, settings.model_repository, self.refresh_health
+            follower_settings,
+            self.repository,
+            self.dataplane.router,
+            settings.model_repository,
+            self.refresh_health,
+            shadows=self.shadows,
         )
         await self.follower.load_last_known_good()
         self._follower_task = asyncio.create_task(self.follower.run(), name="weir-control-plane-follower")
@@ -213,6 +223,7 @@ class WeirServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        await self.shadows.drain()
         await self.repository.aclose()
         await self.response_cache.aclose()
         self._executor.shutdown(wait=True, cancel_futures=True)

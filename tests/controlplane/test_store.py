@@ -318,5 +318,7 @@ def test_traffic_splits_flags_and_routing_reach_the_desired_state(store: Store) 
         store.set_flag("web", "kill_switch", "canary", "bob")
     with pytest.raises(InvalidArgumentError, match="expected unique names"):
         store.deploy("web", [variants[1], variants[1]], "alice")
-    with pytest.raises(InvalidArgumentError, match="at least one weight above 0"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"at least one serving \(non-shadow\) variant with a weight above 0"
+    ):
         store.deploy("web", [deployments_pb2.Variant(name="s", model_name="mlp", version=first, weight=0)], "a")

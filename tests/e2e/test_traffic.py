@@ -142,3 +142,37 @@ def test_pinning_a_variant_needs_a_deployer(routed) -> None:
     with pytest.raises(InferenceServerException, match="PERMISSION_DENIED"):
         ask(clients[1], pin="canary")
     assert {ask(clients[1]) for _ in range(20)} == {"stable"}  # weight 0: never chosen unpinned
+
+
+def test_a_differing_shadow_is_reported_with_its_disagreement_rate_and_never_answers(routed, tmp_path) -> None:
+    control, _, clients = routed
+    config = tmp_path / "config.pbtxt"
+    config.write_text(CONFIG)
+    cli(control, "models", "push", "scale", str(scripted(tmp_path, -1.0)), "--config", str(config))  # version 3
+    set_traffic(control, 0)
+    revision = int(cli(control, "shadow", "start", "scale", "mirror=scale:3", "--percent", "100")["revision"])
+    wait_until(lambda: applied_everywhere(control, revision), message="both replicas to load the shadow")
+
+    tied = np.array([[1.0, 1.0, 1.0]], np.float32)  # argmax 0 for x*2 and x*-1 alike: agree
+    distinct = np.array([[1.0, 5.0, 2.0]], np.float32)  # argmax 1 for x*2, 0 for x*-1: disagree
+    sent = 0
+    for client in clients:
+        for index in range(20):
+            x = tied if index % 2 else distinct
+            tensor = grpcclient.InferInput("INPUT__0", [1, 3], "FP32")
+            tensor.set_data_from_numpy(x)
+            result = client.infer("scale", [tensor], client_timeout=30)
+            assert result.get_response().parameters["weir_variant"].string_param == "stable"
+            np.testing.assert_allclose(result.as_numpy("OUTPUT__0"), x * 2.0)  # callers get the primary
+            sent += 1
+
+    def status() -> dict:
+        return cli(control, "shadow", "status", "scale", token="t-replica").get("mirror", {})
+
+    wait_until(lambda: status().get("mirrored") == sent and status().get("rows") == sent, timeout=30,
+               message="every mirrored request to be compared and reported")  # fmt: skip
+    final = status()
+    assert final["errors"] == 0 and final["dropped"] == 0 and final["replicas"] == 2
+    assert final["disagreement"] == 0.5
+    assert final["max_abs_diff"] == pytest.approx(15.0)  # |2*5 - (-5)|
+    assert final["rows_within_tolerance"] == 0

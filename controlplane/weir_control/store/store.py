@@ -470,10 +470,11 @@ class Store:
         _check_name("name", name)
         with self._transaction() as connection:
             current = self._deployment(connection, endpoint)
-            if name == KILL_SWITCH and value and value not in {variant.name for variant in current.variants}:
+            serving = {variant.name for variant in current.variants if not variant.shadow_percent}
+            if name == KILL_SWITCH and value and value not in serving:
                 raise InvalidArgumentError(
                     f"value: the kill switch must name a variant of '{endpoint}' "
-                    f"({sorted(variant.name for variant in current.variants)}), got {value!r}"
+                    f"that serves ({sorted(serving)}), got {value!r}"
                 )
             flags = dict(current.flags)
             if value:
@@ -532,6 +533,7 @@ class Store:
                         artifact_filename=version.artifact_filename,
                         config_pbtxt=version.config_pbtxt,
                         weight=variant.weight,
+                        shadow_percent=variant.shadow_percent,
                     )
             return state
 
@@ -722,8 +724,16 @@ def _check_variants(variants: Sequence[deployments_pb2.Variant]) -> None:
             raise InvalidArgumentError(f"variants name: expected no '@' (Weir's separator), got {name!r}")
     if len(set(names)) != len(names):
         raise InvalidArgumentError(f"variants: expected unique names, got {names}")
-    if not any(variant.weight for variant in variants):
-        raise InvalidArgumentError(f"variants weight: expected at least one weight above 0, got all 0 ({names})")
+    if not any(variant.weight for variant in variants if not variant.shadow_percent):
+        raise InvalidArgumentError(
+            f"variants weight: expected at least one serving (non-shadow) variant with a weight above 0, got none "
+            f"({names})"
+        )
+    for variant in variants:
+        if variant.shadow_percent > 100:
+            raise InvalidArgumentError(
+                f"variant '{variant.name}' shadow_percent: expected 0..100, got {variant.shadow_percent}"
+            )
 
 
 def _routing_json(routing: deployments_pb2.RoutingPolicy) -> dict[str, str]:
@@ -738,6 +748,8 @@ def _routing_from_json(item: dict[str, Any]) -> deployments_pb2.RoutingPolicy:
 
 def _variant_json(variant: deployments_pb2.Variant) -> dict[str, Any]:
     item: dict[str, Any] = {"name": variant.name, "model_name": variant.model_name, "weight": variant.weight}
+    if variant.shadow_percent:
+        item["shadow_percent"] = variant.shadow_percent
     if variant.WhichOneof("target") == "alias":
         item["alias"] = variant.alias
     else:
@@ -746,7 +758,12 @@ def _variant_json(variant: deployments_pb2.Variant) -> dict[str, Any]:
 
 
 def _variant_from_json(item: dict[str, Any]) -> deployments_pb2.Variant:
-    variant = deployments_pb2.Variant(name=item["name"], model_name=item["model_name"], weight=item["weight"])
+    variant = deployments_pb2.Variant(
+        name=item["name"],
+        model_name=item["model_name"],
+        weight=item["weight"],
+        shadow_percent=item.get("shadow_percent", 0),
+    )
     if "alias" in item:
         variant.alias = item["alias"]
     else:

@@ -12,18 +12,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Variant(_message.Message):
-    __slots__ = ("name", "model_name", "version", "alias", "weight")
+    __slots__ = ("name", "model_name", "version", "alias", "weight", "shadow_percent")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_PERCENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_name: str
     version: int
     alias: str
     weight: int
-    def __init__(self, name: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+    shadow_percent: int
+    def __init__(self, name: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., weight: _Optional[int] = ..., shadow_percent: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
     __slots__ = ("endpoint", "variants", "resolved", "revision", "updated_by", "created_at", "updated_at", "flags", "routing")
@@ -179,12 +181,36 @@ class Heartbeat(_message.Message):
     def __init__(self, sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("applied_revision", "endpoints")
+    __slots__ = ("applied_revision", "endpoints", "shadows")
     APPLIED_REVISION_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    SHADOWS_FIELD_NUMBER: _ClassVar[int]
     applied_revision: int
     endpoints: _containers.RepeatedCompositeFieldContainer[EndpointStatus]
-    def __init__(self, applied_revision: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[EndpointStatus, _Mapping]]] = ...) -> None: ...
+    shadows: _containers.RepeatedCompositeFieldContainer[ShadowStats]
+    def __init__(self, applied_revision: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[EndpointStatus, _Mapping]]] = ..., shadows: _Optional[_Iterable[_Union[ShadowStats, _Mapping]]] = ...) -> None: ...
+
+class ShadowStats(_message.Message):
+    __slots__ = ("endpoint", "shadow", "mirrored", "errors", "dropped", "rows", "rows_agreeing", "max_abs_diff", "rows_within_tolerance")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    MIRRORED_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_AGREEING_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    ROWS_WITHIN_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    shadow: str
+    mirrored: int
+    errors: int
+    dropped: int
+    rows: int
+    rows_agreeing: int
+    max_abs_diff: float
+    rows_within_tolerance: int
+    def __init__(self, endpoint: _Optional[str] = ..., shadow: _Optional[str] = ..., mirrored: _Optional[int] = ..., errors: _Optional[int] = ..., dropped: _Optional[int] = ..., rows: _Optional[int] = ..., rows_agreeing: _Optional[int] = ..., max_abs_diff: _Optional[float] = ..., rows_within_tolerance: _Optional[int] = ...) -> None: ...
 
 class EndpointStatus(_message.Message):
     __slots__ = ("endpoint", "state", "desired", "serving", "message", "variant")
@@ -246,7 +272,7 @@ class EndpointState(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[ResolvedVariant, _Mapping]]] = ..., flags: _Optional[_Mapping[str, str]] = ..., routing: _Optional[_Union[RoutingPolicy, _Mapping]] = ...) -> None: ...
 
 class ResolvedVariant(_message.Message):
-    __slots__ = ("name", "model", "artifact_sha256", "artifact_size", "artifact_filename", "config_pbtxt", "weight")
+    __slots__ = ("name", "model", "artifact_sha256", "artifact_size", "artifact_filename", "config_pbtxt", "weight", "shadow_percent")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +280,7 @@ class ResolvedVariant(_message.Message):
     ARTIFACT_FILENAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_PBTXT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_PERCENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: _types_pb2.ModelVersionRef
     artifact_sha256: str
@@ -261,4 +288,5 @@ class ResolvedVariant(_message.Message):
     artifact_filename: str
     config_pbtxt: str
     weight: int
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[_types_pb2.ModelVersionRef, _Mapping]] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., artifact_filename: _Optional[str] = ..., config_pbtxt: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+    shadow_percent: int
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[_types_pb2.ModelVersionRef, _Mapping]] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., artifact_filename: _Optional[str] = ..., config_pbtxt: _Optional[str] = ..., weight: _Optional[int] = ..., shadow_percent: _Optional[int] = ...) -> None: ...
