@@ -32,13 +32,15 @@ from weir_proto.control.v1 import (
     deployments_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    rollouts_pb2,
+    rollouts_pb2_grpc,
 )
 from weir_proto.errors import WeirError
 
 DEFAULT_CONTROL_PLANE = "127.0.0.1:8011"
 DEFAULT_TOKEN_FILE = Path(".weir") / "admin.token"
 UPLOAD_CHUNK = 1 << 20
-CLIENT_COMMANDS = ("models", "deploy", "undeploy", "deployments", "audit", "traffic", "flags", "shadow")
+CLIENT_COMMANDS = ("models", "deploy", "undeploy", "deployments", "audit", "traffic", "flags", "shadow", "rollout")
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -127,6 +129,29 @@ def add_commands(subcommands: Any) -> None:
     shadow_stop.add_argument("name")
     shadow_status = shadow_actions.add_parser("status", help="how the shadows' answers compare, all replicas")
     shadow_status.add_argument("endpoint")
+    rollout = subcommands.add_parser("rollout", help="canary rollouts with automated analysis")
+    rollout_actions = rollout.add_subparsers(dest="rollout_command", required=True)
+    rollout_start = rollout_actions.add_parser("start", help="start a canary of MODEL:VERSION_OR_ALIAS")
+    rollout_start.add_argument("endpoint")
+    rollout_start.add_argument("canary", metavar="MODEL:VERSION_OR_ALIAS")
+    rollout_start.add_argument("--steps", default="5,25,50,100", help="canary weights in percent")
+    rollout_start.add_argument("--interval", type=float, default=60.0, help="seconds between analyses")
+    rollout_start.add_argument("--max-error-rate-increase", type=float, default=0.0)
+    rollout_start.add_argument("--max-p99-ratio", type=float, default=0.0)
+    rollout_start.add_argument("--max-p99-slack-ms", type=float, default=0.0)
+    rollout_start.add_argument("--min-requests", type=int, default=0)
+    rollout_start.add_argument("--failure-limit", type=int, default=0)
+    rollout_parsers = [rollout_start]
+    for action, text in (
+        ("status", "the rollout's step, weights and analyses"),
+        ("promote", "give the canary all traffic now"),
+        ("rollback", "give the baseline all traffic now"),
+        ("pause", "stop advancing (analyses stop)"),
+        ("resume", "continue a paused rollout"),
+    ):
+        parser = rollout_actions.add_parser(action, help=text)
+        parser.add_argument("endpoint")
+        rollout_parsers.append(parser)
     undeploy = subcommands.add_parser("undeploy", help="remove an endpoint")
     undeploy.add_argument("endpoint")
     subcommands.add_parser("deployments", help="endpoints, and the data planes following them")
@@ -137,7 +162,7 @@ def add_commands(subcommands: Any) -> None:
     audit.add_argument("--limit", type=int, default=50)
     for parser in (
         models, push, listing, show, download, alias, deploy, traffic, flag_set, flag_list, undeploy, audit,
-        shadow_start, shadow_stop, shadow_status,
+        shadow_start, shadow_stop, shadow_status, *rollout_parsers,
         *_leaves(subcommands),
     ):  # fmt: skip
         _add_client_options(parser)
@@ -267,6 +292,7 @@ class _Client:
         self._registry = registry_pb2_grpc.RegistryStub(self._channel)
         self._deployments = deployments_pb2_grpc.DeploymentsStub(self._channel)
         self._audit = audit_pb2_grpc.AuditStub(self._channel)
+        self._rollouts = rollouts_pb2_grpc.RolloutsStub(self._channel)
 
     def __enter__(self) -> _Client:
         return self
@@ -282,6 +308,8 @@ class _Client:
             "audit": self.audit_log,
             "traffic": self.set_traffic,
         }
+        if self.args.command == "rollout":
+            return self.rollout()
         if self.args.command == "shadow":
             return {"start": self.shadow_start, "stop": self.shadow_stop, "status": self.shadow_status}[
                 self.args.shadow_command
@@ -478,6 +506,55 @@ class _Client:
             for variant, ref in zip(deployment.variants, deployment.resolved, strict=True)
         )
         self._print(deployment, f"{deployment.endpoint}: {split} (revision {deployment.revision})")
+        return 0
+
+    def rollout(self) -> int:
+        args = self.args
+        command = args.rollout_command
+        if command == "start":
+            model, colon, target = args.canary.partition(":")
+            if not colon or not target:
+                raise WeirError(f"canary: expected MODEL:VERSION_OR_ALIAS, got {args.canary!r}")
+            try:
+                steps = [int(step) for step in args.steps.split(",") if step.strip()]
+            except ValueError:
+                raise WeirError(f"--steps: expected comma-separated percentages, got {args.steps!r}") from None
+            request = rollouts_pb2.StartRolloutRequest(
+                endpoint=args.endpoint, model_name=model, steps=steps, interval_seconds=args.interval,
+                thresholds=rollouts_pb2.AnalysisThresholds(
+                    max_error_rate_increase=args.max_error_rate_increase, max_p99_ratio=args.max_p99_ratio,
+                    max_p99_slack_ms=args.max_p99_slack_ms, min_requests=args.min_requests,
+                    failure_limit=args.failure_limit,
+                ),
+            )  # fmt: skip
+            if target.isdigit():
+                request.version = int(target)
+            else:
+                request.alias = target
+            result = self._rollouts.StartRollout(request, metadata=self._metadata)
+        elif command == "status":
+            result = self._rollouts.GetRollout(
+                rollouts_pb2.GetRolloutRequest(endpoint=args.endpoint), metadata=self._metadata
+            )
+        else:
+            method = {
+                "promote": self._rollouts.PromoteRollout,
+                "rollback": self._rollouts.AbortRollout,
+                "pause": self._rollouts.PauseRollout,
+                "resume": self._rollouts.ResumeRollout,
+            }[command]
+            result = method(rollouts_pb2.RolloutAction(endpoint=args.endpoint), metadata=self._metadata)
+        lines = [
+            f"{result.endpoint}: {rollouts_pb2.Rollout.State.Name(result.state)}, step {result.step + 1}/"
+            f"{len(result.steps)} (canary {result.steps[result.step]}%), steps {list(result.steps)}"
+            + (f"; {result.reason}" if result.reason else "")
+        ]
+        for analysis in result.analyses[-10:]:
+            lines.append(
+                f"  {analysis.at.ToDatetime().isoformat()}Z step {analysis.step + 1} canary {analysis.canary_weight}%: "
+                f"{analysis.verdict}: {analysis.reason}"
+            )
+        self._print(result, "\n".join(lines))
         return 0
 
     def _set_variants(self, endpoint: str, variants: list[deployments_pb2.Variant]) -> deployments_pb2.Deployment:

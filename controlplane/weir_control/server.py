@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from weir_control.artifacts import ArtifactStore
 from weir_control.attach import DataPlaneSyncService, DesiredStateHub
 from weir_control.metrics import ControlMetrics, ReplicaCollector
-from weir_control.services import Auditor, AuditService, DeploymentsService, RegistryService
+from weir_control.rollouts import RolloutController
+from weir_control.services import Auditor, AuditService, DeploymentsService, RegistryService, RolloutsService
 from weir_control.store import Store, open_store
 from weir_proto.auth import AuthInterceptor, Role, TokenTable
 from weir_proto.control.v1 import (
@@ -30,6 +32,8 @@ from weir_proto.control.v1 import (
     deployments_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    rollouts_pb2,
+    rollouts_pb2_grpc,
 )
 from weir_proto.errors import InvalidArgumentError
 from weir_proto.tls import server_tls
@@ -41,6 +45,7 @@ SERVICE_NAMES = (
     deployments_pb2.DESCRIPTOR.services_by_name["Deployments"].full_name,
     deployments_pb2.DESCRIPTOR.services_by_name["DataPlaneSync"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
+    rollouts_pb2.DESCRIPTOR.services_by_name["Rollouts"].full_name,
 )
 
 # The least role each control RPC needs; anything not listed under a control service is open
@@ -56,6 +61,11 @@ _MUTATIONS = {
     "SetTraffic",
     "SetFlag",
     "Undeploy",
+    "StartRollout",
+    "PauseRollout",
+    "ResumeRollout",
+    "AbortRollout",
+    "PromoteRollout",
 }
 
 
@@ -103,6 +113,7 @@ class ControlPlaneServer:
         self.metrics = ControlMetrics(self.registry)
         self.metrics_port: int | None = None
         self._metrics_http: WSGIServer | None = None
+        self._rollout_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -130,6 +141,8 @@ class ControlPlaneServer:
         deployments_pb2_grpc.add_DeploymentsServicer_to_server(DeploymentsService(store, auditor, hub), server)
         deployments_pb2_grpc.add_DataPlaneSyncServicer_to_server(DataPlaneSyncService(hub), server)
         audit_pb2_grpc.add_AuditServicer_to_server(AuditService(store), server)
+        self.rollouts = RolloutController(store, hub)
+        rollouts_pb2_grpc.add_RolloutsServicer_to_server(RolloutsService(store, auditor, self.rollouts), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
@@ -138,6 +151,7 @@ class ControlPlaneServer:
         self.port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
         await server.start()
         self._server = server
+        self._rollout_task = asyncio.create_task(self.rollouts.run(), name="weir-rollout-controller")
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if settings.metrics_port >= 0:
@@ -154,6 +168,11 @@ class ControlPlaneServer:
         )
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self._rollout_task is not None:
+            self._rollout_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rollout_task
+            self._rollout_task = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

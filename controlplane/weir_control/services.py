@@ -22,6 +22,7 @@ from weir_control.artifacts import ArtifactStore, check_sha256
 from weir_control.attach import DesiredStateHub
 from weir_control.metrics import ControlMetrics
 from weir_control.model_config import check_artifact_filename, signature_from_config
+from weir_control.rollouts import RolloutController
 from weir_control.store import Store
 from weir_proto.auth import Identity, TokenTable, identity_of
 from weir_proto.control.v1 import (
@@ -31,6 +32,8 @@ from weir_proto.control.v1 import (
     deployments_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    rollouts_pb2,
+    rollouts_pb2_grpc,
 )
 from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, WeirError, status_code_for
 
@@ -458,6 +461,63 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
         self, request: deployments_pb2.ListReplicasRequest, context: grpc.aio.ServicerContext
     ) -> deployments_pb2.ListReplicasResponse:
         return deployments_pb2.ListReplicasResponse(replicas=self._hub.replicas())
+
+
+class RolloutsService(rollouts_pb2_grpc.RolloutsServicer):
+    """Canary rollouts: thin adapters over the controller; every call is audited."""
+
+    def __init__(self, store: Store, auditor: Auditor, controller: RolloutController) -> None:
+        self._store = store
+        self._auditor = auditor
+        self._controller = controller
+
+    async def _audited(self, context: grpc.aio.ServicerContext, action: str, endpoint: str, call: Any) -> Any:
+        identity = self._auditor.identity(context)
+        event = audit_pb2.AuditEvent(actor=identity.name, role=identity.role.name.lower(), action=action,
+                                     target=f"endpoint/{endpoint}")  # fmt: skip
+        event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
+        try:
+            rollout = await call(identity.name)
+        except Exception as error:
+            event.result = status_code_for(error.kind).name if isinstance(error, WeirError) else "INTERNAL"
+            event.detail = error.message if isinstance(error, WeirError) else type(error).__name__
+            await asyncio.to_thread(self._store.append_audit, event)
+            await abort_with(context, error)
+        event.after, event.result = summary(rollout), "OK"
+        await asyncio.to_thread(self._store.append_audit, event)
+        return rollout
+
+    async def StartRollout(
+        self, request: rollouts_pb2.StartRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> rollouts_pb2.Rollout:
+        return await self._audited(
+            context, "Rollouts/StartRollout", request.endpoint, lambda actor: self._controller.start(request, actor)
+        )
+
+    async def GetRollout(
+        self, request: rollouts_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> rollouts_pb2.Rollout:
+        return await _read(context, lambda: self._store.get_rollout(request.endpoint))
+
+    async def _act(self, action: str, request: rollouts_pb2.RolloutAction, context: grpc.aio.ServicerContext) -> Any:
+        return await self._audited(
+            context,
+            f"Rollouts/{action.capitalize()}Rollout",
+            request.endpoint,
+            lambda actor: self._controller.act(action, request.endpoint, actor),
+        )
+
+    async def PauseRollout(self, request: rollouts_pb2.RolloutAction, context: grpc.aio.ServicerContext) -> Any:
+        return await self._act("pause", request, context)
+
+    async def ResumeRollout(self, request: rollouts_pb2.RolloutAction, context: grpc.aio.ServicerContext) -> Any:
+        return await self._act("resume", request, context)
+
+    async def AbortRollout(self, request: rollouts_pb2.RolloutAction, context: grpc.aio.ServicerContext) -> Any:
+        return await self._act("abort", request, context)
+
+    async def PromoteRollout(self, request: rollouts_pb2.RolloutAction, context: grpc.aio.ServicerContext) -> Any:
+        return await self._act("promote", request, context)
 
 
 class AuditService(audit_pb2_grpc.AuditServicer):

@@ -197,6 +197,7 @@ class DataPlane:
 
     def _record_failure(self, loaded: LoadedVersion, reason: str, started: int) -> None:
         loaded.statistics.record_failure(time.perf_counter_ns() - started)
+        loaded.metrics.request_failures.inc()
         self._metrics.request_failure.labels(loaded.name, loaded.version_label, reason).inc()
 
 

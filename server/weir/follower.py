@@ -191,6 +191,19 @@ class ControlPlaneFollower:
             applied_revision=self._applied_revision,
             endpoints=[self._statuses[name] for name in sorted(self._statuses)],
         )
+        for name, route in sorted(self._router.table().items()):
+            for variant in route.variants:
+                try:
+                    loaded = self._repository.resolve(variant.model, "")
+                except WeirError:
+                    continue
+                metrics = loaded.metrics
+                status.variants.add(
+                    endpoint=name, variant=variant.name, version=loaded.version,
+                    succeeded=int(metrics.request_success.value), failed=int(metrics.request_failures.value),
+                    latency_bounds_seconds=metrics.request_duration.bounds,
+                    latency_counts=list(metrics.request_duration.counts),
+                )  # fmt: skip
         if self._shadows is not None:
             for (endpoint, shadow), stats in sorted(self._shadows.stats.items()):
                 status.shadows.add(

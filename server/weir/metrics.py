@@ -77,6 +77,7 @@ class VersionMetrics:
     """The per-request series of one model version."""
 
     request_success: Count = field(default_factory=Count)
+    request_failures: Count = field(default_factory=Count)  # also by reason in weir_inference_request_failure
     request_duration: Distribution = field(default_factory=lambda: Distribution(LATENCY_BUCKETS_SECONDS))
     stage_duration: dict[str, Distribution] = field(
         default_factory=lambda: {stage: Distribution(LATENCY_BUCKETS_SECONDS) for stage in STAGES}

@@ -134,12 +134,26 @@ def traffic_columns() -> list[Column[object]]:
     ]
 
 
+def rollout_tables(metadata: MetaData) -> dict[str, Table]:
+    """Schema version 4: canary rollouts, one row per endpoint (the Rollout message, serialized)."""
+    rollouts = Table(
+        "rollouts",
+        metadata,
+        Column("endpoint", NAME, primary_key=True),
+        Column("state", String(16), nullable=False),
+        Column("rollout", LargeBinary, nullable=False),  # weir.control.v1.Rollout
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+    return {rollouts.name: rollouts}
+
+
 METADATA = MetaData()
 SCHEMA_VERSION = schema_version_table(METADATA)
 _REGISTRY = registry_tables(METADATA)
 _DEPLOYMENTS = deployment_tables(METADATA)
 for _column in traffic_columns():
     _DEPLOYMENTS["deployments"].append_column(_column)
+ROLLOUTS = rollout_tables(METADATA)["rollouts"]
 
 REGISTERED_MODELS = _REGISTRY["registered_models"]
 REGISTERED_MODEL_TAGS = _REGISTRY["registered_model_tags"]

@@ -42,9 +42,10 @@ from weir_control.store.schema import (
     MODEL_VERSIONS,
     REGISTERED_MODEL_TAGS,
     REGISTERED_MODELS,
+    ROLLOUTS,
 )
 from weir_proto.common.v1 import types_pb2
-from weir_proto.control.v1 import audit_pb2, deployments_pb2, registry_pb2
+from weir_proto.control.v1 import audit_pb2, deployments_pb2, registry_pb2, rollouts_pb2
 from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 
 DEFAULT_PAGE_SIZE = 100
@@ -561,6 +562,30 @@ class Store:
         message.created_at.FromDatetime(_utc(row.created_at))
         message.updated_at.FromDatetime(_utc(row.updated_at))
         return message
+
+    # --- rollouts --------------------------------------------------------------------------------
+
+    def save_rollout(self, rollout: rollouts_pb2.Rollout) -> None:
+        state = rollouts_pb2.Rollout.State.Name(rollout.state)
+        with self._transaction() as connection:
+            values = {"state": state, "rollout": rollout.SerializeToString(), "updated_at": now()}
+            changed = connection.execute(
+                update(ROLLOUTS).where(ROLLOUTS.c.endpoint == rollout.endpoint).values(**values)
+            ).rowcount
+            if not changed:
+                connection.execute(insert(ROLLOUTS).values(endpoint=rollout.endpoint, **values))
+
+    def get_rollout(self, endpoint: str) -> rollouts_pb2.Rollout:
+        with self._transaction() as connection:
+            row = connection.execute(select(ROLLOUTS.c.rollout).where(ROLLOUTS.c.endpoint == endpoint)).first()
+        if row is None:
+            raise NotFoundError(f"endpoint: no rollout for '{endpoint}'")
+        return rollouts_pb2.Rollout.FromString(row.rollout)
+
+    def active_rollouts(self) -> list[rollouts_pb2.Rollout]:
+        with self._transaction() as connection:
+            rows = connection.execute(select(ROLLOUTS.c.rollout).where(ROLLOUTS.c.state.in_(["RUNNING", "PAUSED"])))
+            return [rollouts_pb2.Rollout.FromString(row.rollout) for row in rows]
 
     # --- audit log -------------------------------------------------------------------------------
 

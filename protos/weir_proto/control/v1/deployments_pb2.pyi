@@ -181,14 +181,34 @@ class Heartbeat(_message.Message):
     def __init__(self, sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("applied_revision", "endpoints", "shadows")
+    __slots__ = ("applied_revision", "endpoints", "shadows", "variants")
     APPLIED_REVISION_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     SHADOWS_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
     applied_revision: int
     endpoints: _containers.RepeatedCompositeFieldContainer[EndpointStatus]
     shadows: _containers.RepeatedCompositeFieldContainer[ShadowStats]
-    def __init__(self, applied_revision: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[EndpointStatus, _Mapping]]] = ..., shadows: _Optional[_Iterable[_Union[ShadowStats, _Mapping]]] = ...) -> None: ...
+    variants: _containers.RepeatedCompositeFieldContainer[VariantStats]
+    def __init__(self, applied_revision: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[EndpointStatus, _Mapping]]] = ..., shadows: _Optional[_Iterable[_Union[ShadowStats, _Mapping]]] = ..., variants: _Optional[_Iterable[_Union[VariantStats, _Mapping]]] = ...) -> None: ...
+
+class VariantStats(_message.Message):
+    __slots__ = ("endpoint", "variant", "version", "succeeded", "failed", "latency_bounds_seconds", "latency_counts")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BOUNDS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    variant: str
+    version: int
+    succeeded: int
+    failed: int
+    latency_bounds_seconds: _containers.RepeatedScalarFieldContainer[float]
+    latency_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, endpoint: _Optional[str] = ..., variant: _Optional[str] = ..., version: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., latency_bounds_seconds: _Optional[_Iterable[float]] = ..., latency_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShadowStats(_message.Message):
     __slots__ = ("endpoint", "shadow", "mirrored", "errors", "dropped", "rows", "rows_agreeing", "max_abs_diff", "rows_within_tolerance")

@@ -1,0 +1,362 @@
+"""Canary rollouts with automated analysis, driven by the control plane.
+
+A rollout adds a ``canary`` variant beside the endpoint's one serving variant (the baseline) at the
+first step's weight. Every ``interval_seconds`` the controller takes the per-variant counters every
+attached data plane reports (requests succeeded and failed, server-side latency histogram), subtracts
+the previous look, and compares canary with baseline over that interval:
+
+- FAIL when the canary's error rate exceeds the baseline's by more than ``max_error_rate_increase``,
+  or its p99 exceeds ``max_p99_ratio`` x the baseline's + ``max_p99_slack_ms``;
+- INCONCLUSIVE when the canary served fewer than ``min_requests`` (the step waits);
+- PASS otherwise: the next step's weights, or at the last step (100%) promotion: the canary's version
+  becomes the endpoint's only variant (``primary``).
+
+``failure_limit`` failed intervals in a row roll back: the baseline takes all traffic again. Every
+transition is pushed to the data planes at once and written to the audit log. State lives in the
+store, so a restarted control plane carries on (its first look after a restart starts a new interval).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from weir_control.attach import DesiredStateHub
+from weir_control.store import Store
+from weir_proto.control.v1 import audit_pb2, deployments_pb2, rollouts_pb2
+from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, WeirError
+
+log = logging.getLogger(__name__)
+
+Rollout = rollouts_pb2.Rollout
+CANARY = "canary"
+PRIMARY = "primary"
+CONTROLLER = "rollout-controller"  # the audit log's actor for automatic transitions
+DEFAULT_STEPS = (5, 25, 50, 100)
+DEFAULT_INTERVAL_SECONDS = 60.0
+
+
+def with_defaults(thresholds: rollouts_pb2.AnalysisThresholds) -> rollouts_pb2.AnalysisThresholds:
+    filled = rollouts_pb2.AnalysisThresholds()
+    filled.CopyFrom(thresholds)
+    filled.max_error_rate_increase = filled.max_error_rate_increase or 0.01
+    filled.max_p99_ratio = filled.max_p99_ratio or 1.5
+    filled.max_p99_slack_ms = filled.max_p99_slack_ms or 5.0
+    filled.min_requests = filled.min_requests or 20
+    filled.failure_limit = filled.failure_limit or 1
+    return filled
+
+
+@dataclass
+class VariantWindow:
+    """Counters of one variant summed over replicas (cumulative, as reported)."""
+
+    succeeded: int = 0
+    failed: int = 0
+    counts: list[int] = field(default_factory=list)
+    bounds: list[float] = field(default_factory=list)
+
+    def minus(self, earlier: VariantWindow | None) -> VariantWindow:
+        if earlier is None:
+            return self
+        previous = earlier.counts if len(earlier.counts) == len(self.counts) else [0] * len(self.counts)
+        counts = [max(0, now - before) for now, before in zip(self.counts, previous, strict=True)]
+        return VariantWindow(
+            max(0, self.succeeded - earlier.succeeded), max(0, self.failed - earlier.failed), counts, self.bounds
+        )
+
+    @property
+    def requests(self) -> int:
+        return self.succeeded + self.failed
+
+    def p99_ms(self) -> float:
+        """The upper bound of the bucket holding the 99th percentile (the +Inf bucket: the last bound)."""
+        total = sum(self.counts)
+        if not total:
+            return 0.0
+        needed = 0.99 * total
+        running = 0
+        for index, count in enumerate(self.counts):
+            running += count
+            if running >= needed:
+                bound = self.bounds[index] if index < len(self.bounds) else (self.bounds[-1] if self.bounds else 0)
+                return bound * 1000.0
+        return (self.bounds[-1] if self.bounds else 0) * 1000.0
+
+
+def collect(replicas: list[deployments_pb2.ReplicaInfo], endpoint: str) -> dict[tuple[str, str], VariantWindow]:
+    """Per (replica, variant): its latest cumulative counters for ``endpoint``."""
+    windows = {}
+    for replica in replicas:
+        for stats in replica.status.variants:
+            if stats.endpoint == endpoint:
+                windows[(replica.replica_id, stats.variant)] = VariantWindow(
+                    stats.succeeded, stats.failed, list(stats.latency_counts), list(stats.latency_bounds_seconds)
+                )
+    return windows
+
+
+def interval_totals(
+    now: dict[tuple[str, str], VariantWindow], before: dict[tuple[str, str], VariantWindow]
+) -> dict[str, VariantWindow]:
+    """Per variant, what happened between two looks, summed over replicas (a replica that restarted
+    counts from zero)."""
+    totals: dict[str, VariantWindow] = {}
+    for (replica, variant), window in now.items():
+        earlier = before.get((replica, variant))
+        if earlier is not None and (window.succeeded < earlier.succeeded or window.failed < earlier.failed):
+            earlier = None  # counters went back: the replica restarted
+        delta = window.minus(earlier)
+        total = totals.setdefault(variant, VariantWindow(counts=[0] * len(delta.counts), bounds=delta.bounds))
+        total.succeeded += delta.succeeded
+        total.failed += delta.failed
+        if len(total.counts) == len(delta.counts):
+            total.counts = [a + b for a, b in zip(total.counts, delta.counts, strict=True)]
+        else:
+            total.counts = list(delta.counts)
+    return totals
+
+
+def judge(
+    canary: VariantWindow, baseline: VariantWindow, thresholds: rollouts_pb2.AnalysisThresholds
+) -> tuple[str, str]:
+    if canary.requests < thresholds.min_requests:
+        return "INCONCLUSIVE", f"the canary served {canary.requests} requests, fewer than {thresholds.min_requests}"
+    canary_rate = canary.failed / canary.requests
+    baseline_rate = baseline.failed / baseline.requests if baseline.requests else 0.0
+    if canary_rate > baseline_rate + thresholds.max_error_rate_increase:
+        return "FAIL", (
+            f"error rate {canary_rate:.3f} vs baseline {baseline_rate:.3f} "
+            f"(allowed +{thresholds.max_error_rate_increase:g})"
+        )
+    canary_p99, baseline_p99 = canary.p99_ms(), baseline.p99_ms()
+    limit = baseline_p99 * thresholds.max_p99_ratio + thresholds.max_p99_slack_ms
+    if baseline.requests and canary_p99 > limit:
+        return "FAIL", f"p99 {canary_p99:.1f} ms vs baseline {baseline_p99:.1f} ms (limit {limit:.1f} ms)"
+    return "PASS", f"error rate {canary_rate:.3f} vs {baseline_rate:.3f}; p99 {canary_p99:.1f} vs {baseline_p99:.1f} ms"
+
+
+class RolloutController:
+    def __init__(
+        self,
+        store: Store,
+        hub: DesiredStateHub,
+        clock: Callable[[], float] = time.time,
+        tick_seconds: float = 0.25,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._clock = clock
+        self._tick = tick_seconds
+        self._looks: dict[str, dict[tuple[str, str], VariantWindow]] = {}  # endpoint -> previous look
+        self._lock = asyncio.Lock()
+
+    # --- RPC entry points (all serialised with the controller's own steps) --------------------------
+
+    async def start(self, request: rollouts_pb2.StartRolloutRequest, actor: str) -> Rollout:
+        steps = list(request.steps) or list(DEFAULT_STEPS)
+        if any(not 1 <= step <= 100 for step in steps) or steps != sorted(set(steps)) or steps[-1] != 100:
+            raise InvalidArgumentError(f"steps: expected increasing percentages in 1..100 ending at 100, got {steps}")
+        interval = request.interval_seconds or DEFAULT_INTERVAL_SECONDS
+        if interval <= 0:
+            raise InvalidArgumentError(f"interval_seconds: expected more than 0, got {request.interval_seconds}")
+        async with self._lock:
+            existing = await asyncio.to_thread(self._existing, request.endpoint)
+            if existing is not None and existing.state in (Rollout.RUNNING, Rollout.PAUSED):
+                raise FailedPreconditionError(f"endpoint '{request.endpoint}': a rollout is already in progress")
+            deployment = await asyncio.to_thread(self._store.get_deployment, request.endpoint)
+            serving = [variant for variant in deployment.variants if not variant.shadow_percent]
+            if len(serving) != 1:
+                raise FailedPreconditionError(
+                    f"endpoint '{request.endpoint}': expected one serving variant as the baseline, got "
+                    f"{[variant.name for variant in serving]}"
+                )
+            baseline = serving[0]
+            canary = deployments_pb2.Variant(name=CANARY, model_name=request.model_name, weight=steps[0])
+            if request.WhichOneof("target") == "alias":
+                canary.alias = request.alias
+            else:
+                canary.version = request.version
+            if baseline.name == CANARY:
+                raise FailedPreconditionError(f"endpoint '{request.endpoint}': its baseline is named '{CANARY}'")
+            rollout = Rollout(
+                endpoint=request.endpoint,
+                state=Rollout.RUNNING,
+                baseline_variant=baseline.name,
+                canary_variant=CANARY,
+                steps=steps,
+                step=0,
+                interval_seconds=interval,
+                thresholds=with_defaults(request.thresholds),
+                started_by=actor,
+            )
+            rollout.started_at.FromDatetime(datetime.datetime.now(datetime.UTC))
+            await self._set_weights(deployment, baseline, canary, steps[0], actor)
+            self._schedule(rollout)
+            self._looks[request.endpoint] = collect(self._hub.replicas(), request.endpoint)
+            await asyncio.to_thread(self._store.save_rollout, rollout)
+            return rollout
+
+    async def act(self, action: str, endpoint: str, actor: str) -> Rollout:
+        async with self._lock:
+            rollout = await asyncio.to_thread(self._store.get_rollout, endpoint)
+            if rollout.state not in (Rollout.RUNNING, Rollout.PAUSED):
+                raise FailedPreconditionError(
+                    f"endpoint '{endpoint}': the rollout already ended ({Rollout.State.Name(rollout.state)})"
+                )
+            if action == "pause":
+                rollout.state, rollout.reason = Rollout.PAUSED, f"paused by {actor}"
+            elif action == "resume":
+                rollout.state, rollout.reason = Rollout.RUNNING, ""
+                self._schedule(rollout)
+                self._looks[endpoint] = collect(self._hub.replicas(), endpoint)
+            elif action == "abort":
+                await self._roll_back(rollout, f"aborted by {actor}", actor)
+            elif action == "promote":
+                await self._promote(rollout, f"promoted by {actor}", actor)
+            await asyncio.to_thread(self._store.save_rollout, rollout)
+            return rollout
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick)
+            try:
+                await self.step_all()
+            except Exception:  # one bad rollout must not stop the others (it is logged)
+                log.exception("rollout controller step failed")
+
+    async def step_all(self) -> None:
+        async with self._lock:
+            for rollout in await asyncio.to_thread(self._store.active_rollouts):
+                due = rollout.next_analysis_at.ToDatetime(datetime.UTC).timestamp()
+                if rollout.state == Rollout.RUNNING and self._clock() >= due:
+                    await self._analyse(rollout)
+                    await asyncio.to_thread(self._store.save_rollout, rollout)
+
+    async def _analyse(self, rollout: Rollout) -> None:
+        endpoint = rollout.endpoint
+        look = collect(self._hub.replicas(), endpoint)
+        if endpoint not in self._looks:  # first look after a restart: start the interval now
+            self._looks[endpoint] = look
+            self._schedule(rollout)
+            return
+        totals = interval_totals(look, self._looks[endpoint])
+        self._looks[endpoint] = look
+        canary = totals.get(rollout.canary_variant, VariantWindow())
+        baseline = totals.get(rollout.baseline_variant, VariantWindow())
+        verdict, reason = judge(canary, baseline, rollout.thresholds)
+        analysis = rollout.analyses.add(
+            step=rollout.step, canary_weight=rollout.steps[rollout.step], canary_requests=canary.requests,
+            canary_errors=canary.failed, baseline_requests=baseline.requests, baseline_errors=baseline.failed,
+            canary_p99_ms=canary.p99_ms(), baseline_p99_ms=baseline.p99_ms(), verdict=verdict, reason=reason,
+        )  # fmt: skip
+        analysis.at.FromDatetime(datetime.datetime.now(datetime.UTC))
+        del rollout.analyses[:-50]  # the recent history is enough for a status
+        log.info("canary analysis", extra={"endpoint": endpoint, "verdict": verdict, "reason": reason})
+        if verdict == "FAIL":
+            rollout.failed_intervals += 1
+            if rollout.failed_intervals >= rollout.thresholds.failure_limit:
+                await self._roll_back(rollout, f"analysis failed: {reason}", CONTROLLER)
+                return
+        elif verdict == "PASS":
+            rollout.failed_intervals = 0
+            if rollout.step + 1 >= len(rollout.steps):
+                await self._promote(rollout, "every step passed", CONTROLLER)
+                return
+            rollout.step += 1
+            deployment = await asyncio.to_thread(self._store.get_deployment, endpoint)
+            baseline_variant, canary_variant = self._pair(deployment, rollout)
+            await self._set_weights(
+                deployment, baseline_variant, canary_variant, rollout.steps[rollout.step], CONTROLLER
+            )
+        self._schedule(rollout)
+
+    # --- transitions ------------------------------------------------------------------------------
+
+    async def _set_weights(
+        self,
+        deployment: deployments_pb2.Deployment,
+        baseline: deployments_pb2.Variant,
+        canary: deployments_pb2.Variant,
+        canary_weight: int,
+        actor: str,
+    ) -> None:
+        baseline = _copy(baseline, weight=100 - canary_weight)
+        canary = _copy(canary, weight=canary_weight)
+        shadows = [variant for variant in deployment.variants if variant.shadow_percent]
+        variants = [baseline, canary, *shadows]
+        await self._change(deployment.endpoint, variants, actor, f"canary at {canary_weight}%")
+
+    async def _roll_back(self, rollout: Rollout, reason: str, actor: str) -> None:
+        deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
+        baseline, _ = self._pair(deployment, rollout)
+        shadows = [variant for variant in deployment.variants if variant.shadow_percent]
+        await self._change(rollout.endpoint, [_copy(baseline, weight=100), *shadows], actor, f"rolled back: {reason}")
+        rollout.state, rollout.reason = Rollout.ROLLED_BACK, reason
+
+    async def _promote(self, rollout: Rollout, reason: str, actor: str) -> None:
+        deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
+        _, canary = self._pair(deployment, rollout)
+        shadows = [variant for variant in deployment.variants if variant.shadow_percent]
+        promoted = _copy(canary, weight=100)
+        promoted.name = PRIMARY if rollout.baseline_variant != PRIMARY else rollout.baseline_variant
+        await self._change(rollout.endpoint, [promoted, *shadows], actor, f"promoted: {reason}")
+        rollout.state, rollout.reason = Rollout.SUCCEEDED, reason
+
+    async def _change(self, endpoint: str, variants: list[deployments_pb2.Variant], actor: str, summary: str) -> None:
+        before = await asyncio.to_thread(self._store.get_deployment, endpoint)
+        event = audit_pb2.AuditEvent(actor=actor, role="system" if actor == CONTROLLER else "", action="Rollouts/Step",
+                                     target=f"endpoint/{endpoint}", detail=summary)  # fmt: skip
+        event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
+        event.before = _weights(before)
+        try:
+            after = await asyncio.to_thread(self._store.deploy, endpoint, variants, actor)
+        except WeirError as error:
+            event.result, event.detail = error.kind.name, f"{summary}: {error.message}"
+            await asyncio.to_thread(self._store.append_audit, event)
+            raise
+        event.after, event.result = _weights(after), "OK"
+        await asyncio.to_thread(self._store.append_audit, event)
+        await self._hub.changed()
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _pair(
+        self, deployment: deployments_pb2.Deployment, rollout: Rollout
+    ) -> tuple[deployments_pb2.Variant, deployments_pb2.Variant]:
+        by_name = {variant.name: variant for variant in deployment.variants}
+        baseline, canary = by_name.get(rollout.baseline_variant), by_name.get(rollout.canary_variant)
+        if baseline is None or canary is None:
+            raise FailedPreconditionError(
+                f"endpoint '{rollout.endpoint}': the rollout's variants were changed by hand "
+                f"(expected {rollout.baseline_variant} and {rollout.canary_variant}, found {sorted(by_name)})"
+            )
+        return baseline, canary
+
+    def _schedule(self, rollout: Rollout) -> None:
+        rollout.next_analysis_at.FromDatetime(
+            datetime.datetime.fromtimestamp(self._clock() + rollout.interval_seconds, datetime.UTC)
+        )
+
+    def _existing(self, endpoint: str) -> Rollout | None:
+        try:
+            return self._store.get_rollout(endpoint)
+        except WeirError:
+            return None
+
+
+def _copy(variant: deployments_pb2.Variant, weight: int) -> deployments_pb2.Variant:
+    copy = deployments_pb2.Variant()
+    copy.CopyFrom(variant)
+    copy.weight = weight
+    return copy
+
+
+def _weights(deployment: deployments_pb2.Deployment) -> str:
+    return ",".join(f"{variant.name}={variant.weight}" for variant in deployment.variants)

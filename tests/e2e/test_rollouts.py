@@ -1,0 +1,191 @@
+"""Canary rollouts end to end (`weir control` + two `weir serve --control-plane`, load on both):
+a failing canary and a slow canary are each rolled back automatically; a healthy canary walks every
+step and is promoted."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import free_port, start_weir
+from tests.e2e.test_control_plane import CONFIG, TOKENS, ControlProcess, cli, start_control, wait_until
+
+pytestmark = pytest.mark.timeout(600)
+X = np.array([[50.0, 50.0, 50.0]], np.float32)
+
+
+class Scale(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2.0
+
+
+class FailsOnLargeInputs(torch.nn.Module):
+    """Loads and warms up fine; fails on the inputs the load sends (sum above 100)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.sum() > 100.0):
+            raise RuntimeError("deliberate failure")
+        return x * 2.0
+
+
+class Slow(torch.nn.Module):
+    """Right answers, ~tens of milliseconds each: a chain of matrix products it then discards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.eye(256) * 0.5, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        work = torch.ones(64, 256)
+        for _ in range(150):
+            work = work @ self.weight + 1.0
+        return x * 2.0 + work.sum() * 0.0
+
+
+def push(control: ControlProcess, tmp_path: Path, module: torch.nn.Module, name: str) -> str:
+    path = tmp_path / name / "model.pt"
+    path.parent.mkdir(parents=True)
+    torch.jit.save(torch.jit.script(module), str(path))
+    config = tmp_path / "config.pbtxt"
+    config.write_text(CONFIG)
+    return str(cli(control, "models", "push", "scale", str(path), "--config", str(config))["version"])
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[ControlProcess, list[str], Path]]:
+    control = start_control(tmp_path / "control", f"sqlite:///{tmp_path / 'control.db'}", free_port())
+    replicas = [
+        start_weir(
+            tmp_path / f"replica-{index}", "--model-control-mode", "explicit", "--control-plane", control.address,
+            "--replica-id", f"replica-{index}", "--heartbeat-seconds", "0.3",
+            env={"WEIR_TOKENS": TOKENS, "WEIR_CONTROL_PLANE_TOKEN": "t-replica"},
+        )
+        for index in range(2)
+    ]  # fmt: skip
+    try:
+        push(control, tmp_path, Scale(), "baseline")
+        cli(control, "deploy", "scale", "scale", "1")
+        urls = [replica.grpc_url for replica in replicas]
+        for url in urls:
+            wait_until(lambda url=url: _answer(grpcclient.InferenceServerClient(url)) is not None, message="baseline")
+        yield control, urls, tmp_path
+    finally:
+        for replica in replicas:
+            replica.terminate_and_wait()
+        control.process.terminate()
+        control.process.wait(timeout=30)
+
+
+def _answer(client: grpcclient.InferenceServerClient) -> np.ndarray | None:
+    tensor = grpcclient.InferInput("INPUT__0", [1, 3], "FP32")
+    tensor.set_data_from_numpy(X)
+    try:
+        return client.infer("scale", [tensor], client_timeout=30).as_numpy("OUTPUT__0")
+    finally:
+        client.close()
+
+
+class Load:
+    """Requests to every replica until stopped; counts outcomes."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.ok = self.failed = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(url,)) for url in urls for _ in range(2)]
+
+    def _run(self, url: str) -> None:
+        client = grpcclient.InferenceServerClient(url)
+        tensor = grpcclient.InferInput("INPUT__0", [1, 3], "FP32")
+        tensor.set_data_from_numpy(X)
+        while not self._stop.is_set():
+            try:
+                client.infer("scale", [tensor], client_timeout=30)
+                self.ok += 1
+            except InferenceServerException:
+                self.failed += 1
+        client.close()
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+
+def rollout(control: ControlProcess, version: str) -> dict:
+    return cli(control, "rollout", "start", "scale", f"scale:{version}", "--steps", "20,50,100",
+               "--interval", "1.5", "--min-requests", "5")  # fmt: skip
+
+
+def finished(control: ControlProcess) -> dict:
+    holder: dict = {}
+
+    def done() -> bool:
+        holder.update(cli(control, "rollout", "status", "scale", token="t-replica"))
+        return holder["state"] in ("SUCCEEDED", "ROLLED_BACK")
+
+    wait_until(done, timeout=120, message="the rollout to finish")
+    return holder
+
+
+@pytest.mark.parametrize(
+    ("module", "reason"), [(FailsOnLargeInputs(), "error rate 1.000"), (Slow(), "p99")], ids=["failing", "slow"]
+)
+def test_a_bad_canary_is_rolled_back_automatically(setup, module: torch.nn.Module, reason: str) -> None:
+    control, urls, tmp_path = setup
+    version = push(control, tmp_path, module, "canary")
+    with Load(urls):
+        started = rollout(control, version)
+        assert started["state"] == "RUNNING" and started["steps"] == [20, 50, 100]
+        result = finished(control)
+    assert result["state"] == "ROLLED_BACK", result
+    assert reason in result["reason"]
+    assert result["analyses"][-1]["verdict"] == "FAIL"
+    deployment = cli(control, "deployments", token="t-replica")["deployments"][0]
+    assert [(v["name"], v.get("weight")) for v in deployment["variants"]] == [("primary", 100)]
+    for url in urls:
+        np.testing.assert_allclose(_answer(grpcclient.InferenceServerClient(url)), X * 2.0)
+    audit = cli(control, "audit", "--action", "Rollouts/Step", token="t-replica")
+    assert any("rolled back" in event["detail"] and event["actor"] == "rollout-controller" for event in audit)
+
+
+def test_a_healthy_canary_walks_every_step_and_is_promoted(setup) -> None:
+    control, urls, tmp_path = setup
+    version = push(control, tmp_path, Scale(), "canary")
+    with Load(urls) as load:
+        rollout(control, version)
+        result = finished(control)
+    assert result["state"] == "SUCCEEDED", result
+    passed_steps = [a.get("step", 0) for a in result["analyses"] if a["verdict"] == "PASS"]
+    assert sorted(set(passed_steps)) == [0, 1, 2]  # every step passed an analysis
+    assert load.failed == 0
+    deployment = cli(control, "deployments", token="t-replica")["deployments"][0]
+    assert [(v["name"], v["version"]) for v in deployment["variants"]] == [("primary", version)]
+    wait_until(
+        lambda: all(
+            states == [("scale", "primary", "READY", int(version))] for states in _variant_states(control).values()
+        ),
+        message="both replicas to serve the promoted version",
+    )
+
+
+def _variant_states(control: ControlProcess) -> dict[str, list[tuple[str, str, str, int]]]:
+    replicas = cli(control, "deployments", token="t-replica")["replicas"]
+    return {
+        replica["replica_id"]: [
+            (s["endpoint"], s.get("variant", ""), s["state"], int(s.get("serving", {}).get("version", 0)))
+            for s in replica["status"].get("endpoints", [])
+        ]
+        for replica in replicas
+    }
