@@ -141,10 +141,17 @@ def add_commands(subcommands: Any) -> None:
     rollout_start.add_argument("--max-p99-slack-ms", type=float, default=0.0)
     rollout_start.add_argument("--min-requests", type=int, default=0)
     rollout_start.add_argument("--failure-limit", type=int, default=0)
-    rollout_parsers = [rollout_start]
+    blue_green = rollout_actions.add_parser(
+        "blue-green", help="load MODEL:VERSION_OR_ALIAS as green beside the endpoint's variant, then switch"
+    )
+    blue_green.add_argument("endpoint")
+    blue_green.add_argument("green", metavar="MODEL:VERSION_OR_ALIAS")
+    blue_green.add_argument("--keep-previous-seconds", type=float, default=300.0, help="blue stays loaded this long")
+    rollout_parsers = [rollout_start, blue_green]
     for action, text in (
         ("status", "the rollout's step, weights and analyses"),
         ("promote", "give the canary all traffic now"),
+        ("switch", "blue-green: move all traffic to green (once it is READY everywhere)"),
         ("rollback", "give the baseline all traffic now"),
         ("pause", "stop advancing (analyses stop)"),
         ("resume", "continue a paused rollout"),
@@ -532,6 +539,18 @@ class _Client:
             else:
                 request.alias = target
             result = self._rollouts.StartRollout(request, metadata=self._metadata)
+        elif command == "blue-green":
+            model, colon, target = args.green.partition(":")
+            if not colon or not target:
+                raise WeirError(f"green: expected MODEL:VERSION_OR_ALIAS, got {args.green!r}")
+            green = rollouts_pb2.StartBlueGreenRequest(
+                endpoint=args.endpoint, model_name=model, keep_previous_seconds=args.keep_previous_seconds
+            )
+            if target.isdigit():
+                green.version = int(target)
+            else:
+                green.alias = target
+            result = self._rollouts.StartBlueGreen(green, metadata=self._metadata)
         elif command == "status":
             result = self._rollouts.GetRollout(
                 rollouts_pb2.GetRolloutRequest(endpoint=args.endpoint), metadata=self._metadata
@@ -539,6 +558,7 @@ class _Client:
         else:
             method = {
                 "promote": self._rollouts.PromoteRollout,
+                "switch": self._rollouts.SwitchBlueGreen,
                 "rollback": self._rollouts.AbortRollout,
                 "pause": self._rollouts.PauseRollout,
                 "resume": self._rollouts.ResumeRollout,

@@ -38,6 +38,9 @@ PRIMARY = "primary"
 CONTROLLER = "rollout-controller"  # the audit log's actor for automatic transitions
 DEFAULT_STEPS = (5, 25, 50, 100)
 DEFAULT_INTERVAL_SECONDS = 60.0
+DEFAULT_KEEP_PREVIOUS_SECONDS = 300.0
+BLUE_GREEN = "blue_green"
+GREEN, BLUE = "green", "blue"
 
 
 def with_defaults(thresholds: rollouts_pb2.AnalysisThresholds) -> rollouts_pb2.AnalysisThresholds:
@@ -165,17 +168,7 @@ class RolloutController:
         if interval <= 0:
             raise InvalidArgumentError(f"interval_seconds: expected more than 0, got {request.interval_seconds}")
         async with self._lock:
-            existing = await asyncio.to_thread(self._existing, request.endpoint)
-            if existing is not None and existing.state in (Rollout.RUNNING, Rollout.PAUSED):
-                raise FailedPreconditionError(f"endpoint '{request.endpoint}': a rollout is already in progress")
-            deployment = await asyncio.to_thread(self._store.get_deployment, request.endpoint)
-            serving = [variant for variant in deployment.variants if not variant.shadow_percent]
-            if len(serving) != 1:
-                raise FailedPreconditionError(
-                    f"endpoint '{request.endpoint}': expected one serving variant as the baseline, got "
-                    f"{[variant.name for variant in serving]}"
-                )
-            baseline = serving[0]
+            deployment, baseline = await self._single_serving(request.endpoint)
             canary = deployments_pb2.Variant(name=CANARY, model_name=request.model_name, weight=steps[0])
             if request.WhichOneof("target") == "alias":
                 canary.alias = request.alias
@@ -186,6 +179,7 @@ class RolloutController:
             rollout = Rollout(
                 endpoint=request.endpoint,
                 state=Rollout.RUNNING,
+                strategy="canary",
                 baseline_variant=baseline.name,
                 canary_variant=CANARY,
                 steps=steps,
@@ -200,6 +194,86 @@ class RolloutController:
             self._looks[request.endpoint] = collect(self._hub.replicas(), request.endpoint)
             await asyncio.to_thread(self._store.save_rollout, rollout)
             return rollout
+
+    async def start_blue_green(self, request: rollouts_pb2.StartBlueGreenRequest, actor: str) -> Rollout:
+        keep = request.keep_previous_seconds or DEFAULT_KEEP_PREVIOUS_SECONDS
+        if keep < 0:
+            raise InvalidArgumentError(f"keep_previous_seconds: expected 0 or more, got {keep}")
+        async with self._lock:
+            deployment, blue = await self._single_serving(request.endpoint)
+            green = deployments_pb2.Variant(
+                name=GREEN if blue.name != GREEN else BLUE, model_name=request.model_name, weight=0
+            )
+            if request.WhichOneof("target") == "alias":
+                green.alias = request.alias
+            else:
+                green.version = request.version
+            rollout = Rollout(
+                endpoint=request.endpoint, state=Rollout.RUNNING, strategy=BLUE_GREEN, baseline_variant=blue.name,
+                canary_variant=green.name, steps=[0, 100], step=0, keep_previous_seconds=keep, started_by=actor,
+                reason="loading green on every data plane",
+            )  # fmt: skip
+            rollout.started_at.FromDatetime(datetime.datetime.now(datetime.UTC))
+            shadows = [variant for variant in deployment.variants if variant.shadow_percent]
+            await self._change(request.endpoint, [_copy(blue, 100), green, *shadows], actor, "green loading")
+            await asyncio.to_thread(self._store.save_rollout, rollout)
+            return rollout
+
+    async def _single_serving(self, endpoint: str) -> tuple[deployments_pb2.Deployment, deployments_pb2.Variant]:
+        existing = await asyncio.to_thread(self._existing, endpoint)
+        if existing is not None and existing.state in (Rollout.RUNNING, Rollout.PAUSED):
+            raise FailedPreconditionError(f"endpoint '{endpoint}': a rollout is already in progress")
+        deployment = await asyncio.to_thread(self._store.get_deployment, endpoint)
+        serving = [variant for variant in deployment.variants if not variant.shadow_percent]
+        if len(serving) != 1:
+            raise FailedPreconditionError(
+                f"endpoint '{endpoint}': expected one serving variant as the baseline, got "
+                f"{[variant.name for variant in serving]}"
+            )
+        return deployment, serving[0]
+
+    async def _switch(self, rollout: Rollout, actor: str) -> None:
+        if not rollout.green_ready:
+            raise FailedPreconditionError(
+                f"endpoint '{rollout.endpoint}': green is not READY on every data plane yet; switching now could "
+                "send requests to a replica still loading it"
+            )
+        deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
+        blue, green = self._pair(deployment, rollout)
+        shadows = [variant for variant in deployment.variants if variant.shadow_percent]
+        await self._change(rollout.endpoint, [_copy(blue, 0), _copy(green, 100), *shadows], actor, "switched to green")
+        rollout.step = 1
+        rollout.reason = f"switched; blue stays loaded for {rollout.keep_previous_seconds:g} s"
+        rollout.retire_previous_at.FromDatetime(
+            datetime.datetime.fromtimestamp(self._clock() + rollout.keep_previous_seconds, datetime.UTC)
+        )
+
+    async def _advance_blue_green(self, rollout: Rollout) -> bool:
+        """One look at a blue-green rollout; True when it changed."""
+        if rollout.step == 0 and not rollout.green_ready:
+            replicas = self._hub.replicas()
+            ready = [
+                replica
+                for replica in replicas
+                if any(
+                    status.endpoint == rollout.endpoint and status.variant == rollout.canary_variant
+                    and status.state == deployments_pb2.EndpointStatus.READY and status.serving == status.desired
+                    for status in replica.status.endpoints
+                )
+            ]  # fmt: skip
+            if replicas and len(ready) == len(replicas):
+                rollout.green_ready = True
+                rollout.reason = f"green READY on all {len(replicas)} data planes: switch when you are"
+                return True
+            return False
+        if rollout.step == 1 and self._clock() >= rollout.retire_previous_at.ToDatetime(datetime.UTC).timestamp():
+            deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
+            _, green = self._pair(deployment, rollout)
+            shadows = [variant for variant in deployment.variants if variant.shadow_percent]
+            await self._change(rollout.endpoint, [_copy(green, 100), *shadows], CONTROLLER, "blue retired")
+            rollout.state, rollout.reason = Rollout.SUCCEEDED, "switched to green; blue retired"
+            return True
+        return False
 
     async def act(self, action: str, endpoint: str, actor: str) -> Rollout:
         async with self._lock:
@@ -216,8 +290,12 @@ class RolloutController:
                 self._looks[endpoint] = collect(self._hub.replicas(), endpoint)
             elif action == "abort":
                 await self._roll_back(rollout, f"aborted by {actor}", actor)
+            elif action in ("promote", "switch") and rollout.strategy == BLUE_GREEN:
+                await self._switch(rollout, actor)
             elif action == "promote":
                 await self._promote(rollout, f"promoted by {actor}", actor)
+            else:
+                raise FailedPreconditionError(f"endpoint '{endpoint}': '{action}' applies to blue-green rollouts")
             await asyncio.to_thread(self._store.save_rollout, rollout)
             return rollout
 
@@ -234,6 +312,10 @@ class RolloutController:
     async def step_all(self) -> None:
         async with self._lock:
             for rollout in await asyncio.to_thread(self._store.active_rollouts):
+                if rollout.strategy == BLUE_GREEN:
+                    if rollout.state == Rollout.RUNNING and await self._advance_blue_green(rollout):
+                        await asyncio.to_thread(self._store.save_rollout, rollout)
+                    continue
                 due = rollout.next_analysis_at.ToDatetime(datetime.UTC).timestamp()
                 if rollout.state == Rollout.RUNNING and self._clock() >= due:
                     await self._analyse(rollout)

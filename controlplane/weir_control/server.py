@@ -66,6 +66,8 @@ _MUTATIONS = {
     "ResumeRollout",
     "AbortRollout",
     "PromoteRollout",
+    "StartBlueGreen",
+    "SwitchBlueGreen",
 }
 
 

@@ -507,6 +507,19 @@ class RolloutsService(rollouts_pb2_grpc.RolloutsServicer):
             lambda actor: self._controller.act(action, request.endpoint, actor),
         )
 
+    async def StartBlueGreen(
+        self, request: rollouts_pb2.StartBlueGreenRequest, context: grpc.aio.ServicerContext
+    ) -> rollouts_pb2.Rollout:
+        return await self._audited(
+            context,
+            "Rollouts/StartBlueGreen",
+            request.endpoint,
+            lambda actor: self._controller.start_blue_green(request, actor),
+        )
+
+    async def SwitchBlueGreen(self, request: rollouts_pb2.RolloutAction, context: grpc.aio.ServicerContext) -> Any:
+        return await self._act("switch", request, context)
+
     async def PauseRollout(self, request: rollouts_pb2.RolloutAction, context: grpc.aio.ServicerContext) -> Any:
         return await self._act("pause", request, context)
 

@@ -24,6 +24,8 @@ from weir_proto.control.v1 import (
     deployments_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    rollouts_pb2,
+    rollouts_pb2_grpc,
 )
 
 CONFIG = """
@@ -38,6 +40,7 @@ ARTIFACT = bytes(range(256)) * 9000  # ~2.3 MB: several chunks
 
 class Client:
     def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
         self.registry = registry_pb2_grpc.RegistryStub(channel)
         self.deployments = deployments_pb2_grpc.DeploymentsStub(channel)
         self.sync = deployments_pb2_grpc.DataPlaneSyncStub(channel)
@@ -322,3 +325,35 @@ async def test_the_control_plane_exports_upload_and_replica_metrics(store_url: s
     assert samples[("weir_control_uploads_total", (("result", "ready"),))] == 1
     assert samples[("weir_control_uploads_total", (("result", "failed"),))] == 1
     assert samples[("weir_control_replicas_attached", ())] == 0
+
+
+async def test_a_blue_green_switch_is_refused_until_green_is_ready_everywhere(control) -> None:
+    _, client = control
+    rollouts = rollouts_pb2_grpc.RolloutsStub(client.channel)
+    await client.registry.CreateRegisteredModel(
+        registry_pb2.CreateRegisteredModelRequest(name="mlp"), metadata=DEPLOYER
+    )
+    await client.push()
+    await client.push()
+    await client.deployments.Deploy(
+        deployments_pb2.DeployRequest(endpoint="web", model_name="mlp", version=1), metadata=DEPLOYER
+    )
+    started = await rollouts.StartBlueGreen(
+        rollouts_pb2.StartBlueGreenRequest(endpoint="web", model_name="mlp", version=2), metadata=DEPLOYER
+    )
+    assert started.canary_variant == "green" and not started.green_ready
+    with pytest.raises(grpc.aio.AioRpcError) as refused:  # no data plane has reported green READY
+        await rollouts.SwitchBlueGreen(rollouts_pb2.RolloutAction(endpoint="web"), metadata=DEPLOYER)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not READY on every data plane" in refused.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as busy:
+        await rollouts.StartRollout(
+            rollouts_pb2.StartRolloutRequest(endpoint="web", model_name="mlp", version=2), metadata=DEPLOYER
+        )
+    assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    rolled_back = await rollouts.AbortRollout(rollouts_pb2.RolloutAction(endpoint="web"), metadata=DEPLOYER)
+    assert rolled_back.state == rollouts_pb2.Rollout.ROLLED_BACK
+    deployment = await client.deployments.GetDeployment(
+        deployments_pb2.GetDeploymentRequest(endpoint="web"), metadata=VIEWER
+    )
+    assert [(variant.name, variant.weight) for variant in deployment.variants] == [("primary", 100)]

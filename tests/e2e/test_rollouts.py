@@ -189,3 +189,42 @@ def _variant_states(control: ControlProcess) -> dict[str, list[tuple[str, str, s
         ]
         for replica in replicas
     }
+
+
+class Triple(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 3.0
+
+
+def test_a_blue_green_switch_under_load_fails_no_request_and_keeps_blue_for_a_rollback(setup) -> None:
+    control, urls, tmp_path = setup
+    version = push(control, tmp_path, Triple(), "green")
+    started = cli(control, "rollout", "blue-green", "scale", f"scale:{version}", "--keep-previous-seconds", "3")
+    assert started["strategy"] == "blue_green"
+
+    def green_ready() -> bool:
+        return bool(cli(control, "rollout", "status", "scale", token="t-replica").get("green_ready"))
+
+    wait_until(green_ready, message="green READY on both data planes")
+    # the preview route: a deployer pins green before the switch; everyone else still gets blue
+    preview = grpcclient.InferenceServerClient(urls[0])
+    tensor = grpcclient.InferInput("INPUT__0", [1, 3], "FP32")
+    tensor.set_data_from_numpy(X)
+    pinned = preview.infer("scale", [tensor], parameters={"weir_variant": "green"},
+                           headers={"authorization": "Bearer t-deployer"})  # fmt: skip
+    np.testing.assert_allclose(pinned.as_numpy("OUTPUT__0"), X * 3.0)
+    preview.close()
+    np.testing.assert_allclose(_answer(grpcclient.InferenceServerClient(urls[1])), X * 2.0)
+
+    with Load(urls) as load:
+        cli(control, "rollout", "switch", "scale")
+        for url in urls:
+            wait_until(
+                lambda url=url: np.allclose(_answer(grpcclient.InferenceServerClient(url)), X * 3.0),
+                message="green to serve everywhere",
+            )
+    assert load.failed == 0 and load.ok > 20
+    result = finished(control)  # blue retired after keep_previous_seconds
+    assert result["state"] == "SUCCEEDED"
+    deployment = cli(control, "deployments", token="t-replica")["deployments"][0]
+    assert [(v["name"], v["version"]) for v in deployment["variants"]] == [("green", version)]

@@ -25,27 +25,29 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$weir_proto/control/v1/rollouts.proto\x12\x0fweir.control.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x01\n\x12\x41nalysisThresholds\x12\x1f\n\x17max_error_rate_increase\x18\x01 \x01(\x01\x12\x15\n\rmax_p99_ratio\x18\x02 \x01(\x01\x12\x18\n\x10max_p99_slack_ms\x18\x03 \x01(\x01\x12\x14\n\x0cmin_requests\x18\x04 \x01(\x03\x12\x15\n\rfailure_limit\x18\x05 \x01(\x05\"\xcb\x01\n\x13StartRolloutRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x11\n\x07version\x18\x03 \x01(\x03H\x00\x12\x0f\n\x05\x61lias\x18\x04 \x01(\tH\x00\x12\r\n\x05steps\x18\x05 \x03(\r\x12\x18\n\x10interval_seconds\x18\x06 \x01(\x01\x12\x37\n\nthresholds\x18\x07 \x01(\x0b\x32#.weir.control.v1.AnalysisThresholdsB\x08\n\x06target\"%\n\x11GetRolloutRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"!\n\rRolloutAction\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"\x8c\x02\n\x08\x41nalysis\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x15\n\rcanary_weight\x18\x03 \x01(\r\x12\x17\n\x0f\x63\x61nary_requests\x18\x04 \x01(\x03\x12\x15\n\rcanary_errors\x18\x05 \x01(\x03\x12\x19\n\x11\x62\x61seline_requests\x18\x06 \x01(\x03\x12\x17\n\x0f\x62\x61seline_errors\x18\x07 \x01(\x03\x12\x15\n\rcanary_p99_ms\x18\x08 \x01(\x01\x12\x17\n\x0f\x62\x61seline_p99_ms\x18\t \x01(\x01\x12\x0f\n\x07verdict\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\"\x96\x04\n\x07Rollout\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.weir.control.v1.Rollout.State\x12\x18\n\x10\x62\x61seline_variant\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61nary_variant\x18\x04 \x01(\t\x12\r\n\x05steps\x18\x05 \x03(\r\x12\x0c\n\x04step\x18\x06 \x01(\x05\x12\x18\n\x10interval_seconds\x18\x07 \x01(\x01\x12\x37\n\nthresholds\x18\x08 \x01(\x0b\x32#.weir.control.v1.AnalysisThresholds\x12\x18\n\x10\x66\x61iled_intervals\x18\t \x01(\x05\x12+\n\x08\x61nalyses\x18\n \x03(\x0b\x32\x19.weir.control.v1.Analysis\x12\x12\n\nstarted_by\x18\x0b \x01(\t\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10next_analysis_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x0e \x01(\t\"W\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\n\n\x06PAUSED\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\x0f\n\x0bROLLED_BACK\x10\x04\x32\xd1\x03\n\x08Rollouts\x12N\n\x0cStartRollout\x12$.weir.control.v1.StartRolloutRequest\x1a\x18.weir.control.v1.Rollout\x12J\n\nGetRollout\x12\".weir.control.v1.GetRolloutRequest\x1a\x18.weir.control.v1.Rollout\x12H\n\x0cPauseRollout\x12\x1e.weir.control.v1.RolloutAction\x1a\x18.weir.control.v1.Rollout\x12I\n\rResumeRollout\x12\x1e.weir.control.v1.RolloutAction\x1a\x18.weir.control.v1.Rollout\x12H\n\x0c\x41\x62ortRollout\x12\x1e.weir.control.v1.RolloutAction\x1a\x18.weir.control.v1.Rollout\x12J\n\x0ePromoteRollout\x12\x1e.weir.control.v1.RolloutAction\x1a\x18.weir.control.v1.Rolloutb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$weir_proto/control/v1/rollouts.proto\x12\x0fweir.control.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x01\n\x15StartBlueGreenRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x11\n\x07version\x18\x03 \x01(\x03H\x00\x12\x0f\n\x05\x61lias\x18\x04 \x01(\tH\x00\x12\x1d\n\x15keep_previous_seconds\x18\x05 \x01(\x01\x42\x08\n\x06target\"\x93\x01\n\x12\x41nalysisThresholds\x12\x1f\n\x17max_error_rate_increase\x18\x01 \x01(\x01\x12\x15\n\rmax_p99_ratio\x18\x02 \x01(\x01\x12\x18\n\x10max_p99_slack_ms\x18\x03 \x01(\x01\x12\x14\n\x0cmin_requests\x18\x04 \x01(\x03\x12\x15\n\rfailure_limit\x18\x05 \x01(\x05\"\xcb\x01\n\x13StartRolloutRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x11\n\x07version\x18\x03 \x01(\x03H\x00\x12\x0f\n\x05\x61lias\x18\x04 \x01(\tH\x00\x12\r\n\x05steps\x18\x05 \x03(\r\x12\x18\n\x10interval_seconds\x18\x06 \x01(\x01\x12\x37\n\nthresholds\x18\x07 \x01(\x0b\x32#.weir.control.v1.AnalysisThresholdsB\x08\n\x06target\"%\n\x11GetRolloutRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"!\n\rRolloutAction\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"\x8c\x02\n\x08\x41nalysis\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x15\n\rcanary_weight\x18\x03 \x01(\r\x12\x17\n\x0f\x63\x61nary_requests\x18\x04 \x01(\x03\x12\x15\n\rcanary_errors\x18\x05 \x01(\x03\x12\x19\n\x11\x62\x61seline_requests\x18\x06 \x01(\x03\x12\x17\n\x0f\x62\x61seline_errors\x18\x07 \x01(\x03\x12\x15\n\rcanary_p99_ms\x18\x08 \x01(\x01\x12\x17\n\x0f\x62\x61seline_p99_ms\x18\t \x01(\x01\x12\x0f\n\x07verdict\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\"\x94\x05\n\x07Rollout\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.weir.control.v1.Rollout.State\x12\x18\n\x10\x62\x61seline_variant\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61nary_variant\x18\x04 \x01(\t\x12\r\n\x05steps\x18\x05 \x03(\r\x12\x0c\n\x04step\x18\x06 \x01(\x05\x12\x18\n\x10interval_seconds\x18\x07 \x01(\x01\x12\x37\n\nthresholds\x18\x08 \x01(\x0b\x32#.weir.control.v1.AnalysisThresholds\x12\x18\n\x10\x66\x61iled_intervals\x18\t \x01(\x05\x12+\n\x08\x61nalyses\x18\n \x03(\x0b\x32\x19.weir.control.v1.Analysis\x12\x12\n\nstarted_by\x18\x0b \x01(\t\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10next_analysis_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x0e \x01(\t\x12\x10\n\x08strategy\x18\x0f \x01(\t\x12\x1d\n\x15keep_previous_seconds\x18\x10 \x01(\x01\x12\x36\n\x12retire_previous_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bgreen_ready\x18\x12 \x01(\x08\"W\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\n\n\x06PAUSED\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\x0f\n\x0bROLLED_BACK\x10\x04\x32\xf2\x04\n\x08Rollouts\x12N\n\x0cStartRollout\x12$.weir.control.v1.StartRolloutRequest\x1a\x18.weir.control.v1.Rollout\x12J\n\nGetRollout\x12\".weir.control.v1.GetRolloutRequest\x1a\x18.weir.control.v1.Rollout\x12H\n\x0cPauseRollout\x12\x1e.weir.control.v1.RolloutAction\x1a\x18.weir.control.v1.Rollout\x12I\n\rResumeRollout\x12\x1e.weir.control.v1.RolloutAction\x1a\x18.weir.control.v1.Rollout\x12H\n\x0c\x41\x62ortRollout\x12\x1e.weir.control.v1.RolloutAction\x1a\x18.weir.control.v1.Rollout\x12J\n\x0ePromoteRollout\x12\x1e.weir.control.v1.RolloutAction\x1a\x18.weir.control.v1.Rollout\x12R\n\x0eStartBlueGreen\x12&.weir.control.v1.StartBlueGreenRequest\x1a\x18.weir.control.v1.Rollout\x12K\n\x0fSwitchBlueGreen\x12\x1e.weir.control.v1.RolloutAction\x1a\x18.weir.control.v1.Rolloutb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weir_proto.control.v1.rollouts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ANALYSISTHRESHOLDS']._serialized_start=91
-  _globals['_ANALYSISTHRESHOLDS']._serialized_end=238
-  _globals['_STARTROLLOUTREQUEST']._serialized_start=241
-  _globals['_STARTROLLOUTREQUEST']._serialized_end=444
-  _globals['_GETROLLOUTREQUEST']._serialized_start=446
-  _globals['_GETROLLOUTREQUEST']._serialized_end=483
-  _globals['_ROLLOUTACTION']._serialized_start=485
-  _globals['_ROLLOUTACTION']._serialized_end=518
-  _globals['_ANALYSIS']._serialized_start=521
-  _globals['_ANALYSIS']._serialized_end=789
-  _globals['_ROLLOUT']._serialized_start=792
-  _globals['_ROLLOUT']._serialized_end=1326
-  _globals['_ROLLOUT_STATE']._serialized_start=1239
-  _globals['_ROLLOUT_STATE']._serialized_end=1326
-  _globals['_ROLLOUTS']._serialized_start=1329
-  _globals['_ROLLOUTS']._serialized_end=1794
+  _globals['_STARTBLUEGREENREQUEST']._serialized_start=91
+  _globals['_STARTBLUEGREENREQUEST']._serialized_end=229
+  _globals['_ANALYSISTHRESHOLDS']._serialized_start=232
+  _globals['_ANALYSISTHRESHOLDS']._serialized_end=379
+  _globals['_STARTROLLOUTREQUEST']._serialized_start=382
+  _globals['_STARTROLLOUTREQUEST']._serialized_end=585
+  _globals['_GETROLLOUTREQUEST']._serialized_start=587
+  _globals['_GETROLLOUTREQUEST']._serialized_end=624
+  _globals['_ROLLOUTACTION']._serialized_start=626
+  _globals['_ROLLOUTACTION']._serialized_end=659
+  _globals['_ANALYSIS']._serialized_start=662
+  _globals['_ANALYSIS']._serialized_end=930
+  _globals['_ROLLOUT']._serialized_start=933
+  _globals['_ROLLOUT']._serialized_end=1593
+  _globals['_ROLLOUT_STATE']._serialized_start=1506
+  _globals['_ROLLOUT_STATE']._serialized_end=1593
+  _globals['_ROLLOUTS']._serialized_start=1596
+  _globals['_ROLLOUTS']._serialized_end=2222
 # @@protoc_insertion_point(module_scope)

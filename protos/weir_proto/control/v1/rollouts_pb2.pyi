@@ -10,6 +10,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class StartBlueGreenRequest(_message.Message):
+    __slots__ = ("endpoint", "model_name", "version", "alias", "keep_previous_seconds")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_PREVIOUS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    model_name: str
+    version: int
+    alias: str
+    keep_previous_seconds: float
+    def __init__(self, endpoint: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., keep_previous_seconds: _Optional[float] = ...) -> None: ...
+
 class AnalysisThresholds(_message.Message):
     __slots__ = ("max_error_rate_increase", "max_p99_ratio", "max_p99_slack_ms", "min_requests", "failure_limit")
     MAX_ERROR_RATE_INCREASE_FIELD_NUMBER: _ClassVar[int]
@@ -81,7 +95,7 @@ class Analysis(_message.Message):
     def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step: _Optional[int] = ..., canary_weight: _Optional[int] = ..., canary_requests: _Optional[int] = ..., canary_errors: _Optional[int] = ..., baseline_requests: _Optional[int] = ..., baseline_errors: _Optional[int] = ..., canary_p99_ms: _Optional[float] = ..., baseline_p99_ms: _Optional[float] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("endpoint", "state", "baseline_variant", "canary_variant", "steps", "step", "interval_seconds", "thresholds", "failed_intervals", "analyses", "started_by", "started_at", "next_analysis_at", "reason")
+    __slots__ = ("endpoint", "state", "baseline_variant", "canary_variant", "steps", "step", "interval_seconds", "thresholds", "failed_intervals", "analyses", "started_by", "started_at", "next_analysis_at", "reason", "strategy", "keep_previous_seconds", "retire_previous_at", "green_ready")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Rollout.State]
@@ -108,6 +122,10 @@ class Rollout(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     NEXT_ANALYSIS_AT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_PREVIOUS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RETIRE_PREVIOUS_AT_FIELD_NUMBER: _ClassVar[int]
+    GREEN_READY_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     state: Rollout.State
     baseline_variant: str
@@ -122,4 +140,8 @@ class Rollout(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     next_analysis_at: _timestamp_pb2.Timestamp
     reason: str
-    def __init__(self, endpoint: _Optional[str] = ..., state: _Optional[_Union[Rollout.State, str]] = ..., baseline_variant: _Optional[str] = ..., canary_variant: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., interval_seconds: _Optional[float] = ..., thresholds: _Optional[_Union[AnalysisThresholds, _Mapping]] = ..., failed_intervals: _Optional[int] = ..., analyses: _Optional[_Iterable[_Union[Analysis, _Mapping]]] = ..., started_by: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_analysis_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    strategy: str
+    keep_previous_seconds: float
+    retire_previous_at: _timestamp_pb2.Timestamp
+    green_ready: bool
+    def __init__(self, endpoint: _Optional[str] = ..., state: _Optional[_Union[Rollout.State, str]] = ..., baseline_variant: _Optional[str] = ..., canary_variant: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., interval_seconds: _Optional[float] = ..., thresholds: _Optional[_Union[AnalysisThresholds, _Mapping]] = ..., failed_intervals: _Optional[int] = ..., analyses: _Optional[_Iterable[_Union[Analysis, _Mapping]]] = ..., started_by: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_analysis_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., strategy: _Optional[str] = ..., keep_previous_seconds: _Optional[float] = ..., retire_previous_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., green_ready: bool = ...) -> None: ...

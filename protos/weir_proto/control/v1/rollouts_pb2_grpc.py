@@ -64,6 +64,16 @@ class RolloutsStub(object):
                 request_serializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.RolloutAction.SerializeToString,
                 response_deserializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.FromString,
                 _registered_method=True)
+        self.StartBlueGreen = channel.unary_unary(
+                '/weir.control.v1.Rollouts/StartBlueGreen',
+                request_serializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.StartBlueGreenRequest.SerializeToString,
+                response_deserializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.SwitchBlueGreen = channel.unary_unary(
+                '/weir.control.v1.Rollouts/SwitchBlueGreen',
+                request_serializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.RolloutAction.SerializeToString,
+                response_deserializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.FromString,
+                _registered_method=True)
 
 
 class RolloutsServicer(object):
@@ -107,6 +117,21 @@ class RolloutsServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartBlueGreen(self, request, context):
+        """Blue-green: green is loaded beside blue (weight 0, reachable by pinning it: the preview route)
+        until every attached data plane reports it READY; the switch then moves all traffic at once, and
+        blue stays loaded for keep_previous_seconds for an instant rollback (AbortRollout).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwitchBlueGreen(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +162,16 @@ def add_RolloutsServicer_to_server(servicer, server):
             ),
             'PromoteRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.PromoteRollout,
+                    request_deserializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.RolloutAction.FromString,
+                    response_serializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.SerializeToString,
+            ),
+            'StartBlueGreen': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartBlueGreen,
+                    request_deserializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.StartBlueGreenRequest.FromString,
+                    response_serializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.SerializeToString,
+            ),
+            'SwitchBlueGreen': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchBlueGreen,
                     request_deserializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.RolloutAction.FromString,
                     response_serializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.SerializeToString,
             ),
@@ -301,6 +336,60 @@ class Rollouts(object):
             request,
             target,
             '/weir.control.v1.Rollouts/PromoteRollout',
+            weir__proto_dot_control_dot_v1_dot_rollouts__pb2.RolloutAction.SerializeToString,
+            weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartBlueGreen(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.control.v1.Rollouts/StartBlueGreen',
+            weir__proto_dot_control_dot_v1_dot_rollouts__pb2.StartBlueGreenRequest.SerializeToString,
+            weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchBlueGreen(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.control.v1.Rollouts/SwitchBlueGreen',
             weir__proto_dot_control_dot_v1_dot_rollouts__pb2.RolloutAction.SerializeToString,
             weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.FromString,
             options,
