@@ -30,6 +30,8 @@ from weir_proto.control.v1 import (
     audit_pb2_grpc,
     deployments_pb2,
     deployments_pb2_grpc,
+    experiments_pb2,
+    experiments_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     rollouts_pb2,
@@ -40,7 +42,9 @@ from weir_proto.errors import WeirError
 DEFAULT_CONTROL_PLANE = "127.0.0.1:8011"
 DEFAULT_TOKEN_FILE = Path(".weir") / "admin.token"
 UPLOAD_CHUNK = 1 << 20
-CLIENT_COMMANDS = ("models", "deploy", "undeploy", "deployments", "audit", "traffic", "flags", "shadow", "rollout")
+CLIENT_COMMANDS = (
+    "models", "deploy", "undeploy", "deployments", "audit", "traffic", "flags", "shadow", "rollout", "ab",
+)  # fmt: skip
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -159,6 +163,24 @@ def add_commands(subcommands: Any) -> None:
         parser = rollout_actions.add_parser(action, help=text)
         parser.add_argument("endpoint")
         rollout_parsers.append(parser)
+    ab = subcommands.add_parser("ab", help="A/B tests: sticky split, outcomes, significance")
+    ab_actions = ab.add_subparsers(dest="ab_command", required=True)
+    ab_start = ab_actions.add_parser("start", help="split an endpoint between arms (the first is the control)")
+    ab_start.add_argument("endpoint")
+    ab_start.add_argument("--arm", action="append", required=True, metavar="NAME=MODEL:VERSION_OR_ALIAS:WEIGHT")
+    ab_start.add_argument("--metric", required=True)
+    ab_start.add_argument("--kind", choices=("rate", "mean"), required=True)
+    ab_start.add_argument("--confidence", type=float, default=0.95)
+    ab_start.add_argument("--key-parameter", default="")
+    ab_start.add_argument("--key-header", default="")
+    ab_outcome = ab_actions.add_parser("outcome", help="record one outcome for a routing key")
+    ab_outcome.add_argument("endpoint")
+    ab_outcome.add_argument("routing_key")
+    ab_outcome.add_argument("value", type=float)
+    ab_status = ab_actions.add_parser("status", help="per-arm results against the control")
+    ab_status.add_argument("endpoint")
+    ab_stop = ab_actions.add_parser("stop", help="stop attributing outcomes")
+    ab_stop.add_argument("endpoint")
     undeploy = subcommands.add_parser("undeploy", help="remove an endpoint")
     undeploy.add_argument("endpoint")
     subcommands.add_parser("deployments", help="endpoints, and the data planes following them")
@@ -169,7 +191,7 @@ def add_commands(subcommands: Any) -> None:
     audit.add_argument("--limit", type=int, default=50)
     for parser in (
         models, push, listing, show, download, alias, deploy, traffic, flag_set, flag_list, undeploy, audit,
-        shadow_start, shadow_stop, shadow_status, *rollout_parsers,
+        shadow_start, shadow_stop, shadow_status, *rollout_parsers, ab_start, ab_outcome, ab_status, ab_stop,
         *_leaves(subcommands),
     ):  # fmt: skip
         _add_client_options(parser)
@@ -300,6 +322,7 @@ class _Client:
         self._deployments = deployments_pb2_grpc.DeploymentsStub(self._channel)
         self._audit = audit_pb2_grpc.AuditStub(self._channel)
         self._rollouts = rollouts_pb2_grpc.RolloutsStub(self._channel)
+        self._experiments = experiments_pb2_grpc.ExperimentsStub(self._channel)
 
     def __enter__(self) -> _Client:
         return self
@@ -317,6 +340,8 @@ class _Client:
         }
         if self.args.command == "rollout":
             return self.rollout()
+        if self.args.command == "ab":
+            return self.ab()
         if self.args.command == "shadow":
             return {"start": self.shadow_start, "stop": self.shadow_stop, "status": self.shadow_status}[
                 self.args.shadow_command
@@ -513,6 +538,51 @@ class _Client:
             for variant, ref in zip(deployment.variants, deployment.resolved, strict=True)
         )
         self._print(deployment, f"{deployment.endpoint}: {split} (revision {deployment.revision})")
+        return 0
+
+    def ab(self) -> int:
+        args = self.args
+        if args.ab_command == "outcome":
+            reply = self._experiments.RecordOutcome(
+                experiments_pb2.RecordOutcomeRequest(endpoint=args.endpoint, routing_key=args.routing_key,
+                                                     value=args.value),
+                metadata=self._metadata,
+            )  # fmt: skip
+            self._print(reply, f"{args.routing_key} -> {reply.variant}")
+            return 0
+        if args.ab_command == "start":
+            request = experiments_pb2.StartABTestRequest(
+                endpoint=args.endpoint, metric=args.metric, confidence=args.confidence,
+                kind=experiments_pb2.StartABTestRequest.Kind.Value(args.kind.upper()),
+                key_parameter=args.key_parameter, key_header=args.key_header,
+            )  # fmt: skip
+            for item in args.arm:
+                name, separator, spec = item.partition("=")
+                parts = spec.split(":")
+                if not separator or len(parts) != 3 or not parts[2].isdigit():
+                    raise WeirError(f"--arm: expected NAME=MODEL:VERSION_OR_ALIAS:WEIGHT, got {item!r}")
+                arm = request.arms.add(variant=name, model_name=parts[0], weight=int(parts[2]))
+                if parts[1].isdigit():
+                    arm.version = int(parts[1])
+                else:
+                    arm.alias = parts[1]
+            test = self._experiments.StartABTest(request, metadata=self._metadata)
+        elif args.ab_command == "stop":
+            test = self._experiments.StopABTest(
+                experiments_pb2.GetABTestRequest(endpoint=args.endpoint), metadata=self._metadata
+            )
+        else:
+            test = self._experiments.GetABTest(
+                experiments_pb2.GetABTestRequest(endpoint=args.endpoint), metadata=self._metadata
+            )
+        lines = [f"{test.endpoint}: {test.metric} ({test.test}), {'running' if test.running else 'stopped'}"]
+        for result in test.results:
+            lines.append(
+                f"  {result.variant}: n={result.count} mean={result.mean:.4g} diff={result.difference:+.4g} "
+                f"CI [{result.ci_low:+.4g}, {result.ci_high:+.4g}] p={result.p_value:.4g}"
+                + (" SIGNIFICANT" if result.significant else "")
+            )
+        self._print(test, "\n".join(lines))
         return 0
 
     def rollout(self) -> int:

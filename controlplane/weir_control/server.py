@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from weir_control.artifacts import ArtifactStore
 from weir_control.attach import DataPlaneSyncService, DesiredStateHub
+from weir_control.experiments import ExperimentsService
 from weir_control.metrics import ControlMetrics, ReplicaCollector
 from weir_control.rollouts import RolloutController
 from weir_control.services import Auditor, AuditService, DeploymentsService, RegistryService, RolloutsService
@@ -30,6 +31,8 @@ from weir_proto.control.v1 import (
     audit_pb2_grpc,
     deployments_pb2,
     deployments_pb2_grpc,
+    experiments_pb2,
+    experiments_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     rollouts_pb2,
@@ -46,6 +49,7 @@ SERVICE_NAMES = (
     deployments_pb2.DESCRIPTOR.services_by_name["DataPlaneSync"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
     rollouts_pb2.DESCRIPTOR.services_by_name["Rollouts"].full_name,
+    experiments_pb2.DESCRIPTOR.services_by_name["Experiments"].full_name,
 )
 
 # The least role each control RPC needs; anything not listed under a control service is open
@@ -68,6 +72,9 @@ _MUTATIONS = {
     "PromoteRollout",
     "StartBlueGreen",
     "SwitchBlueGreen",
+    "StartABTest",
+    "StopABTest",
+    "RecordOutcome",
 }
 
 
@@ -145,6 +152,7 @@ class ControlPlaneServer:
         audit_pb2_grpc.add_AuditServicer_to_server(AuditService(store), server)
         self.rollouts = RolloutController(store, hub)
         rollouts_pb2_grpc.add_RolloutsServicer_to_server(RolloutsService(store, auditor, self.rollouts), server)
+        experiments_pb2_grpc.add_ExperimentsServicer_to_server(ExperimentsService(store, auditor, hub), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)

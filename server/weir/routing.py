@@ -16,19 +16,17 @@ Choice, in order:
 
 from __future__ import annotations
 
-import hashlib
-import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from weir.errors import InvalidArgumentError, NotFoundError
+from weir_proto.routing import key_score
 
 SEPARATOR = "@"  # endpoint@variant: the repository model that serves a variant
 PIN_PARAMETER = "weir_variant"  # request parameter that pins a variant; the response names the variant here
 KILL_SWITCH = "kill_switch"
 DEFAULT_KEY_PARAMETER = "routing_key"
-_TWO_TO_64 = float(2**64)
 
 
 def variant_model(endpoint: str, variant: str) -> str:
@@ -85,21 +83,13 @@ class EndpointRoute:
         if fallback is not None:
             return fallback
         if key is not None:
-            return max(self.variants, key=lambda variant: _score(key, variant))
+            return max(self.variants, key=lambda variant: key_score(key, variant.name, variant.weight))
         point = draw() * self._total  # type: ignore[attr-defined]
         for variant in self.variants:
             point -= variant.weight
             if point < 0:
                 return variant
         return next(variant for variant in reversed(self.variants) if variant.weight)
-
-
-def _score(key: str, variant: VariantRoute) -> float:
-    if variant.weight <= 0:
-        return -math.inf
-    digest = hashlib.blake2b(f"{key}\0{variant.name}".encode(), digest_size=8).digest()
-    unit = (int.from_bytes(digest, "little") + 0.5) / _TWO_TO_64  # strictly inside (0, 1)
-    return variant.weight / -math.log(unit)
 
 
 class Router:

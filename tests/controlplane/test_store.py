@@ -240,7 +240,7 @@ def test_a_store_made_by_an_older_schema_opens_migrated_with_its_data(store_url:
 
     store = Store(create_store_engine(store_url))
     try:
-        assert store.schema_version_applied == [2, 3, 4]
+        assert store.schema_version_applied == list(range(2, migrations.LATEST + 1))
         assert store.get_model("old").description == "from v1"
         ready_version(store, "old")
         store.deploy("old", [deployments_pb2.Variant(name="p", model_name="old", version=1, weight=1)], "x")

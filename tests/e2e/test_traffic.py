@@ -20,11 +20,11 @@ from tritonclient.utils import InferenceServerException
 from tests.conftest import WeirProcess, free_port, start_weir
 from tests.e2e.test_control_plane import CONFIG, TOKENS, ControlProcess, cli, scripted, start_control, wait_until
 from weir_proto.auth import client_metadata
-from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc
+from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc, experiments_pb2, experiments_pb2_grpc
 
 pytestmark = pytest.mark.timeout(600)
 X = np.array([[1.0, 1.0, 1.0]], np.float32)
-FACTORS = {"stable": 2.0, "canary": 3.0}
+FACTORS = {"stable": 2.0, "canary": 3.0, "a": 2.0, "b": 3.0}
 
 
 def ask(client: grpcclient.InferenceServerClient, headers: dict[str, str] | None = None, pin: str = "") -> str:
@@ -176,3 +176,47 @@ def test_a_differing_shadow_is_reported_with_its_disagreement_rate_and_never_ans
     assert final["disagreement"] == 0.5
     assert final["max_abs_diff"] == pytest.approx(15.0)  # |2*5 - (-5)|
     assert final["rows_within_tolerance"] == 0
+
+
+def test_an_ab_test_attributes_outcomes_to_the_arm_that_served_and_finds_a_planted_lift(routed) -> None:
+    control, _, clients = routed
+    started = cli(control, "ab", "start", "scale", "--arm", "a=scale:1:50", "--arm", "b=scale:2:50",
+                  "--metric", "converted", "--kind", "rate", "--key-header", "x-user")  # fmt: skip
+    assert started["running"] is True
+    revision = int(cli(control, "deployments", token="t-replica")["deployments"][0]["revision"])
+    wait_until(lambda: applied_everywhere(control, revision), message="both replicas to route the A/B split")
+
+    served = {}
+    for index in range(400):
+        key = f"user-{index}"
+        served[key] = ask(clients[index % 2], {"x-user": key})
+    assert 120 < sum(1 for arm in served.values() if arm == "b") < 280  # both arms get traffic
+    with grpc.insecure_channel(control.address) as channel:
+        experiments = experiments_pb2_grpc.ExperimentsStub(channel)
+        metadata = client_metadata("t-deployer")
+        draws = np.random.default_rng(1)
+        for key, arm in served.items():
+            converted = draws.random() < (0.45 if arm == "b" else 0.15)  # the planted lift: arm b
+            reply = experiments.RecordOutcome(
+                experiments_pb2.RecordOutcomeRequest(endpoint="scale", routing_key=key, value=float(converted)),
+                metadata=metadata,
+            )
+            assert reply.variant == arm  # attributed to the arm that served the key
+    status = cli(control, "ab", "status", "scale", token="t-replica")
+    results = {result["variant"]: result for result in status["results"]}
+    assert results["b"].get("significant") is True and results["b"]["difference"] > 0.15
+
+    cli(control, "ab", "start", "scale", "--arm", "a=scale:1:50", "--arm", "b=scale:1:50",
+        "--metric", "converted", "--kind", "rate", "--key-header", "x-user")  # fmt: skip  # an A/A test
+    with grpc.insecure_channel(control.address) as channel:
+        experiments = experiments_pb2_grpc.ExperimentsStub(channel)
+        draws = np.random.default_rng(2)
+        for index in range(400):
+            experiments.RecordOutcome(
+                experiments_pb2.RecordOutcomeRequest(
+                    endpoint="scale", routing_key=f"user-{index}", value=float(draws.random() < 0.2)
+                ),
+                metadata=client_metadata("t-deployer"),
+            )
+    results = {r["variant"]: r for r in cli(control, "ab", "status", "scale", token="t-replica")["results"]}
+    assert not results["b"].get("significant", False)

@@ -18,7 +18,10 @@ GENERATED = [
     "weir_proto/inference/inference_descriptors.binpb",
     *(
         f"weir_proto/{package}/v1/{name}{suffix}"
-        for package, names in (("common", ["types"]), ("control", ["registry", "deployments", "audit", "rollouts"]))
+        for package, names in (
+            ("common", ["types"]),
+            ("control", ["registry", "deployments", "audit", "rollouts", "experiments"]),
+        )
         for name in names
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
     ),

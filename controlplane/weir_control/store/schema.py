@@ -12,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Float,
     ForeignKeyConstraint,
     Integer,
     LargeBinary,
@@ -147,6 +148,29 @@ def rollout_tables(metadata: MetaData) -> dict[str, Table]:
     return {rollouts.name: rollouts}
 
 
+def experiment_tables(metadata: MetaData) -> dict[str, Table]:
+    """Schema version 5: A/B tests and their outcomes."""
+    tests = Table(
+        "ab_tests",
+        metadata,
+        Column("endpoint", NAME, primary_key=True),
+        Column("test", LargeBinary, nullable=False),  # weir.control.v1.ABTest (without results)
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+    outcomes = Table(
+        "ab_outcomes",
+        metadata,
+        Column("id", ID, primary_key=True, autoincrement=True),
+        Column("endpoint", NAME, nullable=False, index=True),
+        Column("variant", NAME, nullable=False),
+        Column("metric", NAME, nullable=False),
+        Column("routing_key", Text, nullable=False),
+        Column("value", Float, nullable=False),
+        Column("at", DateTime(timezone=True), nullable=False),
+    )
+    return {tests.name: tests, outcomes.name: outcomes}
+
+
 METADATA = MetaData()
 SCHEMA_VERSION = schema_version_table(METADATA)
 _REGISTRY = registry_tables(METADATA)
@@ -154,6 +178,9 @@ _DEPLOYMENTS = deployment_tables(METADATA)
 for _column in traffic_columns():
     _DEPLOYMENTS["deployments"].append_column(_column)
 ROLLOUTS = rollout_tables(METADATA)["rollouts"]
+_EXPERIMENTS = experiment_tables(METADATA)
+AB_TESTS = _EXPERIMENTS["ab_tests"]
+AB_OUTCOMES = _EXPERIMENTS["ab_outcomes"]
 
 REGISTERED_MODELS = _REGISTRY["registered_models"]
 REGISTERED_MODEL_TAGS = _REGISTRY["registered_model_tags"]

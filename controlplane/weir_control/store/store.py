@@ -34,6 +34,8 @@ from sqlalchemy.exc import IntegrityError
 
 from weir_control.store import migrations
 from weir_control.store.schema import (
+    AB_OUTCOMES,
+    AB_TESTS,
     AUDIT_EVENTS,
     COUNTERS,
     DEPLOYMENTS,
@@ -45,7 +47,7 @@ from weir_control.store.schema import (
     ROLLOUTS,
 )
 from weir_proto.common.v1 import types_pb2
-from weir_proto.control.v1 import audit_pb2, deployments_pb2, registry_pb2, rollouts_pb2
+from weir_proto.control.v1 import audit_pb2, deployments_pb2, experiments_pb2, registry_pb2, rollouts_pb2
 from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 
 DEFAULT_PAGE_SIZE = 100
@@ -586,6 +588,49 @@ class Store:
         with self._transaction() as connection:
             rows = connection.execute(select(ROLLOUTS.c.rollout).where(ROLLOUTS.c.state.in_(["RUNNING", "PAUSED"])))
             return [rollouts_pb2.Rollout.FromString(row.rollout) for row in rows]
+
+    # --- A/B tests -------------------------------------------------------------------------------
+
+    def save_ab_test(self, test: experiments_pb2.ABTest) -> None:
+        stored = experiments_pb2.ABTest()
+        stored.CopyFrom(test)
+        del stored.results[:]
+        with self._transaction() as connection:
+            values = {"test": stored.SerializeToString(), "updated_at": now()}
+            if not connection.execute(
+                update(AB_TESTS).where(AB_TESTS.c.endpoint == test.endpoint).values(**values)
+            ).rowcount:
+                connection.execute(insert(AB_TESTS).values(endpoint=test.endpoint, **values))
+
+    def get_ab_test(self, endpoint: str) -> experiments_pb2.ABTest:
+        with self._transaction() as connection:
+            row = connection.execute(select(AB_TESTS.c.test).where(AB_TESTS.c.endpoint == endpoint)).first()
+        if row is None:
+            raise NotFoundError(f"endpoint: no A/B test for '{endpoint}'")
+        return experiments_pb2.ABTest.FromString(row.test)
+
+    def reset_outcomes(self, endpoint: str) -> None:
+        with self._transaction() as connection:
+            connection.execute(delete(AB_OUTCOMES).where(AB_OUTCOMES.c.endpoint == endpoint))
+
+    def record_outcome(self, endpoint: str, variant: str, metric: str, key: str, value: float) -> None:
+        with self._transaction() as connection:
+            connection.execute(
+                insert(AB_OUTCOMES).values(
+                    endpoint=endpoint, variant=variant, metric=metric, routing_key=key, value=value, at=now()
+                )
+            )
+
+    def outcome_sums(self, endpoint: str, metric: str) -> dict[str, tuple[int, float, float]]:
+        """Per variant: (count, sum, sum of squares) of the metric's outcomes."""
+        columns = AB_OUTCOMES.c
+        query = (
+            select(columns.variant, func.count(), func.sum(columns.value), func.sum(columns.value * columns.value))
+            .where(columns.endpoint == endpoint, columns.metric == metric)
+            .group_by(columns.variant)
+        )
+        with self._transaction() as connection:
+            return {row[0]: (int(row[1]), float(row[2] or 0), float(row[3] or 0)) for row in connection.execute(query)}
 
     # --- audit log -------------------------------------------------------------------------------
 
