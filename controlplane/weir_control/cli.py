@@ -159,6 +159,7 @@ def add_commands(subcommands: Any) -> None:
         ("rollback", "give the baseline all traffic now"),
         ("pause", "stop advancing (analyses stop)"),
         ("resume", "continue a paused rollout"),
+        ("approve", "approve a protected endpoint's rollout (an approver other than who started it)"),
     ):
         parser = rollout_actions.add_parser(action, help=text)
         parser.add_argument("endpoint")
@@ -629,6 +630,7 @@ class _Client:
             method = {
                 "promote": self._rollouts.PromoteRollout,
                 "switch": self._rollouts.SwitchBlueGreen,
+                "approve": self._rollouts.ApproveRollout,
                 "rollback": self._rollouts.AbortRollout,
                 "pause": self._rollouts.PauseRollout,
                 "resume": self._rollouts.ResumeRollout,

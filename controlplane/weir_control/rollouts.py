@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from weir_control.attach import DesiredStateHub
 from weir_control.store import Store
 from weir_proto.control.v1 import audit_pb2, deployments_pb2, rollouts_pb2
-from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, WeirError
+from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError, WeirError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ DEFAULT_INTERVAL_SECONDS = 60.0
 DEFAULT_KEEP_PREVIOUS_SECONDS = 300.0
 BLUE_GREEN = "blue_green"
 GREEN, BLUE = "green", "blue"
+PROTECTED = "protected"  # the flag that puts an endpoint under approval
 
 
 def with_defaults(thresholds: rollouts_pb2.AnalysisThresholds) -> rollouts_pb2.AnalysisThresholds:
@@ -232,7 +233,33 @@ class RolloutController:
             )
         return deployment, serving[0]
 
+    async def _needs_approval(self, rollout: Rollout) -> bool:
+        """True (and says so in the rollout) when a protected endpoint's rollout lacks its approval."""
+        deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
+        if deployment.flags.get(PROTECTED) != "true" or rollout.approved_by:
+            rollout.awaiting_approval = False
+            return False
+        rollout.awaiting_approval = True
+        rollout.reason = "protected endpoint: waiting for an approver other than the requester (ApproveRollout)"
+        return True
+
+    async def approve(self, endpoint: str, approver: str) -> Rollout:
+        async with self._lock:
+            rollout = await asyncio.to_thread(self._store.get_rollout, endpoint)
+            if rollout.state not in (Rollout.RUNNING, Rollout.PAUSED):
+                raise FailedPreconditionError(f"endpoint '{endpoint}': the rollout already ended")
+            if approver == rollout.started_by:
+                raise PermissionDeniedError(
+                    f"approval of '{endpoint}': expected a principal other than the requester '{rollout.started_by}'"
+                )
+            rollout.approved_by, rollout.awaiting_approval = approver, False
+            rollout.reason = f"approved by {approver}"
+            await asyncio.to_thread(self._store.save_rollout, rollout)
+            return rollout
+
     async def _switch(self, rollout: Rollout, actor: str) -> None:
+        if await self._needs_approval(rollout):
+            raise FailedPreconditionError(f"endpoint '{rollout.endpoint}': {rollout.reason}")
         if not rollout.green_ready:
             raise FailedPreconditionError(
                 f"endpoint '{rollout.endpoint}': green is not READY on every data plane yet; switching now could "
@@ -293,6 +320,8 @@ class RolloutController:
             elif action in ("promote", "switch") and rollout.strategy == BLUE_GREEN:
                 await self._switch(rollout, actor)
             elif action == "promote":
+                if await self._needs_approval(rollout):
+                    raise FailedPreconditionError(f"endpoint '{endpoint}': {rollout.reason}")
                 await self._promote(rollout, f"promoted by {actor}", actor)
             else:
                 raise FailedPreconditionError(f"endpoint '{endpoint}': '{action}' applies to blue-green rollouts")
@@ -348,6 +377,10 @@ class RolloutController:
                 return
         elif verdict == "PASS":
             rollout.failed_intervals = 0
+            reaching_all = rollout.step + 1 >= len(rollout.steps) or rollout.steps[rollout.step + 1] >= 100
+            if reaching_all and await self._needs_approval(rollout):
+                self._schedule(rollout)
+                return
             if rollout.step + 1 >= len(rollout.steps):
                 await self._promote(rollout, "every step passed", CONTROLLER)
                 return

@@ -82,6 +82,8 @@ def control_policy(method: str) -> Role | None:
     service, _, name = method.lstrip("/").partition("/")
     if service not in SERVICE_NAMES:
         return None
+    if name == "ApproveRollout":
+        return Role.APPROVER
     return Role.DEPLOYER if name in _MUTATIONS else Role.VIEWER
 
 

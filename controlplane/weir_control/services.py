@@ -24,7 +24,7 @@ from weir_control.metrics import ControlMetrics
 from weir_control.model_config import check_artifact_filename, signature_from_config
 from weir_control.rollouts import RolloutController
 from weir_control.store import Store
-from weir_proto.auth import Identity, TokenTable, identity_of
+from weir_proto.auth import Identity, Role, TokenTable, identity_of
 from weir_proto.control.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -35,7 +35,13 @@ from weir_proto.control.v1 import (
     rollouts_pb2,
     rollouts_pb2_grpc,
 )
-from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, WeirError, status_code_for
+from weir_proto.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    WeirError,
+    status_code_for,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -392,6 +398,7 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
         elif target == "version":
             variant.version = request.version
         identity = self._auditor.identity(context)
+        await self._require_admin_if_protected(context, request.endpoint)
         deployment = await self._auditor.run(
             context,
             "Deployments/Deploy",
@@ -406,6 +413,7 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
         self, request: deployments_pb2.SetTrafficRequest, context: grpc.aio.ServicerContext
     ) -> deployments_pb2.Deployment:
         identity = self._auditor.identity(context)
+        await self._require_admin_if_protected(context, request.endpoint)
         routing = request.routing if request.HasField("routing") else None
         deployment = await self._auditor.run(
             context,
@@ -421,6 +429,10 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
         self, request: deployments_pb2.SetFlagRequest, context: grpc.aio.ServicerContext
     ) -> deployments_pb2.Deployment:
         identity = self._auditor.identity(context)
+        if request.name == "protected" and identity.role < Role.ADMIN:
+            await abort_with(
+                context, PermissionDeniedError("name 'protected': protecting or unprotecting an endpoint needs admin")
+            )
         deployment = await self._auditor.run(
             context,
             "Deployments/SetFlag",
@@ -430,6 +442,20 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
         )
         await self._hub.changed()
         return deployment
+
+    async def _require_admin_if_protected(self, context: grpc.aio.ServicerContext, endpoint: str) -> None:
+        """A protected endpoint changes through approved rollouts; direct changes are for admins."""
+        try:
+            deployment = await asyncio.to_thread(self._store.get_deployment, endpoint)
+        except WeirError:
+            return
+        if deployment.flags.get("protected") == "true" and self._auditor.identity(context).role < Role.ADMIN:
+            await abort_with(
+                context,
+                PermissionDeniedError(
+                    f"endpoint '{endpoint}' is protected: change it with an approved rollout, or as an admin"
+                ),
+            )
 
     async def Undeploy(
         self, request: deployments_pb2.UndeployRequest, context: grpc.aio.ServicerContext
@@ -519,6 +545,12 @@ class RolloutsService(rollouts_pb2_grpc.RolloutsServicer):
 
     async def SwitchBlueGreen(self, request: rollouts_pb2.RolloutAction, context: grpc.aio.ServicerContext) -> Any:
         return await self._act("switch", request, context)
+
+    async def ApproveRollout(self, request: rollouts_pb2.RolloutAction, context: grpc.aio.ServicerContext) -> Any:
+        return await self._audited(
+            context, "Rollouts/ApproveRollout", request.endpoint,
+            lambda actor: self._controller.approve(request.endpoint, actor),
+        )  # fmt: skip
 
     async def PauseRollout(self, request: rollouts_pb2.RolloutAction, context: grpc.aio.ServicerContext) -> Any:
         return await self._act("pause", request, context)

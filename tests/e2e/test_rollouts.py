@@ -228,3 +228,37 @@ def test_a_blue_green_switch_under_load_fails_no_request_and_keeps_blue_for_a_ro
     assert result["state"] == "SUCCEEDED"
     deployment = cli(control, "deployments", token="t-replica")["deployments"][0]
     assert [(v["name"], v["version"]) for v in deployment["variants"]] == [("green", version)]
+
+
+def test_a_protected_endpoint_switches_only_after_another_principals_approval(setup) -> None:
+    control, urls, tmp_path = setup
+    cli(control, "flags", "set", "scale", "protected", "true", token="t-admin")
+    with pytest.raises(AssertionError, match="PERMISSION_DENIED"):
+        cli(control, "flags", "set", "scale", "protected", "", token="t-deployer")  # only admins unprotect
+    version = push(control, tmp_path, Triple(), "green")
+    cli(control, "rollout", "blue-green", "scale", f"scale:{version}", "--keep-previous-seconds", "1")
+    wait_until(
+        lambda: bool(cli(control, "rollout", "status", "scale", token="t-replica").get("green_ready")),
+        message="green READY on both data planes",
+    )
+    with pytest.raises(AssertionError, match="waiting for an approver"):
+        cli(control, "rollout", "switch", "scale")
+    with pytest.raises(AssertionError, match="PERMISSION_DENIED"):
+        cli(control, "rollout", "approve", "scale")  # a deployer is not an approver
+    with pytest.raises(AssertionError, match="is protected"):
+        cli(control, "deploy", "scale", "scale", version)  # no way around the gate for a deployer
+    approved = cli(control, "rollout", "approve", "scale", token="t-admin")
+    assert approved["approved_by"] == "root"
+    cli(control, "rollout", "switch", "scale")
+    for url in urls:
+        wait_until(
+            lambda url=url: np.allclose(_answer(grpcclient.InferenceServerClient(url)), X * 3.0),
+            message="green to serve after the approved switch",
+        )
+    assert finished(control)["state"] == "SUCCEEDED"
+
+    cli(control, "rollout", "blue-green", "scale", "scale:1", token="t-admin")
+    with pytest.raises(AssertionError, match="other than the requester 'root'"):
+        cli(control, "rollout", "approve", "scale", token="t-admin")
+    audit = cli(control, "audit", "--action", "Rollouts/ApproveRollout", token="t-replica")
+    assert [(event["actor"], event["result"]) for event in audit] == [("root", "PERMISSION_DENIED"), ("root", "OK")]

@@ -95,7 +95,7 @@ class Analysis(_message.Message):
     def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step: _Optional[int] = ..., canary_weight: _Optional[int] = ..., canary_requests: _Optional[int] = ..., canary_errors: _Optional[int] = ..., baseline_requests: _Optional[int] = ..., baseline_errors: _Optional[int] = ..., canary_p99_ms: _Optional[float] = ..., baseline_p99_ms: _Optional[float] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("endpoint", "state", "baseline_variant", "canary_variant", "steps", "step", "interval_seconds", "thresholds", "failed_intervals", "analyses", "started_by", "started_at", "next_analysis_at", "reason", "strategy", "keep_previous_seconds", "retire_previous_at", "green_ready")
+    __slots__ = ("endpoint", "state", "baseline_variant", "canary_variant", "steps", "step", "interval_seconds", "thresholds", "failed_intervals", "analyses", "started_by", "started_at", "next_analysis_at", "reason", "strategy", "keep_previous_seconds", "retire_previous_at", "green_ready", "approved_by", "awaiting_approval")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Rollout.State]
@@ -126,6 +126,8 @@ class Rollout(_message.Message):
     KEEP_PREVIOUS_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RETIRE_PREVIOUS_AT_FIELD_NUMBER: _ClassVar[int]
     GREEN_READY_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_BY_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_APPROVAL_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     state: Rollout.State
     baseline_variant: str
@@ -144,4 +146,6 @@ class Rollout(_message.Message):
     keep_previous_seconds: float
     retire_previous_at: _timestamp_pb2.Timestamp
     green_ready: bool
-    def __init__(self, endpoint: _Optional[str] = ..., state: _Optional[_Union[Rollout.State, str]] = ..., baseline_variant: _Optional[str] = ..., canary_variant: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., interval_seconds: _Optional[float] = ..., thresholds: _Optional[_Union[AnalysisThresholds, _Mapping]] = ..., failed_intervals: _Optional[int] = ..., analyses: _Optional[_Iterable[_Union[Analysis, _Mapping]]] = ..., started_by: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_analysis_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., strategy: _Optional[str] = ..., keep_previous_seconds: _Optional[float] = ..., retire_previous_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., green_ready: bool = ...) -> None: ...
+    approved_by: str
+    awaiting_approval: bool
+    def __init__(self, endpoint: _Optional[str] = ..., state: _Optional[_Union[Rollout.State, str]] = ..., baseline_variant: _Optional[str] = ..., canary_variant: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., interval_seconds: _Optional[float] = ..., thresholds: _Optional[_Union[AnalysisThresholds, _Mapping]] = ..., failed_intervals: _Optional[int] = ..., analyses: _Optional[_Iterable[_Union[Analysis, _Mapping]]] = ..., started_by: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_analysis_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., strategy: _Optional[str] = ..., keep_previous_seconds: _Optional[float] = ..., retire_previous_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., green_ready: bool = ..., approved_by: _Optional[str] = ..., awaiting_approval: bool = ...) -> None: ...

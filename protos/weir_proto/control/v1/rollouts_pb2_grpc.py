@@ -74,6 +74,11 @@ class RolloutsStub(object):
                 request_serializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.RolloutAction.SerializeToString,
                 response_deserializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.FromString,
                 _registered_method=True)
+        self.ApproveRollout = channel.unary_unary(
+                '/weir.control.v1.Rollouts/ApproveRollout',
+                request_serializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.RolloutAction.SerializeToString,
+                response_deserializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.FromString,
+                _registered_method=True)
 
 
 class RolloutsServicer(object):
@@ -132,6 +137,14 @@ class RolloutsServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApproveRollout(self, request, context):
+        """On a protected endpoint (flag protected=true) a rollout reaches 100% and a blue-green switch
+        happens only after an approval by someone with the approver role other than who started it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +185,11 @@ def add_RolloutsServicer_to_server(servicer, server):
             ),
             'SwitchBlueGreen': grpc.unary_unary_rpc_method_handler(
                     servicer.SwitchBlueGreen,
+                    request_deserializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.RolloutAction.FromString,
+                    response_serializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.SerializeToString,
+            ),
+            'ApproveRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveRollout,
                     request_deserializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.RolloutAction.FromString,
                     response_serializer=weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.SerializeToString,
             ),
@@ -390,6 +408,33 @@ class Rollouts(object):
             request,
             target,
             '/weir.control.v1.Rollouts/SwitchBlueGreen',
+            weir__proto_dot_control_dot_v1_dot_rollouts__pb2.RolloutAction.SerializeToString,
+            weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.control.v1.Rollouts/ApproveRollout',
             weir__proto_dot_control_dot_v1_dot_rollouts__pb2.RolloutAction.SerializeToString,
             weir__proto_dot_control_dot_v1_dot_rollouts__pb2.Rollout.FromString,
             options,
