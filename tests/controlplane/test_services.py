@@ -357,3 +357,45 @@ async def test_a_blue_green_switch_is_refused_until_green_is_ready_everywhere(co
         deployments_pb2.GetDeploymentRequest(endpoint="web"), metadata=VIEWER
     )
     assert [(variant.name, variant.weight) for variant in deployment.variants] == [("primary", 100)]
+
+
+async def test_a_canary_rollout_can_be_paused_resumed_and_aborted(control) -> None:
+    _, client = control
+    rollouts = rollouts_pb2_grpc.RolloutsStub(client.channel)
+    await client.registry.CreateRegisteredModel(
+        registry_pb2.CreateRegisteredModelRequest(name="mlp"), metadata=DEPLOYER
+    )
+    await client.push()
+    await client.push()
+    await client.deployments.Deploy(
+        deployments_pb2.DeployRequest(endpoint="web", model_name="mlp", version=1), metadata=DEPLOYER
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as bad_steps:
+        await rollouts.StartRollout(
+            rollouts_pb2.StartRolloutRequest(endpoint="web", model_name="mlp", version=2, steps=[50, 20]),
+            metadata=DEPLOYER,
+        )
+    assert bad_steps.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    started = await rollouts.StartRollout(
+        rollouts_pb2.StartRolloutRequest(endpoint="web", model_name="mlp", version=2, steps=[10, 100]),
+        metadata=DEPLOYER,
+    )
+    assert started.state == rollouts_pb2.Rollout.RUNNING and started.strategy == "canary"
+    deployment = await client.deployments.GetDeployment(
+        deployments_pb2.GetDeploymentRequest(endpoint="web"), metadata=VIEWER
+    )
+    assert [(v.name, v.weight) for v in deployment.variants] == [("primary", 90), ("canary", 10)]
+
+    paused = await rollouts.PauseRollout(rollouts_pb2.RolloutAction(endpoint="web"), metadata=DEPLOYER)
+    assert paused.state == rollouts_pb2.Rollout.PAUSED and "paused by ci" in paused.reason
+    resumed = await rollouts.ResumeRollout(rollouts_pb2.RolloutAction(endpoint="web"), metadata=DEPLOYER)
+    assert resumed.state == rollouts_pb2.Rollout.RUNNING
+    aborted = await rollouts.AbortRollout(rollouts_pb2.RolloutAction(endpoint="web"), metadata=DEPLOYER)
+    assert aborted.state == rollouts_pb2.Rollout.ROLLED_BACK
+    deployment = await client.deployments.GetDeployment(
+        deployments_pb2.GetDeploymentRequest(endpoint="web"), metadata=VIEWER
+    )
+    assert [(v.name, v.weight) for v in deployment.variants] == [("primary", 100)]
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await rollouts.ResumeRollout(rollouts_pb2.RolloutAction(endpoint="web"), metadata=DEPLOYER)
+    assert ended.value.code() == grpc.StatusCode.FAILED_PRECONDITION
