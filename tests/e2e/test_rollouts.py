@@ -123,9 +123,9 @@ class Load:
             thread.join(timeout=60)
 
 
-def rollout(control: ControlProcess, version: str) -> dict:
+def rollout(control: ControlProcess, version: str, *extra: str) -> dict:
     return cli(control, "rollout", "start", "scale", f"scale:{version}", "--steps", "20,50,100",
-               "--interval", "1.5", "--min-requests", "5")  # fmt: skip
+               "--interval", "1.5", "--min-requests", "5", *extra)  # fmt: skip
 
 
 def finished(control: ControlProcess) -> dict:
@@ -164,7 +164,9 @@ def test_a_healthy_canary_walks_every_step_and_is_promoted(setup) -> None:
     control, urls, tmp_path = setup
     version = push(control, tmp_path, Scale(), "canary")
     with Load(urls) as load:
-        rollout(control, version)
+        # A fresh canary's first calls are slower (TorchScript profiles its first runs) and CI machines
+        # are noisy: a generous latency slack and two failures in a row, as one would set for such a model.
+        rollout(control, version, "--max-p99-slack-ms", "40", "--failure-limit", "2")
         result = finished(control)
     assert result["state"] == "SUCCEEDED", result
     passed_steps = [a.get("step", 0) for a in result["analyses"] if a["verdict"] == "PASS"]

@@ -45,12 +45,18 @@ def parquet_source(view: FeatureView) -> str:
 def _view_query(definitions: Definitions, view: FeatureView, features: list[str]) -> str:
     keys = definitions.join_keys(view)
     key_list = ", ".join(_quote(key) for key in keys)
-    order = f"{_quote(view.created_timestamp_field)} DESC NULLS LAST" if view.created_timestamp_field else "1"
     columns = ", ".join(_quote(feature) for feature in features)
-    return (
+    query = (
         f"SELECT {key_list}, CAST({_quote(view.timestamp_field)} AS TIMESTAMPTZ) AS {_TS}, {columns} "
-        f"FROM {parquet_source(view)} "
-        f"QUALIFY row_number() OVER (PARTITION BY {key_list}, {_quote(view.timestamp_field)} ORDER BY {order}) = 1"
+        f"FROM {parquet_source(view)}"
+    )
+    if not view.created_timestamp_field:
+        return query  # no tie-breaker declared: like Feast, any one row of a tied event time will do
+    created = _quote(view.created_timestamp_field)
+    # One row per keys + event time, the latest created, so the ASOF match below is unambiguous.
+    return (
+        f"{query} QUALIFY row_number() OVER "
+        f"(PARTITION BY {key_list}, {_quote(view.timestamp_field)} ORDER BY {created} DESC NULLS LAST) = 1"
     )
 
 
