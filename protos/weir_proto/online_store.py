@@ -1,0 +1,200 @@
+"""The feature store's online side, shared by both planes: the control plane writes it
+(materialize, push), the data plane reads it to enrich requests. One format, two backends:
+
+- Redis: one hash per (feature view, entity key), ``weir:fs:<view>:<entity key>``, a field per
+  feature plus ``__event_ts`` (epoch seconds); reading a feature service for an entity is one
+  pipelined round trip (an HMGET per view).
+- Embedded SQLite (when no Redis is configured): one row per (view, entity key) with the values as
+  JSON and the event time.
+
+Values are kept as text in Redis (``int``/``float`` round-trip exactly through ``repr``) and decoded
+by the view's declared dtypes on read. A write never replaces a newer value with an older one.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import redis
+
+EVENT_TS = "__event_ts"
+_DECODERS: dict[str, Callable[[str], object]] = {
+    "INT64": int,
+    "INT32": int,
+    "FLOAT64": float,
+    "FLOAT32": float,
+    "BOOL": lambda text: text in ("1", "true", "True"),
+    "STRING": str,
+}
+
+
+def entity_key(values: Sequence[object]) -> str:
+    """The text of an entity's join-key values (one key: its value; several: joined by '|')."""
+    return "|".join(str(value) for value in values)
+
+
+def redis_key(view: str, key: str) -> str:
+    return f"weir:fs:{view}:{key}"
+
+
+def _encode(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+class OnlineStore(Protocol):
+    def write(self, view: str, rows: Sequence[tuple[str, float, Mapping[str, object]]]) -> int: ...
+
+    def read(
+        self, key: str, views: Mapping[str, Mapping[str, str]]
+    ) -> dict[str, tuple[float | None, dict[str, object]]]: ...
+
+    def get_watermark(self, view: str) -> float | None: ...
+
+    def set_watermark(self, view: str, until: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RedisOnlineStore:
+    # Writes only when newer than what is stored: compare and set in one server-side step.
+    _WRITE_IF_NEWER = """
+local current = redis.call('HGET', KEYS[1], '__event_ts')
+if current and tonumber(current) > tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], '__event_ts', ARGV[1], unpack(ARGV, 2))
+return 1
+"""
+
+    def __init__(self, url: str, timeout_seconds: float = 0.5) -> None:
+        self._client = redis.Redis.from_url(url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds)
+        self._write_if_newer = self._client.register_script(self._WRITE_IF_NEWER)
+
+    def write(self, view: str, rows: Sequence[tuple[str, float, Mapping[str, object]]]) -> int:
+        """(entity key, event time, values) rows; returns how many were newer and written."""
+        pipeline = self._client.pipeline(transaction=False)
+        for key, event_ts, values in rows:
+            fields = [item for name, value in values.items() if value is not None for item in (name, _encode(value))]
+            self._write_if_newer(keys=[redis_key(view, key)], args=[repr(float(event_ts)), *fields], client=pipeline)
+        return sum(int(result) for result in pipeline.execute())
+
+    def read(
+        self, key: str, views: Mapping[str, Mapping[str, str]]
+    ) -> dict[str, tuple[float | None, dict[str, object]]]:
+        """``views``: view -> {feature: dtype}. One round trip for every view."""
+        pipeline = self._client.pipeline(transaction=False)
+        for view, features in views.items():
+            pipeline.hmget(redis_key(view, key), [EVENT_TS, *features])
+        result = {}
+        for (view, features), values in zip(views.items(), pipeline.execute(), strict=True):
+            event_ts = float(values[0]) if values[0] is not None else None
+            decoded = {
+                name: (_DECODERS[dtype](raw.decode()) if raw is not None else None)
+                for (name, dtype), raw in zip(features.items(), values[1:], strict=True)
+            }
+            result[view] = (event_ts, decoded)
+        return result
+
+    def get_watermark(self, view: str) -> float | None:
+        value = self._client.get(f"weir:fs:watermark:{view}")
+        return float(value) if value is not None else None
+
+    def set_watermark(self, view: str, until: float) -> None:
+        self._client.set(f"weir:fs:watermark:{view}", repr(float(until)))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class SqliteOnlineStore:
+    """The embedded online store: a SQLite file, for a setup without Redis."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._connection = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute(
+                "CREATE TABLE IF NOT EXISTS online (view TEXT NOT NULL, entity_key TEXT NOT NULL, "
+                "event_ts REAL NOT NULL, value_json TEXT NOT NULL, PRIMARY KEY (view, entity_key))"
+            )
+            self._connection.execute(
+                "CREATE TABLE IF NOT EXISTS watermarks (view TEXT PRIMARY KEY, until REAL NOT NULL)"
+            )
+
+    def write(self, view: str, rows: Sequence[tuple[str, float, Mapping[str, object]]]) -> int:
+        written = 0
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                for key, event_ts, values in rows:
+                    current = self._connection.execute(
+                        "SELECT event_ts, value_json FROM online WHERE view = ? AND entity_key = ?", (view, key)
+                    ).fetchone()
+                    if current is not None and current[0] > event_ts:
+                        continue
+                    merged = {**(json.loads(current[1]) if current else {}), **{
+                        name: value for name, value in values.items() if value is not None
+                    }}  # fmt: skip
+                    self._connection.execute(
+                        "INSERT INTO online (view, entity_key, event_ts, value_json) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (view, entity_key) DO UPDATE SET event_ts = excluded.event_ts, "
+                        "value_json = excluded.value_json",
+                        (view, key, float(event_ts), json.dumps(merged, default=_json_default)),
+                    )
+                    written += 1
+                self._connection.execute("COMMIT")
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+        return written
+
+    def read(
+        self, key: str, views: Mapping[str, Mapping[str, str]]
+    ) -> dict[str, tuple[float | None, dict[str, object]]]:
+        names = list(views)
+        with self._lock:
+            rows = self._connection.execute(
+                f"SELECT view, event_ts, value_json FROM online WHERE entity_key = ? AND view IN "
+                f"({', '.join('?' for _ in names)})",
+                (key, *names),
+            ).fetchall()
+        found = {view: (event_ts, json.loads(text)) for view, event_ts, text in rows}
+        result: dict[str, tuple[float | None, dict[str, object]]] = {}
+        for view, features in views.items():
+            event_ts, values = found.get(view, (None, {}))
+            result[view] = (event_ts, {name: values.get(name) for name in features})
+        return result
+
+    def get_watermark(self, view: str) -> float | None:
+        with self._lock:
+            row = self._connection.execute("SELECT until FROM watermarks WHERE view = ?", (view,)).fetchone()
+        return float(row[0]) if row else None
+
+    def set_watermark(self, view: str, until: float) -> None:
+        with self._lock:
+            self._connection.execute(
+                "INSERT INTO watermarks (view, until) VALUES (?, ?) ON CONFLICT (view) DO UPDATE SET until = "
+                "excluded.until",
+                (view, float(until)),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in the online store")
+
+
+def open_online_store(redis_url: str, sqlite_path: Path) -> OnlineStore:
+    return RedisOnlineStore(redis_url) if redis_url else SqliteOnlineStore(sqlite_path)
