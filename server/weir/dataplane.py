@@ -18,7 +18,8 @@ import numpy as np
 
 from weir import codec
 from weir.cache import ResponseCache, response_cache_key
-from weir.errors import PermissionDeniedError, WeirError
+from weir.enrichment import Enricher
+from weir.errors import FailedPreconditionError, PermissionDeniedError, WeirError
 from weir.metrics import UNKNOWN_MODEL_LABEL, Metrics
 from weir.repository import LoadedVersion, ModelRepository
 from weir.routing import PIN_PARAMETER, EndpointRoute, Router, VariantRoute, routing_key
@@ -56,8 +57,10 @@ class DataPlane:
         response_cache: ResponseCache | None = None,
         router: Router | None = None,
         shadows: ShadowMirror | None = None,
+        enricher: Enricher | None = None,
     ) -> None:
         self.shadows = shadows
+        self.enricher = enricher
         self._repository = repository
         self.router = router if router is not None else Router()
         self._metrics = metrics
@@ -90,6 +93,8 @@ class DataPlane:
         pending = loaded.metrics.pending_requests
         pending.inc()
         try:
+            if loaded.enrichment is not None:
+                await self._enrich(loaded, request)
             response = await self._infer_on(loaded, request, deadline, started, variant, after_compute)
         except WeirError as error:
             self._record_failure(loaded, error.kind.value, started)
@@ -100,6 +105,16 @@ class DataPlane:
         finally:
             pending.dec()
         return response
+
+    async def _enrich(self, loaded: LoadedVersion, request: pb.ModelInferRequest) -> None:
+        spec = loaded.enrichment
+        assert spec is not None
+        if self.enricher is None:
+            raise FailedPreconditionError(
+                f"model '{loaded.name}' takes features from feature service '{spec.service}', but this server "
+                "has no feature definitions (--feature-definitions)"
+            )
+        await self.enricher.enrich(request, spec)
 
     def _choose(self, route: EndpointRoute, request: pb.ModelInferRequest, caller: Caller) -> VariantRoute:
         parameters = request.parameters

@@ -26,6 +26,7 @@ from weir.backends.base import Backend
 from weir.backends.torch_backend import TorchBackend, find_model_file
 from weir.batching.batcher import DynamicBatcher
 from weir.batching.policy import BatchingConfig
+from weir.enrichment import EnrichmentSpec
 from weir.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -71,6 +72,7 @@ class LoadedVersion:
     metrics: VersionMetrics
     statistics: VersionStatistics
     fingerprint: str = ""  # sha256 of the model file and config: what this version's answers depend on
+    enrichment: EnrichmentSpec | None = None  # the feature service its requests are enriched with
 
     # Computed once per version, not per request.
     @functools.cached_property
@@ -294,6 +296,10 @@ class ModelRepository:
 
     async def _load_version(self, name: str, version: int, model_dir: Path, config: pb.ModelConfig) -> LoadedVersion:
         signature = signature_of(config)
+        try:
+            enrichment = EnrichmentSpec.from_config(config)
+        except WeirError as error:
+            raise ModelLoadError(error.message) from error
         instance_count, device = _instance_count_and_device(config)
         backend, fingerprint = await asyncio.get_running_loop().run_in_executor(
             self._executor, self._build_and_warm, model_dir, version, config, signature, device
@@ -313,7 +319,9 @@ class ModelRepository:
             statistics,
             metrics,
         )
-        return LoadedVersion(name, version, config, signature, backend, batcher, metrics, statistics, fingerprint)
+        return LoadedVersion(
+            name, version, config, signature, backend, batcher, metrics, statistics, fingerprint, enrichment
+        )
 
     def _build_and_warm(
         self, model_dir: Path, version: int, config: pb.ModelConfig, signature: ModelSignature, device: str

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from weir.cache import CacheMetrics, LocalResponseCache, RedisResponseCache, ResponseCache
 from weir.dataplane import DataPlane
+from weir.enrichment import Enricher
 from weir.follower import ControlPlaneFollower, FollowerSettings, default_replica_id
 from weir.grpc_service import InferenceServicer, generic_handler
 from weir.metrics import Metrics
@@ -29,7 +30,9 @@ from weir.repository import ModelRepository
 from weir.settings import ControlMode, ServerSettings
 from weir.shadow import ShadowCollector, ShadowMirror
 from weir_proto.auth import AuthInterceptor, Role, TokenTable
+from weir_proto.feature_definitions import load_definitions
 from weir_proto.inference import pool
+from weir_proto.online_store import RedisOnlineStore, SqliteOnlineStore
 from weir_proto.tls import ClientTLS, server_tls
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,17 @@ def set_torch_threads(count: int) -> None:
 
 HEALTH_SERVICE_NAMES = ("", pool.SERVICE_NAME)
 _REPOSITORY_CHANGES = ("RepositoryModelLoad", "RepositoryModelUnload")
+
+
+def _enricher(settings: ServerSettings) -> Enricher | None:
+    if not settings.feature_definitions:
+        return None
+    definitions_file = Path(settings.feature_definitions)
+    definitions = load_definitions(definitions_file)
+    target = settings.online_store or str(definitions_file.parent / "online.db")
+    if target.startswith(("redis://", "rediss://", "unix://")):
+        return Enricher(definitions, RedisOnlineStore(target), "Redis")
+    return Enricher(definitions, SqliteOnlineStore(Path(target)), f"SQLite {target}")
 
 
 def data_plane_policy(require_inference_token: bool) -> Callable[[str], Role | None]:
@@ -81,8 +95,14 @@ class WeirServer:
         self.response_cache = _response_cache(settings, self.registry)
         self.shadows = ShadowMirror(self.repository, settings.max_tensor_elements)
         self.registry.register(ShadowCollector(self.shadows))
+        self.enricher = _enricher(settings)
         self.dataplane = DataPlane(
-            self.repository, self.metrics, settings.max_tensor_elements, self.response_cache, shadows=self.shadows
+            self.repository,
+            self.metrics,
+            settings.max_tensor_elements,
+            self.response_cache,
+            shadows=self.shadows,
+            enricher=self.enricher,
         )
         self._health = health.aio.HealthServicer()
         self.tokens = TokenTable.load(Path(settings.tokens_file) if settings.tokens_file else None)

@@ -104,6 +104,16 @@ class ServerSettings:
     control_plane_tls_key: str = field(default="", metadata=_doc("PEM key of --control-plane-tls-cert."))
     replica_id: str = field(default="", metadata=_doc("This replica's name for the control plane (default host-pid)."))
     heartbeat_seconds: float = field(default=5.0, metadata=_doc("Interval of heartbeats to the control plane."))
+    feature_definitions: str = field(
+        default="",
+        metadata=_doc("TOML feature definitions: models naming a feature service get its features by entity key."),
+    )
+    online_store: str = field(
+        default="",
+        metadata=_doc(
+            "Online feature store: a redis:// URL, or a SQLite file (default online.db beside the definitions)."
+        ),
+    )
     log_level: str = field(default="INFO", metadata=_doc("Log level: DEBUG, INFO, WARNING, ERROR."))
     log_format: str = field(default="json", metadata=_doc("Log format: json (one object per line) or text."))
 

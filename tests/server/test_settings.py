@@ -45,6 +45,8 @@ EXPECTED_FIELDS = [
     "control_plane_tls_key",
     "replica_id",
     "heartbeat_seconds",
+    "feature_definitions",
+    "online_store",
     "log_level",
     "log_format",
 ]

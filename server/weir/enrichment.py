@@ -1,0 +1,139 @@
+"""Request enrichment: a model whose config names a feature service gets that service's features for
+the request's entity read from the online store and fed to one of its inputs, so clients send only
+the entity key.
+
+config.pbtxt parameters (Triton's ``parameters`` map):
+
+    parameters { key: "weir_feature_service" value: { string_value: "driver_ranking" } }
+    parameters { key: "weir_feature_input"   value: { string_value: "FEATURES" } }      # FP32 [-1, n]
+    parameters { key: "weir_entity_parameter" value: { string_value: "entity_key" } }   # default entity_key
+    parameters { key: "weir_feature_default" value: { string_value: "0" } }   # optional: for missing values
+
+The request parameter (``entity_key`` by default) holds the entity key (join-key values joined by
+'|'). A missing entity or value is NOT_FOUND naming the key unless a default is configured. Reads go
+through a short-TTL in-process cache and run in a thread (the event loop never waits on the store);
+a store that cannot be reached is UNAVAILABLE, naming the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from weir.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from weir_proto.feature_definitions import Definitions
+from weir_proto.inference import messages as pb
+from weir_proto.online_store import OnlineStore
+
+SERVICE_PARAMETER = "weir_feature_service"
+INPUT_PARAMETER = "weir_feature_input"
+ENTITY_PARAMETER = "weir_entity_parameter"
+DEFAULT_PARAMETER = "weir_feature_default"
+DEFAULT_ENTITY_PARAMETER = "entity_key"
+CACHE_SECONDS = 1.0
+CACHE_ENTRIES = 100_000
+
+
+@dataclass(frozen=True)
+class EnrichmentSpec:
+    service: str
+    feature_input: str
+    entity_parameter: str
+    default: float | None
+
+    @classmethod
+    def from_config(cls, config: pb.ModelConfig) -> EnrichmentSpec | None:
+        parameters = {key: value.string_value for key, value in config.parameters.items()}
+        if SERVICE_PARAMETER not in parameters:
+            return None
+        source = f"model '{config.name}' config.pbtxt parameters"
+        feature_input = parameters.get(INPUT_PARAMETER, "")
+        if feature_input not in {tensor.name for tensor in config.input}:
+            raise InvalidArgumentError(
+                f"{source}['{INPUT_PARAMETER}']: expected one of the model's inputs "
+                f"{[tensor.name for tensor in config.input]}, got {feature_input!r}"
+            )
+        default = parameters.get(DEFAULT_PARAMETER)
+        try:
+            default_value = float(default) if default not in (None, "") else None
+        except ValueError:
+            raise InvalidArgumentError(f"{source}['{DEFAULT_PARAMETER}']: expected a number, got {default!r}") from None
+        return cls(
+            parameters[SERVICE_PARAMETER],
+            feature_input,
+            parameters.get(ENTITY_PARAMETER) or DEFAULT_ENTITY_PARAMETER,
+            default_value,
+        )
+
+
+class Enricher:
+    def __init__(self, definitions: Definitions, store: OnlineStore, store_name: str) -> None:
+        self._definitions = definitions
+        self._store = store
+        self._store_name = store_name
+        self._cache: dict[tuple[str, str], tuple[float, np.ndarray | None]] = {}
+
+    def feature_names(self, service_name: str) -> list[str]:
+        return [feature for _, feature in self._service(service_name).features]
+
+    def _service(self, name: str):  # type: ignore[no-untyped-def]
+        service = self._definitions.services.get(name)
+        if service is None:
+            raise NotFoundError(f"feature service '{name}': not defined ({sorted(self._definitions.services)})")
+        return service
+
+    async def enrich(self, request: pb.ModelInferRequest, spec: EnrichmentSpec) -> None:
+        """Add the feature input to ``request`` (raw when the request is raw, typed otherwise)."""
+        if spec.feature_input in {tensor.name for tensor in request.inputs}:
+            return  # the caller sent the features itself
+        parameter = request.parameters.get(spec.entity_parameter)
+        if parameter is None or parameter.WhichOneof("parameter_choice") is None:
+            raise InvalidArgumentError(
+                f"parameters['{spec.entity_parameter}']: expected the entity key for feature service "
+                f"'{spec.service}', got none"
+            )
+        key = str(getattr(parameter, parameter.WhichOneof("parameter_choice")))
+        values = await self._values(spec, key)
+        tensor = request.inputs.add(name=spec.feature_input, datatype="FP32", shape=[1, values.size])
+        if request.raw_input_contents:
+            request.raw_input_contents.append(values.tobytes())
+        else:
+            tensor.contents.fp32_contents.extend(values.tolist())
+
+    async def _values(self, spec: EnrichmentSpec, key: str) -> np.ndarray:
+        now = time.monotonic()
+        cached = self._cache.get((spec.service, key))
+        if cached is not None and now - cached[0] < CACHE_SECONDS and cached[1] is not None:
+            return cached[1]
+        service = self._service(spec.service)
+        views: dict[str, dict[str, str]] = {}
+        for view_name, feature in service.features:
+            view = self._definitions.views[view_name]
+            dtype = view.feature(feature).dtype  # type: ignore[union-attr]
+            views.setdefault(view_name, {})[feature] = dtype
+        try:
+            found = await asyncio.to_thread(self._store.read, key, views)
+        except Exception as error:  # redis.ConnectionError, TimeoutError, sqlite3 errors
+            raise UnavailableError(
+                f"feature service '{spec.service}': the online store ({self._store_name}) is unavailable: "
+                f"{type(error).__name__}"
+            ) from error
+        values = []
+        for view_name, feature in service.features:
+            value = found[view_name][1].get(feature)
+            if value is None:
+                if spec.default is None:
+                    raise NotFoundError(
+                        f"parameters['{spec.entity_parameter}']: entity '{key}' has no value for feature "
+                        f"'{view_name}:{feature}' in the online store"
+                    )
+                value = spec.default
+            values.append(float(value))  # type: ignore[arg-type]
+        array = np.asarray([values], dtype=np.float32)
+        if len(self._cache) >= CACHE_ENTRIES:
+            self._cache.clear()  # bounded: a full cache starts over rather than growing
+        self._cache[(spec.service, key)] = (now, array)
+        return array

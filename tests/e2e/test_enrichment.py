@@ -1,0 +1,144 @@
+"""Request enrichment end to end: `weir serve` with feature definitions and an online store
+(embedded SQLite, then Redis), a model fed by a feature service; clients send only the entity key.
+Missing entities are NOT_FOUND naming the key (or get configured defaults); a stopped Redis is a
+clear UNAVAILABLE, and serving recovers when it returns."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import free_port, start_redis_server, start_weir, write_torchscript_model
+from weir_control.features.definitions import load_definitions
+from weir_control.features.materialize import materialize
+from weir_proto.online_store import RedisOnlineStore, SqliteOnlineStore
+
+UTC = datetime.UTC
+DEFINITIONS = """
+[[entity]]
+name = "driver"
+join_keys = ["driver_id"]
+value_type = "INT64"
+
+[[feature_view]]
+name = "driver_stats"
+entities = ["driver"]
+source = "stats"
+features = [{ name = "trips", dtype = "INT64" }, { name = "rating", dtype = "FLOAT64" }]
+
+[[feature_service]]
+name = "ranking"
+features = ["driver_stats:trips", "driver_stats:rating"]
+"""
+
+
+class Score(torch.nn.Module):
+    """score = trips * 10 + rating (and a bias input the client sends itself)."""
+
+    def forward(self, bias: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return features[:, 0:1] * 10.0 + features[:, 1:2] + bias
+
+
+def config(default: str = "") -> str:
+    extra = f'parameters {{ key: "weir_feature_default" value: {{ string_value: "{default}" }} }}' if default else ""
+    return f"""
+max_batch_size: 8
+input [ {{ name: "BIAS" data_type: TYPE_FP32 dims: [ 1 ] }}, {{ name: "FEATURES" data_type: TYPE_FP32 dims: [ 2 ] }} ]
+output [ {{ name: "SCORE" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+parameters {{ key: "weir_feature_service" value: {{ string_value: "ranking" }} }}
+parameters {{ key: "weir_feature_input" value: {{ string_value: "FEATURES" }} }}
+{extra}
+"""
+
+
+def setup_features(tmp_path: Path) -> Path:
+    (tmp_path / "stats").mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "driver_id": [1, 2],
+                "event_timestamp": [datetime.datetime(2026, 11, 1, tzinfo=UTC)] * 2,
+                "trips": [3, 7],
+                "rating": [4.5, 3.0],
+            }
+        ),
+        tmp_path / "stats" / "part-0.parquet",
+    )
+    (tmp_path / "features.toml").write_text(DEFINITIONS)
+    return tmp_path / "features.toml"
+
+
+def score(client: grpcclient.InferenceServerClient, model: str, entity: object) -> float:
+    bias = grpcclient.InferInput("BIAS", [1, 1], "FP32")
+    bias.set_data_from_numpy(np.array([[0.25]], np.float32))
+    result = client.infer(model, [bias], parameters={"entity_key": entity}, client_timeout=30)
+    return float(result.as_numpy("SCORE")[0, 0])
+
+
+def materialize_into(store, definitions_file: Path) -> None:  # type: ignore[no-untyped-def]
+    materialize(
+        load_definitions(definitions_file), store, datetime.datetime(2026, 1, 1, tzinfo=UTC),
+        datetime.datetime(2027, 1, 1, tzinfo=UTC),
+    )  # fmt: skip
+    store.close()
+
+
+def test_a_model_gets_its_features_from_the_embedded_online_store(tmp_path: Path) -> None:
+    definitions_file = setup_features(tmp_path)
+    materialize_into(SqliteOnlineStore(tmp_path / "online.db"), definitions_file)
+    repository = tmp_path / "repository"
+    write_torchscript_model(repository, "score", Score(), config())
+    write_torchscript_model(repository, "score_default", Score(), config(default="0"))
+    server = start_weir(repository, "--feature-definitions", str(definitions_file))
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        assert score(client, "score", 1) == pytest.approx(3 * 10 + 4.5 + 0.25)
+        assert score(client, "score", "2") == pytest.approx(7 * 10 + 3.0 + 0.25)
+        with pytest.raises(InferenceServerException) as missing:
+            score(client, "score", 99)
+        assert "NOT_FOUND" in str(missing.value) and "entity '99'" in str(missing.value)
+        assert score(client, "score_default", 99) == pytest.approx(0.25)  # configured default
+        with pytest.raises(InferenceServerException, match="expected the entity key"):
+            bias = grpcclient.InferInput("BIAS", [1, 1], "FP32")
+            bias.set_data_from_numpy(np.array([[0.25]], np.float32))
+            client.infer("score", [bias])
+        client.close()
+    finally:
+        assert server.terminate_and_wait() == 0
+
+
+def test_redis_stopped_is_unavailable_and_serving_recovers(tmp_path: Path) -> None:
+    definitions_file = setup_features(tmp_path)
+    port = free_port()
+    redis_server = start_redis_server(port)
+    url = f"redis://127.0.0.1:{port}/0"
+    materialize_into(RedisOnlineStore(url), definitions_file)
+    repository = tmp_path / "repository"
+    write_torchscript_model(repository, "score", Score(), config())
+    server = start_weir(repository, "--feature-definitions", str(definitions_file), "--online-store", url)
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        assert score(client, "score", 1) == pytest.approx(34.75)
+        redis_server.terminate()
+        redis_server.wait(timeout=10)
+        time.sleep(1.1)  # past the in-process cache's lifetime
+        with pytest.raises(InferenceServerException) as unavailable:
+            score(client, "score", 1)
+        assert "UNAVAILABLE" in str(unavailable.value) and "online store (Redis)" in str(unavailable.value)
+        redis_server = start_redis_server(port)
+        materialize_into(RedisOnlineStore(url), definitions_file)  # this Redis keeps nothing on disk
+        assert score(client, "score", 2) == pytest.approx(73.25)
+        client.close()
+    finally:
+        assert server.terminate_and_wait() == 0
+        redis_server.terminate()
+        redis_server.wait(timeout=10)
