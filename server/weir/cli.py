@@ -150,8 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     # The composition root is the one place the data plane's package may reach the control plane's.
     from weir_control.cli import add_commands
+    from weir_control.features.cli import add_commands as add_feature_commands
 
     add_commands(commands)
+    add_feature_commands(commands)
     up = commands.add_parser(
         "up",
         help="run a control plane and one data plane together on embedded defaults (SQLite, local artifacts)",
@@ -200,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from weir.up import run_up
 
         return run_up(args)
+    if args.command == "features":
+        from weir_control.features.cli import run as run_features
+
+        return run_features(args)
     if args.command in ("control", "control-gc", *CLIENT_COMMANDS):
         from weir_control.cli import run as run_control_command
 

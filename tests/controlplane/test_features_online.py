@@ -128,3 +128,47 @@ def test_redis_stopped_raises_a_connection_error_and_recovers() -> None:
         store.close()
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_the_features_cli_validates_retrieves_materializes_and_pushes(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "stats").mkdir()
+    pq.write_table(
+        pa.table({"driver_id": [1, 2], "event_timestamp": [at(1), at(2)], "trips": [10, 20]}),
+        tmp_path / "stats" / "part-0.parquet",
+    )
+    definitions = tmp_path / "features.toml"
+    definitions.write_text(
+        '[[entity]]\nname = "driver"\njoin_keys = ["driver_id"]\nvalue_type = "INT64"\n\n'
+        '[[feature_view]]\nname = "stats"\nentities = ["driver"]\nsource = "stats"\n'
+        'features = [{ name = "trips", dtype = "INT64" }]\n\n'
+        '[[feature_service]]\nname = "svc"\nfeatures = ["stats"]\n'
+    )
+
+    def weir(*args: str) -> dict:
+        result = subprocess.run(
+            [sys.executable, "-m", "weir.cli", "features", *args, "--json"], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)
+
+    assert weir("validate", str(definitions))["feature_services"] == ["svc"]
+    pq.write_table(pa.table({"driver_id": [2, 1], "event_timestamp": [at(3), at(0)]}), tmp_path / "rows.parquet")
+    out = tmp_path / "training.parquet"
+    assert weir("historical", str(definitions), "--service", "svc", "--entities", str(tmp_path / "rows.parquet"),
+                "--out", str(out))["rows"] == 2  # fmt: skip
+    assert pq.read_table(out).column("trips").to_pylist() == [20, None]
+    assert weir("materialize", str(definitions), "2026-11-01T00:00", "2026-11-02T00:00")["written"] == {"stats": 2}
+    pq.write_table(pa.table({"driver_id": [3], "event_timestamp": [at(5)], "trips": [30]}), tmp_path / "push.parquet")
+    assert weir("push", str(definitions), "stats", str(tmp_path / "push.parquet"))["written"] == {"stats": 1}
+    online = SqliteOnlineStore(tmp_path / "online.db")
+    assert online.read("3", {"stats": {"trips": "INT64"}})["stats"][1] == {"trips": 30}
+    online.close()
+    bad = subprocess.run(
+        [sys.executable, "-m", "weir.cli", "features", "materialize", str(definitions), "yesterday", "now", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "start: expected an ISO 8601 time" in bad.stdout
