@@ -87,11 +87,25 @@ return 1
         self, key: str, views: Mapping[str, Mapping[str, str]]
     ) -> dict[str, tuple[float | None, dict[str, object]]]:
         """``views``: view -> {feature: dtype}. One round trip for every view."""
+        return self.read_many([key], views)[0]
+
+    def read_many(
+        self, keys: Sequence[str], views: Mapping[str, Mapping[str, str]]
+    ) -> list[dict[str, tuple[float | None, dict[str, object]]]]:
+        """Several entities in one round trip (a batch of requests)."""
         pipeline = self._client.pipeline(transaction=False)
-        for view, features in views.items():
-            pipeline.hmget(redis_key(view, key), [EVENT_TS, *features])
+        for key in keys:
+            for view, features in views.items():
+                pipeline.hmget(redis_key(view, key), [EVENT_TS, *features])
+        replies = iter(pipeline.execute())
+        return [self._decode(views, [next(replies) for _ in views]) for _ in keys]
+
+    @staticmethod
+    def _decode(
+        views: Mapping[str, Mapping[str, str]], replies: list[list[bytes | None]]
+    ) -> dict[str, tuple[float | None, dict[str, object]]]:
         result = {}
-        for (view, features), values in zip(views.items(), pipeline.execute(), strict=True):
+        for (view, features), values in zip(views.items(), replies, strict=True):
             event_ts = float(values[0]) if values[0] is not None else None
             decoded = {
                 name: (_DECODERS[dtype](raw.decode()) if raw is not None else None)

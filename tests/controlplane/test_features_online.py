@@ -172,3 +172,15 @@ def test_the_features_cli_validates_retrieves_materializes_and_pushes(tmp_path: 
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 1 and "start: expected an ISO 8601 time" in bad.stdout
+
+
+def test_a_batch_of_entities_is_read_in_one_call_in_key_order() -> None:
+    store = RedisOnlineStore("redis://127.0.0.1:6379/0")
+    view = f"batch_{uuid.uuid4().hex[:8]}"
+    try:
+        store.write(view, [("a", 1.0, {"x": 1}), ("b", 2.0, {"x": 2})])
+        results = store.read_many(["b", "missing", "a"], {view: {"x": "INT64"}})
+        assert [result[view] for result in results] == [(2.0, {"x": 2}), (None, {"x": None}), (1.0, {"x": 1})]
+    finally:
+        store._client.delete(f"weir:fs:{view}:a", f"weir:fs:{view}:b")
+        store.close()
