@@ -59,6 +59,10 @@ class OnlineStore(Protocol):
 
     def set_watermark(self, view: str, until: float) -> None: ...
 
+    def newest(self, view: str) -> float | None:
+        """The latest event time written for ``view`` (its freshness)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -68,6 +72,8 @@ class RedisOnlineStore:
 local current = redis.call('HGET', KEYS[1], '__event_ts')
 if current and tonumber(current) > tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], '__event_ts', ARGV[1], unpack(ARGV, 2))
+local newest = redis.call('GET', KEYS[2])
+if not newest or tonumber(newest) < tonumber(ARGV[1]) then redis.call('SET', KEYS[2], ARGV[1]) end
 return 1
 """
 
@@ -80,7 +86,11 @@ return 1
         pipeline = self._client.pipeline(transaction=False)
         for key, event_ts, values in rows:
             fields = [item for name, value in values.items() if value is not None for item in (name, _encode(value))]
-            self._write_if_newer(keys=[redis_key(view, key)], args=[repr(float(event_ts)), *fields], client=pipeline)
+            self._write_if_newer(
+                keys=[redis_key(view, key), f"weir:fs:newest:{view}"],
+                args=[repr(float(event_ts)), *fields],
+                client=pipeline,
+            )
         return sum(int(result) for result in pipeline.execute())
 
     def read(
@@ -120,6 +130,10 @@ return 1
 
     def set_watermark(self, view: str, until: float) -> None:
         self._client.set(f"weir:fs:watermark:{view}", repr(float(until)))
+
+    def newest(self, view: str) -> float | None:
+        value = self._client.get(f"weir:fs:newest:{view}")
+        return float(value) if value is not None else None
 
     def close(self) -> None:
         self._client.close()
@@ -198,6 +212,11 @@ class SqliteOnlineStore:
                 "excluded.until",
                 (view, float(until)),
             )
+
+    def newest(self, view: str) -> float | None:
+        with self._lock:
+            row = self._connection.execute("SELECT max(event_ts) FROM online WHERE view = ?", (view,)).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
 
     def close(self) -> None:
         with self._lock:

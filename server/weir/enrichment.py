@@ -18,15 +18,21 @@ a store that cannot be reached is UNAVAILABLE, naming the store.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from weir.errors import InvalidArgumentError, NotFoundError, UnavailableError
-from weir_proto.feature_definitions import Definitions
+from weir_proto.feature_definitions import FRESHNESS, Definitions
 from weir_proto.inference import messages as pb
 from weir_proto.online_store import OnlineStore
+
+log = logging.getLogger(__name__)
 
 SERVICE_PARAMETER = "weir_feature_service"
 INPUT_PARAMETER = "weir_feature_input"
@@ -69,8 +75,44 @@ class EnrichmentSpec:
         )
 
 
+class FreshnessCollector(Collector):
+    """Per feature view: the age of its newest online value, and whether that exceeds its freshness
+    class (static views never go stale). Read from the store at scrape time."""
+
+    def __init__(self, enricher: Enricher, clock: Callable[[], float] = time.time) -> None:
+        self._enricher = enricher
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        age = GaugeMetricFamily(
+            "weir_feature_view_age_seconds", "Age of the newest online value of a feature view.", labels=["view"]
+        )
+        stale = GaugeMetricFamily(
+            "weir_feature_view_stale", "1 when a feature view's newest value is older than its freshness class.",
+            labels=["view", "freshness"],
+        )  # fmt: skip
+        for name, view in sorted(self._enricher.definitions.views.items()):
+            try:
+                newest = self._enricher.store.newest(name)
+            except Exception:  # a scrape must not fail because the store is down
+                continue
+            limit = FRESHNESS[view.freshness]
+            seconds = self._clock() - newest if newest is not None else float("inf")
+            age.add_metric([name], seconds)
+            is_stale = limit is not None and seconds > limit
+            stale.add_metric([name, view.freshness], 1.0 if is_stale else 0.0)
+            if is_stale and name not in self._enricher.stale_views:
+                log.warning("feature view is stale", extra={"view": name, "age_seconds": seconds, "limit": limit})
+            (self._enricher.stale_views.add if is_stale else self._enricher.stale_views.discard)(name)
+        yield age
+        yield stale
+
+
 class Enricher:
     def __init__(self, definitions: Definitions, store: OnlineStore, store_name: str) -> None:
+        self.definitions = definitions
+        self.store = store
+        self.stale_views: set[str] = set()
         self._definitions = definitions
         self._store = store
         self._store_name = store_name

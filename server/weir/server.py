@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from weir.cache import CacheMetrics, LocalResponseCache, RedisResponseCache, ResponseCache
 from weir.dataplane import DataPlane
-from weir.enrichment import Enricher
+from weir.enrichment import Enricher, FreshnessCollector
 from weir.follower import ControlPlaneFollower, FollowerSettings, default_replica_id
 from weir.grpc_service import InferenceServicer, generic_handler
 from weir.metrics import Metrics
@@ -96,6 +96,8 @@ class WeirServer:
         self.shadows = ShadowMirror(self.repository, settings.max_tensor_elements)
         self.registry.register(ShadowCollector(self.shadows))
         self.enricher = _enricher(settings)
+        if self.enricher is not None:
+            self.registry.register(FreshnessCollector(self.enricher))
         self.dataplane = DataPlane(
             self.repository,
             self.metrics,
