@@ -153,25 +153,23 @@ def replica_states(control: ControlProcess) -> dict[str, list[tuple[str, str, in
     }
 
 
+def start_replicas(control: ControlProcess, tmp_path: Path, heartbeat: str = "0.5") -> list[WeirProcess]:
+    """Two `weir serve --control-plane` replicas following ``control`` (tokens: TOKENS)."""
+    return [
+        start_weir(
+            tmp_path / f"replica-{index}", "--model-control-mode", "explicit", "--control-plane", control.address,
+            "--replica-id", f"replica-{index}", "--heartbeat-seconds", heartbeat,
+            env={"WEIR_TOKENS": TOKENS, "WEIR_CONTROL_PLANE_TOKEN": "t-replica"},
+        )
+        for index in range(2)
+    ]  # fmt: skip
+
+
 @pytest.fixture
 def planes(store_url: str, tmp_path: Path) -> Iterator[tuple[dict, list[WeirProcess]]]:
     state = {"port": free_port(), "state_dir": tmp_path / "control", "url": store_url}
     state["control"] = start_control(state["state_dir"], store_url, state["port"])
-    data_planes = [
-        start_weir(
-            tmp_path / f"replica-{index}",
-            "--model-control-mode",
-            "explicit",
-            "--control-plane",
-            state["control"].address,
-            "--replica-id",
-            f"replica-{index}",
-            "--heartbeat-seconds",
-            "0.5",
-            env={"WEIR_TOKENS": TOKENS, "WEIR_CONTROL_PLANE_TOKEN": "t-replica"},
-        )
-        for index in range(2)
-    ]
+    data_planes = start_replicas(state["control"], tmp_path)
     try:
         yield state, data_planes
     finally:

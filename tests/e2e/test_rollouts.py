@@ -14,8 +14,8 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import free_port, start_weir
-from tests.e2e.test_control_plane import CONFIG, TOKENS, ControlProcess, cli, start_control, wait_until
+from tests.conftest import free_port
+from tests.e2e.test_control_plane import CONFIG, ControlProcess, cli, start_control, start_replicas, wait_until
 
 pytestmark = pytest.mark.timeout(600)
 X = np.array([[50.0, 50.0, 50.0]], np.float32)
@@ -61,14 +61,7 @@ def push(control: ControlProcess, tmp_path: Path, module: torch.nn.Module, name:
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[ControlProcess, list[str], Path]]:
     control = start_control(tmp_path / "control", f"sqlite:///{tmp_path / 'control.db'}", free_port())
-    replicas = [
-        start_weir(
-            tmp_path / f"replica-{index}", "--model-control-mode", "explicit", "--control-plane", control.address,
-            "--replica-id", f"replica-{index}", "--heartbeat-seconds", "0.3",
-            env={"WEIR_TOKENS": TOKENS, "WEIR_CONTROL_PLANE_TOKEN": "t-replica"},
-        )
-        for index in range(2)
-    ]  # fmt: skip
+    replicas = start_replicas(control, tmp_path, heartbeat="0.3")
     try:
         push(control, tmp_path, Scale(), "baseline")
         cli(control, "deploy", "scale", "scale", "1")

@@ -17,8 +17,16 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import WeirProcess, free_port, start_weir
-from tests.e2e.test_control_plane import CONFIG, TOKENS, ControlProcess, cli, scripted, start_control, wait_until
+from tests.conftest import WeirProcess, free_port
+from tests.e2e.test_control_plane import (
+    CONFIG,
+    ControlProcess,
+    cli,
+    scripted,
+    start_control,
+    start_replicas,
+    wait_until,
+)
 from weir_proto.auth import client_metadata
 from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc, experiments_pb2, experiments_pb2_grpc
 
@@ -61,21 +69,7 @@ def routed(
     tmp_path: Path,
 ) -> Iterator[tuple[ControlProcess, list[WeirProcess], list[grpcclient.InferenceServerClient]]]:
     control = start_control(tmp_path / "control", f"sqlite:///{tmp_path / 'control.db'}", free_port())
-    replicas = [
-        start_weir(
-            tmp_path / f"replica-{index}",
-            "--model-control-mode",
-            "explicit",
-            "--control-plane",
-            control.address,
-            "--replica-id",
-            f"replica-{index}",
-            "--heartbeat-seconds",
-            "0.5",
-            env={"WEIR_TOKENS": TOKENS, "WEIR_CONTROL_PLANE_TOKEN": "t-replica"},
-        )
-        for index in range(2)
-    ]
+    replicas = start_replicas(control, tmp_path, heartbeat="0.5")
     clients = [grpcclient.InferenceServerClient(replica.grpc_url) for replica in replicas]
     config = tmp_path / "config.pbtxt"
     config.write_text(CONFIG)
