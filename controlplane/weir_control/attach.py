@@ -45,9 +45,10 @@ class _Replica:
 class DesiredStateHub:
     """The current desired state and the replicas that follow it (event loop thread only)."""
 
-    def __init__(self, store: Store, metrics: ControlMetrics | None = None) -> None:
+    def __init__(self, store: Store, metrics: ControlMetrics | None = None, online_store: str = "") -> None:
         self._store = store
         self._metrics = metrics
+        self._online_store = online_store  # told to data planes with the feature definitions
         self._state: deployments_pb2.DesiredState | None = None
         self._replicas: dict[int, _Replica] = {}
         self._lock = asyncio.Lock()
@@ -55,13 +56,18 @@ class DesiredStateHub:
     async def current(self) -> deployments_pb2.DesiredState:
         async with self._lock:
             if self._state is None:
-                self._state = await asyncio.to_thread(self._store.desired_state)
+                self._state = await self._read()
             return self._state
+
+    async def _read(self) -> deployments_pb2.DesiredState:
+        state = await asyncio.to_thread(self._store.desired_state)
+        state.online_store = self._online_store
+        return state
 
     async def changed(self) -> None:
         """Re-read the desired state and offer it to every attached replica."""
         async with self._lock:
-            self._state = await asyncio.to_thread(self._store.desired_state)
+            self._state = await self._read()
             if self._metrics is not None:
                 self._metrics.desired_state_changes.inc()
             for replica in self._replicas.values():

@@ -63,6 +63,9 @@ def add_commands(subcommands: Any) -> None:
     control.add_argument("--tls-key", type=Path)
     control.add_argument("--tls-client-ca", type=Path, help="require client certificates it signed (mutual TLS)")
     control.add_argument("--metrics-port", type=int, default=-1, help="Prometheus /metrics port (-1: off)")
+    control.add_argument(
+        "--online-store", default="", help="feature online store told to data planes (redis:// or file)"
+    )
     control.add_argument("--log-level", default="INFO")
     control.add_argument("--log-format", default="json", choices=("json", "text"))
     gc = subcommands.add_parser("control-gc", help="delete artifacts no model version references")
@@ -253,6 +256,7 @@ def _run_control(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         metrics_port=args.metrics_port,
+        online_store=args.online_store,
     )
 
     async def serve() -> int:

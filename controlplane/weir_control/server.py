@@ -23,7 +23,14 @@ from weir_control.attach import DataPlaneSyncService, DesiredStateHub
 from weir_control.experiments import ExperimentsService
 from weir_control.metrics import ControlMetrics, ReplicaCollector
 from weir_control.rollouts import RolloutController
-from weir_control.services import Auditor, AuditService, DeploymentsService, RegistryService, RolloutsService
+from weir_control.services import (
+    Auditor,
+    AuditService,
+    DeploymentsService,
+    FeaturesService,
+    RegistryService,
+    RolloutsService,
+)
 from weir_control.store import Store, open_store
 from weir_proto.auth import AuthInterceptor, Role, TokenTable
 from weir_proto.control.v1 import (
@@ -33,6 +40,8 @@ from weir_proto.control.v1 import (
     deployments_pb2_grpc,
     experiments_pb2,
     experiments_pb2_grpc,
+    features_pb2,
+    features_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     rollouts_pb2,
@@ -50,6 +59,7 @@ SERVICE_NAMES = (
     audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
     rollouts_pb2.DESCRIPTOR.services_by_name["Rollouts"].full_name,
     experiments_pb2.DESCRIPTOR.services_by_name["Experiments"].full_name,
+    features_pb2.DESCRIPTOR.services_by_name["Features"].full_name,
 )
 
 # The least role each control RPC needs; anything not listed under a control service is open
@@ -75,6 +85,7 @@ _MUTATIONS = {
     "StartABTest",
     "StopABTest",
     "RecordOutcome",
+    "ApplyFeatures",
 }
 
 
@@ -99,6 +110,7 @@ class ControlSettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     metrics_port: int = -1  # Prometheus /metrics (-1: off, 0: any free port)
+    online_store: str = ""  # told to data planes for enrichment: redis:// URL or SQLite file
 
     @property
     def resolved_database_url(self) -> str:
@@ -135,7 +147,7 @@ class ControlPlaneServer:
         if interrupted:
             log.warning("uploads interrupted by the previous stop marked FAILED", extra={"count": interrupted})
         artifacts = ArtifactStore(settings.resolved_artifact_dir)
-        hub = DesiredStateHub(store, self.metrics)
+        hub = DesiredStateHub(store, self.metrics, settings.online_store)
         self.registry.register(ReplicaCollector(hub.replicas))
         auditor = Auditor(store, self.tokens)
         server = grpc.aio.server(
@@ -155,6 +167,7 @@ class ControlPlaneServer:
         self.rollouts = RolloutController(store, hub)
         rollouts_pb2_grpc.add_RolloutsServicer_to_server(RolloutsService(store, auditor, self.rollouts), server)
         experiments_pb2_grpc.add_ExperimentsServicer_to_server(ExperimentsService(store, auditor, hub), server)
+        features_pb2_grpc.add_FeaturesServicer_to_server(FeaturesService(store, auditor, hub), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)

@@ -79,11 +79,16 @@ class FreshnessCollector(Collector):
     """Per feature view: the age of its newest online value, and whether that exceeds its freshness
     class (static views never go stale). Read from the store at scrape time."""
 
-    def __init__(self, enricher: Enricher, clock: Callable[[], float] = time.time) -> None:
-        self._enricher = enricher
+    def __init__(self, enricher: Enricher | Callable[[], Enricher | None], clock: Callable[[], float] = time.time):
+        # A callable: the current enricher (a control plane may replace it with new definitions).
+        self._current = enricher if callable(enricher) else (lambda: enricher)
         self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
+        enricher = self._current()
+        if enricher is None:
+            return
+        self._enricher = enricher
         age = GaugeMetricFamily(
             "weir_feature_view_age_seconds", "Age of the newest online value of a feature view.", labels=["view"]
         )

@@ -93,7 +93,10 @@ class ControlPlaneFollower:
         root: Path,
         on_change: Callable[[], Awaitable[None]],
         shadows: ShadowMirror | None = None,
+        on_features: Callable[[str, str], None] | None = None,
     ) -> None:
+        self._on_features = on_features
+        self._features_applied: tuple[str, str] | None = None
         self._shadows = shadows
         self._router = router
         self._settings = settings
@@ -220,6 +223,13 @@ class ControlPlaneFollower:
     # --- reconciling -------------------------------------------------------------------------------
 
     async def _apply(self, state: deployments_pb2.DesiredState, registry: registry_pb2_grpc.RegistryStub) -> None:
+        features = (state.feature_definitions_toml, state.online_store)
+        if state.feature_definitions_toml and features != self._features_applied and self._on_features is not None:
+            try:
+                self._on_features(*features)
+                self._features_applied = features
+            except Exception as error:  # bad definitions keep the previous ones in use
+                log.error("feature definitions from the control plane not applied", extra={"reason": str(error)})
         desired = {endpoint.endpoint: endpoint for endpoint in state.endpoints if endpoint.variants}
         wanted_models: set[str] = set()
         for name, endpoint in desired.items():

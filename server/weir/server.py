@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -96,8 +97,7 @@ class WeirServer:
         self.shadows = ShadowMirror(self.repository, settings.max_tensor_elements)
         self.registry.register(ShadowCollector(self.shadows))
         self.enricher = _enricher(settings)
-        if self.enricher is not None:
-            self.registry.register(FreshnessCollector(self.enricher))
+        self.registry.register(FreshnessCollector(lambda: self.enricher))
         self.dataplane = DataPlane(
             self.repository,
             self.metrics,
@@ -221,9 +221,26 @@ class WeirServer:
             settings.model_repository,
             self.refresh_health,
             shadows=self.shadows,
+            on_features=self.use_features,
         )
         await self.follower.load_last_known_good()
         self._follower_task = asyncio.create_task(self.follower.run(), name="weir-control-plane-follower")
+
+    def use_features(self, definitions_toml: str, online_store: str) -> None:
+        """Feature definitions from the control plane: enrichment switches to them at once."""
+        import tomllib
+
+        from weir_proto.feature_definitions import parse_definitions
+
+        definitions = parse_definitions(tomllib.loads(definitions_toml), "control plane feature definitions")
+        target = online_store or str(self.settings.model_repository / ".online.db")
+        if target.startswith(("redis://", "rediss://", "unix://")):
+            store: Any = RedisOnlineStore(target)
+            name = "Redis"
+        else:
+            store, name = SqliteOnlineStore(Path(target)), f"SQLite {target}"
+        self.enricher = Enricher(definitions, store, name)
+        self.dataplane.enricher = self.enricher
 
     async def refresh_health(self) -> None:
         status = (

@@ -83,6 +83,7 @@ async def _up(args: argparse.Namespace) -> int:
             listen_address=args.listen_address,
             port=args.control_port,
             tokens_file=tokens_file,
+            online_store=str(state_dir / "online.db"),  # shared with the data plane and `weir features`
         ),
         tokens=TokenTable.from_file(tokens_file),
     )

@@ -64,10 +64,10 @@ class ControlProcess:
         return f"127.0.0.1:{self.port}"
 
 
-def start_control(state_dir: Path, database_url: str, port: int) -> ControlProcess:
+def start_control(state_dir: Path, database_url: str, port: int, *extra: str) -> ControlProcess:
     command = [
         sys.executable, "-m", "weir.cli", "control", "--state-dir", str(state_dir), "--database-url", database_url,
-        "--port", str(port), "--log-format", "json",
+        "--port", str(port), "--log-format", "json", *extra,
     ]  # fmt: skip
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "WEIR_TOKENS": TOKENS}

@@ -142,3 +142,48 @@ def test_redis_stopped_is_unavailable_and_serving_recovers(tmp_path: Path) -> No
         assert server.terminate_and_wait() == 0
         redis_server.terminate()
         redis_server.wait(timeout=10)
+
+
+def test_definitions_applied_on_the_control_plane_reach_the_data_plane(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.e2e.test_control_plane import cli, start_control, start_replicas, wait_until
+
+    definitions_file = setup_features(tmp_path)
+    online = tmp_path / "online.db"
+    control = start_control(
+        tmp_path / "control", f"sqlite:///{tmp_path / 'control.db'}", free_port(), "--online-store", str(online)
+    )
+    replicas = start_replicas(control, tmp_path)
+    try:
+        staging = tmp_path / "staging"
+        write_torchscript_model(staging, "score", Score(), config())
+        (tmp_path / "score.pbtxt").write_text(config())
+        cli(control, "models", "push", "score", str(staging / "score" / "1" / "model.pt"),
+            "--config", str(tmp_path / "score.pbtxt"))  # fmt: skip
+        cli(control, "deploy", "score", "score", "1")
+        applied = subprocess.run(
+            [sys.executable, "-m", "weir.cli", "features", "apply", str(definitions_file), "--control-plane",
+             control.address, "--token", "t-deployer", "--json"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        assert json.loads(applied.stdout)["feature_services"] == ["ranking"]
+        materialized = subprocess.run(
+            [sys.executable, "-m", "weir.cli", "features", "materialize", str(definitions_file), "2026-01-01T00:00",
+             "2027-01-01T00:00", "--online-store", str(online), "--json"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert materialized.returncode == 0, materialized.stdout + materialized.stderr
+        for replica in replicas:
+            client = grpcclient.InferenceServerClient(replica.grpc_url)
+            wait_until(lambda client=client: score(client, "score", 2) == pytest.approx(73.25),
+                       message="the replica to enrich with the applied definitions")  # fmt: skip
+            client.close()
+    finally:
+        for replica in replicas:
+            replica.terminate_and_wait()
+        control.process.terminate()
+        control.process.wait(timeout=30)

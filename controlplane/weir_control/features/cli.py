@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ def add_commands(subcommands: Any) -> None:
         return parser
 
     command("validate", "check a definitions file")
+    apply = command("apply", "send the definitions to the control plane (data planes enrich with them)")
+    apply.add_argument("--control-plane", default=os.environ.get("WEIR_CONTROL_PLANE", "127.0.0.1:8011"))
+    apply.add_argument("--token", default=os.environ.get("WEIR_TOKEN"), help="bearer token [env WEIR_TOKEN]")
     historical = command("historical", "point-in-time correct training data (Parquet out)")
     historical.add_argument("--service", required=True)
     historical.add_argument("--entities", type=Path, required=True, help="Parquet: join keys + event_timestamp")
@@ -75,6 +79,24 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     definitions = load_definitions(args.definitions)
     command = args.features_command
+    if command == "apply":
+        import grpc
+
+        from weir_control.cli import DEFAULT_TOKEN_FILE
+        from weir_proto.auth import client_metadata
+        from weir_proto.control.v1 import features_pb2, features_pb2_grpc
+
+        token = args.token or (DEFAULT_TOKEN_FILE.read_text().strip() if DEFAULT_TOKEN_FILE.is_file() else None)
+        with grpc.insecure_channel(args.control_plane) as channel:
+            try:
+                applied = features_pb2_grpc.FeaturesStub(channel).ApplyFeatures(
+                    features_pb2.ApplyFeaturesRequest(definitions_toml=args.definitions.read_text(encoding="utf-8")),
+                    metadata=client_metadata(token),
+                    timeout=30,
+                )
+            except grpc.RpcError as error:
+                raise WeirError(f"{error.code().name}: {error.details()}") from error
+        return {"revision": applied.revision, "feature_services": list(applied.feature_services)}
     if command == "validate":
         return {
             "entities": sorted(definitions.entities),

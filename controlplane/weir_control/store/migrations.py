@@ -41,6 +41,7 @@ STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (3, "deployments: flags and routing policy", _add_traffic_columns),
     (4, "rollouts", _create(schema.rollout_tables)),
     (5, "A/B tests and outcomes", _create(schema.experiment_tables)),
+    (6, "feature definitions", _create(schema.feature_tables)),
 ]
 LATEST = STEPS[-1][0]
 _MIGRATION_LOCK = 0x7765697200  # "weir\0": the advisory lock key migrations take on PostgreSQL

@@ -171,6 +171,20 @@ def experiment_tables(metadata: MetaData) -> dict[str, Table]:
     return {tests.name: tests, outcomes.name: outcomes}
 
 
+def feature_tables(metadata: MetaData) -> dict[str, Table]:
+    """Schema version 6: the feature definitions (one current document, with its revision)."""
+    definitions = Table(
+        "feature_definitions",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),  # always 1
+        Column("revision", BigInteger, nullable=False),
+        Column("definitions_toml", Text, nullable=False),
+        Column("updated_by", NAME, nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+    return {definitions.name: definitions}
+
+
 METADATA = MetaData()
 SCHEMA_VERSION = schema_version_table(METADATA)
 _REGISTRY = registry_tables(METADATA)
@@ -181,6 +195,7 @@ ROLLOUTS = rollout_tables(METADATA)["rollouts"]
 _EXPERIMENTS = experiment_tables(METADATA)
 AB_TESTS = _EXPERIMENTS["ab_tests"]
 AB_OUTCOMES = _EXPERIMENTS["ab_outcomes"]
+FEATURE_DEFINITIONS = feature_tables(METADATA)["feature_definitions"]
 
 REGISTERED_MODELS = _REGISTRY["registered_models"]
 REGISTERED_MODEL_TAGS = _REGISTRY["registered_model_tags"]

@@ -39,6 +39,7 @@ from weir_control.store.schema import (
     AUDIT_EVENTS,
     COUNTERS,
     DEPLOYMENTS,
+    FEATURE_DEFINITIONS,
     MODEL_ALIASES,
     MODEL_VERSION_TAGS,
     MODEL_VERSIONS,
@@ -520,6 +521,10 @@ class Store:
                 select(COUNTERS.c.value).where(COUNTERS.c.name == DESIRED_STATE_REVISION)
             ).scalar()
             state = deployments_pb2.DesiredState(revision=int(revision or 0))
+            features = connection.execute(
+                select(FEATURE_DEFINITIONS.c.definitions_toml).where(FEATURE_DEFINITIONS.c.id == 1)
+            ).scalar()
+            state.feature_definitions_toml = features or ""
             for row in connection.execute(select(DEPLOYMENTS).order_by(DEPLOYMENTS.c.endpoint)):
                 endpoint = state.endpoints.add(endpoint=row.endpoint, flags=row.flags or {})
                 endpoint.routing.CopyFrom(_routing_from_json(row.routing or {}))
@@ -588,6 +593,37 @@ class Store:
         with self._transaction() as connection:
             rows = connection.execute(select(ROLLOUTS.c.rollout).where(ROLLOUTS.c.state.in_(["RUNNING", "PAUSED"])))
             return [rollouts_pb2.Rollout.FromString(row.rollout) for row in rows]
+
+    # --- feature definitions ---------------------------------------------------------------------
+
+    def apply_features(self, definitions_toml: str, actor: str) -> int:
+        """Replace the definitions (already validated); bumps the desired-state revision."""
+        with self._transaction() as connection:
+            current = connection.execute(
+                select(FEATURE_DEFINITIONS.c.revision).where(FEATURE_DEFINITIONS.c.id == 1)
+            ).scalar()
+            revision = int(current or 0) + 1
+            values = {
+                "revision": revision,
+                "definitions_toml": definitions_toml,
+                "updated_by": actor,
+                "updated_at": now(),
+            }
+            if current is None:
+                connection.execute(insert(FEATURE_DEFINITIONS).values(id=1, **values))
+            else:
+                connection.execute(update(FEATURE_DEFINITIONS).where(FEATURE_DEFINITIONS.c.id == 1).values(**values))
+            _bump_revision(connection)
+            return revision
+
+    def feature_definitions(self) -> tuple[int, str]:
+        with self._transaction() as connection:
+            row = connection.execute(
+                select(FEATURE_DEFINITIONS.c.revision, FEATURE_DEFINITIONS.c.definitions_toml).where(
+                    FEATURE_DEFINITIONS.c.id == 1
+                )
+            ).first()
+        return (int(row.revision), row.definitions_toml) if row else (0, "")
 
     # --- A/B tests -------------------------------------------------------------------------------
 

@@ -265,12 +265,16 @@ class ControlPlaneMessage(_message.Message):
     def __init__(self, desired_state: _Optional[_Union[DesiredState, _Mapping]] = ...) -> None: ...
 
 class DesiredState(_message.Message):
-    __slots__ = ("revision", "endpoints")
+    __slots__ = ("revision", "endpoints", "feature_definitions_toml", "online_store")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_DEFINITIONS_TOML_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_STORE_FIELD_NUMBER: _ClassVar[int]
     revision: int
     endpoints: _containers.RepeatedCompositeFieldContainer[EndpointState]
-    def __init__(self, revision: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[EndpointState, _Mapping]]] = ...) -> None: ...
+    feature_definitions_toml: str
+    online_store: str
+    def __init__(self, revision: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[EndpointState, _Mapping]]] = ..., feature_definitions_toml: _Optional[str] = ..., online_store: _Optional[str] = ...) -> None: ...
 
 class EndpointState(_message.Message):
     __slots__ = ("endpoint", "variants", "flags", "routing")
