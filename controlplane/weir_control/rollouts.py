@@ -215,7 +215,7 @@ class RolloutController:
                 reason="loading green on every data plane",
             )  # fmt: skip
             rollout.started_at.FromDatetime(datetime.datetime.now(datetime.UTC))
-            shadows = [variant for variant in deployment.variants if variant.shadow_percent]
+            shadows = _shadows(deployment)
             await self._change(request.endpoint, [_copy(blue, 100), green, *shadows], actor, "green loading")
             await asyncio.to_thread(self._store.save_rollout, rollout)
             return rollout
@@ -267,7 +267,7 @@ class RolloutController:
             )
         deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
         blue, green = self._pair(deployment, rollout)
-        shadows = [variant for variant in deployment.variants if variant.shadow_percent]
+        shadows = _shadows(deployment)
         await self._change(rollout.endpoint, [_copy(blue, 0), _copy(green, 100), *shadows], actor, "switched to green")
         rollout.step = 1
         rollout.reason = f"switched; blue stays loaded for {rollout.keep_previous_seconds:g} s"
@@ -296,7 +296,7 @@ class RolloutController:
         if rollout.step == 1 and self._clock() >= rollout.retire_previous_at.ToDatetime(datetime.UTC).timestamp():
             deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
             _, green = self._pair(deployment, rollout)
-            shadows = [variant for variant in deployment.variants if variant.shadow_percent]
+            shadows = _shadows(deployment)
             await self._change(rollout.endpoint, [_copy(green, 100), *shadows], CONTROLLER, "blue retired")
             rollout.state, rollout.reason = Rollout.SUCCEEDED, "switched to green; blue retired"
             return True
@@ -404,21 +404,21 @@ class RolloutController:
     ) -> None:
         baseline = _copy(baseline, weight=100 - canary_weight)
         canary = _copy(canary, weight=canary_weight)
-        shadows = [variant for variant in deployment.variants if variant.shadow_percent]
+        shadows = _shadows(deployment)
         variants = [baseline, canary, *shadows]
         await self._change(deployment.endpoint, variants, actor, f"canary at {canary_weight}%")
 
     async def _roll_back(self, rollout: Rollout, reason: str, actor: str) -> None:
         deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
         baseline, _ = self._pair(deployment, rollout)
-        shadows = [variant for variant in deployment.variants if variant.shadow_percent]
+        shadows = _shadows(deployment)
         await self._change(rollout.endpoint, [_copy(baseline, weight=100), *shadows], actor, f"rolled back: {reason}")
         rollout.state, rollout.reason = Rollout.ROLLED_BACK, reason
 
     async def _promote(self, rollout: Rollout, reason: str, actor: str) -> None:
         deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
         _, canary = self._pair(deployment, rollout)
-        shadows = [variant for variant in deployment.variants if variant.shadow_percent]
+        shadows = _shadows(deployment)
         promoted = _copy(canary, weight=100)
         promoted.name = PRIMARY if rollout.baseline_variant != PRIMARY else rollout.baseline_variant
         await self._change(rollout.endpoint, [promoted, *shadows], actor, f"promoted: {reason}")
@@ -464,6 +464,11 @@ class RolloutController:
             return self._store.get_rollout(endpoint)
         except WeirError:
             return None
+
+
+def _shadows(deployment: deployments_pb2.Deployment) -> list[deployments_pb2.Variant]:
+    """Shadow variants ride along unchanged through every traffic change of a rollout."""
+    return [variant for variant in deployment.variants if variant.shadow_percent]
 
 
 def _copy(variant: deployments_pb2.Variant, weight: int) -> deployments_pb2.Variant:

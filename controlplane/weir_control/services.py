@@ -11,7 +11,7 @@ import asyncio
 import datetime
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -86,12 +86,27 @@ class Auditor:
         after: Callable[[T], Message | None] = lambda result: result if isinstance(result, Message) else None,
     ) -> T:
         """Run the blocking ``change`` in a thread and record it; aborts the RPC on a WeirError."""
+
+        async def call(identity: Identity, event: audit_pb2.AuditEvent) -> T:
+            event.before = summary(await asyncio.to_thread(_or_none, before))
+            return await asyncio.to_thread(change)
+
+        return await self.run_async(context, action, target, call, after)
+
+    async def run_async(
+        self,
+        context: grpc.aio.ServicerContext,
+        action: str,
+        target: str,
+        call: Callable[[Identity, audit_pb2.AuditEvent], Awaitable[T]],
+        after: Callable[[T], Message | None] = lambda result: result if isinstance(result, Message) else None,
+    ) -> T:
+        """Await ``call(identity, event)`` and append the audit event, OK or failed (then abort)."""
         identity = self.identity(context)
         event = audit_pb2.AuditEvent(actor=identity.name, role=identity.role.name.lower(), action=action, target=target)
         event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
         try:
-            event.before = summary(await asyncio.to_thread(_or_none, before))
-            result = await asyncio.to_thread(change)
+            result = await call(identity, event)
         except Exception as error:
             kind = error.kind if isinstance(error, WeirError) else None
             event.result = status_code_for(kind).name if kind else "INTERNAL"
@@ -500,20 +515,9 @@ class RolloutsService(rollouts_pb2_grpc.RolloutsServicer):
         self._controller = controller
 
     async def _audited(self, context: grpc.aio.ServicerContext, action: str, endpoint: str, call: Any) -> Any:
-        identity = self._auditor.identity(context)
-        event = audit_pb2.AuditEvent(actor=identity.name, role=identity.role.name.lower(), action=action,
-                                     target=f"endpoint/{endpoint}")  # fmt: skip
-        event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
-        try:
-            rollout = await call(identity.name)
-        except Exception as error:
-            event.result = status_code_for(error.kind).name if isinstance(error, WeirError) else "INTERNAL"
-            event.detail = error.message if isinstance(error, WeirError) else type(error).__name__
-            await asyncio.to_thread(self._store.append_audit, event)
-            await abort_with(context, error)
-        event.after, event.result = summary(rollout), "OK"
-        await asyncio.to_thread(self._store.append_audit, event)
-        return rollout
+        return await self._auditor.run_async(
+            context, action, f"endpoint/{endpoint}", lambda identity, event: call(identity.name)
+        )
 
     async def StartRollout(
         self, request: rollouts_pb2.StartRolloutRequest, context: grpc.aio.ServicerContext

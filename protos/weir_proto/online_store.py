@@ -229,5 +229,11 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in the online store")
 
 
-def open_online_store(redis_url: str, sqlite_path: Path) -> OnlineStore:
-    return RedisOnlineStore(redis_url) if redis_url else SqliteOnlineStore(sqlite_path)
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def open_online_store(target: str) -> tuple[OnlineStore, str]:
+    """A Redis URL or a SQLite file path -> the store, and a name for messages."""
+    if target.startswith(REDIS_SCHEMES):
+        return RedisOnlineStore(target), "Redis"
+    return SqliteOnlineStore(Path(target)), f"SQLite {target}"

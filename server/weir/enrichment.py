@@ -88,7 +88,6 @@ class FreshnessCollector(Collector):
         enricher = self._current()
         if enricher is None:
             return
-        self._enricher = enricher
         age = GaugeMetricFamily(
             "weir_feature_view_age_seconds", "Age of the newest online value of a feature view.", labels=["view"]
         )
@@ -96,9 +95,9 @@ class FreshnessCollector(Collector):
             "weir_feature_view_stale", "1 when a feature view's newest value is older than its freshness class.",
             labels=["view", "freshness"],
         )  # fmt: skip
-        for name, view in sorted(self._enricher.definitions.views.items()):
+        for name, view in sorted(enricher.definitions.views.items()):
             try:
-                newest = self._enricher.store.newest(name)
+                newest = enricher.store.newest(name)
             except Exception:  # a scrape must not fail because the store is down
                 continue
             limit = FRESHNESS[view.freshness]
@@ -106,9 +105,9 @@ class FreshnessCollector(Collector):
             age.add_metric([name], seconds)
             is_stale = limit is not None and seconds > limit
             stale.add_metric([name, view.freshness], 1.0 if is_stale else 0.0)
-            if is_stale and name not in self._enricher.stale_views:
+            if is_stale and name not in enricher.stale_views:
                 log.warning("feature view is stale", extra={"view": name, "age_seconds": seconds, "limit": limit})
-            (self._enricher.stale_views.add if is_stale else self._enricher.stale_views.discard)(name)
+            (enricher.stale_views.add if is_stale else enricher.stale_views.discard)(name)
         yield age
         yield stale
 
@@ -118,8 +117,6 @@ class Enricher:
         self.definitions = definitions
         self.store = store
         self.stale_views: set[str] = set()
-        self._definitions = definitions
-        self._store = store
         self._store_name = store_name
         self._cache: dict[tuple[str, str], tuple[float, np.ndarray | None]] = {}
 
@@ -127,9 +124,9 @@ class Enricher:
         return [feature for _, feature in self._service(service_name).features]
 
     def _service(self, name: str):  # type: ignore[no-untyped-def]
-        service = self._definitions.services.get(name)
+        service = self.definitions.services.get(name)
         if service is None:
-            raise NotFoundError(f"feature service '{name}': not defined ({sorted(self._definitions.services)})")
+            raise NotFoundError(f"feature service '{name}': not defined ({sorted(self.definitions.services)})")
         return service
 
     async def enrich(self, request: pb.ModelInferRequest, spec: EnrichmentSpec) -> None:
@@ -158,11 +155,11 @@ class Enricher:
         service = self._service(spec.service)
         views: dict[str, dict[str, str]] = {}
         for view_name, feature in service.features:
-            view = self._definitions.views[view_name]
+            view = self.definitions.views[view_name]
             dtype = view.feature(feature).dtype  # type: ignore[union-attr]
             views.setdefault(view_name, {})[feature] = dtype
         try:
-            found = await asyncio.to_thread(self._store.read, key, views)
+            found = await asyncio.to_thread(self.store.read, key, views)
         except Exception as error:  # redis.ConnectionError, TimeoutError, sqlite3 errors
             raise UnavailableError(
                 f"feature service '{spec.service}': the online store ({self._store_name}) is unavailable: "

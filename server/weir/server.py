@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -33,7 +32,7 @@ from weir.shadow import ShadowCollector, ShadowMirror
 from weir_proto.auth import AuthInterceptor, Role, TokenTable
 from weir_proto.feature_definitions import load_definitions
 from weir_proto.inference import pool
-from weir_proto.online_store import RedisOnlineStore, SqliteOnlineStore
+from weir_proto.online_store import open_online_store
 from weir_proto.tls import ClientTLS, server_tls
 
 log = logging.getLogger(__name__)
@@ -57,11 +56,8 @@ def _enricher(settings: ServerSettings) -> Enricher | None:
     if not settings.feature_definitions:
         return None
     definitions_file = Path(settings.feature_definitions)
-    definitions = load_definitions(definitions_file)
-    target = settings.online_store or str(definitions_file.parent / "online.db")
-    if target.startswith(("redis://", "rediss://", "unix://")):
-        return Enricher(definitions, RedisOnlineStore(target), "Redis")
-    return Enricher(definitions, SqliteOnlineStore(Path(target)), f"SQLite {target}")
+    store, name = open_online_store(settings.online_store or str(definitions_file.parent / "online.db"))
+    return Enricher(load_definitions(definitions_file), store, name)
 
 
 def data_plane_policy(require_inference_token: bool) -> Callable[[str], Role | None]:
@@ -233,12 +229,7 @@ class WeirServer:
         from weir_proto.feature_definitions import parse_definitions
 
         definitions = parse_definitions(tomllib.loads(definitions_toml), "control plane feature definitions")
-        target = online_store or str(self.settings.model_repository / ".online.db")
-        if target.startswith(("redis://", "rediss://", "unix://")):
-            store: Any = RedisOnlineStore(target)
-            name = "Redis"
-        else:
-            store, name = SqliteOnlineStore(Path(target)), f"SQLite {target}"
+        store, name = open_online_store(online_store or str(self.settings.model_repository / ".online.db"))
         self.enricher = Enricher(definitions, store, name)
         self.dataplane.enricher = self.enricher
 

@@ -123,10 +123,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     from weir_control.features import materialize as operations
     from weir_proto.online_store import open_online_store
 
-    store = open_online_store(
-        args.online_store if args.online_store.startswith(("redis://", "rediss://", "unix://")) else "",
-        Path(args.online_store) if args.online_store else args.definitions.parent / "online.db",
-    )
+    store, _ = open_online_store(args.online_store or str(args.definitions.parent / "online.db"))
     try:
         if command == "materialize":
             written = operations.materialize(

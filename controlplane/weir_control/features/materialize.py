@@ -13,27 +13,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from weir_control.features.definitions import Definitions, FeatureView
-from weir_control.features.offline import parquet_source
+from weir_control.features.offline import parquet_source, quote
 from weir_proto.errors import InvalidArgumentError, NotFoundError
 from weir_proto.online_store import OnlineStore, entity_key
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
-
-
 def latest_rows(
     definitions: Definitions, view: FeatureView, start: datetime.datetime, end: datetime.datetime
 ) -> pa.Table:
     """Per entity, its latest row with start <= event time < end (created timestamp breaks ties)."""
-    keys = ", ".join(_quote(key) for key in definitions.join_keys(view))
-    timestamp = _quote(view.timestamp_field)
+    keys = ", ".join(quote(key) for key in definitions.join_keys(view))
+    timestamp = quote(view.timestamp_field)
     order = f"{timestamp} DESC" + (
-        f", {_quote(view.created_timestamp_field)} DESC NULLS LAST" if view.created_timestamp_field else ""
+        f", {quote(view.created_timestamp_field)} DESC NULLS LAST" if view.created_timestamp_field else ""
     )
-    features = ", ".join(_quote(feature.name) for feature in view.features)
+    features = ", ".join(quote(feature.name) for feature in view.features)
     connection = duckdb.connect()
     try:
         connection.execute("SET TimeZone = 'UTC'")

@@ -27,7 +27,8 @@ _ROW = "__weir_row"
 _TS = "__weir_feature_ts"
 
 
-def _quote(identifier: str) -> str:
+def quote(identifier: str) -> str:
+    """A SQL identifier, quoted for DuckDB."""
     return '"' + identifier.replace('"', '""') + '"'
 
 
@@ -44,19 +45,19 @@ def parquet_source(view: FeatureView) -> str:
 
 def _view_query(definitions: Definitions, view: FeatureView, features: list[str]) -> str:
     keys = definitions.join_keys(view)
-    key_list = ", ".join(_quote(key) for key in keys)
-    columns = ", ".join(_quote(feature) for feature in features)
+    key_list = ", ".join(quote(key) for key in keys)
+    columns = ", ".join(quote(feature) for feature in features)
     query = (
-        f"SELECT {key_list}, CAST({_quote(view.timestamp_field)} AS TIMESTAMPTZ) AS {_TS}, {columns} "
+        f"SELECT {key_list}, CAST({quote(view.timestamp_field)} AS TIMESTAMPTZ) AS {_TS}, {columns} "
         f"FROM {parquet_source(view)}"
     )
     if not view.created_timestamp_field:
         return query  # no tie-breaker declared: like Feast, any one row of a tied event time will do
-    created = _quote(view.created_timestamp_field)
+    created = quote(view.created_timestamp_field)
     # One row per keys + event time, the latest created, so the ASOF match below is unambiguous.
     return (
         f"{query} QUALIFY row_number() OVER "
-        f"(PARTITION BY {key_list}, {_quote(view.timestamp_field)} ORDER BY {created} DESC NULLS LAST) = 1"
+        f"(PARTITION BY {key_list}, {quote(view.timestamp_field)} ORDER BY {created} DESC NULLS LAST) = 1"
     )
 
 
@@ -73,7 +74,7 @@ def historical_query(definitions: Definitions, service_name: str, entity_columns
     for view_name, feature in service.features:
         by_view.setdefault(view_name, []).append(feature)
     relation = (
-        f"(SELECT *, CAST({_quote(ENTITY_TIMESTAMP)} AS TIMESTAMPTZ) AS __weir_entity_ts, "
+        f"(SELECT *, CAST({quote(ENTITY_TIMESTAMP)} AS TIMESTAMPTZ) AS __weir_entity_ts, "
         f"row_number() OVER () AS {_ROW} FROM entity_rows)"
     )
     selected: list[str] = []
@@ -95,16 +96,16 @@ def historical_query(definitions: Definitions, service_name: str, entity_columns
         for feature in features:
             name = f"{view_name}__{feature}" if feature in duplicated else feature
             outputs.append(
-                f"CASE WHEN {alias}.{_TS} IS NOT NULL{ttl} THEN {alias}.{_quote(feature)} END AS {_quote(name)}"
+                f"CASE WHEN {alias}.{_TS} IS NOT NULL{ttl} THEN {alias}.{quote(feature)} END AS {quote(name)}"
             )
             selected.append(name)
-        on = " AND ".join(f"b.{_quote(key)} = {alias}.{_quote(key)}" for key in keys)
+        on = " AND ".join(f"b.{quote(key)} = {alias}.{quote(key)}" for key in keys)
         relation = (
             f"(SELECT b.*, {', '.join(outputs)} FROM {relation} b "
             f"ASOF LEFT JOIN ({_view_query(definitions, view, features)}) {alias} "
             f"ON {on} AND b.__weir_entity_ts >= {alias}.{_TS})"
         )
-    columns = ", ".join(_quote(column) for column in [*entity_columns, *selected])
+    columns = ", ".join(quote(column) for column in [*entity_columns, *selected])
     return f"SELECT {columns} FROM {relation} ORDER BY {_ROW}"
 
 
