@@ -66,6 +66,11 @@ def add_commands(subcommands: Any) -> None:
     control.add_argument(
         "--online-store", default="", help="feature online store told to data planes (redis:// or file)"
     )
+    control.add_argument(
+        "--feature-root",
+        type=Path,
+        help="relative feature sources of documents without base_directory (default STATE_DIR/features)",
+    )
     control.add_argument("--log-level", default="INFO")
     control.add_argument("--log-format", default="json", choices=("json", "text"))
     gc = subcommands.add_parser("control-gc", help="delete artifacts no model version references")
@@ -257,6 +262,7 @@ def _run_control(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca,
         metrics_port=args.metrics_port,
         online_store=args.online_store,
+        feature_root=args.feature_root,
     )
 
     async def serve() -> int:

@@ -21,13 +21,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 from weir_control.artifacts import ArtifactStore
 from weir_control.attach import DataPlaneSyncService, DesiredStateHub
 from weir_control.experiments import ExperimentsService
+from weir_control.features.service import FeaturesService
 from weir_control.metrics import ControlMetrics, ReplicaCollector
 from weir_control.rollouts import RolloutController
 from weir_control.services import (
     Auditor,
     AuditService,
     DeploymentsService,
-    FeaturesService,
     RegistryService,
     RolloutsService,
 )
@@ -86,6 +86,8 @@ _MUTATIONS = {
     "StopABTest",
     "RecordOutcome",
     "ApplyFeatures",
+    "Materialize",
+    "PushFeatures",
 }
 
 
@@ -110,7 +112,8 @@ class ControlSettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     metrics_port: int = -1  # Prometheus /metrics (-1: off, 0: any free port)
-    online_store: str = ""  # told to data planes for enrichment: redis:// URL or SQLite file
+    online_store: str = ""  # told to data planes for enrichment (and materialized into): redis:// URL or SQLite file
+    feature_root: Path | None = None  # relative feature sources without a base_directory: default <state_dir>/features
 
     @property
     def resolved_database_url(self) -> str:
@@ -119,6 +122,10 @@ class ControlSettings:
     @property
     def resolved_artifact_dir(self) -> Path:
         return self.artifact_dir or self.state_dir / "artifacts"
+
+    @property
+    def resolved_feature_root(self) -> Path:
+        return (self.feature_root or self.state_dir / "features").resolve()
 
 
 class ControlPlaneServer:
@@ -137,6 +144,7 @@ class ControlPlaneServer:
         self.metrics_port: int | None = None
         self._metrics_http: WSGIServer | None = None
         self._rollout_task: asyncio.Task[None] | None = None
+        self.features: FeaturesService | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -167,7 +175,8 @@ class ControlPlaneServer:
         self.rollouts = RolloutController(store, hub)
         rollouts_pb2_grpc.add_RolloutsServicer_to_server(RolloutsService(store, auditor, self.rollouts), server)
         experiments_pb2_grpc.add_ExperimentsServicer_to_server(ExperimentsService(store, auditor, hub), server)
-        features_pb2_grpc.add_FeaturesServicer_to_server(FeaturesService(store, auditor, hub), server)
+        self.features = FeaturesService(store, auditor, hub, settings.resolved_feature_root, settings.online_store)
+        features_pb2_grpc.add_FeaturesServicer_to_server(self.features, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
@@ -201,6 +210,9 @@ class ControlPlaneServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self.features is not None:
+            await asyncio.to_thread(self.features.close)
+            self.features = None
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
             self.store = None

@@ -30,8 +30,6 @@ from weir_proto.control.v1 import (
     audit_pb2_grpc,
     deployments_pb2,
     deployments_pb2_grpc,
-    features_pb2,
-    features_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     rollouts_pb2,
@@ -569,57 +567,6 @@ class RolloutsService(rollouts_pb2_grpc.RolloutsServicer):
 
     async def PromoteRollout(self, request: rollouts_pb2.RolloutAction, context: grpc.aio.ServicerContext) -> Any:
         return await self._act("promote", request, context)
-
-
-class FeaturesService(features_pb2_grpc.FeaturesServicer):
-    def __init__(self, store: Store, auditor: Auditor, hub: DesiredStateHub) -> None:
-        self._store = store
-        self._auditor = auditor
-        self._hub = hub
-
-    async def ApplyFeatures(
-        self, request: features_pb2.ApplyFeaturesRequest, context: grpc.aio.ServicerContext
-    ) -> features_pb2.FeatureDefinitions:
-        identity = self._auditor.identity(context)
-
-        def apply() -> features_pb2.FeatureDefinitions:
-            definitions = _parse_features(request.definitions_toml)
-            revision = self._store.apply_features(request.definitions_toml, identity.name)
-            return _feature_message(revision, request.definitions_toml, definitions)
-
-        applied = await self._auditor.run(context, "Features/ApplyFeatures", "features", lambda: None, apply)
-        await self._hub.changed()
-        return applied
-
-    async def GetFeatures(
-        self, request: features_pb2.GetFeaturesRequest, context: grpc.aio.ServicerContext
-    ) -> features_pb2.FeatureDefinitions:
-        def read() -> features_pb2.FeatureDefinitions:
-            revision, text = self._store.feature_definitions()
-            return _feature_message(revision, text, _parse_features(text) if text else None)
-
-        return await _read(context, read)
-
-
-def _parse_features(text: str) -> Any:
-    import tomllib
-
-    from weir_proto.feature_definitions import parse_definitions
-
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise InvalidArgumentError(f"definitions_toml: expected TOML, got: {error}") from error
-    return parse_definitions(document, "definitions_toml")
-
-
-def _feature_message(revision: int, text: str, definitions: Any) -> features_pb2.FeatureDefinitions:
-    message = features_pb2.FeatureDefinitions(revision=revision, definitions_toml=text)
-    if definitions is not None:
-        message.entities.extend(sorted(definitions.entities))
-        message.feature_views.extend(sorted(definitions.views))
-        message.feature_services.extend(sorted(definitions.services))
-    return message
 
 
 class AuditService(audit_pb2_grpc.AuditServicer):

@@ -88,3 +88,9 @@ STATUS_CODE_BY_KIND: dict[ErrorKind, grpc.StatusCode] = {
 
 def status_code_for(kind: ErrorKind) -> grpc.StatusCode:
     return STATUS_CODE_BY_KIND[kind]
+
+
+def error_for_status(code: grpc.StatusCode, message: str) -> WeirError:
+    """The client side of the map: a failed RPC's status as the matching ``WeirError``."""
+    kind = next((kind for kind, status in STATUS_CODE_BY_KIND.items() if status == code), ErrorKind.INTERNAL)
+    return WeirError(message or code.name, kind)

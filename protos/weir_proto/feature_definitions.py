@@ -19,7 +19,10 @@
     name = "driver_ranking"
     features = ["driver_stats:trips", "driver_stats:rating"]   # or "driver_stats" for all of a view
 
-Validation errors name the table, the entry and the field.
+A relative ``source`` is resolved against the top-level ``base_directory`` key when the document has
+one, else against the file's own directory (``load_definitions``) or the caller's base (the control
+plane's feature root; ``weir features apply`` sends the file's directory, which the control plane
+records as ``base_directory``). Validation errors name the table, the entry and the field.
 """
 
 from __future__ import annotations
@@ -89,6 +92,11 @@ def load_definitions(path: Path) -> Definitions:
 
 
 def parse_definitions(document: dict[str, Any], source: str, base: Path | None = None) -> Definitions:
+    declared_base = document.get("base_directory")
+    if declared_base is not None:
+        if not isinstance(declared_base, str) or not Path(declared_base).is_absolute():
+            raise InvalidArgumentError(f"{source}: base_directory: expected an absolute path, got {declared_base!r}")
+        base = Path(declared_base)
     entities: dict[str, Entity] = {}
     for index, item in enumerate(document.get("entity", [])):
         where = f"{source}: entity #{index + 1}"

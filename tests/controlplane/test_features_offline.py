@@ -22,8 +22,9 @@ def at(hour: int, minute: int = 0) -> datetime.datetime:
     return datetime.datetime(2026, 11, 1, hour, minute, tzinfo=UTC)
 
 
-@pytest.fixture
-def definitions(tmp_path: Path):
+def write_driver_repo(tmp_path: Path) -> Path:
+    """Crafted driver data (a directory of stats files, a static profile file) and its definitions
+    file with relative sources; returns the file."""
     stats = pa.table(
         {
             "driver_id": [1, 1, 1, 1, 2, 3],
@@ -69,7 +70,12 @@ name = "ranking"
 features = ["driver_stats:trips", "driver_stats:rating", "driver_profile"]
 """
     )
-    return load_definitions(tmp_path / "features.toml")
+    return tmp_path / "features.toml"
+
+
+@pytest.fixture
+def definitions(tmp_path: Path):
+    return load_definitions(write_driver_repo(tmp_path))
 
 
 def rows(*pairs: tuple[int, datetime.datetime]) -> pa.Table:

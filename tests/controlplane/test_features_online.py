@@ -163,7 +163,9 @@ def test_the_features_cli_validates_retrieves_materializes_and_pushes(tmp_path: 
     assert pq.read_table(out).column("trips").to_pylist() == [20, None]
     assert weir("materialize", str(definitions), "2026-11-01T00:00", "2026-11-02T00:00")["written"] == {"stats": 2}
     pq.write_table(pa.table({"driver_id": [3], "event_timestamp": [at(5)], "trips": [30]}), tmp_path / "push.parquet")
-    assert weir("push", str(definitions), "stats", str(tmp_path / "push.parquet"))["written"] == {"stats": 1}
+    assert weir("push", str(definitions), "--view", "stats", "--rows", str(tmp_path / "push.parquet"))["written"] == {
+        "stats": 1
+    }
     online = SqliteOnlineStore(tmp_path / "online.db")
     assert online.read("3", {"stats": {"trips": "INT64"}})["stats"][1] == {"trips": 30}
     online.close()

@@ -1,14 +1,16 @@
-"""`weir features ...`: the feature store's operations run locally against the definitions file, the
-Parquet sources and the online store (the control-plane RPCs for them are still to come).
+"""`weir features ...`: the feature store's operations, through the control plane or locally.
 
     weir features validate FILE
-    weir features historical FILE --service S --entities ROWS.parquet --out OUT.parquet
-    weir features materialize FILE START END [--online-store redis://...|DB] [--view V ...]
-    weir features materialize-incremental FILE [--online-store ...]
-    weir features push FILE VIEW ROWS.parquet [--online-store ...]
+    weir features apply FILE                                   # to the control plane
+    weir features historical [FILE] --service S --entities ROWS.parquet --out OUT.parquet
+    weir features materialize [FILE] START END [--view V ...]
+    weir features materialize-incremental [FILE] [--view V ...]
+    weir features push [FILE] --view V --rows ROWS.parquet
 
-Times are ISO 8601 (a zone-less time is UTC). `--online-store` defaults to online.db beside FILE.
-Every command prints JSON with `--json`.
+Without FILE the command runs on the control plane (`--control-plane`, default $WEIR_CONTROL_PLANE or
+127.0.0.1:8011) with its applied definitions and its online store; with FILE it runs here against
+that file, its Parquet sources and `--online-store` (default online.db beside FILE). Times are ISO
+8601 (a zone-less time is UTC). Every command prints JSON with `--json`.
 """
 
 from __future__ import annotations
@@ -25,20 +27,28 @@ from weir_proto.errors import InvalidArgumentError, WeirError
 
 
 def add_commands(subcommands: Any) -> None:
-    features = subcommands.add_parser("features", help="feature store: validate, historical, materialize, push")
+    features = subcommands.add_parser("features", help="feature store: apply, historical, materialize, push")
     actions = features.add_subparsers(dest="features_command", required=True)
 
-    def command(name: str, text: str) -> argparse.ArgumentParser:
+    def command(name: str, text: str, local_only: bool = False, file_required: bool = False) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = actions.add_parser(name, help=text)
-        parser.add_argument("definitions", type=Path, help="the TOML definitions file")
-        parser.add_argument("--online-store", default="", help="redis:// URL or SQLite file")
+        parser.add_argument(
+            "definitions",
+            type=Path,
+            nargs=None if file_required else "?",
+            help="the TOML definitions file" + ("" if file_required else " (omit: run on the control plane)"),
+        )
         parser.add_argument("--json", action="store_true")
+        if local_only:
+            return parser
+        parser.add_argument("--online-store", default="", help="with FILE: redis:// URL or SQLite file")
+        parser.add_argument("--control-plane", default=os.environ.get("WEIR_CONTROL_PLANE", "127.0.0.1:8011"))
+        parser.add_argument("--token", default=os.environ.get("WEIR_TOKEN"), help="bearer token [env WEIR_TOKEN]")
+        parser.add_argument("--tls-ca", type=Path, help="CA bundle: talk TLS to the control plane")
         return parser
 
-    command("validate", "check a definitions file")
-    apply = command("apply", "send the definitions to the control plane (data planes enrich with them)")
-    apply.add_argument("--control-plane", default=os.environ.get("WEIR_CONTROL_PLANE", "127.0.0.1:8011"))
-    apply.add_argument("--token", default=os.environ.get("WEIR_TOKEN"), help="bearer token [env WEIR_TOKEN]")
+    command("validate", "check a definitions file", local_only=True, file_required=True)
+    command("apply", "send the definitions to the control plane (data planes enrich with them)", file_required=True)
     historical = command("historical", "point-in-time correct training data (Parquet out)")
     historical.add_argument("--service", required=True)
     historical.add_argument("--entities", type=Path, required=True, help="Parquet: join keys + event_timestamp")
@@ -47,10 +57,11 @@ def add_commands(subcommands: Any) -> None:
     materialize.add_argument("start")
     materialize.add_argument("end")
     materialize.add_argument("--view", action="append", default=None)
-    command("materialize-incremental", "from each view's watermark to now")
+    incremental = command("materialize-incremental", "from each view's watermark to now")
+    incremental.add_argument("--view", action="append", default=None)
     push = command("push", "real-time rows: online now, offline log for training")
-    push.add_argument("view")
-    push.add_argument("rows", type=Path, help="Parquet with the join keys, timestamp and features")
+    push.add_argument("--view", required=True)
+    push.add_argument("--rows", type=Path, required=True, help="Parquet with the join keys, timestamp and features")
 
 
 def _time(text: str, field: str) -> datetime.datetime:
@@ -63,63 +74,81 @@ def _time(text: str, field: str) -> datetime.datetime:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = _run(args)
+        result = _run_local(args) if args.definitions and args.features_command != "apply" else _run_remote(args)
     except WeirError as error:
         if args.json:
             print(json.dumps({"error": {"code": error.kind.name, "message": error.message}}))
         else:
-            print(f"weir features: {error.message}", file=sys.stderr)
+            print(f"weir features: {error.kind.name}: {error.message}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if args.json else "\n".join(f"{key}: {value}" for key, value in result.items()))
     return 0
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
+def _write_parquet(batches: Any, out: Path) -> int:
+    """Stream record batches into a Parquet file; returns the rows written."""
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    rows = 0
+    writer = None
+    try:
+        with tqdm(unit=" rows", unit_scale=True, desc="historical", disable=None, file=sys.stderr) as progress:
+            for batch in batches:
+                if writer is None:
+                    writer = pq.ParquetWriter(out, batch.schema)
+                writer.write_batch(batch)
+                rows += batch.num_rows
+                progress.update(batch.num_rows)
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
+def _run_remote(args: argparse.Namespace) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from weir_control.cli import DEFAULT_TOKEN_FILE
+    from weir_control.features.client import FeatureStoreClient
+
+    token = args.token or (DEFAULT_TOKEN_FILE.read_text().strip() if DEFAULT_TOKEN_FILE.is_file() else None)
+    certificates = args.tls_ca.read_bytes() if args.tls_ca else None
+    command = args.features_command
+    with FeatureStoreClient(args.control_plane, token, certificates) as client:
+        if command == "apply":
+            applied = client.apply(args.definitions)
+            return {"revision": applied.revision, "feature_services": list(applied.feature_services)}
+        if command == "historical":
+            rows = _write_parquet(
+                client.stream_historical_features(args.service, pq.read_table(args.entities)), args.out
+            )
+            return {"rows": rows, "out": str(args.out)}
+        if command == "materialize":
+            return {"written": client.materialize(_time(args.start, "start"), _time(args.end, "end"), args.view)}
+        if command == "materialize-incremental":
+            return {"written": client.materialize_incremental(views=args.view)}
+        return {"written": {args.view: client.push(args.view, pq.read_table(args.rows))}}
+
+
+def _run_local(args: argparse.Namespace) -> dict[str, Any]:
     from weir_control.features.definitions import load_definitions
 
     definitions = load_definitions(args.definitions)
     command = args.features_command
-    if command == "apply":
-        import grpc
-
-        from weir_control.cli import DEFAULT_TOKEN_FILE
-        from weir_proto.auth import client_metadata
-        from weir_proto.control.v1 import features_pb2, features_pb2_grpc
-
-        token = args.token or (DEFAULT_TOKEN_FILE.read_text().strip() if DEFAULT_TOKEN_FILE.is_file() else None)
-        with grpc.insecure_channel(args.control_plane) as channel:
-            try:
-                applied = features_pb2_grpc.FeaturesStub(channel).ApplyFeatures(
-                    features_pb2.ApplyFeaturesRequest(definitions_toml=args.definitions.read_text(encoding="utf-8")),
-                    metadata=client_metadata(token),
-                    timeout=30,
-                )
-            except grpc.RpcError as error:
-                raise WeirError(f"{error.code().name}: {error.details()}") from error
-        return {"revision": applied.revision, "feature_services": list(applied.feature_services)}
     if command == "validate":
         return {
             "entities": sorted(definitions.entities),
             "feature_views": sorted(definitions.views),
             "feature_services": sorted(definitions.services),
         }
-    if command == "historical":
-        import pyarrow.parquet as pq
+    import pyarrow.parquet as pq
 
+    if command == "historical":
         from weir_control.features.offline import stream_historical_features
 
-        rows = 0
-        writer = None
-        try:
-            for batch in stream_historical_features(definitions, args.service, pq.read_table(args.entities)):
-                if writer is None:
-                    writer = pq.ParquetWriter(args.out, batch.schema)
-                writer.write_batch(batch)
-                rows += batch.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
-        return {"rows": rows, "out": str(args.out)}
+        batches = stream_historical_features(definitions, args.service, pq.read_table(args.entities))
+        return {"rows": _write_parquet(batches, args.out), "out": str(args.out)}
     from weir_control.features import materialize as operations
     from weir_proto.online_store import open_online_store
 
@@ -130,10 +159,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 definitions, store, _time(args.start, "start"), _time(args.end, "end"), args.view
             )
         elif command == "materialize-incremental":
-            written = operations.materialize_incremental(definitions, store)
+            written = operations.materialize_incremental(definitions, store, views=args.view)
         else:
-            import pyarrow.parquet as pq
-
             written = {args.view: operations.push(definitions, store, args.view, pq.read_table(args.rows))}
     finally:
         store.close()

@@ -79,12 +79,19 @@ def materialize(
 
 
 def materialize_incremental(
-    definitions: Definitions, store: OnlineStore, end: datetime.datetime | None = None
+    definitions: Definitions,
+    store: OnlineStore,
+    end: datetime.datetime | None = None,
+    views: list[str] | None = None,
 ) -> dict[str, int]:
-    """Each view from its watermark (or the beginning) to ``end`` (now), then the watermark moves."""
+    """Each view (all, or ``views``) from its watermark (or the beginning) to ``end`` (now), then the
+    watermark moves."""
     end = end or datetime.datetime.now(datetime.UTC)
     written = {}
-    for name, view in definitions.views.items():
+    for name in views or list(definitions.views):
+        view = definitions.views.get(name)
+        if view is None:
+            raise NotFoundError(f"views: no feature view '{name}' ({sorted(definitions.views)})")
         mark = store.get_watermark(name)
         start = datetime.datetime.fromtimestamp(mark, datetime.UTC) if mark is not None else EPOCH
         if end <= start:

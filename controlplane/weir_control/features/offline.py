@@ -13,7 +13,7 @@ is unambiguous.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 
 import duckdb
@@ -127,7 +127,7 @@ def get_historical_features(definitions: Definitions, service_name: str, entity_
 
 def stream_historical_features(
     definitions: Definitions, service_name: str, entity_rows: pa.Table, batch_rows: int = 65536
-) -> Iterator[pa.RecordBatch]:
+) -> Generator[pa.RecordBatch]:
     """The same, in record batches: large outputs never sit in memory whole."""
     connection = _connect()
     try:

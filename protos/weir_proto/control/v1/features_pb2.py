@@ -22,21 +22,36 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$weir_proto/control/v1/features.proto\x12\x0fweir.control.v1\"0\n\x14\x41pplyFeaturesRequest\x12\x18\n\x10\x64\x65\x66initions_toml\x18\x01 \x01(\t\"\x14\n\x12GetFeaturesRequest\"\x83\x01\n\x12\x46\x65\x61tureDefinitions\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x18\n\x10\x64\x65\x66initions_toml\x18\x02 \x01(\t\x12\x10\n\x08\x65ntities\x18\x03 \x03(\t\x12\x15\n\rfeature_views\x18\x04 \x03(\t\x12\x18\n\x10\x66\x65\x61ture_services\x18\x05 \x03(\t2\xc0\x01\n\x08\x46\x65\x61tures\x12[\n\rApplyFeatures\x12%.weir.control.v1.ApplyFeaturesRequest\x1a#.weir.control.v1.FeatureDefinitions\x12W\n\x0bGetFeatures\x12#.weir.control.v1.GetFeaturesRequest\x1a#.weir.control.v1.FeatureDefinitionsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$weir_proto/control/v1/features.proto\x12\x0fweir.control.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x14\x41pplyFeaturesRequest\x12\x18\n\x10\x64\x65\x66initions_toml\x18\x01 \x01(\t\x12\x16\n\x0e\x62\x61se_directory\x18\x02 \x01(\t\"\x14\n\x12GetFeaturesRequest\"\x83\x01\n\x12\x46\x65\x61tureDefinitions\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x18\n\x10\x64\x65\x66initions_toml\x18\x02 \x01(\t\x12\x10\n\x08\x65ntities\x18\x03 \x03(\t\x12\x15\n\rfeature_views\x18\x04 \x03(\t\x12\x18\n\x10\x66\x65\x61ture_services\x18\x05 \x03(\t\"G\n\x19HistoricalFeaturesRequest\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x01 \x01(\t\x12\x11\n\tarrow_ipc\x18\x02 \x01(\x0c\"-\n\nArrowChunk\x12\x11\n\tarrow_ipc\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\x03\"\x8c\x01\n\x12MaterializeRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05views\x18\x03 \x03(\t\x12\x13\n\x0bincremental\x18\x04 \x01(\x08\"\x89\x01\n\x13MaterializeResponse\x12\x42\n\x07written\x18\x01 \x03(\x0b\x32\x31.weir.control.v1.MaterializeResponse.WrittenEntry\x1a.\n\x0cWrittenEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"6\n\x13PushFeaturesRequest\x12\x0c\n\x04view\x18\x01 \x01(\t\x12\x11\n\tarrow_ipc\x18\x02 \x01(\x0c\x32\xde\x03\n\x08\x46\x65\x61tures\x12[\n\rApplyFeatures\x12%.weir.control.v1.ApplyFeaturesRequest\x1a#.weir.control.v1.FeatureDefinitions\x12W\n\x0bGetFeatures\x12#.weir.control.v1.GetFeaturesRequest\x1a#.weir.control.v1.FeatureDefinitions\x12\x64\n\x15GetHistoricalFeatures\x12*.weir.control.v1.HistoricalFeaturesRequest\x1a\x1b.weir.control.v1.ArrowChunk(\x01\x30\x01\x12X\n\x0bMaterialize\x12#.weir.control.v1.MaterializeRequest\x1a$.weir.control.v1.MaterializeResponse\x12\\\n\x0cPushFeatures\x12$.weir.control.v1.PushFeaturesRequest\x1a$.weir.control.v1.MaterializeResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weir_proto.control.v1.features_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_APPLYFEATURESREQUEST']._serialized_start=57
-  _globals['_APPLYFEATURESREQUEST']._serialized_end=105
-  _globals['_GETFEATURESREQUEST']._serialized_start=107
-  _globals['_GETFEATURESREQUEST']._serialized_end=127
-  _globals['_FEATUREDEFINITIONS']._serialized_start=130
-  _globals['_FEATUREDEFINITIONS']._serialized_end=261
-  _globals['_FEATURES']._serialized_start=264
-  _globals['_FEATURES']._serialized_end=456
+  _globals['_MATERIALIZERESPONSE_WRITTENENTRY']._loaded_options = None
+  _globals['_MATERIALIZERESPONSE_WRITTENENTRY']._serialized_options = b'8\001'
+  _globals['_APPLYFEATURESREQUEST']._serialized_start=90
+  _globals['_APPLYFEATURESREQUEST']._serialized_end=162
+  _globals['_GETFEATURESREQUEST']._serialized_start=164
+  _globals['_GETFEATURESREQUEST']._serialized_end=184
+  _globals['_FEATUREDEFINITIONS']._serialized_start=187
+  _globals['_FEATUREDEFINITIONS']._serialized_end=318
+  _globals['_HISTORICALFEATURESREQUEST']._serialized_start=320
+  _globals['_HISTORICALFEATURESREQUEST']._serialized_end=391
+  _globals['_ARROWCHUNK']._serialized_start=393
+  _globals['_ARROWCHUNK']._serialized_end=438
+  _globals['_MATERIALIZEREQUEST']._serialized_start=441
+  _globals['_MATERIALIZEREQUEST']._serialized_end=581
+  _globals['_MATERIALIZERESPONSE']._serialized_start=584
+  _globals['_MATERIALIZERESPONSE']._serialized_end=721
+  _globals['_MATERIALIZERESPONSE_WRITTENENTRY']._serialized_start=675
+  _globals['_MATERIALIZERESPONSE_WRITTENENTRY']._serialized_end=721
+  _globals['_PUSHFEATURESREQUEST']._serialized_start=723
+  _globals['_PUSHFEATURESREQUEST']._serialized_end=777
+  _globals['_FEATURES']._serialized_start=780
+  _globals['_FEATURES']._serialized_end=1258
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,21 @@ class FeaturesStub(object):
                 request_serializer=weir__proto_dot_control_dot_v1_dot_features__pb2.GetFeaturesRequest.SerializeToString,
                 response_deserializer=weir__proto_dot_control_dot_v1_dot_features__pb2.FeatureDefinitions.FromString,
                 _registered_method=True)
+        self.GetHistoricalFeatures = channel.stream_stream(
+                '/weir.control.v1.Features/GetHistoricalFeatures',
+                request_serializer=weir__proto_dot_control_dot_v1_dot_features__pb2.HistoricalFeaturesRequest.SerializeToString,
+                response_deserializer=weir__proto_dot_control_dot_v1_dot_features__pb2.ArrowChunk.FromString,
+                _registered_method=True)
+        self.Materialize = channel.unary_unary(
+                '/weir.control.v1.Features/Materialize',
+                request_serializer=weir__proto_dot_control_dot_v1_dot_features__pb2.MaterializeRequest.SerializeToString,
+                response_deserializer=weir__proto_dot_control_dot_v1_dot_features__pb2.MaterializeResponse.FromString,
+                _registered_method=True)
+        self.PushFeatures = channel.stream_unary(
+                '/weir.control.v1.Features/PushFeatures',
+                request_serializer=weir__proto_dot_control_dot_v1_dot_features__pb2.PushFeaturesRequest.SerializeToString,
+                response_deserializer=weir__proto_dot_control_dot_v1_dot_features__pb2.MaterializeResponse.FromString,
+                _registered_method=True)
 
 
 class FeaturesServicer(object):
@@ -61,6 +76,28 @@ class FeaturesServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHistoricalFeatures(self, request_iterator, context):
+        """The client streams the entity rows (join keys + event_timestamp); the server streams the training
+        table back in the rows' order as the join produces it, so large outputs never sit in memory whole.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Materialize(self, request, context):
+        """Latest values of [start, end) into the online store, or from each view's watermark (incremental).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushFeatures(self, request_iterator, context):
+        """Real-time rows of one view: written online at once and appended to the view's offline log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeaturesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +110,21 @@ def add_FeaturesServicer_to_server(servicer, server):
                     servicer.GetFeatures,
                     request_deserializer=weir__proto_dot_control_dot_v1_dot_features__pb2.GetFeaturesRequest.FromString,
                     response_serializer=weir__proto_dot_control_dot_v1_dot_features__pb2.FeatureDefinitions.SerializeToString,
+            ),
+            'GetHistoricalFeatures': grpc.stream_stream_rpc_method_handler(
+                    servicer.GetHistoricalFeatures,
+                    request_deserializer=weir__proto_dot_control_dot_v1_dot_features__pb2.HistoricalFeaturesRequest.FromString,
+                    response_serializer=weir__proto_dot_control_dot_v1_dot_features__pb2.ArrowChunk.SerializeToString,
+            ),
+            'Materialize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Materialize,
+                    request_deserializer=weir__proto_dot_control_dot_v1_dot_features__pb2.MaterializeRequest.FromString,
+                    response_serializer=weir__proto_dot_control_dot_v1_dot_features__pb2.MaterializeResponse.SerializeToString,
+            ),
+            'PushFeatures': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushFeatures,
+                    request_deserializer=weir__proto_dot_control_dot_v1_dot_features__pb2.PushFeaturesRequest.FromString,
+                    response_serializer=weir__proto_dot_control_dot_v1_dot_features__pb2.MaterializeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +181,87 @@ class Features(object):
             '/weir.control.v1.Features/GetFeatures',
             weir__proto_dot_control_dot_v1_dot_features__pb2.GetFeaturesRequest.SerializeToString,
             weir__proto_dot_control_dot_v1_dot_features__pb2.FeatureDefinitions.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHistoricalFeatures(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/weir.control.v1.Features/GetHistoricalFeatures',
+            weir__proto_dot_control_dot_v1_dot_features__pb2.HistoricalFeaturesRequest.SerializeToString,
+            weir__proto_dot_control_dot_v1_dot_features__pb2.ArrowChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Materialize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.control.v1.Features/Materialize',
+            weir__proto_dot_control_dot_v1_dot_features__pb2.MaterializeRequest.SerializeToString,
+            weir__proto_dot_control_dot_v1_dot_features__pb2.MaterializeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushFeatures(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/weir.control.v1.Features/PushFeatures',
+            weir__proto_dot_control_dot_v1_dot_features__pb2.PushFeaturesRequest.SerializeToString,
+            weir__proto_dot_control_dot_v1_dot_features__pb2.MaterializeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,53 @@
+"""Arrow tables over gRPC: each message carries one complete Arrow IPC stream, sized to stay well
+under gRPC's message limit (4 MiB by default on the receiving side), so either end can decode a
+message on its own and stream the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import pyarrow as pa
+
+from weir_proto.errors import InvalidArgumentError
+
+MESSAGE_BYTES = 2 * 1024 * 1024  # target payload per message; a single huge row may exceed it
+
+
+def encode_batches(
+    batches: Iterable[pa.RecordBatch], message_bytes: int = MESSAGE_BYTES
+) -> Iterator[tuple[bytes, int]]:
+    """(IPC stream bytes, rows) per message, splitting batches by their average row size."""
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        row_bytes = max(1, batch.nbytes // batch.num_rows)
+        step = max(1, message_bytes // row_bytes)
+        for offset in range(0, batch.num_rows, step):
+            piece = batch.slice(offset, step)  # a view: no copy until serialised
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, piece.schema) as writer:
+                writer.write_batch(piece)
+            yield sink.getvalue().to_pybytes(), piece.num_rows
+
+
+def encode_table(table: pa.Table, message_bytes: int = MESSAGE_BYTES) -> Iterator[tuple[bytes, int]]:
+    yield from encode_batches(table.to_batches(), message_bytes)
+
+
+def decode(payload: bytes, field: str) -> pa.Table:
+    """One message's IPC stream; an unreadable one is the caller's bad input, named by ``field``."""
+    try:
+        return pa.ipc.open_stream(payload).read_all()
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InvalidArgumentError(
+            f"{field}: expected an Arrow IPC stream, got {len(payload)} unreadable bytes ({error})"
+        ) from error
+
+
+def concat(tables: list[pa.Table], field: str) -> pa.Table:
+    if not tables:
+        raise InvalidArgumentError(f"{field}: expected at least one Arrow IPC message with rows, got none")
+    try:
+        return pa.concat_tables(tables)
+    except pa.ArrowInvalid as error:
+        raise InvalidArgumentError(f"{field}: the messages' schemas differ: {error}") from error
