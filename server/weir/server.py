@@ -50,6 +50,7 @@ def set_torch_threads(count: int) -> None:
 
 HEALTH_SERVICE_NAMES = ("", pool.SERVICE_NAME)
 _REPOSITORY_CHANGES = ("RepositoryModelLoad", "RepositoryModelUnload")
+RETIRED_STORE_SECONDS = 10.0  # a replaced online store stays open this long for reads in flight
 
 
 def _enricher(settings: ServerSettings) -> Enricher | None:
@@ -93,6 +94,8 @@ class WeirServer:
         self.shadows = ShadowMirror(self.repository, settings.max_tensor_elements)
         self.registry.register(ShadowCollector(self.shadows))
         self.enricher = _enricher(settings)
+        self._retired_enrichers: set[Enricher] = set()
+        self._background: set[asyncio.Future[None]] = set()
         self.registry.register(FreshnessCollector(lambda: self.enricher))
         self.dataplane = DataPlane(
             self.repository,
@@ -230,8 +233,18 @@ class WeirServer:
 
         definitions = parse_definitions(tomllib.loads(definitions_toml), "control plane feature definitions")
         store, name = open_online_store(online_store or str(self.settings.model_repository / ".online.db"))
-        self.enricher = Enricher(definitions, store, name)
+        previous, self.enricher = self.enricher, Enricher(definitions, store, name)
         self.dataplane.enricher = self.enricher
+        if previous is not None:
+            # reads already started on the previous store finish first; then its connections close
+            self._retired_enrichers.add(previous)
+            asyncio.get_running_loop().call_later(RETIRED_STORE_SECONDS, self._close_retired, previous)
+
+    def _close_retired(self, enricher: Enricher) -> None:
+        if enricher in self._retired_enrichers:
+            self._retired_enrichers.discard(enricher)
+            self._background.add(task := asyncio.ensure_future(enricher.aclose()))
+            task.add_done_callback(self._background.discard)
 
     async def refresh_health(self) -> None:
         status = (
@@ -254,6 +267,9 @@ class WeirServer:
             await self._server.stop(grace)
             self._server = None
         await self.shadows.drain()
+        for enricher in [*self._retired_enrichers, *([self.enricher] if self.enricher else [])]:
+            await enricher.aclose()
+        self._retired_enrichers.clear()
         await self.repository.aclose()
         await self.response_cache.aclose()
         self._executor.shutdown(wait=True, cancel_futures=True)
