@@ -66,6 +66,8 @@ def add_commands(subcommands: Any) -> None:
     control.add_argument(
         "--online-store", default="", help="feature online store told to data planes (redis:// or file)"
     )
+    control.add_argument("--jobs-dir", type=Path, help="training jobs' directories (default STATE_DIR/jobs)")
+    control.add_argument("--max-concurrent-jobs", type=int, default=2, help="training attempts running at once")
     control.add_argument(
         "--feature-root",
         type=Path,
@@ -263,6 +265,8 @@ def _run_control(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         online_store=args.online_store,
         feature_root=args.feature_root,
+        jobs_dir=args.jobs_dir,
+        max_concurrent_jobs=args.max_concurrent_jobs,
     )
 
     async def serve() -> int:

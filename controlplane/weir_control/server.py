@@ -32,6 +32,8 @@ from weir_control.services import (
     RolloutsService,
 )
 from weir_control.store import Store, open_store
+from weir_control.training.runner import JobRunner
+from weir_control.training.service import REPORTING_METHODS, TrainingService
 from weir_proto.auth import AuthInterceptor, Role, TokenTable
 from weir_proto.control.v1 import (
     audit_pb2,
@@ -46,6 +48,8 @@ from weir_proto.control.v1 import (
     registry_pb2_grpc,
     rollouts_pb2,
     rollouts_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
 )
 from weir_proto.errors import InvalidArgumentError
 from weir_proto.tls import server_tls
@@ -60,7 +64,10 @@ SERVICE_NAMES = (
     rollouts_pb2.DESCRIPTOR.services_by_name["Rollouts"].full_name,
     experiments_pb2.DESCRIPTOR.services_by_name["Experiments"].full_name,
     features_pb2.DESCRIPTOR.services_by_name["Features"].full_name,
+    training_pb2.DESCRIPTOR.services_by_name["Training"].full_name,
 )
+
+_TRAINING = training_pb2.DESCRIPTOR.services_by_name["Training"].full_name
 
 # The least role each control RPC needs; anything not listed under a control service is open
 # (health, reflection). Reads are for viewers, changes for deployers.
@@ -88,6 +95,9 @@ _MUTATIONS = {
     "ApplyFeatures",
     "Materialize",
     "PushFeatures",
+    "SubmitJob",
+    "SubmitSweep",
+    "CancelJob",
 }
 
 
@@ -97,6 +107,8 @@ def control_policy(method: str) -> Role | None:
         return None
     if name == "ApproveRollout":
         return Role.APPROVER
+    if service == _TRAINING and name in REPORTING_METHODS:
+        return None  # training code reports with its job's own secret, checked by the service
     return Role.DEPLOYER if name in _MUTATIONS else Role.VIEWER
 
 
@@ -114,6 +126,10 @@ class ControlSettings:
     metrics_port: int = -1  # Prometheus /metrics (-1: off, 0: any free port)
     online_store: str = ""  # told to data planes for enrichment (and materialized into): redis:// URL or SQLite file
     feature_root: Path | None = None  # relative feature sources without a base_directory: default <state_dir>/features
+    jobs_dir: Path | None = (
+        None  # training jobs' directories (code, logs, checkpoints, output): default <state_dir>/jobs
+    )
+    max_concurrent_jobs: int = 2
 
     @property
     def resolved_database_url(self) -> str:
@@ -122,6 +138,10 @@ class ControlSettings:
     @property
     def resolved_artifact_dir(self) -> Path:
         return self.artifact_dir or self.state_dir / "artifacts"
+
+    @property
+    def resolved_jobs_dir(self) -> Path:
+        return (self.jobs_dir or self.state_dir / "jobs").resolve()
 
     @property
     def resolved_feature_root(self) -> Path:
@@ -145,6 +165,7 @@ class ControlPlaneServer:
         self._metrics_http: WSGIServer | None = None
         self._rollout_task: asyncio.Task[None] | None = None
         self.features: FeaturesService | None = None
+        self.training: JobRunner | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -177,6 +198,10 @@ class ControlPlaneServer:
         experiments_pb2_grpc.add_ExperimentsServicer_to_server(ExperimentsService(store, auditor, hub), server)
         self.features = FeaturesService(store, auditor, hub, settings.resolved_feature_root, settings.online_store)
         features_pb2_grpc.add_FeaturesServicer_to_server(self.features, server)
+        self.training = JobRunner(
+            store, artifacts, settings.resolved_jobs_dir, settings.max_concurrent_jobs, start_canary=self.rollouts.start
+        )
+        training_pb2_grpc.add_TrainingServicer_to_server(TrainingService(store, auditor, self.training), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
@@ -185,6 +210,9 @@ class ControlPlaneServer:
         self.port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
         await server.start()
         self._server = server
+        host = "127.0.0.1" if settings.listen_address in ("0.0.0.0", "::", "[::]", "") else settings.listen_address
+        self.training.control_address = f"{host}:{self.port}"
+        await self.training.start()
         self._rollout_task = asyncio.create_task(self.rollouts.run(), name="weir-rollout-controller")
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -207,6 +235,8 @@ class ControlPlaneServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._rollout_task
             self._rollout_task = None
+        if self.training is not None:
+            await self.training.stop()  # jobs keep running: the next start re-attaches them
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

@@ -185,6 +185,34 @@ def feature_tables(metadata: MetaData) -> dict[str, Table]:
     return {definitions.name: definitions}
 
 
+def training_tables(metadata: MetaData) -> dict[str, Table]:
+    """Schema version 7: training jobs (the Job message, serialized, with the columns lists filter and
+    page on) and their metric points."""
+    jobs = Table(
+        "training_jobs",
+        metadata,
+        Column("id", NAME, primary_key=True),
+        Column("kind", String(16), nullable=False),
+        Column("parent_id", NAME, nullable=False, index=True),  # '' for top-level jobs
+        Column("state", String(16), nullable=False, index=True),
+        Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+        Column("job", LargeBinary, nullable=False),  # weir.control.v1.Job
+        Column("secret_sha256", String(64), nullable=False),  # the job's own reporting secret, hashed
+        Column("pid", Integer, nullable=False),  # the launcher's process (and group) id while it runs
+    )
+    metrics = Table(
+        "training_metrics",
+        metadata,
+        Column("id", ID, primary_key=True, autoincrement=True),
+        Column("job_id", NAME, nullable=False, index=True),
+        Column("key", NAME, nullable=False),
+        Column("step", BigInteger, nullable=False),
+        Column("value", Float, nullable=False),
+        Column("at", DateTime(timezone=True), nullable=False),
+    )
+    return {jobs.name: jobs, metrics.name: metrics}
+
+
 METADATA = MetaData()
 SCHEMA_VERSION = schema_version_table(METADATA)
 _REGISTRY = registry_tables(METADATA)
@@ -196,6 +224,9 @@ _EXPERIMENTS = experiment_tables(METADATA)
 AB_TESTS = _EXPERIMENTS["ab_tests"]
 AB_OUTCOMES = _EXPERIMENTS["ab_outcomes"]
 FEATURE_DEFINITIONS = feature_tables(METADATA)["feature_definitions"]
+_TRAINING = training_tables(METADATA)
+TRAINING_JOBS = _TRAINING["training_jobs"]
+TRAINING_METRICS = _TRAINING["training_metrics"]
 
 REGISTERED_MODELS = _REGISTRY["registered_models"]
 REGISTERED_MODEL_TAGS = _REGISTRY["registered_model_tags"]

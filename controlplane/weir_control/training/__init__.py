@@ -1,0 +1,1 @@
+"""Training jobs: the runner, executors, sweeps, registration of trained models and the built-in trainer."""

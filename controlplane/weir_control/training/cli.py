@@ -1,0 +1,327 @@
+"""`weir train ...` and `weir sweep ...`: training jobs on the control plane.
+
+    weir train submit ID (--builtin mlp | --module pkg.train | --script train.py) [--code DIR]
+        [--param KEY=VALUE ...] [--processes N] [--max-retries N] [--timeout S] [--checkpoint-every N]
+        [--register MODEL [--alias A ...] [--canary-endpoint E]] [--follow]
+    weir train status ID [--follow]          # --follow: a live progress bar until the job ends
+    weir train logs ID [--follow]
+    weir train cancel ID
+    weir train list [--state S] [--kind K] [--parent ID]
+    weir sweep submit ID (same job options) --space NAME=v1,v2,... | --space NAME=range:LOW:HIGH[:log][:int]
+        [--method grid|random] [--trials N] [--parallelism N] --metric M [--maximize] [--median-stopping]
+    weir sweep status ID
+
+A VALUE is typed as it reads: true/false, an integer, a number, else text. The code directory is
+sent as a tar.gz and hashed by the control plane. Every command prints JSON with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from weir_proto.errors import InvalidArgumentError, WeirError, error_for_status
+
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+def _connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--control-plane", default=os.environ.get("WEIR_CONTROL_PLANE", "127.0.0.1:8011"))
+    parser.add_argument("--token", default=os.environ.get("WEIR_TOKEN"), help="bearer token [env WEIR_TOKEN]")
+    parser.add_argument("--tls-ca", type=Path, help="CA bundle: talk TLS to the control plane")
+    parser.add_argument("--json", action="store_true")
+
+
+def _job_options(parser: argparse.ArgumentParser) -> None:
+    entry = parser.add_mutually_exclusive_group(required=True)
+    entry.add_argument("--builtin", choices=["mlp"], help="Weir's built-in trainer")
+    entry.add_argument("--module", help="python -m MODULE from the code directory")
+    entry.add_argument("--script", help="a script inside the code directory")
+    parser.add_argument("--code", type=Path, help="the code directory (sent with the job)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--processes", type=int, default=1, help="processes per node (torchrun)")
+    parser.add_argument("--max-retries", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=0.0, help="seconds (0: none)")
+    parser.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
+    parser.add_argument("--register", default="", metavar="MODEL", help="register the result as a version of MODEL")
+    parser.add_argument("--alias", action="append", default=[], help="with --register: set this alias")
+    parser.add_argument("--canary-endpoint", default="", help="with --register: start a canary rollout there")
+
+
+def add_commands(subcommands: Any) -> None:
+    train = subcommands.add_parser("train", help="training jobs: submit, status, logs, cancel, list")
+    actions = train.add_subparsers(dest="train_command", required=True)
+    submit = actions.add_parser("submit", help="submit a job (a known ID returns that job)")
+    submit.add_argument("id")
+    _job_options(submit)
+    submit.add_argument("--follow", action="store_true", help="show progress until the job ends")
+    _connection(submit)
+    for name, text in (
+        ("status", "a job's state, metrics and lineage"),
+        ("logs", "a job's log"),
+        ("cancel", "end a job"),
+    ):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("id")
+        if name in ("status", "logs"):
+            action.add_argument("--follow", action="store_true")
+        _connection(action)
+    listing = actions.add_parser("list", help="jobs, newest first")
+    listing.add_argument("--state", default="", choices=["", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"])
+    listing.add_argument("--kind", default="", choices=["", "job", "sweep", "trial"])
+    listing.add_argument("--parent", default="")
+    listing.add_argument("--page-size", type=int, default=50)
+    _connection(listing)
+
+    sweep = subcommands.add_parser("sweep", help="hyperparameter sweeps: submit, status")
+    sweep_actions = sweep.add_subparsers(dest="sweep_command", required=True)
+    sweep_submit = sweep_actions.add_parser("submit", help="a parent job with one trial per parameter set")
+    sweep_submit.add_argument("id")
+    _job_options(sweep_submit)
+    sweep_submit.add_argument(
+        "--space", action="append", required=True, metavar="NAME=V1,V2|range:LOW:HIGH[:log][:int]"
+    )
+    sweep_submit.add_argument("--method", choices=["grid", "random"], default="grid")
+    sweep_submit.add_argument("--trials", type=int, default=0, help="random search: how many")
+    sweep_submit.add_argument("--parallelism", type=int, default=2)
+    sweep_submit.add_argument("--metric", required=True, help="ranks the trials (its last value)")
+    sweep_submit.add_argument("--maximize", action="store_true")
+    sweep_submit.add_argument("--median-stopping", action="store_true")
+    sweep_submit.add_argument("--median-min-steps", type=int, default=1)
+    sweep_submit.add_argument("--seed", type=int, default=0)
+    sweep_submit.add_argument("--follow", action="store_true")
+    _connection(sweep_submit)
+    sweep_status = sweep_actions.add_parser("status", help="the sweep and its trials")
+    sweep_status.add_argument("id")
+    _connection(sweep_status)
+
+
+def typed_value(text: str) -> Any:
+    from weir_proto.control.v1 import training_pb2
+
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return training_pb2.ParamValue(flag=lowered == "true")
+    try:
+        return training_pb2.ParamValue(integer=int(text))
+    except ValueError:
+        pass
+    try:
+        return training_pb2.ParamValue(number=float(text))
+    except ValueError:
+        return training_pb2.ParamValue(text=text)
+
+
+def code_archive(directory: Path) -> bytes:
+    """The code directory as tar.gz (caches and VCS folders left out)."""
+    if not directory.is_dir():
+        raise InvalidArgumentError(f"--code: expected a directory, got {directory}")
+    buffer = io.BytesIO()
+    skip = {"__pycache__", ".git", ".venv", "weir-run"}
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(directory.rglob("*")):
+            if path.is_file() and not skip.intersection(path.relative_to(directory).parts):
+                tar.add(path, arcname=str(path.relative_to(directory)))
+    return buffer.getvalue()
+
+
+def job_spec(args: argparse.Namespace) -> Any:
+    from weir_proto.control.v1 import training_pb2
+
+    if args.builtin:
+        entrypoint = f"builtin:{args.builtin}"
+    elif args.module:
+        entrypoint = f"module:{args.module}"
+    else:
+        entrypoint = f"script:{args.script}"
+    spec = training_pb2.JobSpec(
+        entrypoint=entrypoint,
+        processes_per_node=args.processes,
+        max_retries=args.max_retries,
+        timeout_seconds=args.timeout,
+        checkpoint_every_epochs=args.checkpoint_every,
+    )
+    if args.code:
+        spec.code_archive = code_archive(args.code)
+    for item in args.param:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise InvalidArgumentError(f"--param: expected KEY=VALUE, got {item!r}")
+        spec.parameters[key].CopyFrom(typed_value(value))
+    if args.register:
+        spec.register.model_name = args.register
+        spec.register.aliases.extend(args.alias)
+        if args.canary_endpoint:
+            spec.register.canary.endpoint = args.canary_endpoint
+    return spec
+
+
+def parameter_space(items: list[str]) -> dict[str, Any]:
+    from weir_proto.control.v1 import training_pb2
+
+    space = {}
+    for item in items:
+        name, separator, text = item.partition("=")
+        if not separator or not name or not text:
+            raise InvalidArgumentError(f"--space: expected NAME=V1,V2 or NAME=range:LOW:HIGH, got {item!r}")
+        if text.startswith("range:"):
+            parts = text.split(":")
+            try:
+                low, high = float(parts[1]), float(parts[2])
+            except (IndexError, ValueError):
+                raise InvalidArgumentError(
+                    f"--space {name}: expected range:LOW:HIGH[:log][:int], got {text!r}"
+                ) from None
+            space[name] = training_pb2.ParamSpace(
+                low=low, high=high, log="log" in parts[3:], integer="int" in parts[3:]
+            )
+        else:
+            space[name] = training_pb2.ParamSpace(values=[typed_value(value) for value in text.split(",")])
+    return space
+
+
+class _Client:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from weir_control.cli import DEFAULT_TOKEN_FILE
+        from weir_proto.auth import client_metadata
+        from weir_proto.control.v1 import training_pb2_grpc
+
+        token = args.token or (DEFAULT_TOKEN_FILE.read_text().strip() if DEFAULT_TOKEN_FILE.is_file() else None)
+        if args.tls_ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=args.tls_ca.read_bytes())
+            self.channel = grpc.secure_channel(args.control_plane, credentials)
+        else:
+            self.channel = grpc.insecure_channel(args.control_plane)
+        self.stub = training_pb2_grpc.TrainingStub(self.channel)
+        self.metadata = client_metadata(token)
+
+    def call(self, method: str, request: Any, timeout: float | None = 60) -> Any:
+        try:
+            return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+        except grpc.RpcError as error:
+            raise error_for_status(error.code(), error.details() or "") from error
+
+
+def _document(job: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(job, preserving_proto_field_name=True)
+
+
+def _summary(job: Any) -> str:
+    from weir_proto.control.v1 import training_pb2
+
+    state = training_pb2.Job.State.Name(job.state)
+    lines = [f"{job.kind} {job.id}: {state} (attempt {job.attempt})" + (f" - {job.reason}" if job.reason else "")]
+    if job.metrics:
+        lines.append("metrics: " + ", ".join(f"{key}={value:.4g}" for key, value in sorted(job.metrics.items())))
+    if job.registered.model_name:
+        lines.append(f"registered: {job.registered.model_name} version {job.registered.version}")
+    if job.best_trial:
+        lines.append(f"best trial: {job.best_trial} ({job.sweep.metric} = {job.best_value:.6g})")
+    return "\n".join(lines)
+
+
+def _follow(client: _Client, job_id: str, quiet: bool) -> Any:
+    """A live progress bar (epoch, last metric) until the job ends; returns the final job."""
+    from tqdm import tqdm
+
+    from weir_proto.control.v1 import training_pb2
+
+    request = training_pb2.StreamMetricsRequest(id=job_id, follow=True)
+    with tqdm(desc=job_id, unit=" epoch", disable=quiet or None, file=sys.stderr) as bar:
+        try:
+            for event in client.stub.StreamMetrics(request, metadata=client.metadata):
+                kind = event.WhichOneof("event")
+                if kind == "progress" and event.progress.total_epochs:
+                    bar.total = event.progress.total_epochs
+                    bar.n = event.progress.epoch
+                    bar.refresh()
+                elif kind == "metric":
+                    bar.set_postfix({event.metric.key: f"{event.metric.value:.4g}"}, refresh=True)
+                elif kind == "state":
+                    bar.set_description(f"{job_id} {training_pb2.Job.State.Name(event.state)}")
+        except grpc.RpcError as error:
+            raise error_for_status(error.code(), error.details() or "") from error
+    return client.call("GetJob", training_pb2.GetJobRequest(id=job_id))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except WeirError as error:
+        if args.json:
+            print(json.dumps({"error": {"code": error.kind.name, "message": error.message}}))
+        else:
+            print(f"weir {args.command}: {error.kind.name}: {error.message}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from weir_proto.control.v1 import training_pb2
+
+    client = _Client(args)
+    try:
+        action = args.train_command if args.command == "train" else f"sweep-{args.sweep_command}"
+        if action == "logs":
+            request = training_pb2.StreamLogsRequest(id=args.id, follow=args.follow)
+            try:
+                for chunk in client.stub.StreamLogs(request, metadata=client.metadata):
+                    sys.stdout.buffer.write(chunk.data)
+                    sys.stdout.flush()
+            except grpc.RpcError as error:
+                raise error_for_status(error.code(), error.details() or "") from error
+            return 0
+        if action == "list":
+            listing = training_pb2.ListJobsRequest(kind=args.kind, parent_id=args.parent, page_size=args.page_size)
+            if args.state:
+                listing.state = training_pb2.Job.State.Value(args.state)
+            jobs = client.call("ListJobs", listing).jobs
+            if args.json:
+                print(json.dumps([_document(job) for job in jobs], indent=2))
+            else:
+                for job in jobs:
+                    print(f"{job.id}\t{job.kind}\t{training_pb2.Job.State.Name(job.state)}\t{job.reason}")
+            return 0
+        if action == "submit":
+            job = client.call("SubmitJob", training_pb2.SubmitJobRequest(id=args.id, spec=job_spec(args)))
+        elif action == "sweep-submit":
+            sweep = training_pb2.SweepSpec(
+                template=job_spec(args), method=args.method, trials=args.trials, parallelism=args.parallelism,
+                metric=args.metric, maximize=args.maximize, median_stopping=args.median_stopping,
+                median_min_steps=args.median_min_steps, seed=args.seed,
+            )  # fmt: skip
+            for name, space in parameter_space(args.space).items():
+                sweep.space[name].CopyFrom(space)
+            job = client.call("SubmitSweep", training_pb2.SubmitSweepRequest(id=args.id, sweep=sweep))
+        elif action == "cancel":
+            job = client.call("CancelJob", training_pb2.GetJobRequest(id=args.id))
+        else:  # status, sweep-status
+            job = client.call("GetJob", training_pb2.GetJobRequest(id=args.id))
+        if getattr(args, "follow", False) and training_pb2.Job.State.Name(job.state) not in TERMINAL:
+            job = _follow(client, job.id, quiet=args.json)
+        if action == "sweep-status" or (job.kind == "sweep" and not args.json):
+            trials = [client.call("GetJob", training_pb2.GetJobRequest(id=trial_id)) for trial_id in job.trials]
+        else:
+            trials = []
+        if args.json:
+            document = _document(job)
+            if trials:
+                document["trial_jobs"] = [_document(trial) for trial in trials]
+            print(json.dumps(document, indent=2))
+        else:
+            print(_summary(job))
+            for trial in trials:
+                print("  " + _summary(trial).replace("\n", "\n    "))
+        # following a job to its end makes the command's status the job's (for scripts and CI)
+        failed = training_pb2.Job.State.Name(job.state) in ("FAILED", "CANCELLED")
+        return 1 if getattr(args, "follow", False) and failed else 0
+    finally:
+        client.channel.close()

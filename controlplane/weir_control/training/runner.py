@@ -1,0 +1,551 @@
+"""The job runner: a queue with a concurrency limit over an ``Executor``, retries that resume from the
+job's checkpoints, timeouts, cancel, sweeps (a parent whose trials are ordinary queued jobs, at most
+``parallelism`` of them running), registration on success, and re-attachment after a restart.
+
+All state lives in the store (``training_jobs``); the runner keeps only the attempts it watches. Every
+blocking step (store, processes, files) runs in a worker thread under one lock, so the RPCs, the
+median rule and the periodic tick never act on a job at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import statistics
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from weir_control.artifacts import ArtifactStore
+from weir_control.store import Store
+from weir_control.training import sweeps
+from weir_control.training.executor import Executor, LocalExecutor
+from weir_control.training.registration import register_job_output
+from weir_proto.control.v1 import training_pb2
+from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, WeirError
+
+log = logging.getLogger(__name__)
+
+Job = training_pb2.Job
+TICK_SECONDS = 0.25
+STOP_GRACE_SECONDS = 5.0
+MAX_CODE_BYTES = 64 * 1024 * 1024
+BUILTIN = {"builtin:mlp": "weir_control.training.builtin"}
+
+
+@dataclass
+class Attempt:
+    handle: int
+    number: int
+    deadline: float | None  # time.time() after which the job is ended, or None
+    parent: str = ""  # a trial's sweep
+
+
+def code_hash(archive: bytes) -> str:
+    """sha256 over the archive's regular files (sorted name + bytes): the same code hashes the same
+    whatever the archive's timestamps or order."""
+    if not archive:
+        return ""
+    digest = hashlib.sha256()
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
+        members = sorted((member for member in tar.getmembers() if member.isfile()), key=lambda member: member.name)
+        for member in members:
+            digest.update(member.name.encode() + b"\0")
+            extracted = tar.extractfile(member)
+            digest.update(extracted.read() if extracted else b"")
+    return digest.hexdigest()
+
+
+def param_value(value: training_pb2.ParamValue) -> Any:
+    kind = value.WhichOneof("kind")
+    return None if kind is None else getattr(value, kind)
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store: Store,
+        artifacts: ArtifactStore,
+        jobs_dir: Path,
+        max_concurrent: int = 2,
+        executor: Executor | None = None,
+        start_canary: Callable[[Any, str], Any] | None = None,
+    ) -> None:
+        self._store = store
+        self._artifacts = artifacts
+        self.jobs_dir = jobs_dir
+        self.max_concurrent = max(1, max_concurrent)
+        self._executor: Executor = executor or LocalExecutor()
+        self._start_canary = start_canary  # (StartRolloutRequest, actor) -> awaitable, run on the loop
+        self.control_address = ""  # told to jobs for tracking; set once the server has its port
+        self._attempts: dict[str, Attempt] = {}
+        self._lock = threading.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.changed = asyncio.Event()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self._recover)
+        self._task = asyncio.create_task(self._run(), name="weir-training-runner")
+
+    async def stop(self) -> None:
+        """Stop watching; running jobs keep running (a restart re-attaches them)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if await asyncio.to_thread(self._tick):
+                    self.notify()
+            except Exception:  # the loop must survive one bad job
+                log.exception("training runner tick failed")
+            await asyncio.sleep(TICK_SECONDS)
+
+    def notify(self) -> None:
+        """Wake streams following a job (from any thread)."""
+        if self._loop is None:
+            return
+
+        def wake() -> None:
+            self.changed.set()
+            self.changed = asyncio.Event()
+
+        self._loop.call_soon_threadsafe(wake)
+
+    def _recover(self) -> None:
+        """After a restart: re-attach attempts still running, settle those that ended meanwhile, and fail
+        those whose processes vanished without an exit status."""
+        with self._lock:
+            for job in self._store.jobs_in_states(Job.RUNNING):
+                if job.kind == "sweep":
+                    continue
+                handle, _ = self._store.job_process(job.id)
+                job_dir = self.jobs_dir / job.id
+                code = self._executor.exit_code(job_dir, job.attempt, handle)
+                if code is None and self._executor.alive(handle):
+                    self._attempts[job.id] = Attempt(handle, job.attempt, self._deadline(job), job.parent_id)
+                    log.info("re-attached a running training job", extra={"job": job.id, "pid": handle})
+                elif code is not None and code >= 0 and (job_dir / f"exit-{job.attempt}.json").is_file():
+                    self._attempts[job.id] = Attempt(
+                        handle, job.attempt, None, job.parent_id
+                    )  # the next tick settles it
+                else:
+                    self._finish(
+                        job.id, Job.FAILED, -1,
+                        "its processes ended while the control plane was down, without an exit status",
+                    )  # fmt: skip
+
+    # --- submission ------------------------------------------------------------------------------
+
+    def submit(self, job_id: str, spec: training_pb2.JobSpec, actor: str, parent: Job | None = None) -> Job:
+        _check_spec(spec)
+        job = Job(id=job_id, kind="trial" if parent else "job", parent_id=parent.id if parent else "", state=Job.QUEUED)
+        job.spec.CopyFrom(spec)
+        job.spec.ClearField("code_archive")
+        job.code_hash = code_hash(spec.code_archive)
+        job.submitted_by = actor
+        secret = secrets.token_urlsafe(24)
+        with self._lock:
+            stored, created = self._store.insert_job(job, hashlib.sha256(secret.encode()).hexdigest())
+            if created:
+                self._prepare(job_id, spec, secret)
+        if created:
+            self.notify()
+        return stored
+
+    def submit_sweep(self, sweep_id: str, sweep: training_pb2.SweepSpec, actor: str) -> Job:
+        _check_spec(sweep.template)
+        overrides = sweeps.trial_parameters(sweep)
+        parent = Job(id=sweep_id, kind="sweep", state=Job.RUNNING, submitted_by=actor)
+        parent.sweep.CopyFrom(sweep)
+        parent.sweep.template.ClearField("code_archive")
+        parent.code_hash = code_hash(sweep.template.code_archive)
+        parent.started_at.FromDatetime(datetime.datetime.now(datetime.UTC))
+        with self._lock:
+            stored, created = self._store.insert_job(parent, "")
+        if not created:
+            return stored
+        trial_ids = []
+        for index, values in enumerate(overrides):
+            spec = training_pb2.JobSpec()
+            spec.CopyFrom(sweep.template)
+            spec.ClearField("register")  # the sweep registers its best trial, not every trial
+            for name, value in values.items():
+                spec.parameters[name].CopyFrom(value)
+            trial_id = f"{sweep_id}.trial-{index:03d}"
+            self.submit(trial_id, spec, actor, parent=parent)
+            trial_ids.append(trial_id)
+        with self._lock:
+            return self._store.update_job(sweep_id, lambda job: job.trials.extend(trial_ids))
+
+    def _prepare(self, job_id: str, spec: training_pb2.JobSpec, secret: str) -> None:
+        """The job's directory: its code unpacked, its secret, and the feature definitions for the
+        built-in trainer."""
+        job_dir = self.jobs_dir / job_id
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / ".secret").write_text(secret)
+        os.chmod(job_dir / ".secret", 0o600)
+        if spec.code_archive:
+            code_dir = job_dir / "code"
+            code_dir.mkdir(exist_ok=True)
+            with tarfile.open(fileobj=io.BytesIO(spec.code_archive), mode="r:*") as tar:
+                tar.extractall(code_dir, filter="data")  # refuses absolute paths, '..' and devices
+        _, definitions = self._store.feature_definitions()
+        if definitions:
+            (job_dir / "features.toml").write_text(definitions)
+
+    # --- cancel and the median rule --------------------------------------------------------------
+
+    def cancel(self, job_id: str, reason: str = "cancelled on request") -> Job:
+        with self._lock:
+            job = self._store.get_job(job_id)
+            if job.kind == "sweep":
+                for trial_id in job.trials:
+                    self._stop_locked(trial_id, reason)
+            stopped = self._stop_locked(job_id, reason)
+        self.notify()
+        return stopped
+
+    def _stop_locked(self, job_id: str, reason: str) -> Job:
+        attempt = self._attempts.pop(job_id, None)
+        if attempt is not None:
+            self._executor.stop(attempt.handle, STOP_GRACE_SECONDS)
+        return self._finish(job_id, Job.CANCELLED, -1 if attempt else 0, reason)
+
+    def after_metrics(self, job: Job, points: list[training_pb2.MetricPoint]) -> bool:
+        """The median stopping rule for a sweep's trial; True when the trial was stopped."""
+        if job.kind != "trial" or not job.parent_id:
+            return False
+        sweep = self._store.get_job(job.parent_id).sweep
+        if not sweep.median_stopping:
+            return False
+        for point in points:
+            if point.key != sweep.metric or point.step < max(1, sweep.median_min_steps):
+                continue
+            others = self._store.sibling_metrics(job.parent_id, point.key, point.step, exclude=job.id)
+            if sweeps.worse_than_median(point.value, others, sweep.maximize):
+                median = statistics.median(others)
+                self.cancel(
+                    job.id,
+                    f"stopped early by the median rule at step {point.step}: {sweep.metric} {point.value:.6g} "
+                    f"is worse than the other trials' median {median:.6g}",
+                )
+                return True
+        return False
+
+    # --- the periodic tick -----------------------------------------------------------------------
+
+    def _tick(self) -> bool:
+        with self._lock:
+            changed = self._watch()
+            changed = self._schedule() or changed
+            return self._settle_sweeps() or changed
+
+    def _watch(self) -> bool:
+        changed = False
+        for job_id, attempt in list(self._attempts.items()):
+            job_dir = self.jobs_dir / job_id
+            code = self._executor.exit_code(job_dir, attempt.number, attempt.handle)
+            if code is None:
+                if attempt.deadline is not None and time.time() > attempt.deadline:
+                    self._attempts.pop(job_id)
+                    self._executor.stop(attempt.handle, STOP_GRACE_SECONDS)
+                    job = self._store.get_job(job_id)
+                    self._finish(job_id, Job.FAILED, -1, f"timed out after {job.spec.timeout_seconds:g} s")
+                    changed = True
+                continue
+            self._attempts.pop(job_id)
+            self._attempt_ended(job_id, code)
+            changed = True
+        return changed
+
+    def _attempt_ended(self, job_id: str, code: int) -> None:
+        job = self._store.get_job(job_id)
+        if code == 0:
+            if job.kind == "job" and job.spec.register.model_name:
+                try:
+                    version = register_job_output(self._store, self._artifacts, job, self.jobs_dir / job_id / "output")
+                except WeirError as error:
+                    self._finish(job_id, Job.FAILED, 0, f"the job succeeded but registration failed: {error.message}")
+                    return
+                self._record_registration(job_id, version.model_name, version.version)
+                self._canary(job, version.model_name, version.version)
+            self._finish(job_id, Job.SUCCEEDED, 0, "")
+            return
+        log_path = self.jobs_dir / job_id / "job.log"
+        last_line = _last_log_line(log_path)
+        root_cause = _root_cause(log_path)
+        if root_cause is not None:  # torchrun exits 1 whatever its worker did; the worker's own status counts
+            rank, code = root_cause
+            last_line = f"worker rank {rank} exited with code {code}"
+        if job.attempt <= job.spec.max_retries:
+            reason = f"attempt {job.attempt} failed ({last_line}); retrying from the last checkpoint"
+            log.warning("training job attempt failed; retrying", extra={"job": job_id, "exit_code": code})
+            self._launch(job_id, reason)
+            return
+        if root_cause is not None:
+            code = root_cause[1]
+        self._finish(job_id, Job.FAILED, code, f"exited with code {code} after {job.attempt} attempt(s): {last_line}")
+
+    def _schedule(self) -> bool:
+        queued = self._store.jobs_in_states(Job.QUEUED)
+        if not queued or len(self._attempts) >= self.max_concurrent:
+            return False
+        running_by_sweep: dict[str, int] = {}
+        for attempt in self._attempts.values():
+            running_by_sweep[attempt.parent] = running_by_sweep.get(attempt.parent, 0) + 1
+        parallelism: dict[str, int] = {}
+        started = False
+        for job in queued:
+            if len(self._attempts) >= self.max_concurrent:
+                break
+            if job.parent_id:
+                if job.parent_id not in parallelism:
+                    parallelism[job.parent_id] = self._store.get_job(job.parent_id).sweep.parallelism or 2
+                if running_by_sweep.get(job.parent_id, 0) >= parallelism[job.parent_id]:
+                    continue
+                running_by_sweep[job.parent_id] = running_by_sweep.get(job.parent_id, 0) + 1
+            self._launch(job.id, "")
+            started = True
+        return started
+
+    def _launch(self, job_id: str, reason: str) -> None:
+        job_dir = self.jobs_dir / job_id
+        job = self._store.get_job(job_id)
+        attempt = job.attempt + 1
+        command = _command(job.spec, job_dir)
+        env = self._environment(job, job_dir, attempt)
+        with (job_dir / "job.log").open("a") as handle:
+            handle.write(f"--- weir: attempt {attempt} of job {job_id}: {' '.join(command)}\n")
+        try:
+            handle_id = self._executor.launch(job_id, job_dir, attempt, command, env)
+        except OSError as error:
+            self._finish(job_id, Job.FAILED, -1, f"could not start: {error}")
+            return
+
+        def running(stored: Job) -> None:
+            stored.state = Job.RUNNING
+            stored.attempt = attempt
+            stored.reason = reason
+            if not stored.HasField("started_at"):
+                stored.started_at.FromDatetime(datetime.datetime.now(datetime.UTC))
+
+        job = self._store.update_job(job_id, running, pid=handle_id)
+        self._attempts[job_id] = Attempt(handle_id, attempt, self._deadline(job), job.parent_id)
+
+    def _environment(self, job: Job, job_dir: Path, attempt: int) -> dict[str, str]:
+        env = dict(os.environ)
+        code_dir = job_dir / "code"
+        paths = [str(code_dir)] if code_dir.is_dir() else []
+        env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [env.get("PYTHONPATH", "")])])
+        env.setdefault("OMP_NUM_THREADS", "1")  # several processes per node must not oversubscribe the cores
+        env["PYTHONUNBUFFERED"] = "1"  # logs reach job.log as they are written
+        env.update(
+            {
+                "WEIR_JOB_ID": job.id,
+                "WEIR_JOB_DIR": str(job_dir),
+                "WEIR_JOB_ATTEMPT": str(attempt),
+                "WEIR_JOB_SECRET": (job_dir / ".secret").read_text().strip(),
+                "WEIR_CONTROL_PLANE": self.control_address,
+                "WEIR_CHECKPOINT_EVERY": str(job.spec.checkpoint_every_epochs or 1),
+                "WEIR_JOB_PARAMS": json.dumps({key: param_value(value) for key, value in job.spec.parameters.items()}),
+            }
+        )
+        env.pop("WEIR_TOKENS", None)  # the control plane's token table is not the job's business
+        return env
+
+    @staticmethod
+    def _deadline(job: Job) -> float | None:
+        if not job.spec.timeout_seconds:
+            return None
+        started = job.started_at.ToDatetime(datetime.UTC).timestamp() if job.HasField("started_at") else time.time()
+        return started + job.spec.timeout_seconds
+
+    def _finish(self, job_id: str, state: int, exit_code: int, reason: str) -> Job:
+        def end(job: Job) -> None:
+            job.state = state  # type: ignore[assignment]
+            job.exit_code = exit_code
+            job.reason = reason
+            job.finished_at.FromDatetime(datetime.datetime.now(datetime.UTC))
+
+        return self._store.update_job(job_id, end)
+
+    def _settle_sweeps(self) -> bool:
+        changed = False
+        for sweep in self._store.jobs_in_states(Job.RUNNING):
+            if sweep.kind != "sweep":
+                continue
+            trials = {trial_id: self._store.get_job(trial_id) for trial_id in sweep.trials}
+            if len(trials) < len(sweep.trials) or not trials:
+                continue
+            if any(trial.state in (Job.QUEUED, Job.RUNNING) for trial in trials.values()):
+                continue
+            best = sweeps.best_trial(trials, sweep.sweep.metric, sweep.sweep.maximize)
+            if best is None:
+                self._finish(sweep.id, Job.FAILED, 0, f"no trial succeeded with a value for {sweep.sweep.metric}")
+                changed = True
+                continue
+            best_id, value = best
+            winner = trials[best_id]
+
+            def record(job: Job, best_id: str = best_id, value: float = value, winner: Job = winner) -> None:
+                job.best_trial = best_id
+                job.best_value = value
+                job.metrics.clear()
+                job.metrics.update(winner.metrics)
+                job.dataset_hash = winner.dataset_hash
+                job.logged_params.clear()
+                job.logged_params.update(winner.logged_params)
+
+            sweep = self._store.update_job(sweep.id, record)
+            register = sweep.sweep.template.register
+            if register.model_name:
+                registering = Job()
+                registering.CopyFrom(winner)
+                registering.spec.register.CopyFrom(register)
+                try:
+                    version = register_job_output(
+                        self._store, self._artifacts, registering, self.jobs_dir / best_id / "output"
+                    )
+                except WeirError as error:
+                    self._finish(sweep.id, Job.FAILED, 0, f"best trial {best_id}: registration failed: {error.message}")
+                    changed = True
+                    continue
+                self._record_registration(sweep.id, version.model_name, version.version)
+                self._canary(registering, version.model_name, version.version)
+            self._finish(sweep.id, Job.SUCCEEDED, 0, f"best trial {best_id}: {sweep.sweep.metric} = {value:.6g}")
+            changed = True
+        return changed
+
+    def _record_registration(self, job_id: str, model_name: str, version: int) -> None:
+        reference = _ref(model_name, version)
+        self._store.update_job(job_id, lambda job: job.registered.MergeFrom(reference))
+
+    def _canary(self, job: Job, model_name: str, version: int) -> None:
+        canary = job.spec.register.canary
+        if not canary.endpoint or self._start_canary is None or self._loop is None:
+            return
+        request = type(canary)()
+        request.CopyFrom(canary)
+        request.model_name = model_name
+        request.version = version
+        future = asyncio.run_coroutine_threadsafe(self._start_canary(request, f"training-job:{job.id}"), self._loop)
+        try:
+            future.result(timeout=30)
+        except Exception as error:  # the version stays registered; the hand-off is reported on the job
+            message = error.message if isinstance(error, WeirError) else repr(error)
+            log.warning("could not start the canary of a trained version", extra={"job": job.id, "error": message})
+            self._store.update_job(job.id, lambda stored: setattr(stored, "reason", f"canary not started: {message}"))
+
+
+def _ref(model_name: str, version: int) -> Any:
+    from weir_proto.common.v1 import types_pb2
+
+    return types_pb2.ModelVersionRef(model_name=model_name, version=version)
+
+
+def _check_spec(spec: training_pb2.JobSpec) -> None:
+    kind, _, target = spec.entrypoint.partition(":")
+    if kind not in ("module", "script", "builtin") or not target:
+        raise InvalidArgumentError(
+            "spec.entrypoint: expected 'module:package.name', 'script:path.py' or 'builtin:mlp', "
+            f"got {spec.entrypoint!r}"
+        )
+    if kind == "builtin" and spec.entrypoint not in BUILTIN:
+        raise InvalidArgumentError(
+            f"spec.entrypoint: expected one of the built-in trainers {sorted(BUILTIN)}, got {spec.entrypoint!r}"
+        )
+    if kind != "builtin" and not spec.code_archive:
+        raise InvalidArgumentError(
+            f"spec.code_archive: a {kind} entrypoint needs the code directory (tar.gz), got none"
+        )
+    if len(spec.code_archive) > MAX_CODE_BYTES:
+        raise InvalidArgumentError(
+            f"spec.code_archive: expected at most {MAX_CODE_BYTES} bytes, got {len(spec.code_archive)}"
+        )
+    if spec.nodes > 1:
+        raise FailedPreconditionError(
+            f"spec.nodes: the local executor runs one node, got {spec.nodes} (a cluster executor is needed for more)"
+        )
+    if not 0 <= spec.processes_per_node <= 64:
+        raise InvalidArgumentError(f"spec.processes_per_node: expected 1 to 64 (0: 1), got {spec.processes_per_node}")
+    for field in ("max_retries", "checkpoint_every_epochs"):
+        if getattr(spec, field) < 0:
+            raise InvalidArgumentError(f"spec.{field}: expected 0 or more, got {getattr(spec, field)}")
+    if spec.timeout_seconds < 0:
+        raise InvalidArgumentError(f"spec.timeout_seconds: expected 0 (none) or more, got {spec.timeout_seconds}")
+    if spec.code_archive:
+        try:
+            code_hash(spec.code_archive)
+        except (tarfile.TarError, OSError, EOFError) as error:
+            raise InvalidArgumentError(
+                f"spec.code_archive: expected a tar.gz archive, got {len(spec.code_archive)} unreadable bytes: {error}"
+            ) from error
+
+
+def _command(spec: training_pb2.JobSpec, job_dir: Path) -> list[str]:
+    torchrun = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={spec.processes_per_node or 1}", "--max-restarts=0",
+    ]  # fmt: skip
+    kind, _, target = spec.entrypoint.partition(":")
+    if kind == "builtin":
+        return [*torchrun, "-m", BUILTIN[spec.entrypoint]]
+    if kind == "module":
+        return [*torchrun, "-m", target]
+    return [*torchrun, str(job_dir / "code" / target)]
+
+
+def _log_tail(path: Path, size: int = 8192) -> list[str]:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - size))
+            return [line.strip() for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+_ROOT_CAUSE = re.compile(r"^exitcode\s*:\s*(-?\d+)")
+_RANK = re.compile(r"^rank\s*:\s*(\d+)")
+
+
+def _root_cause(path: Path) -> tuple[int, int] | None:
+    """(rank, exit code) of the first failed worker, from torchrun's "Root Cause" report in the log."""
+    lines = _log_tail(path)
+    start = max((index for index, line in enumerate(lines) if line.startswith("Root Cause")), default=None)
+    if start is None:
+        return None
+    rank = code = None
+    for line in lines[start:]:
+        if rank is None and (match := _RANK.match(line)):
+            rank = int(match.group(1))
+        if code is None and (match := _ROOT_CAUSE.match(line)):
+            code = int(match.group(1))
+    return (rank or 0, code) if code is not None else None
+
+
+def _last_log_line(path: Path) -> str:
+    lines = _log_tail(path, 4096)
+    lines = [line for line in lines if not line.startswith("--- weir:")]
+    return lines[-1][:300] if lines else ""

@@ -1,0 +1,300 @@
+"""Training jobs end to end with real processes: `weir control` runs torchrun attempts of a small
+script (uploaded as the job's code) and of the built-in trainer. A duplicate submit returns the first
+job; a 2-process gloo job runs; a worker killed mid-run is retried and resumes from its checkpoint;
+cancel ends every process; a control plane restarted during runs leaves no job in a wrong state; a
+sweep picks its best trial; the built-in trainer registers a READY version with full lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.conftest import free_port
+from tests.e2e.test_control_plane import ControlProcess, cli, start_control, wait_until
+from weir_proto.auth import client_metadata
+from weir_proto.control.v1 import registry_pb2, registry_pb2_grpc, training_pb2, training_pb2_grpc
+
+Job = training_pb2.Job
+TRAIN_SCRIPT = """
+import os, sys, time
+import torch
+import torch.distributed as dist
+from weir_control import tracking
+
+run = tracking.init()
+p = run.parameters
+epochs, sleep, lr = int(p.get("epochs", 3)), float(p.get("epoch_sleep", 0)), float(p.get("lr", 0.1))
+if run.world_size > 1:
+    dist.init_process_group("gloo")
+(run.directory / f"pid-{run.attempt}-{run.rank}").write_text(str(os.getpid()))
+state = run.load_checkpoint()
+start = state["epoch"] + 1 if state else 0
+print(f"rank {run.rank}/{run.world_size} attempt {run.attempt} starting at epoch {start}", flush=True)
+if run.world_size > 1:
+    total = torch.tensor([run.rank + 1.0])
+    dist.all_reduce(total)
+    print(f"rank {run.rank} all_reduce sum {total.item():g}", flush=True)
+run.log_params({"epochs": epochs, "lr": lr}, dataset_hash="synthetic-v1")
+for epoch in range(start, epochs):
+    time.sleep(sleep)
+    run.log_metrics({"loss": (lr - 0.3) ** 2 + 1.0 / (epoch + 1)}, step=epoch)
+    run.progress(epoch=epoch + 1, total_epochs=epochs)
+    if run.should_checkpoint(epoch):
+        run.save_checkpoint({"epoch": epoch})
+    if run.stop_requested:
+        break
+if run.world_size > 1:
+    dist.destroy_process_group()
+run.close()
+sys.exit(int(p.get("exit_code", 0)))
+"""
+
+
+@pytest.fixture
+def code(tmp_path: Path) -> Path:
+    directory = tmp_path / "code"
+    directory.mkdir()
+    (directory / "train.py").write_text(TRAIN_SCRIPT)
+    return directory
+
+
+class Control:
+    def __init__(self, tmp_path: Path) -> None:
+        self.state_dir = tmp_path / "control"
+        self.port = free_port()
+        self.process: ControlProcess = self.start()
+
+    def start(self) -> ControlProcess:
+        self.process = start_control(
+            self.state_dir, str(self.state_dir / "control.db"), self.port, "--max-concurrent-jobs", "4"
+        )
+        return self.process
+
+    def stop(self, kill: bool = False) -> None:
+        self.process.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        self.process.process.wait(timeout=30)
+
+    def job(self, job_id: str) -> Job:
+        with grpc.insecure_channel(self.process.address) as channel:
+            return training_pb2_grpc.TrainingStub(channel).GetJob(
+                training_pb2.GetJobRequest(id=job_id), metadata=client_metadata("t-replica"), timeout=10
+            )
+
+    def wait_state(self, job_id: str, *states: int, timeout: float = 120) -> Job:
+        wait_until(lambda: self.job(job_id).state in states, timeout, f"{job_id} in {states}")
+        return self.job(job_id)
+
+    def log(self, job_id: str) -> str:
+        return (self.state_dir / "jobs" / job_id / "job.log").read_text(errors="replace")
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.state_dir / "jobs" / job_id
+
+
+@pytest.fixture
+def control(tmp_path: Path) -> Iterator[Control]:
+    running = Control(tmp_path)
+    try:
+        yield running
+    finally:
+        if running.process.process.poll() is None:
+            running.stop()
+
+
+def submit(control: Control, job_id: str, code: Path, *extra: str) -> dict:
+    return cli(control.process, "train", "submit", job_id, "--script", "train.py", "--code", str(code), *extra)
+
+
+def metric_events(control: Control, job_id: str) -> list:
+    with grpc.insecure_channel(control.process.address) as channel:
+        events = training_pb2_grpc.TrainingStub(channel).StreamMetrics(
+            training_pb2.StreamMetricsRequest(id=job_id), metadata=client_metadata("t-replica"), timeout=10
+        )
+        return [event for event in events if event.WhichOneof("event") == "metric"]
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rfind(")") + 2 :].split()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_job_runs_reports_and_a_duplicate_submit_returns_the_first(control: Control, code: Path) -> None:
+    first = submit(control, "job-1", code, "--param", "epochs=3", "--param", "lr=0.25")
+    assert first["state"] in ("QUEUED", "RUNNING") and first["code_hash"]
+    again = submit(control, "job-1", code, "--param", "epochs=9")  # same id: the first job, unchanged
+    assert again["created_at"] == first["created_at"] and again["spec"]["parameters"]["epochs"] == {"integer": "3"}
+    job = control.wait_state("job-1", Job.SUCCEEDED, Job.FAILED)
+    assert job.state == Job.SUCCEEDED and job.exit_code == 0 and job.attempt == 1
+    assert job.logged_params["lr"] == "0.25" and job.dataset_hash == "synthetic-v1"
+    assert job.metrics["loss"] == pytest.approx((0.25 - 0.3) ** 2 + 1 / 3)
+    assert job.progress.epoch == 3 and job.progress.total_epochs == 3
+    # streamed metrics: every step, in order, then the final state
+    with grpc.insecure_channel(control.process.address) as channel:
+        events = list(
+            training_pb2_grpc.TrainingStub(channel).StreamMetrics(
+                training_pb2.StreamMetricsRequest(id="job-1"), metadata=client_metadata("t-replica"), timeout=10
+            )
+        )
+    assert [event.metric.step for event in metric_events(control, "job-1")] == [0, 1, 2]
+    assert events[-1].state == Job.SUCCEEDED
+    logs = subprocess.run(
+        [sys.executable, "-m", "weir.cli", "train", "logs", "job-1", "--control-plane", control.process.address,
+         "--token", "t-replica"], capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert "rank 0/1 attempt 1 starting at epoch 0" in logs
+    # a failing job: its exit code and the reason, and FAILED never changes again
+    cli(control.process, "train", "submit", "job-2", "--script", "train.py", "--code", str(code),
+        "--param", "epochs=1", "--param", "exit_code=3")  # fmt: skip
+    failed = control.wait_state("job-2", Job.FAILED, Job.SUCCEEDED)
+    assert failed.state == Job.FAILED and failed.exit_code == 3 and "exited with code 3" in failed.reason
+    assert cli(control.process, "train", "cancel", "job-2")["state"] == "FAILED"
+    listed = cli(control.process, "train", "list", "--state", "SUCCEEDED")
+    assert [job["id"] for job in listed] == ["job-1"]
+
+
+def test_a_two_process_gloo_job_runs_every_rank(control: Control, code: Path) -> None:
+    submit(control, "ddp", code, "--processes", "2", "--param", "epochs=2")
+    job = control.wait_state("ddp", Job.SUCCEEDED, Job.FAILED)
+    log = control.log("ddp")
+    assert job.state == Job.SUCCEEDED, log
+    assert "rank 0 all_reduce sum 3" in log and "rank 1 all_reduce sum 3" in log
+
+
+def test_a_worker_killed_mid_run_is_retried_and_resumes_from_its_checkpoint(control: Control, code: Path) -> None:
+    submit(control, "resume", code, "--param", "epochs=8", "--param", "epoch_sleep=0.5", "--max-retries", "1")
+    wait_until(lambda: control.job("resume").metrics.get("loss", 0) and control.job("resume").progress.epoch >= 3,
+               60, "three epochs done")  # fmt: skip
+    worker = int((control.job_dir("resume") / "pid-1-0").read_text())
+    os.kill(worker, signal.SIGKILL)  # mid-epoch: torchrun sees a worker die and exits non-zero
+    job = control.wait_state("resume", Job.SUCCEEDED, Job.FAILED)
+    log = control.log("resume")
+    assert job.state == Job.SUCCEEDED and job.attempt == 2, log
+    resumed_at = int(log.split("attempt 2 starting at epoch ")[1].split()[0])
+    assert resumed_at >= 3, log  # not from epoch 0
+    assert job.progress.epoch == 8
+
+
+def test_cancel_ends_every_process_of_a_job(control: Control, code: Path) -> None:
+    submit(control, "long", code, "--processes", "2", "--param", "epochs=100", "--param", "epoch_sleep=0.5")
+    wait_until(lambda: len(list(control.job_dir("long").glob("pid-1-*"))) == 2 and control.job("long").metrics,
+               60, "both workers started")  # fmt: skip
+    workers = [int(path.read_text()) for path in control.job_dir("long").glob("pid-1-*")]
+    cancelled = cli(control.process, "train", "cancel", "long")
+    assert cancelled["state"] == "CANCELLED" and "cancelled by ci" in cancelled["reason"]
+    wait_until(lambda: not any(pid_alive(pid) for pid in workers), 20, "every worker gone")
+    time.sleep(1.0)
+    assert control.job("long").state == Job.CANCELLED  # terminal: the exit that followed changed nothing
+
+
+def test_a_control_plane_restart_during_runs_leaves_no_job_in_a_wrong_state(control: Control, code: Path) -> None:
+    submit(control, "outlives", code, "--param", "epochs=20", "--param", "epoch_sleep=0.5")
+    submit(control, "ends-meanwhile", code, "--param", "epochs=3", "--param", "epoch_sleep=0.5")
+    submit(control, "vanishes", code, "--param", "epochs=100", "--param", "epoch_sleep=0.5")
+    for job_id in ("outlives", "ends-meanwhile", "vanishes"):
+        wait_until(lambda job_id=job_id: control.job(job_id).progress.epoch >= 1, 60, f"{job_id} running")
+    worker = int(control.job_dir("vanishes").joinpath("pid-1-0").read_text())
+    control.stop(kill=True)  # the control plane dies; its jobs run on in their own sessions
+    torchrun = parent_of(worker)
+    os.killpg(os.getpgid(torchrun), signal.SIGKILL)  # ... except this one: launcher and torchrun,
+    os.kill(worker, signal.SIGKILL)  # then its worker, gone without an exit status
+    wait_until(lambda: (control.job_dir("ends-meanwhile") / "exit-1.json").is_file(), 60, "a job ended meanwhile")
+    control.start()
+    assert control.wait_state("ends-meanwhile", Job.SUCCEEDED, Job.FAILED).state == Job.SUCCEEDED
+    vanished = control.wait_state("vanishes", Job.FAILED, Job.SUCCEEDED, Job.CANCELLED)
+    assert vanished.state == Job.FAILED and "while the control plane was down" in vanished.reason
+    survivor = control.wait_state("outlives", Job.SUCCEEDED, Job.FAILED)
+    # re-attached, not restarted; the reports it could not make meanwhile arrived afterwards
+    assert survivor.state == Job.SUCCEEDED and survivor.attempt == 1 and survivor.progress.epoch == 20
+    steps = [event.metric.step for event in metric_events(control, "outlives")]
+    assert steps == list(range(20))
+
+
+def test_a_sweep_picks_its_best_trial_and_stops_poor_ones(control: Control, code: Path) -> None:
+    cli(control.process, "sweep", "submit", "lr-sweep", "--script", "train.py", "--code", str(code),
+        "--param", "epochs=3", "--param", "epoch_sleep=0.2", "--space", "lr=0.1,0.3,0.9,0.5",
+        "--metric", "loss", "--parallelism", "2")  # fmt: skip
+    sweep = control.wait_state("lr-sweep", Job.SUCCEEDED, Job.FAILED, timeout=180)
+    assert sweep.state == Job.SUCCEEDED and len(sweep.trials) == 4
+    assert sweep.best_trial == "lr-sweep.trial-001"  # lr 0.3: the lowest loss
+    assert sweep.best_value == pytest.approx(1 / 3)
+    status = cli(control.process, "sweep", "status", "lr-sweep")
+    assert {trial["state"] for trial in status["trial_jobs"]} == {"SUCCEEDED"}
+    # the median rule: a trial worse than the others' median at a step is stopped
+    cli(control.process, "sweep", "submit", "median", "--script", "train.py", "--code", str(code),
+        "--param", "epochs=4", "--param", "epoch_sleep=0.3", "--space", "lr=0.3,0.25,0.35,3.0",
+        "--metric", "loss", "--parallelism", "4", "--median-stopping")  # fmt: skip
+    stopped = control.wait_state("median", Job.SUCCEEDED, Job.FAILED, timeout=180)
+    poor = control.job("median.trial-003")
+    assert poor.state == Job.CANCELLED and "median rule" in poor.reason, poor.reason
+    assert stopped.best_trial == "median.trial-000"
+
+
+def test_bad_submissions_name_the_field(control: Control, code: Path) -> None:
+    def refused(*args: str) -> dict:
+        result = subprocess.run(
+            [sys.executable, "-m", "weir.cli", *args, "--control-plane", control.process.address, "--token",
+             "t-deployer", "--json"], capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stdout + result.stderr
+        return json.loads(result.stdout)["error"]
+
+    error = refused("train", "submit", "no-code", "--script", "train.py")
+    assert error["code"] == "INVALID_ARGUMENT" and "spec.code_archive" in error["message"]
+    error = refused("train", "submit", "bad id!", "--builtin", "mlp")
+    assert error["code"] == "INVALID_ARGUMENT" and error["message"].startswith("id:")
+    error = refused("train", "status", "ghost")
+    assert error["code"] == "NOT_FOUND"
+    error = refused("sweep", "submit", "s", "--builtin", "mlp", "--space", "lr=range:1:0", "--metric", "loss",
+                    "--method", "random", "--trials", "2")  # fmt: skip
+    assert error["code"] == "INVALID_ARGUMENT" and "low < high" in error["message"]
+    # reporting needs the job's own secret
+    with grpc.insecure_channel(control.process.address) as channel:
+        stub = training_pb2_grpc.TrainingStub(channel)
+        submit(control, "secret", code, "--param", "epochs=1")
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.LogMetrics(training_pb2.LogMetricsRequest(job_id="secret"), metadata=(("x-weir-job-secret", "guess"),))
+        assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.SubmitJob(training_pb2.SubmitJobRequest(id="x"), metadata=client_metadata("t-replica"), timeout=10)
+        assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_the_built_in_trainer_registers_a_ready_version_with_lineage(control: Control, tmp_path: Path) -> None:
+    from examples.training_data import build_training_data
+
+    definitions, entities = build_training_data(tmp_path / "data", rows=1500)
+    cli(control.process, "features", "apply", str(definitions))
+    cli(control.process, "train", "submit", "churn-1", "--builtin", "mlp", "--param", f"entities={entities}",
+        "--param", "feature_service=churn", "--param", "label=churned", "--param", "epochs=6",
+        "--register", "churn", "--alias", "candidate")  # fmt: skip
+    job = control.wait_state("churn-1", Job.SUCCEEDED, Job.FAILED, timeout=300)
+    assert job.state == Job.SUCCEEDED, control.log("churn-1")[-3000:]
+    assert job.registered.model_name == "churn" and job.registered.version == 1
+    with grpc.insecure_channel(control.process.address) as channel:
+        version = registry_pb2_grpc.RegistryStub(channel).GetModelVersionByAlias(
+            registry_pb2.GetModelVersionByAliasRequest(model_name="churn", alias="candidate"),
+            metadata=client_metadata("t-replica"), timeout=10,
+        )  # fmt: skip
+    assert version.state == registry_pb2.ModelVersion.READY and version.version == 1
+    lineage = version.lineage
+    assert lineage.source_job == "churn-1" and lineage.dataset_hash == job.dataset_hash and len(job.dataset_hash) == 64
+    assert lineage.code_version == job.code_hash and lineage.parameters["feature_service"] == "churn"
+    assert version.metrics["val_accuracy"] > 0.85
+    assert "weir_feature_service" in version.config_pbtxt
