@@ -264,6 +264,11 @@ def test_bad_submissions_name_the_field(control: Control, code: Path) -> None:
     error = refused("sweep", "submit", "s", "--builtin", "mlp", "--space", "lr=range:1:0", "--metric", "loss",
                     "--method", "random", "--trials", "2")  # fmt: skip
     assert error["code"] == "INVALID_ARGUMENT" and "low < high" in error["message"]
+    # a job past its timeout is ended and FAILED, without a retry
+    submit(control, "slow", code, "--param", "epochs=100", "--param", "epoch_sleep=0.5", "--timeout", "2",
+           "--max-retries", "2")  # fmt: skip
+    slow = control.wait_state("slow", Job.FAILED, Job.SUCCEEDED, Job.CANCELLED, timeout=60)
+    assert slow.state == Job.FAILED and slow.reason == "timed out after 2 s" and slow.attempt == 1
     # reporting needs the job's own secret
     with grpc.insecure_channel(control.process.address) as channel:
         stub = training_pb2_grpc.TrainingStub(channel)
@@ -283,10 +288,12 @@ def test_the_built_in_trainer_registers_a_ready_version_with_lineage(control: Co
     cli(control.process, "features", "apply", str(definitions))
     cli(control.process, "train", "submit", "churn-1", "--builtin", "mlp", "--param", f"entities={entities}",
         "--param", "feature_service=churn", "--param", "label=churned", "--param", "epochs=6",
-        "--register", "churn", "--alias", "candidate")  # fmt: skip
+        "--register", "churn", "--alias", "candidate", "--canary-endpoint", "churn-endpoint")  # fmt: skip
     job = control.wait_state("churn-1", Job.SUCCEEDED, Job.FAILED, timeout=300)
     assert job.state == Job.SUCCEEDED, control.log("churn-1")[-3000:]
     assert job.registered.model_name == "churn" and job.registered.version == 1
+    # the hand-off to the rollouts service happened: nothing serves that endpoint, so it refused
+    assert job.reason.startswith("canary not started:") and "churn-endpoint" in job.reason, job.reason
     with grpc.insecure_channel(control.process.address) as channel:
         version = registry_pb2_grpc.RegistryStub(channel).GetModelVersionByAlias(
             registry_pb2.GetModelVersionByAliasRequest(model_name="churn", alias="candidate"),

@@ -84,8 +84,11 @@ class LocalExecutor:
         child = self._children.get(handle)
         if child is not None and child.poll() is None:
             return True
-        # after a restart the launcher is not our child: it, or what it started, may still run
-        return handle > 0 and bool(_living([handle, *descendants(handle)]))
+        # After a restart the launcher is not our child: it, or what it started, may still run. A
+        # recorded pid that now belongs to another program (reused) does not count.
+        if handle <= 0 or not _is_launcher(handle):
+            return False
+        return bool(_living([handle, *descendants(handle)]))
 
     def stop(self, handle: int, grace: float) -> None:
         """SIGTERM to the launcher's whole tree, SIGKILL to what is left after ``grace``. The tree, not
@@ -140,6 +143,14 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             frontier.append(child)
     return found
+
+
+def _is_launcher(pid: int) -> bool:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"weir_control.training.launcher" in command
 
 
 def _living(pids: list[int]) -> list[int]:

@@ -290,7 +290,8 @@ class JobRunner:
                     self._finish(job_id, Job.FAILED, 0, f"the job succeeded but registration failed: {error.message}")
                     return
                 self._record_registration(job_id, version.model_name, version.version)
-                self._canary(job, version.model_name, version.version)
+                self._finish(job_id, Job.SUCCEEDED, 0, self._canary(job, version.model_name, version.version))
+                return
             self._finish(job_id, Job.SUCCEEDED, 0, "")
             return
         log_path = self.jobs_dir / job_id / "job.log"
@@ -433,8 +434,11 @@ class JobRunner:
                     changed = True
                     continue
                 self._record_registration(sweep.id, version.model_name, version.version)
-                self._canary(registering, version.model_name, version.version)
-            self._finish(sweep.id, Job.SUCCEEDED, 0, f"best trial {best_id}: {sweep.sweep.metric} = {value:.6g}")
+                canary = self._canary(registering, version.model_name, version.version)
+            else:
+                canary = ""
+            outcome = f"best trial {best_id}: {sweep.sweep.metric} = {value:.6g}"
+            self._finish(sweep.id, Job.SUCCEEDED, 0, f"{outcome}; {canary}" if canary else outcome)
             changed = True
         return changed
 
@@ -442,10 +446,12 @@ class JobRunner:
         reference = _ref(model_name, version)
         self._store.update_job(job_id, lambda job: job.registered.MergeFrom(reference))
 
-    def _canary(self, job: Job, model_name: str, version: int) -> None:
+    def _canary(self, job: Job, model_name: str, version: int) -> str:
+        """Hand the new version to the rollouts controller when the job asks for a canary; returns what
+        went wrong ('' when it started or none was asked for). The version stays registered either way."""
         canary = job.spec.register.canary
         if not canary.endpoint or self._start_canary is None or self._loop is None:
-            return
+            return ""
         request = type(canary)()
         request.CopyFrom(canary)
         request.model_name = model_name
@@ -453,10 +459,11 @@ class JobRunner:
         future = asyncio.run_coroutine_threadsafe(self._start_canary(request, f"training-job:{job.id}"), self._loop)
         try:
             future.result(timeout=30)
-        except Exception as error:  # the version stays registered; the hand-off is reported on the job
+        except Exception as error:
             message = error.message if isinstance(error, WeirError) else repr(error)
             log.warning("could not start the canary of a trained version", extra={"job": job.id, "error": message})
-            self._store.update_job(job.id, lambda stored: setattr(stored, "reason", f"canary not started: {message}"))
+            return f"canary not started: {message}"
+        return ""
 
 
 def _ref(model_name: str, version: int) -> Any:
