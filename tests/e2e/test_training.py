@@ -170,9 +170,15 @@ def test_a_job_runs_reports_and_a_duplicate_submit_returns_the_first(control: Co
 
 
 def test_a_two_process_gloo_job_runs_every_rank(control: Control, code: Path) -> None:
-    submit(control, "ddp", code, "--processes", "2", "--param", "epochs=2")
-    job = control.wait_state("ddp", Job.SUCCEEDED, Job.FAILED)
+    submit(control, "ddp", code, "--processes", "2", "--param", "epochs=2", "--param", "epoch_sleep=0.5")
+    followed = subprocess.run(  # follows the log while the job runs and returns when it ends
+        [sys.executable, "-m", "weir.cli", "train", "logs", "ddp", "--follow", "--control-plane",
+         control.process.address, "--token", "t-replica"], capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    job = control.job("ddp")
+    assert job.state in (Job.SUCCEEDED, Job.FAILED)
     log = control.log("ddp")
+    assert followed == log
     assert job.state == Job.SUCCEEDED, log
     assert "rank 0 all_reduce sum 3" in log and "rank 1 all_reduce sum 3" in log
 
