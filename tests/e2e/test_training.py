@@ -311,3 +311,16 @@ def test_the_built_in_trainer_registers_a_ready_version_with_lineage(control: Co
     assert lineage.code_version == job.code_hash and lineage.parameters["feature_service"] == "churn"
     assert version.metrics["val_accuracy"] > 0.85
     assert "weir_feature_service" in version.config_pbtxt
+    # a sweep of the built-in trainer registers its best trial, with that trial as the lineage's job
+    cli(control.process, "sweep", "submit", "churn-sweep", "--builtin", "mlp", "--param", f"entities={entities}",
+        "--param", "feature_service=churn", "--param", "label=churned", "--param", "epochs=4",
+        "--space", "lr=0.00001,0.05", "--metric", "val_accuracy", "--maximize", "--register", "churn")  # fmt: skip
+    sweep = control.wait_state("churn-sweep", Job.SUCCEEDED, Job.FAILED, timeout=300)
+    assert sweep.state == Job.SUCCEEDED and sweep.best_trial == "churn-sweep.trial-001", sweep.reason
+    assert sweep.registered.version == 2 and sweep.metrics["val_accuracy"] == sweep.best_value
+    with grpc.insecure_channel(control.process.address) as channel:
+        best = registry_pb2_grpc.RegistryStub(channel).GetModelVersion(
+            registry_pb2.GetModelVersionRequest(model_name="churn", version=2),
+            metadata=client_metadata("t-replica"), timeout=10,
+        )  # fmt: skip
+    assert best.lineage.source_job == "churn-sweep.trial-001" and best.lineage.parameters["lr"] == "0.05"

@@ -283,6 +283,7 @@ class JobRunner:
     def _attempt_ended(self, job_id: str, code: int) -> None:
         job = self._store.get_job(job_id)
         if code == 0:
+            job = self._merge_final_metrics(job)
             if job.kind == "job" and job.spec.register.model_name:
                 try:
                     version = register_job_output(self._store, self._artifacts, job, self.jobs_dir / job_id / "output")
@@ -441,6 +442,22 @@ class JobRunner:
             self._finish(sweep.id, Job.SUCCEEDED, 0, f"{outcome}; {canary}" if canary else outcome)
             changed = True
         return changed
+
+    def _merge_final_metrics(self, job: Job) -> Job:
+        """A job may write its final metrics (e.g. the best epoch's, after early stopping) to
+        output/metrics.json; they replace the last logged values, rank sweep trials and go to the
+        registry."""
+        path = self.jobs_dir / job.id / "output" / "metrics.json"
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return job
+        final = {
+            key: float(value)
+            for key, value in (document.items() if isinstance(document, dict) else [])
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        return self._store.update_job(job.id, lambda stored: stored.metrics.update(final)) if final else job
 
     def _record_registration(self, job_id: str, model_name: str, version: int) -> None:
         reference = _ref(model_name, version)
