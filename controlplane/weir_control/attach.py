@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import datetime
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
 from weir_control.metrics import ControlMetrics
 from weir_control.store import Store
-from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc
+from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc, monitoring_pb2
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,13 @@ class DesiredStateHub:
 
 
 class DataPlaneSyncService(deployments_pb2_grpc.DataPlaneSyncServicer):
-    def __init__(self, hub: DesiredStateHub) -> None:
+    def __init__(
+        self,
+        hub: DesiredStateHub,
+        on_records: Callable[[str, monitoring_pb2.InferenceRecords], Awaitable[None]] | None = None,
+    ) -> None:
         self._hub = hub
+        self._on_records = on_records  # sampled inference records, for drift monitoring
 
     async def Attach(
         self, request_iterator: AsyncIterator[deployments_pb2.DataPlaneMessage], context: grpc.aio.ServicerContext
@@ -121,5 +126,8 @@ class DataPlaneSyncService(deployments_pb2_grpc.DataPlaneSyncServicer):
     async def _read(self, replica: _Replica, request_iterator: AsyncIterator[deployments_pb2.DataPlaneMessage]) -> None:
         async for message in request_iterator:
             replica.info.last_heartbeat.FromDatetime(datetime.datetime.now(datetime.UTC))
-            if message.WhichOneof("body") == "status":
+            body = message.WhichOneof("body")
+            if body == "status":
                 replica.info.status.CopyFrom(message.status)
+            elif body == "records" and self._on_records is not None:
+                await self._on_records(replica.info.replica_id, message.records)

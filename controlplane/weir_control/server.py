@@ -23,6 +23,8 @@ from weir_control.attach import DataPlaneSyncService, DesiredStateHub
 from weir_control.experiments import ExperimentsService
 from weir_control.features.service import FeaturesService
 from weir_control.metrics import ControlMetrics, ReplicaCollector
+from weir_control.monitoring.monitor import DriftCollector, DriftMonitor
+from weir_control.monitoring.service import MonitoringLinks, MonitoringService, run_windows, stop_task
 from weir_control.rollouts import RolloutController
 from weir_control.services import (
     Auditor,
@@ -44,6 +46,8 @@ from weir_proto.control.v1 import (
     experiments_pb2_grpc,
     features_pb2,
     features_pb2_grpc,
+    monitoring_pb2,
+    monitoring_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     rollouts_pb2,
@@ -65,6 +69,7 @@ SERVICE_NAMES = (
     experiments_pb2.DESCRIPTOR.services_by_name["Experiments"].full_name,
     features_pb2.DESCRIPTOR.services_by_name["Features"].full_name,
     training_pb2.DESCRIPTOR.services_by_name["Training"].full_name,
+    monitoring_pb2.DESCRIPTOR.services_by_name["Monitoring"].full_name,
 )
 
 _TRAINING = training_pb2.DESCRIPTOR.services_by_name["Training"].full_name
@@ -98,6 +103,9 @@ _MUTATIONS = {
     "SubmitJob",
     "SubmitSweep",
     "CancelJob",
+    "SetReference",
+    "SetMonitoringPolicy",
+    "RecordFeedback",
 }
 
 
@@ -166,6 +174,8 @@ class ControlPlaneServer:
         self._rollout_task: asyncio.Task[None] | None = None
         self.features: FeaturesService | None = None
         self.training: JobRunner | None = None
+        self.drift: DriftMonitor | None = None
+        self._drift_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -191,7 +201,13 @@ class ControlPlaneServer:
             RegistryService(store, artifacts, auditor, hub, self.metrics), server
         )
         deployments_pb2_grpc.add_DeploymentsServicer_to_server(DeploymentsService(store, auditor, hub), server)
-        deployments_pb2_grpc.add_DataPlaneSyncServicer_to_server(DataPlaneSyncService(hub), server)
+        self.drift = await asyncio.to_thread(DriftMonitor, store)  # links set below, once the runner exists
+
+        async def on_records(replica_id: str, records: monitoring_pb2.InferenceRecords) -> None:
+            assert self.drift is not None
+            await asyncio.to_thread(self.drift.ingest, replica_id, records)
+
+        deployments_pb2_grpc.add_DataPlaneSyncServicer_to_server(DataPlaneSyncService(hub, on_records), server)
         audit_pb2_grpc.add_AuditServicer_to_server(AuditService(store), server)
         self.rollouts = RolloutController(store, hub)
         rollouts_pb2_grpc.add_RolloutsServicer_to_server(RolloutsService(store, auditor, self.rollouts), server)
@@ -202,6 +218,9 @@ class ControlPlaneServer:
             store, artifacts, settings.resolved_jobs_dir, settings.max_concurrent_jobs, start_canary=self.rollouts.start
         )
         training_pb2_grpc.add_TrainingServicer_to_server(TrainingService(store, auditor, self.training), server)
+        self.drift.link(MonitoringLinks(store, self.training))
+        self.registry.register(DriftCollector(self.drift))
+        monitoring_pb2_grpc.add_MonitoringServicer_to_server(MonitoringService(self.drift, auditor), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
@@ -213,6 +232,7 @@ class ControlPlaneServer:
         host = "127.0.0.1" if settings.listen_address in ("0.0.0.0", "::", "[::]", "") else settings.listen_address
         self.training.control_address = f"{host}:{self.port}"
         await self.training.start()
+        self._drift_task = asyncio.create_task(run_windows(self.drift), name="weir-drift-windows")
         self._rollout_task = asyncio.create_task(self.rollouts.run(), name="weir-rollout-controller")
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -235,6 +255,8 @@ class ControlPlaneServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._rollout_task
             self._rollout_task = None
+        await stop_task(self._drift_task)
+        self._drift_task = None
         if self.training is not None:
             await self.training.stop()  # jobs keep running: the next start re-attaches them
         if self._server is not None:

@@ -151,11 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     # The composition root is the one place the data plane's package may reach the control plane's.
     from weir_control.cli import add_commands
     from weir_control.features.cli import add_commands as add_feature_commands
+    from weir_control.monitoring.cli import add_commands as add_drift_commands
     from weir_control.training.cli import add_commands as add_training_commands
 
     add_commands(commands)
     add_feature_commands(commands)
     add_training_commands(commands)
+    add_drift_commands(commands)
     up = commands.add_parser(
         "up",
         help="run a control plane and one data plane together on embedded defaults (SQLite, local artifacts)",
@@ -208,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from weir_control.features.cli import run as run_features
 
         return run_features(args)
+    if args.command == "drift":
+        from weir_control.monitoring.cli import run as run_drift
+
+        return run_drift(args)
     if args.command in ("train", "sweep"):
         from weir_control.training.cli import run as run_training
 

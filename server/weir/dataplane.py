@@ -21,6 +21,7 @@ from weir.cache import ResponseCache, response_cache_key
 from weir.enrichment import Enricher
 from weir.errors import FailedPreconditionError, PermissionDeniedError, WeirError
 from weir.metrics import UNKNOWN_MODEL_LABEL, Metrics
+from weir.monitoring import RecordBuffer, Sample
 from weir.repository import LoadedVersion, ModelRepository
 from weir.routing import PIN_PARAMETER, EndpointRoute, Router, VariantRoute, routing_key
 from weir.shadow import ShadowMirror
@@ -58,9 +59,11 @@ class DataPlane:
         router: Router | None = None,
         shadows: ShadowMirror | None = None,
         enricher: Enricher | None = None,
+        records: RecordBuffer | None = None,
     ) -> None:
         self.shadows = shadows
         self.enricher = enricher
+        self.records = records  # sampled requests for drift monitoring (when a control plane is followed)
         self._repository = repository
         self.router = router if router is not None else Router()
         self._metrics = metrics
@@ -76,13 +79,14 @@ class DataPlane:
         runs on the variant the traffic policy picks; the response names it."""
         started = time.perf_counter_ns()
         variant = None
+        sticky_key = ""
         after_compute: Callable[[dict[str, np.ndarray]], None] | None = None
         try:
             route = self.router.get(request.model_name)
             if route is None:
                 loaded = self._repository.resolve(request.model_name, request.model_version)
             else:
-                variant = self._choose(route, request, caller or _NoCaller())
+                variant, sticky_key = self._choose(route, request, caller or _NoCaller())
                 loaded = self._repository.resolve(variant.model, request.model_version)
                 if route.shadows and self.shadows is not None:
                     mirror = self.shadows
@@ -95,7 +99,7 @@ class DataPlane:
         try:
             if loaded.enrichment is not None:
                 await self._enrich(loaded, request)
-            response = await self._infer_on(loaded, request, deadline, started, variant, after_compute)
+            response = await self._infer_on(loaded, request, deadline, started, variant, after_compute, sticky_key)
         except WeirError as error:
             self._record_failure(loaded, error.kind.value, started)
             raise
@@ -116,7 +120,7 @@ class DataPlane:
             )
         await self.enricher.enrich(request, spec)
 
-    def _choose(self, route: EndpointRoute, request: pb.ModelInferRequest, caller: Caller) -> VariantRoute:
+    def _choose(self, route: EndpointRoute, request: pb.ModelInferRequest, caller: Caller) -> tuple[VariantRoute, str]:
         parameters = request.parameters
         pinned = None
         if PIN_PARAMETER in parameters:
@@ -131,7 +135,7 @@ class DataPlane:
             key = routing_key(codec.parameter_value(parameters[route.key_parameter]))
         elif route.key_header:
             key = caller.header(route.key_header)
-        return route.choose(key, pinned)
+        return route.choose(key, pinned), key or ""
 
     async def _infer_on(
         self,
@@ -141,6 +145,7 @@ class DataPlane:
         started: int,
         variant: VariantRoute | None = None,
         after_compute: Callable[[dict[str, np.ndarray]], None] | None = None,
+        sticky_key: str = "",
     ) -> InferAnswer:
         decoded = codec.decode_request(request, loaded.signature, self._max_tensor_elements)
         cache_key = None
@@ -189,6 +194,15 @@ class DataPlane:
         for stage, ns in (("decode", decode_ns), ("queue", queue_ns), ("infer", infer_ns), ("encode", encode_ns)):
             metrics.stage_duration[stage].observe(ns / 1e9)
         metrics.inference_count.inc(decoded.batch_size)
+        records = self.records
+        if records is not None and loaded.monitoring is not None and records.should_sample(loaded.monitoring.rate):
+            records.offer(
+                Sample(
+                    request.model_name, variant.name if variant is not None else "", loaded.name, loaded.version,
+                    request.id, sticky_key, time.time(), (finished - started) / 1e9, loaded.monitoring.batched,
+                    decoded.inputs, result.outputs,
+                )
+            )  # fmt: skip
         return response
 
     def _answer_from_cache(

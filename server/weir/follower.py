@@ -38,6 +38,7 @@ from google.protobuf import text_format
 
 from weir import __version__
 from weir.errors import WeirError
+from weir.monitoring import RecordBuffer, to_records
 from weir.repository import ModelRepository
 from weir.routing import (
     DEFAULT_KEY_PARAMETER,
@@ -51,7 +52,13 @@ from weir.routing import (
 from weir.shadow import ShadowMirror
 from weir_proto.auth import client_metadata
 from weir_proto.common.v1 import types_pb2
-from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc, registry_pb2, registry_pb2_grpc
+from weir_proto.control.v1 import (
+    deployments_pb2,
+    deployments_pb2_grpc,
+    monitoring_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+)
 from weir_proto.inference import messages as inference
 from weir_proto.tls import ClientTLS
 
@@ -59,6 +66,8 @@ log = logging.getLogger(__name__)
 
 ARTIFACTS_DIR = ".artifacts"  # dot-prefixed: the repository never mistakes it for a model
 ROUTES_FILE = ".routes.json"  # the traffic policy last applied, for a restart without the control plane
+RECORDS_SECONDS = 0.5  # how often sampled inference records are shipped
+RECORDS_PER_MESSAGE = 5000
 SERVED_MARKER = "weir-served.txt"  # in each variant's directory: registry model, version, sha256
 EndpointState = deployments_pb2.EndpointStatus
 
@@ -94,7 +103,11 @@ class ControlPlaneFollower:
         on_change: Callable[[], Awaitable[None]],
         shadows: ShadowMirror | None = None,
         on_features: Callable[[str, str], None] | None = None,
+        records: RecordBuffer | None = None,
+        element_names: Callable[[str, str], list[str] | None] = lambda model, tensor: None,
     ) -> None:
+        self._records = records
+        self._element_names = element_names
         self._on_features = on_features
         self._features_applied: tuple[str, str] | None = None
         self._shadows = shadows
@@ -172,6 +185,7 @@ class ControlPlaneFollower:
             outbox.put_nowait(deployments_pb2.DataPlaneMessage(hello=hello))
             call = sync.Attach(_drain(outbox), metadata=client_metadata(settings.token))
             heartbeats = asyncio.create_task(self._heartbeat(outbox))
+            shipping = asyncio.create_task(self._ship_records(outbox)) if self._records is not None else None
             try:
                 async for message in call:
                     self.attached.set()
@@ -179,6 +193,8 @@ class ControlPlaneFollower:
                         await self._apply(message.desired_state, registry)
             finally:
                 heartbeats.cancel()
+                if shipping is not None:
+                    shipping.cancel()
                 self._outbox = None
                 call.cancel()
 
@@ -188,6 +204,20 @@ class ControlPlaneFollower:
         while True:
             await asyncio.sleep(self._settings.heartbeat_seconds)
             outbox.put_nowait(deployments_pb2.DataPlaneMessage(status=self._status()))
+
+    async def _ship_records(self, outbox: asyncio.Queue[deployments_pb2.DataPlaneMessage]) -> None:
+        """Sampled requests, as records, every RECORDS_SECONDS while attached (converted in a worker
+        thread: the samples are references to arrays nothing writes to any more)."""
+        buffer = self._records
+        assert buffer is not None
+        while True:
+            await asyncio.sleep(RECORDS_SECONDS)
+            samples = buffer.drain(RECORDS_PER_MESSAGE)
+            if not samples and not buffer.dropped:
+                continue
+            records = await asyncio.to_thread(to_records, samples, self._element_names)
+            message = monitoring_pb2.InferenceRecords(records=records, dropped=buffer.dropped)
+            outbox.put_nowait(deployments_pb2.DataPlaneMessage(records=message))
 
     def _status(self) -> deployments_pb2.ReplicaStatus:
         status = deployments_pb2.ReplicaStatus(

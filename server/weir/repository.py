@@ -45,6 +45,7 @@ from weir.model_config import (
     signature_of,
     unsupported_fields,
 )
+from weir.monitoring import MonitoringSpec
 from weir.statistics import VersionStatistics
 from weir.warmup import warmup_samples
 from weir_proto.inference import messages as pb
@@ -73,6 +74,7 @@ class LoadedVersion:
     statistics: VersionStatistics
     fingerprint: str = ""  # sha256 of the model file and config: what this version's answers depend on
     enrichment: EnrichmentSpec | None = None  # the feature service its requests are enriched with
+    monitoring: MonitoringSpec | None = None  # how many answered requests to sample for drift monitoring
 
     # Computed once per version, not per request.
     @functools.cached_property
@@ -298,6 +300,7 @@ class ModelRepository:
         signature = signature_of(config)
         try:
             enrichment = EnrichmentSpec.from_config(config)
+            monitoring = MonitoringSpec.from_config(config)
         except WeirError as error:
             raise ModelLoadError(error.message) from error
         instance_count, device = _instance_count_and_device(config)
@@ -320,7 +323,7 @@ class ModelRepository:
             metrics,
         )
         return LoadedVersion(
-            name, version, config, signature, backend, batcher, metrics, statistics, fingerprint, enrichment
+            name, version, config, signature, backend, batcher, metrics, statistics, fingerprint, enrichment, monitoring
         )
 
     def _build_and_warm(

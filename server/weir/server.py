@@ -23,9 +23,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 from weir.cache import CacheMetrics, LocalResponseCache, RedisResponseCache, ResponseCache
 from weir.dataplane import DataPlane
 from weir.enrichment import Enricher, FreshnessCollector
+from weir.errors import WeirError
 from weir.follower import ControlPlaneFollower, FollowerSettings, default_replica_id
 from weir.grpc_service import InferenceServicer, generic_handler
 from weir.metrics import Metrics
+from weir.monitoring import RecordBuffer, RecordCollector
 from weir.repository import ModelRepository
 from weir.settings import ControlMode, ServerSettings
 from weir.shadow import ShadowCollector, ShadowMirror
@@ -97,6 +99,10 @@ class WeirServer:
         self._retired_enrichers: set[Enricher] = set()
         self._background: set[asyncio.Future[None]] = set()
         self.registry.register(FreshnessCollector(lambda: self.enricher))
+        # sampled requests for drift monitoring: only a follower has somewhere to send them
+        self.records = RecordBuffer() if settings.control_plane else None
+        if self.records is not None:
+            self.registry.register(RecordCollector(self.records))
         self.dataplane = DataPlane(
             self.repository,
             self.metrics,
@@ -104,6 +110,7 @@ class WeirServer:
             self.response_cache,
             shadows=self.shadows,
             enricher=self.enricher,
+            records=self.records,
         )
         self._health = health.aio.HealthServicer()
         self.tokens = TokenTable.load(Path(settings.tokens_file) if settings.tokens_file else None)
@@ -221,9 +228,26 @@ class WeirServer:
             self.refresh_health,
             shadows=self.shadows,
             on_features=self.use_features,
+            records=self.records,
+            element_names=self._element_names,
         )
         await self.follower.load_last_known_good()
         self._follower_task = asyncio.create_task(self.follower.run(), name="weir-control-plane-follower")
+
+    def _element_names(self, model: str, tensor: str) -> list[str] | None:
+        """An enriched input's elements are its feature service's features: records name them so."""
+        enricher = self.enricher
+        try:
+            loaded = self.repository.resolve(model, "")
+        except WeirError:
+            return None
+        spec = loaded.enrichment
+        if enricher is None or spec is None or spec.feature_input != tensor:
+            return None
+        try:
+            return enricher.feature_names(spec.service)
+        except WeirError:
+            return None
 
     def use_features(self, definitions_toml: str, online_store: str) -> None:
         """Feature definitions from the control plane: enrichment switches to them at once."""

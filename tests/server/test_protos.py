@@ -20,7 +20,10 @@ GENERATED = [
         f"weir_proto/{package}/v1/{name}{suffix}"
         for package, names in (
             ("common", ["types"]),
-            ("control", ["registry", "deployments", "audit", "rollouts", "experiments", "features", "training"]),
+            (
+                "control",
+                ["registry", "deployments", "audit", "rollouts", "experiments", "features", "training", "monitoring"],
+            ),
         )
         for name in names
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")

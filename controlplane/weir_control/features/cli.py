@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from weir_control.cli_errors import report_error
 from weir_proto.errors import InvalidArgumentError, WeirError
 
 
@@ -76,11 +77,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = _run_local(args) if args.definitions and args.features_command != "apply" else _run_remote(args)
     except WeirError as error:
-        if args.json:
-            print(json.dumps({"error": {"code": error.kind.name, "message": error.message}}))
-        else:
-            print(f"weir features: {error.kind.name}: {error.message}", file=sys.stderr)
-        return 1
+        return report_error(args, error)
     print(json.dumps(result, indent=2) if args.json else "\n".join(f"{key}: {value}" for key, value in result.items()))
     return 0
 

@@ -43,6 +43,7 @@ STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (5, "A/B tests and outcomes", _create(schema.experiment_tables)),
     (6, "feature definitions", _create(schema.feature_tables)),
     (7, "training jobs and metrics", _create(schema.training_tables)),
+    (8, "drift monitoring", _create(schema.monitoring_tables)),
 ]
 LATEST = STEPS[-1][0]
 _MIGRATION_LOCK = 0x7765697200  # "weir\0": the advisory lock key migrations take on PostgreSQL

@@ -213,6 +213,49 @@ def training_tables(metadata: MetaData) -> dict[str, Table]:
     return {jobs.name: jobs, metrics.name: metrics}
 
 
+def monitoring_tables(metadata: MetaData) -> dict[str, Table]:
+    """Schema version 8: drift monitoring: per endpoint its policy, reference and small state, the
+    scored windows (report and mergeable profile) and the actions taken."""
+    policies = Table(
+        "monitoring_policies",
+        metadata,
+        Column("endpoint", NAME, primary_key=True),
+        Column("policy", LargeBinary, nullable=False),  # weir.control.v1.MonitoringPolicy
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+    references = Table(
+        "drift_references",
+        metadata,
+        Column("endpoint", NAME, primary_key=True),
+        Column("summary", LargeBinary, nullable=False),  # weir.control.v1.ReferenceSummary
+        Column("profile", LargeBinary, nullable=False),  # weir_control.monitoring.profiles.ReferenceProfile
+    )
+    windows = Table(
+        "drift_windows",
+        metadata,
+        Column("id", ID, primary_key=True, autoincrement=True),
+        Column("endpoint", NAME, nullable=False, index=True),
+        Column("start", DateTime(timezone=True), nullable=False),
+        Column("end", DateTime(timezone=True), nullable=False),
+        Column("report", LargeBinary, nullable=False),  # weir.control.v1.DriftWindow
+        Column("profile", LargeBinary, nullable=False),  # WindowProfile: a later reference may merge it
+    )
+    actions = Table(
+        "drift_actions",
+        metadata,
+        Column("id", ID, primary_key=True, autoincrement=True),
+        Column("endpoint", NAME, nullable=False, index=True),
+        Column("action", LargeBinary, nullable=False),  # weir.control.v1.Action
+    )
+    state = Table(
+        "monitoring_state",
+        metadata,
+        Column("endpoint", NAME, primary_key=True),
+        Column("state", JSON, nullable=False),  # the concept-drift detector, counters, last action time
+    )
+    return {table.name: table for table in (policies, references, windows, actions, state)}
+
+
 METADATA = MetaData()
 SCHEMA_VERSION = schema_version_table(METADATA)
 _REGISTRY = registry_tables(METADATA)
@@ -227,6 +270,12 @@ FEATURE_DEFINITIONS = feature_tables(METADATA)["feature_definitions"]
 _TRAINING = training_tables(METADATA)
 TRAINING_JOBS = _TRAINING["training_jobs"]
 TRAINING_METRICS = _TRAINING["training_metrics"]
+_MONITORING = monitoring_tables(METADATA)
+MONITORING_POLICIES = _MONITORING["monitoring_policies"]
+DRIFT_REFERENCES = _MONITORING["drift_references"]
+DRIFT_WINDOWS = _MONITORING["drift_windows"]
+DRIFT_ACTIONS = _MONITORING["drift_actions"]
+MONITORING_STATE = _MONITORING["monitoring_state"]
 
 REGISTERED_MODELS = _REGISTRY["registered_models"]
 REGISTERED_MODEL_TAGS = _REGISTRY["registered_model_tags"]

@@ -39,10 +39,15 @@ from weir_control.store.schema import (
     AUDIT_EVENTS,
     COUNTERS,
     DEPLOYMENTS,
+    DRIFT_ACTIONS,
+    DRIFT_REFERENCES,
+    DRIFT_WINDOWS,
     FEATURE_DEFINITIONS,
     MODEL_ALIASES,
     MODEL_VERSION_TAGS,
     MODEL_VERSIONS,
+    MONITORING_POLICIES,
+    MONITORING_STATE,
     REGISTERED_MODEL_TAGS,
     REGISTERED_MODELS,
     ROLLOUTS,
@@ -54,6 +59,7 @@ from weir_proto.control.v1 import (
     audit_pb2,
     deployments_pb2,
     experiments_pb2,
+    monitoring_pb2,
     registry_pb2,
     rollouts_pb2,
     training_pb2,
@@ -747,6 +753,95 @@ class Store:
             for row in connection.execute(query):
                 latest[row.job_id] = float(row.value)  # a retried trial may report a step twice: the last counts
             return list(latest.values())
+
+    # --- drift monitoring ------------------------------------------------------------------------
+
+    def _upsert(self, connection: Connection, table: Any, key: dict[str, Any], values: dict[str, Any]) -> None:
+        condition = [table.c[name] == value for name, value in key.items()]
+        if not connection.execute(update(table).where(*condition).values(**values)).rowcount:
+            connection.execute(insert(table).values(**key, **values))
+
+    def save_monitoring_policy(self, policy: monitoring_pb2.MonitoringPolicy) -> None:
+        with self._transaction() as connection:
+            self._upsert(
+                connection, MONITORING_POLICIES, {"endpoint": policy.endpoint},
+                {"policy": policy.SerializeToString(), "updated_at": now()},
+            )  # fmt: skip
+
+    def monitoring_policies(self) -> list[monitoring_pb2.MonitoringPolicy]:
+        with self._transaction() as connection:
+            rows = connection.execute(select(MONITORING_POLICIES.c.policy))
+            return [monitoring_pb2.MonitoringPolicy.FromString(row.policy) for row in rows]
+
+    def save_drift_reference(self, summary: monitoring_pb2.ReferenceSummary, profile: bytes) -> None:
+        with self._transaction() as connection:
+            self._upsert(
+                connection, DRIFT_REFERENCES, {"endpoint": summary.endpoint},
+                {"summary": summary.SerializeToString(), "profile": profile},
+            )  # fmt: skip
+
+    def drift_references(self) -> list[tuple[monitoring_pb2.ReferenceSummary, bytes]]:
+        with self._transaction() as connection:
+            rows = connection.execute(select(DRIFT_REFERENCES.c.summary, DRIFT_REFERENCES.c.profile))
+            return [(monitoring_pb2.ReferenceSummary.FromString(row.summary), row.profile) for row in rows]
+
+    def append_drift_window(self, endpoint: str, window: monitoring_pb2.DriftWindow, profile: bytes, keep: int) -> None:
+        """Store a closed window and keep only the newest ``keep`` of the endpoint's."""
+        columns = DRIFT_WINDOWS.c
+        with self._transaction() as connection:
+            connection.execute(
+                insert(DRIFT_WINDOWS).values(
+                    endpoint=endpoint,
+                    start=window.start.ToDatetime(datetime.UTC),
+                    end=window.end.ToDatetime(datetime.UTC),
+                    report=window.SerializeToString(),
+                    profile=profile,
+                )
+            )
+            newest = select(columns.id).where(columns.endpoint == endpoint).order_by(columns.id.desc()).limit(keep)
+            kept = [row.id for row in connection.execute(newest)]
+            if kept:
+                connection.execute(delete(DRIFT_WINDOWS).where(columns.endpoint == endpoint, columns.id < min(kept)))
+
+    def drift_windows(self, endpoint: str, latest: int = 0) -> list[monitoring_pb2.DriftWindow]:
+        """The endpoint's windows, oldest first (the latest ``latest`` when given)."""
+        columns = DRIFT_WINDOWS.c
+        query = select(columns.report).where(columns.endpoint == endpoint).order_by(columns.id.desc())
+        if latest:
+            query = query.limit(latest)
+        with self._transaction() as connection:
+            rows = list(connection.execute(query))
+        return [monitoring_pb2.DriftWindow.FromString(row.report) for row in reversed(rows)]
+
+    def drift_window_profiles(self, endpoint: str, start: datetime.datetime, end: datetime.datetime) -> list[bytes]:
+        """Profiles of the windows lying within [start, end]."""
+        columns = DRIFT_WINDOWS.c
+        query = (
+            select(columns.profile)
+            .where(columns.endpoint == endpoint, columns.start >= start, columns.end <= end)
+            .order_by(columns.id)
+        )
+        with self._transaction() as connection:
+            return [row.profile for row in connection.execute(query)]
+
+    def append_drift_action(self, endpoint: str, action: monitoring_pb2.Action) -> None:
+        with self._transaction() as connection:
+            connection.execute(insert(DRIFT_ACTIONS).values(endpoint=endpoint, action=action.SerializeToString()))
+
+    def drift_actions(self, endpoint: str) -> list[monitoring_pb2.Action]:
+        columns = DRIFT_ACTIONS.c
+        with self._transaction() as connection:
+            rows = connection.execute(select(columns.action).where(columns.endpoint == endpoint).order_by(columns.id))
+            return [monitoring_pb2.Action.FromString(row.action) for row in rows]
+
+    def save_monitoring_state(self, endpoint: str, state: dict[str, Any]) -> None:
+        with self._transaction() as connection:
+            self._upsert(connection, MONITORING_STATE, {"endpoint": endpoint}, {"state": state})
+
+    def monitoring_states(self) -> dict[str, dict[str, Any]]:
+        with self._transaction() as connection:
+            rows = connection.execute(select(MONITORING_STATE.c.endpoint, MONITORING_STATE.c.state))
+            return {row.endpoint: dict(row.state) for row in rows}
 
     # --- feature definitions ---------------------------------------------------------------------
 

@@ -621,6 +621,19 @@ def config_text(settings: Settings, data: Dataset) -> str:
     return "\n".join(lines) + "\n"
 
 
+REFERENCE_FILE = "reference.parquet"  # drift monitoring's reference when the version's lineage is asked for
+
+
+def write_reference(path: Path, settings: Settings, data: Dataset) -> None:
+    """The training data as drift monitoring sees traffic: one column per feature (named as the data
+    plane names an enriched input's elements) and, for a classifier, the class index the labels
+    imply as ``<OUTPUT>.argmax`` (the predictions' reference share)."""
+    columns: dict[str, Any] = {name: data.features[:, index] for index, name in enumerate(data.feature_names)}
+    if settings.task == "classification":
+        columns[f"{OUTPUT_NAMES[settings.task]}.argmax"] = [str(int(index)) for index in data.targets]
+    pq.write_table(pa.table(columns), path)
+
+
 def export(run: tracking.Run, settings: Settings, data: Dataset, serving: nn.Module) -> None:
     """model.pt and config.pbtxt into the output directory, model.pt2 to the artifacts (best effort)."""
     serving.eval()
@@ -629,6 +642,7 @@ def export(run: tracking.Run, settings: Settings, data: Dataset, serving: nn.Mod
     scripted.save(str(staged))
     staged.replace(run.output_dir / "model.pt")
     (run.output_dir / "config.pbtxt").write_text(config_text(settings, data), encoding="utf-8")
+    write_reference(run.output_dir / REFERENCE_FILE, settings, data)
     try:
         example = (torch.zeros(2, len(data.feature_names)),)
         batch = torch.export.Dim("batch", min=1, max=1 << 20)

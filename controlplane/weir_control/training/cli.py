@@ -18,17 +18,16 @@ sent as a tar.gz and hashed by the control plane. Every command prints JSON with
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
+from weir_control.cli_errors import report_error
 from weir_proto.errors import InvalidArgumentError, WeirError, error_for_status
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
@@ -122,16 +121,11 @@ def typed_value(text: str) -> Any:
 
 
 def code_archive(directory: Path) -> bytes:
-    """The code directory as tar.gz (caches and VCS folders left out)."""
+    from weir_control.training.runner import archive_directory
+
     if not directory.is_dir():
         raise InvalidArgumentError(f"--code: expected a directory, got {directory}")
-    buffer = io.BytesIO()
-    skip = {"__pycache__", ".git", ".venv", "weir-run"}
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path in sorted(directory.rglob("*")):
-            if path.is_file() and not skip.intersection(path.relative_to(directory).parts):
-                tar.add(path, arcname=str(path.relative_to(directory)))
-    return buffer.getvalue()
+    return archive_directory(directory)
 
 
 def job_spec(args: argparse.Namespace) -> Any:
@@ -257,11 +251,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except WeirError as error:
-        if args.json:
-            print(json.dumps({"error": {"code": error.kind.name, "message": error.message}}))
-        else:
-            print(f"weir {args.command}: {error.kind.name}: {error.message}", file=sys.stderr)
-        return 1
+        return report_error(args, error)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -69,6 +69,19 @@ def code_hash(archive: bytes) -> str:
     return digest.hexdigest()
 
 
+CODE_SKIP = {"__pycache__", ".git", ".venv", "weir-run"}
+
+
+def archive_directory(directory: Path) -> bytes:
+    """A code directory as tar.gz (caches and VCS folders left out), the form jobs carry their code in."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(directory.rglob("*")):
+            if path.is_file() and not CODE_SKIP.intersection(path.relative_to(directory).parts):
+                tar.add(path, arcname=str(path.relative_to(directory)))
+    return buffer.getvalue()
+
+
 def param_value(value: training_pb2.ParamValue) -> Any:
     kind = value.WhichOneof("kind")
     return None if kind is None else getattr(value, kind)
@@ -198,6 +211,16 @@ class JobRunner:
             trial_ids.append(trial_id)
         with self._lock:
             return self._store.update_job(sweep_id, lambda job: job.trials.extend(trial_ids))
+
+    def spec_like(self, job_id: str) -> training_pb2.JobSpec:
+        """The spec of an earlier job, its code packed again from that job's directory (a retraining)."""
+        job = self._store.get_job(job_id)
+        spec = training_pb2.JobSpec()
+        spec.CopyFrom(job.spec)
+        code_dir = self.jobs_dir / job_id / "code"
+        if code_dir.is_dir():
+            spec.code_archive = archive_directory(code_dir)
+        return spec
 
     def _prepare(self, job_id: str, spec: training_pb2.JobSpec, secret: str) -> None:
         """The job's directory: its code unpacked, its secret, and the feature definitions for the

@@ -1,0 +1,1 @@
+"""Model monitoring: reference and window profiles of inference records, and drift statistics over them."""

@@ -1,0 +1,578 @@
+"""The drift monitor: inference records from the data planes go into each endpoint's current tumbling
+window; a closed window is scored against the endpoint's reference (per feature PSI, KS, Jensen-Shannon,
+Wasserstein, chi-square; prediction drift on outputs; concept drift from feedback labels), stored with
+its mergeable profile, exported as gauges, and may trigger the endpoint's actions (a webhook alert,
+a retraining job) at most once per cool-down.
+
+All methods are blocking and guarded by one lock; the gRPC side calls them in worker threads.
+
+Records become features as follows: numeric inputs and outputs are numeric features (the data plane
+names them ``X[i]``, ``X.mean``... or by their feature-service names); text values are categorical;
+an output with several elements also yields the categorical ``<output>.argmax`` (the predicted class),
+which prediction drift and concept drift use.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import logging
+import math
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from weir_control.monitoring import statistics
+from weir_control.monitoring.profiles import ReferenceProfile, WindowProfile
+from weir_control.store import Store
+from weir_proto.control.v1 import monitoring_pb2
+from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, WeirError
+
+log = logging.getLogger(__name__)
+
+Severity = monitoring_pb2.Severity
+ARGMAX = ".argmax"
+DEFAULT_WINDOW_SECONDS = 300.0
+DEFAULT_MIN_RECORDS = 200
+DEFAULT_COOLDOWN_SECONDS = 3600.0
+DEFAULT_MAX_WINDOWS = 288
+PREDICTIONS_REMEMBERED = 200_000  # request id -> predicted class, for feedback labels (per endpoint)
+REFERENCE_ACCURACY_LABELS = 200  # without a registered accuracy, the first labels set the reference
+WEBHOOK_ATTEMPTS = 3
+
+
+def resolved_policy(policy: monitoring_pb2.MonitoringPolicy) -> monitoring_pb2.MonitoringPolicy:
+    """The policy with defaults filled in (what the report shows and the monitor uses)."""
+    resolved = monitoring_pb2.MonitoringPolicy()
+    resolved.CopyFrom(policy)
+    resolved.window_seconds = policy.window_seconds or DEFAULT_WINDOW_SECONDS
+    resolved.min_records = policy.min_records or DEFAULT_MIN_RECORDS
+    resolved.cooldown_seconds = policy.cooldown_seconds or DEFAULT_COOLDOWN_SECONDS
+    resolved.max_windows = policy.max_windows or DEFAULT_MAX_WINDOWS
+    for name, (warning, critical) in statistics.DEFAULT_THRESHOLDS.items():
+        if name not in resolved.thresholds:
+            resolved.thresholds[name].CopyFrom(monitoring_pb2.Thresholds(warning=warning, critical=critical))
+    return resolved
+
+
+def check_policy(policy: monitoring_pb2.MonitoringPolicy) -> None:
+    if not policy.endpoint:
+        raise InvalidArgumentError("endpoint: expected an endpoint name, got ''")
+    for field_name in ("window_seconds", "cooldown_seconds"):
+        if getattr(policy, field_name) < 0:
+            raise InvalidArgumentError(
+                f"{field_name}: expected 0 (default) or more seconds, got {getattr(policy, field_name)}"
+            )
+    if policy.window_seconds and policy.window_seconds < 1:
+        raise InvalidArgumentError(f"window_seconds: expected at least 1 second, got {policy.window_seconds}")
+    if policy.min_records < 0 or policy.max_windows < 0:
+        raise InvalidArgumentError("min_records, max_windows: expected 0 (default) or more")
+    known = [*statistics.DEFAULT_THRESHOLDS, "wasserstein_normalized"]
+    for name, threshold in policy.thresholds.items():
+        if name not in known:
+            raise InvalidArgumentError(f"thresholds: expected keys among {known}, got '{name}'")
+        if not 0 <= threshold.warning <= threshold.critical:
+            raise InvalidArgumentError(
+                f"thresholds['{name}']: expected 0 <= warning <= critical, "
+                f"got {threshold.warning} and {threshold.critical}"
+            )
+    if policy.webhook_url and not policy.webhook_url.startswith(("http://", "https://")):
+        raise InvalidArgumentError(f"webhook_url: expected an http(s) URL, got {policy.webhook_url!r}")
+
+
+@dataclass
+class EndpointMonitor:
+    endpoint: str
+    policy: monitoring_pb2.MonitoringPolicy
+    reference: ReferenceProfile | None = None
+    reference_summary: monitoring_pb2.ReferenceSummary | None = None
+    window: WindowProfile | None = None
+    window_start: float = 0.0
+    outputs: set[str] = field(default_factory=set)  # feature names that are outputs (role)
+    predictions: collections.OrderedDict[str, str] = field(default_factory=collections.OrderedDict)
+    ddm: statistics.DDM = field(default_factory=statistics.DDM)
+    window_labels: list[int] = field(default_factory=lambda: [0, 0])  # correct, labelled
+    window_ddm_state: str = "stable"
+    reference_accuracy: float | None = None
+    first_labels: list[int] = field(default_factory=lambda: [0, 0])
+    records_received: int = 0
+    dropped_by_replica: dict[str, int] = field(default_factory=dict)
+    last_action_at: float = 0.0
+    latest: monitoring_pb2.DriftWindow | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "ddm": self.ddm.to_dict(),
+            "reference_accuracy": self.reference_accuracy,
+            "first_labels": self.first_labels,
+            "records_received": self.records_received,
+            "dropped_by_replica": self.dropped_by_replica,
+            "last_action_at": self.last_action_at,
+            "outputs": sorted(self.outputs),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.ddm = statistics.DDM.from_dict(state.get("ddm") or {})
+        self.reference_accuracy = state.get("reference_accuracy")
+        self.first_labels = list(state.get("first_labels") or [0, 0])
+        self.records_received = int(state.get("records_received", 0))
+        self.dropped_by_replica = {str(k): int(v) for k, v in (state.get("dropped_by_replica") or {}).items()}
+        self.last_action_at = float(state.get("last_action_at", 0.0))
+        self.outputs = set(state.get("outputs") or [])
+
+
+class DriftMonitor:
+    def __init__(
+        self,
+        store: Store,
+        submit_retraining: Callable[[str, monitoring_pb2.MonitoringPolicy], str] | None = None,
+        reference_for_serving: Callable[[str], tuple[str, Path]] | None = None,
+        serving_accuracy: Callable[[str], float | None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._submit_retraining = submit_retraining  # (endpoint, policy) -> job id
+        self._reference_for_serving = reference_for_serving  # endpoint -> (description, reference.parquet)
+        self._serving_accuracy = serving_accuracy  # endpoint -> the serving version's registered accuracy
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._endpoints: dict[str, EndpointMonitor] = {}
+        self._load()
+
+    def link(self, links: Any) -> None:
+        """The control plane's registry, deployments and job runner (``MonitoringLinks``)."""
+        self._submit_retraining = links.submit_retraining
+        self._reference_for_serving = links.reference_for_serving
+        self._serving_accuracy = links.serving_accuracy
+
+    def _load(self) -> None:
+        policies = {policy.endpoint: policy for policy in self._store.monitoring_policies()}
+        for endpoint, policy in policies.items():
+            self._endpoints[endpoint] = EndpointMonitor(endpoint, resolved_policy(policy))
+        for summary, profile in self._store.drift_references():
+            monitor = self._monitor(summary.endpoint)
+            monitor.reference, monitor.reference_summary = ReferenceProfile.from_bytes(profile), summary
+        for endpoint, state in self._store.monitoring_states().items():
+            self._monitor(endpoint).restore(state)
+        for endpoint, monitor in self._endpoints.items():
+            windows = self._store.drift_windows(endpoint, latest=1)
+            monitor.latest = windows[-1] if windows else None
+
+    def _monitor(self, endpoint: str) -> EndpointMonitor:
+        monitor = self._endpoints.get(endpoint)
+        if monitor is None:
+            monitor = EndpointMonitor(endpoint, resolved_policy(monitoring_pb2.MonitoringPolicy(endpoint=endpoint)))
+            self._endpoints[endpoint] = monitor
+        return monitor
+
+    def _open_window(self, monitor: EndpointMonitor, now: float) -> WindowProfile:
+        if monitor.window is None:
+            size = monitor.policy.window_seconds
+            monitor.window_start = math.floor(now / size) * size  # aligned: replicas' windows agree
+            monitor.window = WindowProfile(monitor.reference)
+        return monitor.window
+
+    # --- ingest ----------------------------------------------------------------------------------
+
+    def ingest(self, replica_id: str, records: monitoring_pb2.InferenceRecords) -> None:
+        now = self._clock()
+        with self._lock:
+            for record in records.records:
+                monitor = self._monitor(record.endpoint)
+                self._close_if_due(monitor, now)  # records of a new window never land in the previous one
+                window = self._open_window(monitor, now)
+                numeric, categorical = self._features(monitor, record)
+                window.add(numeric, categorical)
+                monitor.records_received += 1
+            if records.dropped:
+                for record in records.records[:1]:
+                    self._monitor(record.endpoint).dropped_by_replica[replica_id] = records.dropped
+
+    def _features(
+        self, monitor: EndpointMonitor, record: monitoring_pb2.InferenceRecord
+    ) -> tuple[dict[str, float], dict[str, str]]:
+        numeric: dict[str, float] = {}
+        categorical: dict[str, str] = {}
+        for value in record.inputs:
+            if value.WhichOneof("value") == "text":
+                categorical[value.name] = value.text
+            else:
+                numeric[value.name] = value.number
+        by_output: dict[str, list[float]] = {}
+        for value in record.outputs:
+            if value.WhichOneof("value") == "text":
+                categorical[value.name] = value.text
+                continue
+            numeric[value.name] = value.number
+            base = value.name.split("[", 1)[0]
+            by_output.setdefault(base, []).append(value.number)
+            if value.name not in monitor.outputs:
+                monitor.outputs.add(value.name)
+        for base, values in by_output.items():
+            if len(values) > 1:
+                predicted = str(max(range(len(values)), key=values.__getitem__))
+                categorical[base + ARGMAX] = predicted
+                monitor.outputs.add(base + ARGMAX)
+                if record.request_id:
+                    monitor.predictions[record.request_id] = predicted
+                    if len(monitor.predictions) > PREDICTIONS_REMEMBERED:
+                        monitor.predictions.popitem(last=False)
+        return numeric, categorical
+
+    # --- feedback: concept drift -----------------------------------------------------------------
+
+    def feedback(self, request: monitoring_pb2.RecordFeedbackRequest) -> monitoring_pb2.RecordFeedbackResponse:
+        if not request.endpoint:
+            raise InvalidArgumentError("endpoint: expected an endpoint name, got ''")
+        matched = unmatched = 0
+        with self._lock:
+            monitor = self._endpoints.get(request.endpoint)
+            if monitor is None:
+                raise NotFoundError(f"endpoint: no inference records seen for '{request.endpoint}'")
+            for label in request.labels:
+                predicted = monitor.predictions.get(label.request_id)
+                kind = label.WhichOneof("value")
+                if predicted is None or kind is None:
+                    unmatched += 1
+                    continue
+                matched += 1
+                actual = (
+                    str(int(label.number))
+                    if kind == "number" and float(label.number).is_integer()
+                    else str(getattr(label, kind))
+                )
+                correct = actual == predicted
+                monitor.window_labels[0] += int(correct)
+                monitor.window_labels[1] += 1
+                if monitor.first_labels[1] < REFERENCE_ACCURACY_LABELS:
+                    monitor.first_labels[0] += int(correct)
+                    monitor.first_labels[1] += 1
+                state = monitor.ddm.update(not correct)
+                if _ddm_rank(state) > _ddm_rank(monitor.window_ddm_state):
+                    monitor.window_ddm_state = state
+            self._store.save_monitoring_state(monitor.endpoint, monitor.state())
+        return monitoring_pb2.RecordFeedbackResponse(matched=matched, unmatched=unmatched)
+
+    # --- policy and reference --------------------------------------------------------------------
+
+    def set_policy(self, policy: monitoring_pb2.MonitoringPolicy) -> monitoring_pb2.MonitoringPolicy:
+        check_policy(policy)
+        with self._lock:
+            self._store.save_monitoring_policy(policy)
+            monitor = self._monitor(policy.endpoint)
+            resized = resolved_policy(policy).window_seconds != monitor.policy.window_seconds
+            monitor.policy = resolved_policy(policy)
+            if resized:
+                monitor.window = None  # the next record opens a window of the new size
+            return monitor.policy
+
+    def policy(self, endpoint: str) -> monitoring_pb2.MonitoringPolicy:
+        with self._lock:
+            return self._monitor(endpoint).policy
+
+    def set_reference(self, request: monitoring_pb2.SetReferenceRequest) -> monitoring_pb2.ReferenceSummary:
+        if not request.endpoint:
+            raise InvalidArgumentError("endpoint: expected an endpoint name, got ''")
+        source = request.WhichOneof("source")
+        if source == "window":
+            start, end = request.window.start.ToDatetime(datetime.UTC), request.window.end.ToDatetime(datetime.UTC)
+            if end <= start:
+                raise InvalidArgumentError(f"window.end: expected a time after window.start ({start}), got {end}")
+            profiles = self._store.drift_window_profiles(request.endpoint, start, end)
+            if not profiles:
+                raise FailedPreconditionError(
+                    f"window: no closed window of '{request.endpoint}' lies within "
+                    f"{start.isoformat()} .. {end.isoformat()}"
+                )
+            merged = WindowProfile.from_bytes(profiles[0], None)
+            for data in profiles[1:]:
+                merged.merge(WindowProfile.from_bytes(data, None))
+            profile = merged.to_reference()
+            description = f"traffic {start.isoformat()} .. {end.isoformat()} ({len(profiles)} windows)"
+        elif source in ("serving_lineage", "parquet_path"):
+            if source == "serving_lineage":
+                if self._reference_for_serving is None:
+                    raise FailedPreconditionError("serving_lineage: this control plane cannot resolve lineage")
+                description, path = self._reference_for_serving(request.endpoint)
+            else:
+                path = Path(request.parquet_path)
+                description = f"dataset {path}"
+            profile = _profile_from_parquet(path, "parquet_path" if source == "parquet_path" else "serving_lineage")
+        else:
+            raise InvalidArgumentError("source: expected window, serving_lineage or parquet_path, got none")
+        summary = monitoring_pb2.ReferenceSummary(
+            endpoint=request.endpoint,
+            source=description,
+            rows=profile.rows,
+            numeric_features=sorted(profile.numeric),
+            categorical_features=sorted(profile.categorical),
+        )
+        summary.set_at.FromSeconds(int(self._clock()))
+        with self._lock:
+            self._store.save_drift_reference(summary, profile.to_bytes())
+            monitor = self._monitor(request.endpoint)
+            monitor.reference, monitor.reference_summary = profile, summary
+            monitor.window = None  # windows bin on the reference: start a fresh one
+        return summary
+
+    # --- windows ---------------------------------------------------------------------------------
+
+    def tick(self) -> list[tuple[str, monitoring_pb2.DriftWindow]]:
+        """Close and score every window whose time is up; returns the closed windows."""
+        now = self._clock()
+        closed = []
+        with self._lock:
+            for monitor in list(self._endpoints.values()):
+                report = self._close_if_due(monitor, now)
+                if report is not None:
+                    closed.append((monitor.endpoint, report))
+        return closed
+
+    def _close_if_due(self, monitor: EndpointMonitor, now: float) -> monitoring_pb2.DriftWindow | None:
+        window = monitor.window
+        if window is None or now < monitor.window_start + monitor.policy.window_seconds:
+            return None
+        report = self._score(monitor, window)
+        self._store.append_drift_window(monitor.endpoint, report, window.to_bytes(), monitor.policy.max_windows)
+        monitor.latest = report
+        monitor.window = None
+        monitor.window_labels = [0, 0]
+        monitor.window_ddm_state = monitor.ddm.state if monitor.ddm.state != "drift" else "stable"
+        self._store.save_monitoring_state(monitor.endpoint, monitor.state())
+        if report.severity == Severity.CRITICAL:
+            self._act(monitor, report, now)
+        return report
+
+    def _score(self, monitor: EndpointMonitor, window: WindowProfile) -> monitoring_pb2.DriftWindow:
+        report = monitoring_pb2.DriftWindow(records=window.count)
+        report.start.FromNanoseconds(int(monitor.window_start * 1e9))
+        report.end.FromNanoseconds(int((monitor.window_start + monitor.policy.window_seconds) * 1e9))
+        report.concept.CopyFrom(self._concept(monitor))
+        reference = monitor.reference
+        if reference is None or window.count < monitor.policy.min_records:
+            report.severity = report.concept.severity
+            return report
+        thresholds = {name: (value.warning, value.critical) for name, value in monitor.policy.thresholds.items()}
+        worst: int = Severity.NONE
+        for name, numeric in sorted(reference.numeric.items()):
+            scores = statistics.score_numeric(name, numeric, window)
+            worst = max(worst, self._add_feature(report, monitor, scores, thresholds))
+        for name, categorical in sorted(reference.categorical.items()):
+            scores = statistics.score_categorical(name, categorical, window)
+            level = self._add_feature(report, monitor, scores, thresholds)
+            if name.endswith(ARGMAX):
+                change = statistics.prediction_share_change(categorical, window, name)
+                warning, critical = thresholds["prediction"]
+                prediction: int = (
+                    Severity.CRITICAL if change > critical else Severity.WARNING if change >= warning else Severity.NONE
+                )
+                report.predictions.add(output=name[: -len(ARGMAX)], max_share_change=change, severity=prediction)
+                level = max(level, prediction)  # the class shares are judged by the prediction thresholds too
+                report.features[-1].severity = level
+            worst = max(worst, level)
+        report.severity = max(worst, report.concept.severity)  # type: ignore[assignment]
+        return report
+
+    def _add_feature(
+        self,
+        report: monitoring_pb2.DriftWindow,
+        monitor: EndpointMonitor,
+        scores: statistics.FeatureScores,
+        thresholds: dict[str, tuple[float, float]],
+    ) -> int:
+        tested = len(monitor.reference.numeric) if monitor.reference is not None else 1
+        level, reasons = statistics.severity(scores, thresholds, tested)
+        if not scores.count:
+            level, reasons = Severity.SEVERITY_UNSPECIFIED, ["no values in this window"]
+        feature = report.features.add(
+            name=scores.name,
+            role="output" if scores.name in monitor.outputs else "input",
+            categorical=scores.categorical,
+            count=scores.count,
+            psi=scores.psi,
+            ks_statistic=scores.ks_statistic,
+            ks_p_value=scores.ks_p_value,
+            jensen_shannon=scores.jensen_shannon,
+            wasserstein=scores.wasserstein,
+            wasserstein_normalized=scores.wasserstein_normalized,
+            chi_square=scores.chi_square,
+            chi_square_p_value=scores.chi_square_p_value,
+            severity=level,
+            reasons=reasons,
+        )
+        histogram = scores.histogram
+        feature.histogram.edges.extend(histogram.edges)
+        feature.histogram.categories.extend(histogram.categories)
+        feature.histogram.reference.extend(histogram.reference)
+        feature.histogram.current.extend(histogram.current)
+        return level
+
+    def _concept(self, monitor: EndpointMonitor) -> monitoring_pb2.ConceptDrift:
+        correct, labelled = monitor.window_labels
+        if monitor.reference_accuracy is None:
+            registered = self._serving_accuracy(monitor.endpoint) if self._serving_accuracy else None
+            if registered is not None:
+                monitor.reference_accuracy = registered
+            elif monitor.first_labels[1] >= REFERENCE_ACCURACY_LABELS:
+                monitor.reference_accuracy = monitor.first_labels[0] / monitor.first_labels[1]
+        concept = monitoring_pb2.ConceptDrift(
+            labelled=labelled,
+            accuracy=correct / labelled if labelled else 0.0,
+            reference_accuracy=monitor.reference_accuracy or 0.0,
+            detector_state=monitor.window_ddm_state,
+        )
+        concept.severity = (
+            {"stable": Severity.NONE, "warning": Severity.WARNING, "drift": Severity.CRITICAL}[monitor.window_ddm_state]
+            if labelled
+            else Severity.SEVERITY_UNSPECIFIED
+        )
+        return concept
+
+    # --- actions ---------------------------------------------------------------------------------
+
+    def _act(self, monitor: EndpointMonitor, report: monitoring_pb2.DriftWindow, now: float) -> None:
+        policy = monitor.policy
+        if not (policy.webhook_url or policy.retrain):
+            return
+        if monitor.last_action_at and now - monitor.last_action_at < policy.cooldown_seconds:
+            return  # cool-down: one action per period however many windows stay critical
+        monitor.last_action_at = now
+        self._store.save_monitoring_state(monitor.endpoint, monitor.state())
+        critical = [feature.name for feature in report.features if feature.severity == Severity.CRITICAL]
+        if report.concept.severity == Severity.CRITICAL:
+            critical.append("concept drift")
+        if policy.retrain and self._submit_retraining is not None:
+            try:
+                detail = self._submit_retraining(monitor.endpoint, policy)
+            except WeirError as error:
+                detail = f"not submitted: {error.message}"
+            self._record_action(monitor.endpoint, "retrain", detail, now)
+        if policy.webhook_url:
+            alert = {
+                "endpoint": monitor.endpoint,
+                "severity": "CRITICAL",
+                "window_start": report.start.ToJsonString(),
+                "window_end": report.end.ToJsonString(),
+                "critical": critical,
+                "records": report.records,
+            }
+            # off the lock and off the caller's thread: a slow webhook must not hold up ingestion
+            threading.Thread(
+                target=self._alert, args=(monitor.endpoint, policy.webhook_url, alert, now), daemon=True
+            ).start()
+
+    def _alert(self, endpoint: str, url: str, alert: dict[str, Any], now: float) -> None:
+        body = json.dumps(alert).encode()
+        detail = ""
+        for attempt in range(WEBHOOK_ATTEMPTS):
+            try:
+                request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    detail = f"HTTP {response.status} after {attempt + 1} attempt(s)"
+                    break
+            except Exception as error:  # retried: a webhook receiver restarting must not lose the alert
+                detail = f"failed after {attempt + 1} attempt(s): {error}"
+                time.sleep(0.5 * 2**attempt)
+        self._record_action(endpoint, "alert", detail, now)
+
+    def _record_action(self, endpoint: str, kind: str, detail: str, now: float) -> None:
+        action = monitoring_pb2.Action(kind=kind, detail=detail)
+        action.at.FromNanoseconds(int(now * 1e9))
+        self._store.append_drift_action(endpoint, action)
+        log.warning("drift action", extra={"endpoint": endpoint, "kind": kind, "detail": detail})
+
+    # --- reports and metrics ---------------------------------------------------------------------
+
+    def report(self, endpoint: str, latest: int = 0) -> monitoring_pb2.DriftReport:
+        with self._lock:
+            monitor = self._endpoints.get(endpoint)
+            if monitor is None:
+                raise NotFoundError(f"endpoint: no inference records, policy or reference for '{endpoint}'")
+            report = monitoring_pb2.DriftReport(
+                endpoint=endpoint,
+                policy=monitor.policy,
+                records_received=monitor.records_received,
+                records_dropped=sum(monitor.dropped_by_replica.values()),
+            )
+            if monitor.reference_summary is not None:
+                report.reference.CopyFrom(monitor.reference_summary)
+        report.windows.extend(self._store.drift_windows(endpoint, latest))
+        report.actions.extend(self._store.drift_actions(endpoint))
+        return report
+
+    def latest(self) -> Iterable[tuple[str, monitoring_pb2.DriftWindow | None, int]]:
+        with self._lock:
+            return [
+                (name, monitor.latest, monitor.records_received) for name, monitor in sorted(self._endpoints.items())
+            ]
+
+
+def _ddm_rank(state: str) -> int:
+    return {"stable": 0, "warning": 1, "drift": 2}.get(state, 0)
+
+
+def _profile_from_parquet(path: Path, field_name: str) -> ReferenceProfile:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as error:
+        raise InvalidArgumentError(f"{field_name}: expected a readable Parquet file, got {path}: {error}") from error
+    numeric, categorical = {}, {}
+    for name in table.column_names:
+        column = table.column(name)
+        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type):
+            numeric[name] = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            categorical[name] = [str(value) for value in column.to_pylist() if value is not None]
+    if not numeric and not categorical:
+        raise InvalidArgumentError(f"{field_name}: expected numeric or text columns in {path}, got {table.schema}")
+    return ReferenceProfile.from_columns(numeric, categorical)
+
+
+class DriftCollector(Collector):
+    """Per endpoint and feature, the latest scored window's statistics and severity."""
+
+    def __init__(self, monitor: DriftMonitor) -> None:
+        self._monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        score = GaugeMetricFamily(
+            "weir_drift_score", "A drift statistic of the latest window.", labels=["endpoint", "feature", "statistic"]
+        )
+        severity = GaugeMetricFamily(
+            "weir_drift_severity", "Latest window's severity (0 none, 1 warning, 2 critical; -1 not scored).",
+            labels=["endpoint", "feature"],
+        )  # fmt: skip
+        accuracy = GaugeMetricFamily(
+            "weir_drift_labelled_accuracy", "Accuracy of the latest window's labelled predictions.", labels=["endpoint"]
+        )
+        received = CounterMetricFamily(
+            "weir_monitoring_records_received", "Inference records received from data planes.", labels=["endpoint"]
+        )
+        for endpoint, window, records in self._monitor.latest():
+            received.add_metric([endpoint], records)
+            if window is None:
+                continue
+            severity.add_metric([endpoint, "__window__"], _level(window.severity))
+            for feature in window.features:
+                severity.add_metric([endpoint, feature.name], _level(feature.severity))
+                for statistic in ("psi", "ks_statistic", "jensen_shannon", "wasserstein_normalized", "chi_square"):
+                    score.add_metric([endpoint, feature.name, statistic], getattr(feature, statistic))
+            if window.concept.labelled:
+                accuracy.add_metric([endpoint], window.concept.accuracy)
+                severity.add_metric([endpoint, "__concept__"], _level(window.concept.severity))
+        yield from (score, severity, accuracy, received)
+
+
+def _level(severity: int) -> float:
+    return {Severity.NONE: 0.0, Severity.WARNING: 1.0, Severity.CRITICAL: 2.0}.get(severity, -1.0)  # type: ignore[call-overload]
