@@ -74,3 +74,25 @@ def test_metrics_come_back_in_order_and_siblings_report_their_latest_value(store
     assert [(point.step, point.value) for _, point in points] == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
     assert store.job_metrics("s.trial-0", after_id=points[1][0])[0][1].step == 2
     assert sorted(store.sibling_metrics("s", "loss", 1, exclude="s.trial-2")) == [0.5, 0.8]
+
+
+def test_a_retraining_spec_is_the_earlier_jobs_with_its_code_packed_again(store: Store, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import io
+    import tarfile
+
+    from weir_control.artifacts import ArtifactStore
+    from weir_control.training.runner import JobRunner, code_hash
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, text in (("train.py", b"print('hi')\n"), ("lib/util.py", b"X = 1\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text))
+    spec = training_pb2.JobSpec(entrypoint="script:train.py", code_archive=buffer.getvalue(), max_retries=2)
+    spec.parameters["lr"].number = 0.1
+    runner = JobRunner(store, ArtifactStore(tmp_path / "artifacts"), tmp_path / "jobs")
+    first = runner.submit("first", spec, "ci")  # queued only: the runner is not started
+    again = runner.spec_like("first")
+    assert code_hash(again.code_archive) == first.code_hash == code_hash(spec.code_archive)
+    assert again.parameters["lr"].number == 0.1 and again.max_retries == 2 and again.entrypoint == "script:train.py"
