@@ -72,8 +72,10 @@ class WeirServer:
             raise RuntimeError(f"weir serve did not exit within {timeout:.0f}s of SIGTERM; killed it") from None
 
 
-def start_weir(repository: Path, *extra_args: str, timeout: float = 90.0) -> WeirServer:
-    """Start `weir serve` on a free loopback port, serving only ``MODEL`` (explicit control mode), and
+def start_weir(
+    repository: Path, *extra_args: str, timeout: float = 90.0, models: tuple[str, ...] = (MODEL,)
+) -> WeirServer:
+    """Start `weir serve` on a free loopback port, serving only ``models`` (explicit control mode), and
     wait for its "server started" JSON log line, which carries the chosen gRPC port."""
     command = [
         *weir_command(), "serve",
@@ -82,7 +84,7 @@ def start_weir(repository: Path, *extra_args: str, timeout: float = 90.0) -> Wei
         "--grpc-port", "0",
         "--metrics-port", "-1",
         "--model-control-mode", "explicit",
-        "--load-model", MODEL,
+        *[argument for model in models for argument in ("--load-model", model)],
         "--log-format", "json",
         *extra_args,
     ]  # fmt: skip

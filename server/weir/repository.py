@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from weir.backends.base import Backend
+from weir.backends.optimization import AccuracyReport, OptimizationSpec
+from weir.backends.tensorrt_backend import PLAN_FILE, TensorRTBackend
 from weir.backends.torch_backend import TorchBackend, find_model_file
 from weir.batching.batcher import DynamicBatcher
 from weir.batching.policy import BatchingConfig
@@ -160,6 +162,16 @@ class ModelRepository:
                 f"model_version: model '{name}' has no version {number}; ready versions are {sorted(served.versions)}"
             )
         return loaded
+
+    def accuracy_reports(self) -> list[tuple[str, str, AccuracyReport]]:
+        """(model, version, gate figures) of every served version with a lowered precision."""
+        reports = []
+        for name, served in sorted(self._served.items()):
+            for number, loaded in sorted(served.versions.items()):
+                report = getattr(loaded.backend, "accuracy", None)
+                if report is not None:
+                    reports.append((name, str(number), report))
+        return reports
 
     def served_models(self) -> list[ServedModel]:
         return list(self._served.values())
@@ -301,12 +313,16 @@ class ModelRepository:
         try:
             enrichment = EnrichmentSpec.from_config(config)
             monitoring = MonitoringSpec.from_config(config)
+            optimization = OptimizationSpec.from_config(config)
         except WeirError as error:
             raise ModelLoadError(error.message) from error
         instance_count, device = _instance_count_and_device(config)
         backend, fingerprint = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._build_and_warm, model_dir, version, config, signature, device
+            self._executor, self._build_and_warm, model_dir, version, config, signature, device, optimization
         )
+        if backend.accuracy is not None:  # the gate's figures, in what ModelConfig answers
+            for key, value in backend.accuracy.as_parameters().items():
+                config.parameters[key].string_value = value
         statistics = VersionStatistics()
         metrics = VersionMetrics.bind(self._metrics, name, str(version))
 
@@ -327,11 +343,23 @@ class ModelRepository:
         )
 
     def _build_and_warm(
-        self, model_dir: Path, version: int, config: pb.ModelConfig, signature: ModelSignature, device: str
-    ) -> tuple[Backend, str]:
+        self,
+        model_dir: Path,
+        version: int,
+        config: pb.ModelConfig,
+        signature: ModelSignature,
+        device: str,
+        optimization: OptimizationSpec,
+    ) -> tuple[TorchBackend | TensorRTBackend, str]:
         model_file = find_model_file(model_dir / str(version), config.default_model_filename)
         fingerprint = _content_fingerprint(model_file, config)
-        backend = TorchBackend(model_file, signature, device)
+        backend: TorchBackend | TensorRTBackend
+        if model_file.name == PLAN_FILE or optimization.tensorrt != "off":
+            optimization.check("export" if model_file.suffix == ".pt2" else "torchscript", device, config.name)
+            precision = optimization.tensorrt if optimization.tensorrt != "off" else "fp32"
+            backend = TensorRTBackend(model_file, signature, device, precision, config.name)
+        else:
+            backend = TorchBackend(model_file, signature, device, optimization, config.name)
         output_names = [spec.name for spec in signature.outputs]
         for inputs, batch_size in warmup_samples(config, signature, model_dir):
             try:

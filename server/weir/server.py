@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 
+from weir.backends.optimization import AccuracyCollector
 from weir.cache import CacheMetrics, LocalResponseCache, RedisResponseCache, ResponseCache
 from weir.dataplane import DataPlane
 from weir.enrichment import Enricher, FreshnessCollector
@@ -95,6 +96,7 @@ class WeirServer:
         self.response_cache = _response_cache(settings, self.registry)
         self.shadows = ShadowMirror(self.repository, settings.max_tensor_elements)
         self.registry.register(ShadowCollector(self.shadows))
+        self.registry.register(AccuracyCollector(self.repository.accuracy_reports))
         self.enricher = _enricher(settings)
         self._retired_enrichers: set[Enricher] = set()
         self._background: set[asyncio.Future[None]] = set()

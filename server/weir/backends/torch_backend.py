@@ -9,7 +9,9 @@ file can run arbitrary code.
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -18,11 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from weir.backends.optimization import AccuracyReport, OptimizationSpec, compare, optimize, validation_inputs
 from weir.errors import InternalError, InvalidArgumentError, ModelLoadError
 from weir.model_config import ModelSignature, TensorSpec
 
+log = logging.getLogger(__name__)
+
 _INDEXED_NAME = re.compile(r"^.+__(\d+)$")
-MODEL_FILE_CANDIDATES = ("model.pt", "model.pt2")
+MODEL_FILE_CANDIDATES = ("model.pt", "model.pt2", "model.plan")
 
 
 def find_model_file(version_dir: Path, default_model_filename: str) -> Path:
@@ -59,7 +64,14 @@ def _ordered(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
 
 
 class TorchBackend:
-    def __init__(self, model_path: Path, signature: ModelSignature, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        signature: ModelSignature,
+        device: str = "cpu",
+        optimization: OptimizationSpec | None = None,
+        model_name: str = "",
+    ) -> None:
         import torch
 
         self._torch = torch
@@ -67,7 +79,11 @@ class TorchBackend:
         self._device = torch.device(device)
         self._input_order = _ordered(signature.inputs)
         self._output_order = _ordered(signature.outputs)
+        self.accuracy: AccuracyReport | None = None  # the accuracy gate's figures, for a lowered precision
+        self._gpu_local = threading.local()  # per instance thread: CUDA stream and pinned host buffers
         kind = _archive_kind(model_path)
+        if optimization is not None and kind != "pickle":
+            optimization.check(kind, device, model_name)
         if kind == "pickle":
             raise ModelLoadError(
                 f"{model_path}: refusing to load a pickled Python object (torch.save of a module or "
@@ -83,13 +99,87 @@ class TorchBackend:
                 self._module.eval()
         except Exception as error:  # torch raises many types for a corrupt file
             raise ModelLoadError(f"{model_path}: cannot load {kind} model: {error}") from error
+        if optimization is not None and not optimization.is_default:
+            self._optimize(optimization, kind, model_path, model_name)
+
+    def _optimize(self, spec: OptimizationSpec, kind: str, model_path: Path, model_name: str) -> None:
+        """Swap in the optimized module; for a lowered precision, only after the accuracy gate."""
+        where = f"model '{model_name}'"
+        names = [output.name for output in self._signature.outputs]
+        if spec.lowers_precision:  # the fp32 answers first: casting a TorchScript module changes it in place
+            inputs = validation_inputs(spec, self._signature, model_path.parent, model_name)
+            expected = self._run_chunked(self._module, inputs, names)
+        try:
+            optimized = optimize(self._module, spec, kind, where)
+        except ModelLoadError:
+            raise
+        except Exception as error:  # torch's own failure to rewrite or compile this graph
+            raise ModelLoadError(f"{where}: cannot apply {spec}: {type(error).__name__}: {error}") from error
+        if spec.lowers_precision:
+            report = compare(expected, self._run_chunked(optimized, inputs, names), spec.precision)
+            if not report.passed(spec):
+                message = (
+                    f"{where}: accuracy gate: {spec.precision} against fp32 on {report.rows} validation rows: max abs "
+                    f"diff {report.max_abs_diff:.4g} (limit {spec.max_abs_diff:g}, weir_accuracy_max_abs_diff), top-1 "
+                    f"agreement {report.top1_agreement:.4f} (minimum {spec.min_top1_agreement:g}, "
+                    "weir_accuracy_min_top1_agreement)"
+                )
+                if spec.refuse_on_failure:
+                    raise ModelLoadError(message + "; weir_accuracy_gate: warn serves it anyway")
+                log.warning(message + "; served anyway (weir_accuracy_gate: warn)")
+            self.accuracy = report
+        self._module = optimized
 
     def infer(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        return self._run(self._module, inputs, output_names)
+
+    def _run_chunked(self, module: Any, inputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        """Validation rows in batches the model accepts (its max_batch_size)."""
+        step = self._signature.max_batch_size
+        rows = len(next(iter(inputs.values()))) if inputs else 0
+        if not self._signature.batched or rows <= step:
+            return self._run(module, inputs, names)
+        parts = [
+            self._run(module, {name: array[start : start + step] for name, array in inputs.items()}, names)
+            for start in range(0, rows, step)
+        ]
+        return {name: np.concatenate([part[name] for part in parts]) for name in names}
+
+    def _run(self, module: Any, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         torch = self._torch
+        if self._device.type == "cuda":
+            return self._run_on_gpu(module, inputs, output_names)
         arguments = [self._to_torch(spec, inputs.get(spec.name)) for spec in self._input_order]
         with torch.inference_mode():
-            result = self._module(*arguments)
+            result = module(*arguments)
         return self._outputs_from(result, output_names)
+
+    def _run_on_gpu(self, module: Any, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        """Each instance (executor thread) has its own CUDA stream and pinned host buffers: inputs are
+        copied into pinned memory and sent asynchronously, so instances overlap transfers with compute.
+        With weir_compile reduce-overhead, torch.compile replays CUDA graphs per batch size."""
+        torch = self._torch
+        local = self._gpu_local
+        if not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream(device=self._device)
+            local.pinned = {}
+        with torch.cuda.stream(local.stream), torch.inference_mode():
+            arguments = [self._to_device(spec, inputs.get(spec.name), local.pinned) for spec in self._input_order]
+            result = module(*arguments)
+            outputs = self._outputs_from(result, output_names)  # the copy back waits for the stream's work
+        return outputs
+
+    def _to_device(self, spec: TensorSpec, array: np.ndarray | None, pinned: dict[str, Any]) -> Any:
+        torch = self._torch
+        if array is None or spec.datatype.name in ("BYTES", "BF16"):
+            return self._to_torch(spec, array)
+        staging = pinned.get(spec.name)
+        if staging is None or staging.numel() < array.size or staging.dtype != torch.from_numpy(array[:0]).dtype:
+            staging = torch.empty(max(array.size, 1), dtype=torch.from_numpy(array[:0]).dtype).pin_memory()
+            pinned[spec.name] = staging
+        host = staging[: array.size].view(array.shape)
+        host.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+        return host.to(self._device, non_blocking=True)
 
     def unload(self) -> None:
         self._module = None
