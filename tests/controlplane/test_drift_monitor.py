@@ -140,3 +140,39 @@ def test_bad_policies_and_references_name_the_field(setup) -> None:  # type: ign
         monitor.set_reference(monitoring_pb2.SetReferenceRequest(endpoint="ep", serving_lineage=True))
     with pytest.raises(InvalidArgumentError, match="source: expected"):
         monitor.set_reference(monitoring_pb2.SetReferenceRequest(endpoint="ep"))
+
+
+def test_concept_drift_is_critical_only_when_the_windows_accuracy_confirms_the_detector(setup) -> None:  # type: ignore[no-untyped-def]
+    from weir_control.monitoring.monitor import _accuracy_dropped
+
+    assert _accuracy_dropped(390, 600, 0.9)  # 65% against 90%
+    assert not _accuracy_dropped(535, 600, 0.9)  # 89%: within noise
+    assert _accuracy_dropped(0, 10, None)  # no reference: the detector decides alone
+
+    make, clock, _, _, _ = setup
+    monitor = make()
+    monitor.set_policy(monitoring_pb2.MonitoringPolicy(endpoint="ep", window_seconds=60, min_records=10))
+    batch = monitoring_pb2.InferenceRecords()
+    for index in range(400):
+        record = batch.records.add(endpoint="ep", request_id=f"q{index}")
+        record.outputs.add(name="P[0]", number=0.8)
+        record.outputs.add(name="P[1]", number=0.2)  # predicted class 0
+    monitor.ingest("replica-a", batch)
+
+    class AlwaysDrift:  # a detector raising a false alarm, as DDM does on some stable streams
+        state = "drift"
+
+        def update(self, error: bool) -> str:
+            return "drift"
+
+        def to_dict(self) -> dict:
+            return {}
+
+    monitor._endpoints["ep"].ddm = AlwaysDrift()  # type: ignore[assignment]
+    labels = monitoring_pb2.RecordFeedbackRequest(endpoint="ep")
+    for index in range(400):  # 90% right, all along: the reference (first 200) and the window agree
+        labels.labels.add(request_id=f"q{index}", number=1 if index % 10 == 0 else 0)
+    monitor.feedback(labels)
+    clock.now += 60
+    ((_, window),) = monitor.tick()
+    assert window.concept.detector_state == "drift" and window.concept.severity == Severity.WARNING

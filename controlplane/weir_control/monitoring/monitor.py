@@ -429,11 +429,14 @@ class DriftMonitor:
             reference_accuracy=monitor.reference_accuracy or 0.0,
             detector_state=monitor.window_ddm_state,
         )
-        concept.severity = (
-            {"stable": Severity.NONE, "warning": Severity.WARNING, "drift": Severity.CRITICAL}[monitor.window_ddm_state]
-            if labelled
-            else Severity.SEVERITY_UNSPECIFIED
-        )
+        if not labelled:
+            concept.severity = Severity.SEVERITY_UNSPECIFIED
+        elif monitor.window_ddm_state == "drift" and _accuracy_dropped(correct, labelled, monitor.reference_accuracy):
+            concept.severity = Severity.CRITICAL  # confirmed: the detector and the window's own accuracy agree
+        elif monitor.window_ddm_state in ("drift", "warning"):
+            concept.severity = Severity.WARNING  # detected, not (yet) confirmed
+        else:
+            concept.severity = Severity.NONE
         return concept
 
     # --- actions ---------------------------------------------------------------------------------
@@ -513,6 +516,19 @@ class DriftMonitor:
             return [
                 (name, monitor.latest, monitor.records_received) for name, monitor in sorted(self._endpoints.items())
             ]
+
+
+CONFIRMATION_Z = 2.33  # one-sided, p < 0.01
+
+
+def _accuracy_dropped(correct: int, labelled: int, reference: float | None) -> bool:
+    """Whether the window's accuracy is significantly below the reference's (one-sided binomial z-test).
+    DDM alone raises false drift on a good share of long stable streams (its minimum is taken over a
+    noisy path); a CRITICAL concept drift, which may retrain a model, needs this confirmation too."""
+    if reference is None or not 0.0 < reference < 1.0 or labelled == 0:
+        return reference is None  # no reference to confirm against: the detector decides alone
+    accuracy = correct / labelled
+    return (reference - accuracy) / math.sqrt(reference * (1.0 - reference) / labelled) > CONFIRMATION_Z
 
 
 def _ddm_rank(state: str) -> int:
