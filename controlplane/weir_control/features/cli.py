@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from weir_control.cli_errors import report_error
+from weir_control.cli_common import report_error, token_of
 from weir_proto.errors import InvalidArgumentError, WeirError
 
 
@@ -106,10 +106,9 @@ def _write_parquet(batches: Any, out: Path) -> int:
 def _run_remote(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    from weir_control.cli import DEFAULT_TOKEN_FILE
     from weir_control.features.client import FeatureStoreClient
 
-    token = args.token or (DEFAULT_TOKEN_FILE.read_text().strip() if DEFAULT_TOKEN_FILE.is_file() else None)
+    token = token_of(args)
     certificates = args.tls_ca.read_bytes() if args.tls_ca else None
     command = args.features_command
     with FeatureStoreClient(args.control_plane, token, certificates) as client:

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from weir_control.cli_errors import report_error
+from weir_control.cli_common import channel_of, report_error, token_of
 from weir_proto.errors import InvalidArgumentError, WeirError, error_for_status
 
 SEVERITY_NAMES = {0: "NOT SCORED", 1: "NONE", 2: "WARNING", 3: "CRITICAL"}
@@ -95,15 +95,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from weir_control.cli import DEFAULT_TOKEN_FILE
     from weir_proto.auth import client_metadata
     from weir_proto.control.v1 import monitoring_pb2, monitoring_pb2_grpc
 
-    token = args.token or (DEFAULT_TOKEN_FILE.read_text().strip() if DEFAULT_TOKEN_FILE.is_file() else None)
-    if args.tls_ca:
-        channel = grpc.secure_channel(args.control_plane, grpc.ssl_channel_credentials(args.tls_ca.read_bytes()))
-    else:
-        channel = grpc.insecure_channel(args.control_plane)
+    token = token_of(args)
+    channel = channel_of(args)
     stub = monitoring_pb2_grpc.MonitoringStub(channel)
 
     def call(method: str, request: Any) -> Any:

@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from weir_control.cli_errors import report_error
+from weir_control.cli_common import channel_of, report_error, token_of
 from weir_proto.errors import InvalidArgumentError, WeirError, error_for_status
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
@@ -185,18 +185,12 @@ def parameter_space(items: list[str]) -> dict[str, Any]:
 
 class _Client:
     def __init__(self, args: argparse.Namespace) -> None:
-        from weir_control.cli import DEFAULT_TOKEN_FILE
         from weir_proto.auth import client_metadata
         from weir_proto.control.v1 import training_pb2_grpc
 
-        token = args.token or (DEFAULT_TOKEN_FILE.read_text().strip() if DEFAULT_TOKEN_FILE.is_file() else None)
-        if args.tls_ca:
-            credentials = grpc.ssl_channel_credentials(root_certificates=args.tls_ca.read_bytes())
-            self.channel = grpc.secure_channel(args.control_plane, credentials)
-        else:
-            self.channel = grpc.insecure_channel(args.control_plane)
+        self.channel = channel_of(args)
         self.stub = training_pb2_grpc.TrainingStub(self.channel)
-        self.metadata = client_metadata(token)
+        self.metadata = client_metadata(token_of(args))
 
     def call(self, method: str, request: Any, timeout: float | None = 60) -> Any:
         try:
