@@ -739,20 +739,24 @@ class Store:
                 result.append((int(row.id), point))
             return result
 
-    def sibling_metrics(self, parent_id: str, key: str, step: int, exclude: str) -> list[float]:
-        """The value of ``key`` at ``step`` for each other trial of a sweep that reached it."""
+    def step_values(self, parent_id: str, key: str, step: int) -> dict[str, float]:
+        """Per trial of a sweep that reached ``step``, its value of ``key`` there."""
         jobs, metrics = TRAINING_JOBS.c, TRAINING_METRICS.c
         query = (
             select(metrics.job_id, metrics.value)
             .join(TRAINING_JOBS, jobs.id == metrics.job_id)
-            .where(jobs.parent_id == parent_id, metrics.key == key, metrics.step == step, metrics.job_id != exclude)
+            .where(jobs.parent_id == parent_id, metrics.key == key, metrics.step == step)
             .order_by(metrics.id)
         )
         with self._transaction() as connection:
             latest: dict[str, float] = {}
             for row in connection.execute(query):
                 latest[row.job_id] = float(row.value)  # a retried trial may report a step twice: the last counts
-            return list(latest.values())
+            return latest
+
+    def sibling_metrics(self, parent_id: str, key: str, step: int, exclude: str) -> list[float]:
+        """The value of ``key`` at ``step`` for each other trial of a sweep that reached it."""
+        return [value for job_id, value in self.step_values(parent_id, key, step).items() if job_id != exclude]
 
     # --- drift monitoring ------------------------------------------------------------------------
 

@@ -257,25 +257,33 @@ class JobRunner:
         return self._finish(job_id, Job.CANCELLED, -1 if attempt else 0, reason)
 
     def after_metrics(self, job: Job, points: list[training_pb2.MetricPoint]) -> bool:
-        """The median stopping rule for a sweep's trial; True when the trial was stopped."""
+        """The median stopping rule for a sweep's trial; True when the reporting trial was stopped.
+
+        Every report at a step judges every running trial that has reached that step (not only the one
+        reporting): the rule does not depend on which trial happens to report first."""
         if job.kind != "trial" or not job.parent_id:
             return False
         sweep = self._store.get_job(job.parent_id).sweep
         if not sweep.median_stopping:
             return False
+        stopped_self = False
         for point in points:
             if point.key != sweep.metric or point.step < max(1, sweep.median_min_steps):
                 continue
-            others = self._store.sibling_metrics(job.parent_id, point.key, point.step, exclude=job.id)
-            if sweeps.worse_than_median(point.value, others, sweep.maximize):
-                median = statistics.median(others)
+            values = self._store.step_values(job.parent_id, point.key, point.step)
+            for trial_id, value in values.items():
+                others = [other for other_id, other in values.items() if other_id != trial_id]
+                if not sweeps.worse_than_median(value, others, sweep.maximize):
+                    continue
+                if trial_id != job.id and self._store.get_job(trial_id).state != Job.RUNNING:
+                    continue  # already ended (or not started): nothing to stop
                 self.cancel(
-                    job.id,
-                    f"stopped early by the median rule at step {point.step}: {sweep.metric} {point.value:.6g} "
-                    f"is worse than the other trials' median {median:.6g}",
+                    trial_id,
+                    f"stopped early by the median rule at step {point.step}: {sweep.metric} {value:.6g} "
+                    f"is worse than the other trials' median {statistics.median(others):.6g}",
                 )
-                return True
-        return False
+                stopped_self = stopped_self or trial_id == job.id
+        return stopped_self
 
     # --- the periodic tick -----------------------------------------------------------------------
 
