@@ -323,16 +323,11 @@ def file_sha256(path: Path) -> str:
 
 class _Client:
     def __init__(self, args: argparse.Namespace) -> None:
+        from weir_control.cli_common import channel_of, token_of
+
         self.args = args
-        token = args.token
-        if not token and DEFAULT_TOKEN_FILE.is_file():
-            token = DEFAULT_TOKEN_FILE.read_text().strip()
-        self._metadata = client_metadata(token)
-        if args.tls_ca:
-            credentials = grpc.ssl_channel_credentials(root_certificates=Path(args.tls_ca).read_bytes())
-            self._channel = grpc.secure_channel(args.control_plane, credentials)
-        else:
-            self._channel = grpc.insecure_channel(args.control_plane)
+        self._metadata = client_metadata(token_of(args))
+        self._channel = channel_of(args)
         self._registry = registry_pb2_grpc.RegistryStub(self._channel)
         self._deployments = deployments_pb2_grpc.DeploymentsStub(self._channel)
         self._audit = audit_pb2_grpc.AuditStub(self._channel)

@@ -20,7 +20,8 @@ def warmup_samples(
     """(inputs, batch size) pairs to run, in order."""
     if not config.model_warmup:
         zeros = {
-            spec.name: _filled(spec.datatype.name, signature.full_shape(spec), zero=True) for spec in signature.inputs
+            spec.name: filled_array(spec.datatype.name, signature.full_shape(spec), zero=True)
+            for spec in signature.inputs
         }
         # Every -1 (the batch dimension and variable dims) becomes 1.
         return [(zeros, 1)]
@@ -46,14 +47,16 @@ def warmup_samples(
                 if signature.batched:
                     array = np.repeat(array[np.newaxis, ...], batch_size, axis=0)
             else:
-                array = _filled(datatype.name, shape, zero=source != "random_data")
+                array = filled_array(datatype.name, shape, zero=source != "random_data")
             inputs[name] = array
         for _ in range(max(1, warmup.count)):
             samples.append((inputs, batch_size))
     return samples
 
 
-def _filled(datatype_name: str, shape: list[int], zero: bool) -> np.ndarray:
+def filled_array(datatype_name: str, shape: list[int], zero: bool) -> np.ndarray:
+    """Zeros, or seeded values (standard normal for floating types), of a shape whose -1s become 1;
+    also the accuracy gate's synthetic validation rows."""
     concrete = [1 if dim < 0 else dim for dim in shape]
     datatype = datatypes.BY_NAME[datatype_name]
     if datatype_name == "BYTES":

@@ -592,11 +592,7 @@ class Store:
         state = rollouts_pb2.Rollout.State.Name(rollout.state)
         with self._transaction() as connection:
             values = {"state": state, "rollout": rollout.SerializeToString(), "updated_at": now()}
-            changed = connection.execute(
-                update(ROLLOUTS).where(ROLLOUTS.c.endpoint == rollout.endpoint).values(**values)
-            ).rowcount
-            if not changed:
-                connection.execute(insert(ROLLOUTS).values(endpoint=rollout.endpoint, **values))
+            self._upsert(connection, ROLLOUTS, {"endpoint": rollout.endpoint}, values)
 
     def get_rollout(self, endpoint: str) -> rollouts_pb2.Rollout:
         with self._transaction() as connection:
@@ -761,6 +757,7 @@ class Store:
     # --- drift monitoring ------------------------------------------------------------------------
 
     def _upsert(self, connection: Connection, table: Any, key: dict[str, Any], values: dict[str, Any]) -> None:
+        """Update the row with ``key``, or insert it (one transaction: the caller's)."""
         condition = [table.c[name] == value for name, value in key.items()]
         if not connection.execute(update(table).where(*condition).values(**values)).rowcount:
             connection.execute(insert(table).values(**key, **values))
@@ -862,10 +859,7 @@ class Store:
                 "updated_by": actor,
                 "updated_at": now(),
             }
-            if current is None:
-                connection.execute(insert(FEATURE_DEFINITIONS).values(id=1, **values))
-            else:
-                connection.execute(update(FEATURE_DEFINITIONS).where(FEATURE_DEFINITIONS.c.id == 1).values(**values))
+            self._upsert(connection, FEATURE_DEFINITIONS, {"id": 1}, values)
             _bump_revision(connection)
             return revision
 
@@ -886,10 +880,7 @@ class Store:
         del stored.results[:]
         with self._transaction() as connection:
             values = {"test": stored.SerializeToString(), "updated_at": now()}
-            if not connection.execute(
-                update(AB_TESTS).where(AB_TESTS.c.endpoint == test.endpoint).values(**values)
-            ).rowcount:
-                connection.execute(insert(AB_TESTS).values(endpoint=test.endpoint, **values))
+            self._upsert(connection, AB_TESTS, {"endpoint": test.endpoint}, values)
 
     def get_ab_test(self, endpoint: str) -> experiments_pb2.ABTest:
         with self._transaction() as connection:

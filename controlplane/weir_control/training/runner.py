@@ -171,12 +171,16 @@ class JobRunner:
 
     # --- submission ------------------------------------------------------------------------------
 
-    def submit(self, job_id: str, spec: training_pb2.JobSpec, actor: str, parent: Job | None = None) -> Job:
-        _check_spec(spec)
+    def submit(self, job_id: str, spec: training_pb2.JobSpec, actor: str) -> Job:
+        return self._submit(job_id, spec, actor, _check_spec(spec))
+
+    def _submit(
+        self, job_id: str, spec: training_pb2.JobSpec, actor: str, digest: str, parent: Job | None = None
+    ) -> Job:
         job = Job(id=job_id, kind="trial" if parent else "job", parent_id=parent.id if parent else "", state=Job.QUEUED)
         job.spec.CopyFrom(spec)
         job.spec.ClearField("code_archive")
-        job.code_hash = code_hash(spec.code_archive)
+        job.code_hash = digest
         job.submitted_by = actor
         secret = secrets.token_urlsafe(24)
         with self._lock:
@@ -188,12 +192,12 @@ class JobRunner:
         return stored
 
     def submit_sweep(self, sweep_id: str, sweep: training_pb2.SweepSpec, actor: str) -> Job:
-        _check_spec(sweep.template)
+        digest = _check_spec(sweep.template)  # the trials differ from it only in their parameters
         overrides = sweeps.trial_parameters(sweep)
         parent = Job(id=sweep_id, kind="sweep", state=Job.RUNNING, submitted_by=actor)
         parent.sweep.CopyFrom(sweep)
         parent.sweep.template.ClearField("code_archive")
-        parent.code_hash = code_hash(sweep.template.code_archive)
+        parent.code_hash = digest
         parent.started_at.FromDatetime(datetime.datetime.now(datetime.UTC))
         with self._lock:
             stored, created = self._store.insert_job(parent, "")
@@ -207,7 +211,7 @@ class JobRunner:
             for name, value in values.items():
                 spec.parameters[name].CopyFrom(value)
             trial_id = f"{sweep_id}.trial-{index:03d}"
-            self.submit(trial_id, spec, actor, parent=parent)
+            self._submit(trial_id, spec, actor, digest, parent=parent)
             trial_ids.append(trial_id)
         with self._lock:
             return self._store.update_job(sweep_id, lambda job: job.trials.extend(trial_ids))
@@ -520,7 +524,9 @@ def _ref(model_name: str, version: int) -> Any:
     return types_pb2.ModelVersionRef(model_name=model_name, version=version)
 
 
-def _check_spec(spec: training_pb2.JobSpec) -> None:
+def _check_spec(spec: training_pb2.JobSpec) -> str:
+    """Refuse a spec the runner cannot run (naming the field); returns its code hash (reading the
+    archive is the check that it is one)."""
     kind, _, target = spec.entrypoint.partition(":")
     if kind not in ("module", "script", "builtin") or not target:
         raise InvalidArgumentError(
@@ -550,13 +556,12 @@ def _check_spec(spec: training_pb2.JobSpec) -> None:
             raise InvalidArgumentError(f"spec.{field}: expected 0 or more, got {getattr(spec, field)}")
     if spec.timeout_seconds < 0:
         raise InvalidArgumentError(f"spec.timeout_seconds: expected 0 (none) or more, got {spec.timeout_seconds}")
-    if spec.code_archive:
-        try:
-            code_hash(spec.code_archive)
-        except (tarfile.TarError, OSError, EOFError) as error:
-            raise InvalidArgumentError(
-                f"spec.code_archive: expected a tar.gz archive, got {len(spec.code_archive)} unreadable bytes: {error}"
-            ) from error
+    try:
+        return code_hash(spec.code_archive)
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise InvalidArgumentError(
+            f"spec.code_archive: expected a tar.gz archive, got {len(spec.code_archive)} unreadable bytes: {error}"
+        ) from error
 
 
 def _command(spec: training_pb2.JobSpec, job_dir: Path) -> list[str]:

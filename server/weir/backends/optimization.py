@@ -48,6 +48,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from weir.errors import ErrorKind, ModelLoadError
+from weir.warmup import filled_array
 from weir_proto.inference import messages as pb
 
 PRECISION = "weir_precision"
@@ -222,8 +223,6 @@ def quantize_dynamic_int8(module: Any) -> int:
 def quantize_weight_only_int8(module: Any) -> int:
     """Replace each parameter-weighted linear with weir_kernels' int8 weight-only linear (dequantization
     fused into the matmul on GPU, the CPU fallback here); returns how many were replaced."""
-    import torch
-
     from weir_kernels import int8_linear
 
     replaced = 0
@@ -241,7 +240,6 @@ def quantize_weight_only_int8(module: Any) -> int:
         node.args = tuple(arguments)
         replaced += 1
     _finish(module)
-    del torch
     return replaced
 
 
@@ -344,7 +342,6 @@ def validation_inputs(
         if missing:
             raise ModelLoadError(f"model '{model_name}' {VALIDATION}: {path} lacks arrays for inputs {missing}")
         return {tensor.name: arrays[tensor.name].astype(tensor.datatype.numpy_dtype) for tensor in signature.inputs}
-    rng = np.random.default_rng(0)
     inputs = {}
     for tensor in signature.inputs:
         shape = [VARIABLE_DIM if dim < 0 else dim for dim in signature.full_shape(tensor)]
@@ -356,7 +353,7 @@ def validation_inputs(
                 f"model '{model_name}' {VALIDATION}: input '{tensor.name}' is {tensor.datatype.name}; synthetic "
                 "validation rows exist for floating inputs only: give an npz file"
             )
-        inputs[tensor.name] = rng.standard_normal(shape).astype(dtype)
+        inputs[tensor.name] = filled_array(tensor.datatype.name, shape, zero=False)
     return inputs
 
 

@@ -174,8 +174,9 @@ class TorchBackend:
         if array is None or spec.datatype.name in ("BYTES", "BF16"):
             return self._to_torch(spec, array)
         staging = pinned.get(spec.name)
-        if staging is None or staging.numel() < array.size or staging.dtype != torch.from_numpy(array[:0]).dtype:
-            staging = torch.empty(max(array.size, 1), dtype=torch.from_numpy(array[:0]).dtype).pin_memory()
+        dtype = torch.from_numpy(array[:0]).dtype
+        if staging is None or staging.numel() < array.size or staging.dtype != dtype:
+            staging = torch.empty(max(array.size, 1), dtype=dtype).pin_memory()
             pinned[spec.name] = staging
         host = staging[: array.size].view(array.shape)
         host.copy_(torch.from_numpy(np.ascontiguousarray(array)))
