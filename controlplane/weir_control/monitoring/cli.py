@@ -26,8 +26,6 @@ from google.protobuf import json_format
 from weir_control.cli_common import channel_of, report_error, token_of
 from weir_proto.errors import InvalidArgumentError, WeirError, error_for_status
 
-SEVERITY_NAMES = {0: "NOT SCORED", 1: "NONE", 2: "WARNING", 3: "CRITICAL"}
-
 
 def add_commands(subcommands: Any) -> None:
     drift = subcommands.add_parser("drift", help="drift monitoring: policy, reference, status, report, feedback")
@@ -179,6 +177,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status_text(report: Any) -> str:
+    from weir_control.monitoring.report import SEVERITY_TEXT  # lazily: `weir` builds every parser at start
     lines = [
         f"endpoint {report.endpoint}: {report.records_received} records received, {report.records_dropped} dropped"
     ]
@@ -188,11 +187,11 @@ def _status_text(report: Any) -> str:
     window = report.windows[-1]
     lines.append(
         f"latest window {window.start.ToJsonString()} .. {window.end.ToJsonString()}: {window.records} records, "
-        f"{SEVERITY_NAMES.get(window.severity, '?')}"
+        f"{SEVERITY_TEXT.get(window.severity, '?')}"
     )
     for feature in window.features:
         lines.append(
-            f"  {feature.name:<32} {SEVERITY_NAMES.get(feature.severity, '?'):<10} psi={feature.psi:.3f} "
+            f"  {feature.name:<32} {SEVERITY_TEXT.get(feature.severity, '?'):<10} psi={feature.psi:.3f} "
             f"ks={feature.ks_statistic:.3f} jsd={feature.jensen_shannon:.3f} {'; '.join(feature.reasons)}"
         )
     if window.concept.labelled:
