@@ -71,14 +71,11 @@ class FeatureStoreClient:
 
     def stream_historical_features(self, feature_service: str, entity_rows: pa.Table) -> Iterator[pa.RecordBatch]:
         """Record batches of the training table, in the entity rows' order, as they arrive."""
-
-        def requests() -> Iterator[features_pb2.HistoricalFeaturesRequest]:
-            yield features_pb2.HistoricalFeaturesRequest(feature_service=feature_service)
-            for payload, _ in arrow_wire.encode_table(entity_rows):
-                yield features_pb2.HistoricalFeaturesRequest(arrow_ipc=payload)
-
+        requests = _table_requests(
+            features_pb2.HistoricalFeaturesRequest, "feature_service", feature_service, entity_rows
+        )
         try:
-            for chunk in self._stub.GetHistoricalFeatures(requests(), metadata=self._metadata, timeout=self._timeout):
+            for chunk in self._stub.GetHistoricalFeatures(requests, metadata=self._metadata, timeout=self._timeout):
                 yield from arrow_wire.decode(chunk.arrow_ipc, "arrow_ipc").to_batches()
         except grpc.RpcError as error:
             raise _weir_error(error) from error
@@ -106,16 +103,20 @@ class FeatureStoreClient:
         return dict(self._call(self._stub.Materialize, request).written)
 
     def push(self, view: str, rows: pa.Table) -> int:
-        def requests() -> Iterator[features_pb2.PushFeaturesRequest]:
-            yield features_pb2.PushFeaturesRequest(view=view)
-            for payload, _ in arrow_wire.encode_table(rows):
-                yield features_pb2.PushFeaturesRequest(arrow_ipc=payload)
-
+        requests = _table_requests(features_pb2.PushFeaturesRequest, "view", view, rows)
         try:
-            response = self._stub.PushFeatures(requests(), metadata=self._metadata, timeout=self._timeout)
+            response = self._stub.PushFeatures(requests, metadata=self._metadata, timeout=self._timeout)
         except grpc.RpcError as error:
             raise _weir_error(error) from error
         return int(response.written.get(view, 0))
+
+
+def _table_requests(message: Any, name_field: str, name: str, table: pa.Table) -> Iterator[Any]:
+    """A client stream carrying a table: the name in the first message, then the table's Arrow chunks
+    (the server side is ``features.service._receive_table``)."""
+    yield message(**{name_field: name})
+    for payload, _ in arrow_wire.encode_table(table):
+        yield message(arrow_ipc=payload)
 
 
 def _weir_error(error: grpc.RpcError) -> WeirError:

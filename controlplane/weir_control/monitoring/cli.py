@@ -178,6 +178,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _status_text(report: Any) -> str:
     from weir_control.monitoring.report import SEVERITY_TEXT  # lazily: `weir` builds every parser at start
+
     lines = [
         f"endpoint {report.endpoint}: {report.records_received} records received, {report.records_dropped} dropped"
     ]
