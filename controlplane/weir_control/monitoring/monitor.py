@@ -104,7 +104,6 @@ class EndpointMonitor:
     reference_accuracy: float | None = None
     first_labels: list[int] = field(default_factory=lambda: [0, 0])
     records_received: int = 0
-    dropped_by_replica: dict[str, int] = field(default_factory=dict)
     last_action_at: float = 0.0
     latest: monitoring_pb2.DriftWindow | None = None
 
@@ -114,7 +113,6 @@ class EndpointMonitor:
             "reference_accuracy": self.reference_accuracy,
             "first_labels": self.first_labels,
             "records_received": self.records_received,
-            "dropped_by_replica": self.dropped_by_replica,
             "last_action_at": self.last_action_at,
             "outputs": sorted(self.outputs),
         }
@@ -124,7 +122,6 @@ class EndpointMonitor:
         self.reference_accuracy = state.get("reference_accuracy")
         self.first_labels = list(state.get("first_labels") or [0, 0])
         self.records_received = int(state.get("records_received", 0))
-        self.dropped_by_replica = {str(k): int(v) for k, v in (state.get("dropped_by_replica") or {}).items()}
         self.last_action_at = float(state.get("last_action_at", 0.0))
         self.outputs = set(state.get("outputs") or [])
 
@@ -145,6 +142,7 @@ class DriftMonitor:
         self._clock = clock
         self._lock = threading.RLock()
         self._endpoints: dict[str, EndpointMonitor] = {}
+        self._dropped_by_replica: dict[str, int] = {}  # cumulative, as each replica last reported
         self._load()
 
     def link(self, links: Any) -> None:
@@ -192,9 +190,8 @@ class DriftMonitor:
                 numeric, categorical = self._features(monitor, record)
                 window.add(numeric, categorical)
                 monitor.records_received += 1
-            if records.dropped:
-                for record in records.records[:1]:
-                    self._monitor(record.endpoint).dropped_by_replica[replica_id] = records.dropped
+            # a replica's buffer serves all its endpoints: its drops are counted per replica (cumulative)
+            self._dropped_by_replica[replica_id] = records.dropped
 
     def _features(
         self, monitor: EndpointMonitor, record: monitoring_pb2.InferenceRecord
@@ -503,7 +500,7 @@ class DriftMonitor:
                 endpoint=endpoint,
                 policy=monitor.policy,
                 records_received=monitor.records_received,
-                records_dropped=sum(monitor.dropped_by_replica.values()),
+                records_dropped=sum(self._dropped_by_replica.values()),
             )
             if monitor.reference_summary is not None:
                 report.reference.CopyFrom(monitor.reference_summary)
