@@ -170,13 +170,15 @@ class Run:
         return target
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        """The newest checkpoint, or None (a first attempt)."""
+        """The newest checkpoint, or None (a first attempt). Loaded with ``weights_only``: a checkpoint
+        holds tensors, containers and numbers, and nothing in one is ever unpickled as code (a file in
+        the checkpoint directory may come from elsewhere)."""
         checkpoints = sorted(self.checkpoint_dir.glob("checkpoint-*.pt"), key=_number)
         if not checkpoints:
             return None
         import torch
 
-        state: dict[str, Any] = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
+        state: dict[str, Any] = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)
         return state
 
     def log_artifact(self, path: Path, name: str = "") -> Path | None:

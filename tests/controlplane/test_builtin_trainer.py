@@ -251,4 +251,4 @@ def test_stop_request_ends_after_the_epoch(data: Data, tmp_path: Path, monkeypat
     metrics = result.metrics()
     assert metrics["stop_requested"] == 1 and metrics["epochs_run"] == 2
     assert len(result.epochs()) == 2
-    assert torch.load(sorted((directory / "checkpoints").glob("*.pt"))[-1], weights_only=False)["epoch"] == 1
+    assert torch.load(sorted((directory / "checkpoints").glob("*.pt"))[-1], weights_only=True)["epoch"] == 1
