@@ -96,3 +96,169 @@ def test_a_retraining_spec_is_the_earlier_jobs_with_its_code_packed_again(store:
     again = runner.spec_like("first")
     assert code_hash(again.code_archive) == first.code_hash == code_hash(spec.code_archive)
     assert again.parameters["lr"].number == 0.1 and again.max_retries == 2 and again.entrypoint == "script:train.py"
+
+
+# --- hostile code archives: refused in full before anything is stored ------------------------------
+
+BOMB_UNPACKED = 320 * 1024 * 1024  # past the 256 MiB bound
+
+
+def tar_of(*members: tuple, compress: bool = True) -> bytes:  # type: ignore[type-arg]
+    """(name, kind, payload) members: kind 'file' (payload bytes), 'dir', 'symlink'/'hardlink' (payload
+    the target), 'chr', 'fifo'."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz" if compress else "w") as tar:
+        for name, kind, payload in members:
+            info = tarfile.TarInfo(name)
+            types = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
+                     "chr": tarfile.CHRTYPE, "fifo": tarfile.FIFOTYPE}  # fmt: skip
+            if kind == "file":
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+                continue
+            info.type = types[kind]
+            if kind in ("symlink", "hardlink"):
+                info.linkname = payload
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+def gzip_bomb(unpacked: int) -> bytes:
+    """A tar.gz of one member of ``unpacked`` zero bytes, built without holding it (about 1000:1)."""
+    import tarfile
+    import zlib
+
+    info = tarfile.TarInfo("train.py")
+    info.size = unpacked
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    parts = [compressor.compress(info.tobuf())]
+    zeros = bytes(1 << 20)
+    for _ in range(unpacked >> 20):
+        parts.append(compressor.compress(zeros))
+    parts.append(compressor.compress(bytes(1024)))  # the end-of-archive blocks
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+HOSTILE = {
+    "dot-dot": ((("train.py", "file", b"x=1\n"), ("../escape.py", "file", b"x=1\n")), "'../escape.py'", "'..'"),
+    "absolute": ((("/etc/weir-owned", "file", b"x\n"),), "'/etc/weir-owned'", "absolute"),
+    "symlink-out": ((("train.py", "file", b"x=1\n"), ("tokens", "symlink", "/etc/shadow")), "'tokens'",
+                    "symbolic link"),
+    "symlink-in-then-through": ((("link", "symlink", "."), ("link/train.py", "file", b"x\n")), "'link'",
+                                "symbolic link"),
+    "hardlink-out": ((("train.py", "file", b"x=1\n"), ("db", "hardlink", "/etc/passwd")), "'db'", "hard link"),
+    "device": ((("train.py", "file", b"x=1\n"), ("null", "chr", None)), "'null'", "a device"),
+    "fifo": ((("train.py", "file", b"x=1\n"), ("pipe", "fifo", None)), "'pipe'", "a fifo"),
+    "twice": ((("train.py", "file", b"x=1\n"), ("./train.py", "file", b"import os\n")), "'./train.py'", "twice"),
+}  # fmt: skip
+
+
+def runner_on(store: Store, tmp_path):  # type: ignore[no-untyped-def]
+    from weir_control.artifacts import ArtifactStore
+    from weir_control.training.runner import JobRunner
+
+    return JobRunner(store, ArtifactStore(tmp_path / "artifacts"), tmp_path / "jobs")
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_archive_is_refused_naming_the_member_and_nothing_is_stored(store: Store, tmp_path, case) -> None:  # type: ignore[no-untyped-def]
+    members, member, why = HOSTILE[case]
+    runner = runner_on(store, tmp_path)
+    spec = training_pb2.JobSpec(entrypoint="script:train.py", code_archive=tar_of(*members))
+    with pytest.raises(InvalidArgumentError) as refused:
+        runner.submit("hostile", spec, "ci")
+    message = refused.value.message
+    assert message.startswith("spec.code_archive: member ") and member in message and why in message, message
+    with pytest.raises(NotFoundError):
+        store.get_job("hostile")
+    assert not (tmp_path / "jobs" / "hostile").exists()
+    with pytest.raises(InvalidArgumentError):  # a sweep's template is checked the same way
+        runner.submit_sweep("hostile-sweep", training_pb2.SweepSpec(template=spec, metric="loss"), "ci")
+    with pytest.raises(NotFoundError):
+        store.get_job("hostile-sweep")
+
+
+def test_too_many_members_and_unreadable_bytes_are_refused(store: Store, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from weir_control.training.archive import MAX_MEMBERS
+
+    runner = runner_on(store, tmp_path)
+    many = tar_of(*((f"m/{index}.py", "file", b"") for index in range(MAX_MEMBERS + 1)))
+    for archive, expected in ((many, f"at most {MAX_MEMBERS} members"), (b"\x1f\x8bnot gzip", "unreadable bytes")):
+        spec = training_pb2.JobSpec(entrypoint="script:train.py", code_archive=archive)
+        with pytest.raises(InvalidArgumentError) as refused:
+            runner.submit("refused", spec, "ci")
+        assert refused.value.message.startswith("spec.code_archive: ") and expected in refused.value.message
+        with pytest.raises(NotFoundError):
+            store.get_job("refused")
+
+
+def test_an_accepted_archive_unpacks_its_files_only_and_hashes_the_same_however_packed(store: Store, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from weir_control.training.runner import code_hash
+
+    members = (("./train.py", "file", b"print(1)\n"), ("pkg", "dir", None), ("pkg/util.py", "file", b"X = 2\n"))
+    packed = tar_of(*members)
+    plain = tar_of(*reversed(members), compress=False)
+    assert code_hash(packed) == code_hash(plain) != code_hash(tar_of(("train.py", "file", b"print(2)\n")))
+    job = runner_on(store, tmp_path).submit("fine", training_pb2.JobSpec(entrypoint="script:train.py",
+                                                                       code_archive=packed), "ci")  # fmt: skip
+    code = tmp_path / "jobs" / "fine" / "code"
+    assert job.code_hash == code_hash(packed)
+    assert (code / "train.py").read_bytes() == b"print(1)\n" and (code / "pkg" / "util.py").read_bytes() == b"X = 2\n"
+
+
+def test_a_gzip_bomb_is_refused_within_bounded_memory(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Checked in a subprocess whose address space is capped below what the bomb inflates to: holding it
+    would raise MemoryError there; streaming it refuses it with the unpacked-size message."""
+    import subprocess
+    import sys
+
+    bomb = tmp_path / "bomb.tar.gz"
+    bomb.write_bytes(gzip_bomb(BOMB_UNPACKED))
+    assert bomb.stat().st_size < 1024 * 1024
+    script = f"""
+import resource, sys
+from pathlib import Path
+from weir_control.training.archive import check_archive
+from weir_proto.errors import InvalidArgumentError
+data = Path({str(bomb)!r}).read_bytes()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+resource.setrlimit(resource.RLIMIT_AS, (200 * 1024 * 1024, 200 * 1024 * 1024))
+try:
+    check_archive(data)
+except InvalidArgumentError as error:
+    print(error.message)
+    print("grew-kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    message, grew = result.stdout.splitlines()
+    assert message.startswith("spec.code_archive: expected at most 268435456 bytes unpacked"), message
+    assert int(grew.split()[1]) < 32 * 1024  # KiB: a few chunks, not the 320 MiB it inflates to
+
+
+def test_a_crafted_checkpoint_is_not_unpickled(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A checkpoint holding a pickled object (here one whose unpickling would create a file) is refused
+    by load_checkpoint without running it."""
+    import os
+    import pickle
+
+    from weir_control import tracking
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.mkdir, (str(marker),))
+
+    monkeypatch.setenv(tracking.ENV_JOB_DIR, str(tmp_path / "job"))
+    run = tracking.init()
+    (run.checkpoint_dir / "checkpoint-000001.pt").write_bytes(pickle.dumps({"epoch": Payload()}))
+    with pytest.raises(pickle.UnpicklingError):
+        run.load_checkpoint()
+    assert not marker.exists()
+    run.save_checkpoint({"epoch": 3, "weights": __import__("torch").ones(2), "best": {"loss": 0.5}})
+    assert run.load_checkpoint()["epoch"] == 3  # type: ignore[index]

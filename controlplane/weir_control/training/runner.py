@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import statistics
 import sys
 import tarfile
@@ -32,6 +33,7 @@ from typing import Any
 from weir_control.artifacts import ArtifactStore
 from weir_control.store import Store
 from weir_control.training import sweeps
+from weir_control.training.archive import check_archive, unpack
 from weir_control.training.executor import Executor, LocalExecutor
 from weir_control.training.registration import register_job_output
 from weir_proto.control.v1 import training_pb2
@@ -42,7 +44,6 @@ log = logging.getLogger(__name__)
 Job = training_pb2.Job
 TICK_SECONDS = 0.25
 STOP_GRACE_SECONDS = 5.0
-MAX_CODE_BYTES = 64 * 1024 * 1024
 BUILTIN = {"builtin:mlp": "weir_control.training.builtin"}
 
 
@@ -55,18 +56,8 @@ class Attempt:
 
 
 def code_hash(archive: bytes) -> str:
-    """sha256 over the archive's regular files (sorted name + bytes): the same code hashes the same
-    whatever the archive's timestamps or order."""
-    if not archive:
-        return ""
-    digest = hashlib.sha256()
-    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
-        members = sorted((member for member in tar.getmembers() if member.isfile()), key=lambda member: member.name)
-        for member in members:
-            digest.update(member.name.encode() + b"\0")
-            extracted = tar.extractfile(member)
-            digest.update(extracted.read() if extracted else b"")
-    return digest.hexdigest()
+    """The archive's code hash, once it passed every check (see ``archive.check_archive``)."""
+    return check_archive(archive)
 
 
 CODE_SKIP = {"__pycache__", ".git", ".venv", "weir-run"}
@@ -186,7 +177,12 @@ class JobRunner:
         with self._lock:
             stored, created = self._store.insert_job(job, hashlib.sha256(secret.encode()).hexdigest())
             if created:
-                self._prepare(job_id, spec, secret)
+                try:
+                    self._prepare(job_id, spec, secret)
+                except OSError as error:  # the archive passed its checks: this is the server's disk
+                    log.exception("could not prepare a training job's directory", extra={"job": job_id})
+                    shutil.rmtree(self.jobs_dir / job_id, ignore_errors=True)
+                    stored = self._finish(job_id, Job.FAILED, -1, f"could not prepare its directory: {error}")
         if created:
             self.notify()
         return stored
@@ -234,10 +230,7 @@ class JobRunner:
         (job_dir / ".secret").write_text(secret)
         os.chmod(job_dir / ".secret", 0o600)
         if spec.code_archive:
-            code_dir = job_dir / "code"
-            code_dir.mkdir(exist_ok=True)
-            with tarfile.open(fileobj=io.BytesIO(spec.code_archive), mode="r:*") as tar:
-                tar.extractall(code_dir, filter="data")  # refuses absolute paths, '..' and devices
+            unpack(spec.code_archive, job_dir / "code")  # checked in full before the job was inserted
         _, definitions = self._store.feature_definitions()
         if definitions:
             (job_dir / "features.toml").write_text(definitions)
@@ -541,10 +534,6 @@ def _check_spec(spec: training_pb2.JobSpec) -> str:
         raise InvalidArgumentError(
             f"spec.code_archive: a {kind} entrypoint needs the code directory (tar.gz), got none"
         )
-    if len(spec.code_archive) > MAX_CODE_BYTES:
-        raise InvalidArgumentError(
-            f"spec.code_archive: expected at most {MAX_CODE_BYTES} bytes, got {len(spec.code_archive)}"
-        )
     if spec.nodes > 1:
         raise FailedPreconditionError(
             f"spec.nodes: the local executor runs one node, got {spec.nodes} (a cluster executor is needed for more)"
@@ -556,12 +545,7 @@ def _check_spec(spec: training_pb2.JobSpec) -> str:
             raise InvalidArgumentError(f"spec.{field}: expected 0 or more, got {getattr(spec, field)}")
     if spec.timeout_seconds < 0:
         raise InvalidArgumentError(f"spec.timeout_seconds: expected 0 (none) or more, got {spec.timeout_seconds}")
-    try:
-        return code_hash(spec.code_archive)
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise InvalidArgumentError(
-            f"spec.code_archive: expected a tar.gz archive, got {len(spec.code_archive)} unreadable bytes: {error}"
-        ) from error
+    return code_hash(spec.code_archive)
 
 
 def _command(spec: training_pb2.JobSpec, job_dir: Path) -> list[str]:
