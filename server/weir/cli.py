@@ -12,6 +12,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 async def _serve(settings: ServerSettings, reuse_port: bool) -> int:
     from weir.server import WeirServer
 
-    server = WeirServer(settings, reuse_port=reuse_port)
+    try:
+        server = WeirServer(settings, reuse_port=reuse_port)
+    except ValueError as error:  # settings that cannot serve together: say so, no traceback
+        raise SystemExit(f"weir: {error}") from None
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
@@ -241,7 +246,31 @@ def _serve_in_process(settings: ServerSettings, reuse_port: bool) -> int:
 
         torch.set_num_threads(settings.torch_intra_op_threads)
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-        return runner.run(_serve(settings, reuse_port))
+        code = runner.run(_serve(settings, reuse_port))
+    return _exit_despite_running_computations(code)
+
+
+COMPUTE_THREADS_JOIN_SECONDS = 1.0  # idle compute threads end at once; a busy one is not waited for
+
+
+def _exit_despite_running_computations(code: int) -> int:
+    """The server has stopped; a compute thread may still be inside a model's forward (a 14 s
+    computation, say), which nothing can interrupt, and which Python's exit would wait for. Exit
+    now instead: the shutdown grace period is the bound the operator set."""
+    from weir.server import COMPUTE_THREAD_PREFIX
+
+    deadline = time.monotonic() + COMPUTE_THREADS_JOIN_SECONDS
+    busy = [thread for thread in threading.enumerate() if thread.name.startswith(COMPUTE_THREAD_PREFIX)]
+    for thread in busy:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    still_running = [thread.name for thread in busy if thread.is_alive()]
+    if not still_running:
+        return code
+    log.warning("exiting with computations still running", extra={"threads": still_running})
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,12 @@ which would pull the ``inference`` protos into protobuf's default pool).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -20,9 +23,16 @@ from google.protobuf import json_format
 
 from weir import __version__
 from weir.dataplane import DataPlane, InferAnswer
-from weir.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, WeirError
+from weir.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    WeirError,
+)
 from weir.grpc_status import status_code_for
-from weir.logs import request_id_var
+from weir.logs import RateLimitedLog, request_id_var
+from weir.metrics import TransportMetrics
 from weir.repository import LoadedVersion, ModelRepository
 from weir_proto.auth import Role, TokenTable, identity_of
 from weir_proto.inference import messages as pb
@@ -33,7 +43,11 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "weir"
 # Protocol extensions Weir implements, in Triton's naming (perf_analyzer and clients look at these).
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data", "parameters")
-MAX_IN_FLIGHT_PER_STREAM = 256  # requests of one ModelStreamInfer computed at once; the reader waits beyond
+# One ModelStreamInfer stream holds at most this many requests being computed or answers not yet sent;
+# its reader waits beyond (as it does beyond --stream-backlog-bytes).
+STREAM_BACKLOG_REQUESTS = 256
+UNDECODABLE_LOG_SECONDS = 10.0  # at most one log line per interval about refused bodies, however many come
+SHUTTING_DOWN = "server: shutting down, not accepting new requests; retry on another replica"
 
 
 def _deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -60,7 +74,15 @@ class InferenceServicer:
         is_ready: Callable[[], bool],
         on_repository_change: Callable[[], Awaitable[None]],
         tokens: TokenTable | None = None,
+        transport: TransportMetrics | None = None,
+        stream_backlog_bytes: int = 64 * 1024 * 1024,
+        managed_by_control_plane: Callable[[str], bool] = lambda model: False,
     ) -> None:
+        self.gate = CallGate()
+        self._transport = transport
+        self._stream_backlog_bytes = stream_backlog_bytes
+        self._managed_by_control_plane = managed_by_control_plane
+        self._refusals = RateLimitedLog(log, "request bodies refused", UNDECODABLE_LOG_SECONDS)
         self._tokens = tokens
         self._dataplane = dataplane
         self._repository = repository
@@ -177,40 +199,54 @@ class InferenceServicer:
             await _abort(context, error)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         """Triton's stream form: requests are computed concurrently, answered as they finish (the
-        client matches them by id), and an error on one request travels in-band as
-        ``error_message`` while the stream stays open."""
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        in_flight = asyncio.Semaphore(MAX_IN_FLIGHT_PER_STREAM)
+        client matches them by id), and an error on one request (an undecodable frame included)
+        travels in-band as ``error_message`` while the stream stays open.
+
+        Backpressure: answers wait here until gRPC has sent them, which it does only as fast as the
+        client reads. So the reader stops taking requests while the stream's backlog (requests being
+        computed plus answers not yet sent) is over its limit, and the client's writes then block on
+        HTTP/2 flow control instead of the server's memory growing with every answer nobody reads."""
+        answers: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
+        backlog = StreamBacklog(STREAM_BACKLOG_REQUESTS, self._stream_backlog_bytes, self._transport)
         deadline = _deadline_of(context)
         tasks: set[asyncio.Task[None]] = set()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def answer(request: pb.ModelInferRequest, size: int) -> None:
             request_id_var.set(request.id)
             try:
                 answer = await self._dataplane.infer(request, deadline, _GrpcCaller(context, self._tokens))
-                response = pb.ModelInferResponse.FromString(answer) if isinstance(answer, bytes) else answer
-                await answers.put(pb.ModelStreamInferResponse(infer_response=response))
+                message = _stream_answer(answer)
             except WeirError as error:
-                await answers.put(
-                    pb.ModelStreamInferResponse(error_message=error.message, infer_response=_echo(request))
-                )
+                message = _stream_error(error.message, request)
             except Exception:
                 log.exception("unexpected error in a stream request")
-                message = f"internal error (request id '{request.id}'); see the server log"
-                await answers.put(pb.ModelStreamInferResponse(error_message=message, infer_response=_echo(request)))
-            finally:
-                in_flight.release()
+                message = _stream_error(f"internal error (request id '{request.id}'); see the server log", request)
+            backlog.resize(size, len(message))
+            await answers.put((message, len(message)))
 
         async def read_requests() -> None:
             try:
+                await backlog.wait_for_room()
                 async for request in request_iterator:
-                    await in_flight.acquire()
-                    task = asyncio.create_task(answer(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    if isinstance(request, Refused):
+                        self._note_refusal(request, context)
+                        message = _stream_error(request.error.message, None)
+                    elif self.gate.closed:
+                        message = _stream_error(SHUTTING_DOWN, request)
+                    else:
+                        size = request.ByteSize()
+                        backlog.add(size)
+                        task = asyncio.create_task(answer(request, size))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                        await backlog.wait_for_room()
+                        continue
+                    backlog.add(len(message))
+                    await answers.put((message, len(message)))
+                    await backlog.wait_for_room()
                 while tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
             finally:
@@ -218,26 +254,31 @@ class InferenceServicer:
 
         reader = asyncio.create_task(read_requests())
         try:
-            while (message := await answers.get()) is not None:
-                yield message
+            while (item := await answers.get()) is not None:
+                message, size = item
+                yield message  # returns once gRPC has taken the message: the client is reading
+                backlog.remove(size)
             await reader  # surfaces a failure of the request stream itself
         finally:
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+            backlog.close()
 
     # --- model repository -----------------------------------------------------------------------
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
+        if request.repository_name:
+            await _abort(context, NotFoundError(_unknown_repository(request.repository_name)))
         return pb.RepositoryIndexResponse(models=self._repository.index(request.ready))
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         try:
-            self._require_explicit_control("load")
+            self._require_explicit_control("load", request.model_name)
             override = _config_override(request)
             await self._repository.load(request.model_name, override)
         except WeirError as error:
@@ -250,19 +291,45 @@ class InferenceServicer:
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         try:
-            self._require_explicit_control("unload")
+            self._require_explicit_control("unload", request.model_name)
+            if request.repository_name:
+                raise NotFoundError(_unknown_repository(request.repository_name))
             await self._repository.unload(request.model_name)
         except WeirError as error:
             await _abort(context, error)
         await self._on_repository_change()
         return pb.RepositoryModelUnloadResponse()
 
-    def _require_explicit_control(self, action: str) -> None:
+    def _require_explicit_control(self, action: str, model: str) -> None:
         if not self._explicit_model_control:
             raise FailedPreconditionError(
                 f"model {action}: expected the server in explicit model control mode "
                 "(--model-control-mode explicit), it runs in mode 'none'"
             )
+        if self._managed_by_control_plane(model):
+            raise FailedPreconditionError(
+                f"model_name: '{_clip(model)}' is managed by the control plane this server follows; "
+                "deploy or undeploy it there"
+            )
+
+    # --- transport ------------------------------------------------------------------------------
+
+    def _note_refusal(self, refused: Refused, context: grpc.aio.ServicerContext) -> None:
+        if self._transport is not None:
+            self._transport.refused.labels(refused.reason).inc()
+        self._refusals.record(reason=refused.reason, detail=refused.error.message, peer=context.peer())
+
+    async def refuse(self, refused: Refused, context: grpc.aio.ServicerContext) -> NoReturn:
+        """Answer a body that did not decode: its status, and a log line at most once per interval."""
+        self._note_refusal(refused, context)
+        await context.abort(status_code_for(refused.error.kind), refused.error.message)
+        raise AssertionError("unreachable: context.abort raises")
+
+    async def refuse_while_stopping(self, context: grpc.aio.ServicerContext) -> NoReturn:
+        if self._transport is not None:
+            self._transport.refused.labels("shutting_down").inc()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        raise AssertionError("unreachable: context.abort raises")
 
 
 class _GrpcCaller:
@@ -306,8 +373,207 @@ def _config_override(request: pb.RepositoryModelLoadRequest) -> pb.ModelConfig |
         else:
             raise InvalidArgumentError(f"parameters: expected only 'config', got unsupported parameter '{key}'")
     if request.repository_name:
-        raise NotFoundError(f"repository_name: this server has one unnamed repository, got '{request.repository_name}'")
+        raise NotFoundError(_unknown_repository(request.repository_name))
     return override
+
+
+def _unknown_repository(name: str) -> str:
+    return f"repository_name: expected '' (this server has one unnamed repository), got '{_clip(name)}'"
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """A client's string as echoed in a message: bounded, so an error never outgrows its metadata."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _stream_answer(answer: InferAnswer) -> bytes:
+    """A stream message carrying ``answer``, serialized now so the backlog counts its real size. A
+    cached answer is already a serialized ModelInferResponse: it is framed as field 2
+    (``infer_response``) without parsing it again."""
+    if isinstance(answer, bytes):
+        return _INFER_RESPONSE_TAG + _varint(len(answer)) + answer
+    return pb.ModelStreamInferResponse(infer_response=answer).SerializeToString()
+
+
+_INFER_RESPONSE_TAG = bytes([2 << 3 | 2])  # field 2, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _stream_error(message: str, request: pb.ModelInferRequest | None) -> bytes:
+    echo = _echo(request) if request is not None else None
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=echo).SerializeToString()
+
+
+class StreamBacklog:
+    """What one ModelStreamInfer stream holds: requests being computed and answers not yet sent,
+    counted and in bytes. ``wait_for_room`` holds the stream's reader while either is at its limit."""
+
+    def __init__(self, max_requests: int, max_bytes: int, metrics: TransportMetrics | None) -> None:
+        self._max_requests = max_requests
+        self._max_bytes = max_bytes
+        self._metrics = metrics
+        self.requests = 0
+        self.bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def _full(self) -> bool:
+        return self.requests >= self._max_requests or self.bytes >= self._max_bytes
+
+    def _changed(self, byte_change: int) -> None:
+        self.bytes += byte_change
+        if self._metrics is not None:
+            self._metrics.stream_backlog_bytes.inc(byte_change)
+        if self._full():
+            self._room.clear()
+        else:
+            self._room.set()
+
+    def add(self, size: int) -> None:
+        self.requests += 1
+        self._changed(size)
+
+    def resize(self, old_size: int, new_size: int) -> None:
+        self._changed(new_size - old_size)
+
+    def remove(self, size: int) -> None:
+        self.requests -= 1
+        self._changed(-size)
+
+    def close(self) -> None:
+        """The stream ended: what it still held is no longer the server's to send."""
+        if self._metrics is not None:
+            self._metrics.stream_backlog_bytes.dec(self.bytes)
+        self.requests = self.bytes = 0
+
+    async def wait_for_room(self) -> None:
+        if not self._full():
+            return
+        if self._metrics is not None:
+            self._metrics.streams_paused.inc()
+        try:
+            await self._room.wait()
+        finally:
+            if self._metrics is not None:
+                self._metrics.streams_paused.dec()
+
+
+class CallGate:
+    """Admits calls until shutdown begins and counts those in flight, so that shutdown can wait for
+    them within its grace period, then end those still running with UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.expired = False
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> bool:
+        if self.closed:
+            return False
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+            self._idle.clear()
+        return True
+
+    def leave(self) -> None:
+        task = asyncio.current_task()
+        self._in_flight.discard(task)  # type: ignore[arg-type]
+        if not self._in_flight:
+            self._idle.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def drained(self, within_seconds: float) -> bool:
+        """Whether every admitted call finished within ``within_seconds``."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(within_seconds, 0.0))
+        except TimeoutError:
+            return False
+        return True
+
+    def expire(self) -> int:
+        """The grace period is over: cancel the calls still running (each answers UNAVAILABLE)."""
+        self.expired = True
+        for task in self._in_flight:
+            task.cancel()
+        return len(self._in_flight)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A request body that could not become a request message: what to answer, and the metric's reason."""
+
+    error: WeirError
+    reason: str
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _looks_like_zlib(data: bytes) -> bool:
+    # RFC 1950 header: deflate method (8), window <= 32 KiB, and the check bits. gRPC's "deflate" is
+    # this format. A request message never starts so: it would be an unknown field 15 of type varint.
+    return len(data) >= 2 and data[0] & 0x0F == 8 and data[0] >> 4 <= 7 and (data[0] << 8 | data[1]) % 31 == 0
+
+
+def _inflate(data: bytes, wbits: int, max_bytes: int, kind: str) -> bytes:
+    """Decompress at most ``max_bytes`` (+1 to tell "more"): a small body that claims to inflate to
+    gigabytes is refused after allocating the limit, never the claim."""
+    inflater = zlib.decompressobj(wbits=wbits)
+    try:
+        body = inflater.decompress(data, max_bytes + 1)
+    except zlib.error as error:
+        raise InvalidArgumentError(
+            f"request body: expected valid {kind} data, got {len(data)} bytes: {error}"
+        ) from None
+    if len(body) > max_bytes:
+        raise ResourceExhaustedError(
+            f"request body: expected at most {max_bytes} bytes once decompressed (--max-message-bytes), "
+            f"got more from {len(data)} bytes of {kind}"
+        )
+    if not inflater.eof or inflater.unused_data:
+        raise InvalidArgumentError(f"request body: expected one complete {kind} stream, got truncated or trailing data")
+    return body
+
+
+def request_decoder(request_class: Any, max_bytes: int) -> Callable[[bytes], Any]:
+    """The request deserializer given to gRPC. It never raises (grpcio would answer UNKNOWN and log a
+    traceback per body): a body that does not decode becomes a ``Refused`` the handler answers.
+
+    Compressed bodies arrive compressed (the server turns gRPC's own decompression off, which
+    inflates without bound before checking the size) and are inflated here within ``max_bytes``."""
+    name = request_class.DESCRIPTOR.full_name
+    parse = request_class.FromString
+
+    def decode(data: bytes) -> Any:
+        try:
+            if data[:2] == _GZIP_MAGIC:
+                data = _inflate(data, 31, max_bytes, "gzip")
+            elif _looks_like_zlib(data):
+                with contextlib.suppress(InvalidArgumentError):  # not compressed after all: parsed as it came
+                    data = _inflate(data, 15, max_bytes, "deflate")
+            return parse(data)
+        except ResourceExhaustedError as error:
+            return Refused(error, "too_large_decompressed")
+        except WeirError as error:
+            return Refused(error, "undecodable")
+        except Exception as error:  # protobuf's DecodeError, and anything else a parser may raise
+            message = f"request body: expected a serialized {name}, got {len(data)} bytes that do not decode ({error})"
+            return Refused(InvalidArgumentError(message), "undecodable")
+
+    return decode
 
 
 def _serializer(response_class: Any) -> Callable[[Any], bytes]:
@@ -321,17 +587,67 @@ def _serializer(response_class: Any) -> Callable[[Any], bytes]:
     return serialize_or_pass
 
 
-def generic_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
-    """Method handlers for every RPC of the service, built from the private descriptors."""
+def _unary(servicer: InferenceServicer, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    gate = servicer.gate
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if not gate.enter():
+            await servicer.refuse_while_stopping(context)
+        try:
+            if isinstance(request, Refused):
+                await servicer.refuse(request, context)
+            return await behaviour(request, context)
+        except asyncio.CancelledError:
+            if gate.expired:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, _CUT_SHORT)
+            raise
+        finally:
+            gate.leave()
+
+    return handle
+
+
+def _streaming(servicer: InferenceServicer, behaviour: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+    gate = servicer.gate
+
+    async def handle(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if not gate.enter():
+            await servicer.refuse_while_stopping(context)
+        try:
+            async for message in behaviour(request_iterator, context):
+                yield message
+        except asyncio.CancelledError:
+            if gate.expired:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, _CUT_SHORT)
+            raise
+        finally:
+            gate.leave()
+
+    return handle
+
+
+_CUT_SHORT = "server: shut down before this call finished (the shutdown grace period ran out); retry elsewhere"
+
+
+def generic_handler(servicer: InferenceServicer, max_message_bytes: int = 128 * 1024 * 1024) -> grpc.GenericRpcHandler:
+    """Method handlers for every RPC of the service, built from the private descriptors. Every call
+    passes the servicer's gate (UNAVAILABLE once shutdown began); bodies are decoded by
+    ``request_decoder`` within ``max_message_bytes``."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in SERVICE.methods:
         request_class: Any = getattr(pb, method.input_type.name)
         response_class: Any = getattr(pb, method.output_type.name)
-        behaviour: Callable[..., Awaitable[Any]] = getattr(servicer, method.name)
-        make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(
-            behaviour,
-            request_deserializer=request_class.FromString,
-            response_serializer=_serializer(response_class),
-        )
+        behaviour: Any = getattr(servicer, method.name)
+        if method.client_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _streaming(servicer, behaviour),
+                request_deserializer=request_decoder(request_class, max_message_bytes),
+                response_serializer=_serializer(response_class),
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(servicer, behaviour),
+                request_deserializer=request_decoder(request_class, max_message_bytes),
+                response_serializer=_serializer(response_class),
+            )
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("weir_request_id", default="")
@@ -47,3 +48,35 @@ def configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class RateLimitedLog:
+    """A warning about something a client can repeat at will (an undecodable body, say), written at
+    most once per interval: a flood of bad requests must not become a flood of log lines. Each line
+    says how many occurrences it stands for."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        message: str,
+        interval_seconds: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._message = message
+        self._interval = interval_seconds
+        self._clock = clock
+        self._unlogged = 0
+        self._next_at: float | None = None
+
+    def record(self, **extra: Any) -> bool:
+        """Count one occurrence; log it (with the count since the last line) if the interval has
+        passed. Returns whether a line was written."""
+        self._unlogged += 1
+        now = self._clock()
+        if self._next_at is not None and now < self._next_at:
+            return False
+        self._logger.warning(self._message, extra={**extra, "occurrences": self._unlogged})
+        self._unlogged = 0
+        self._next_at = now + self._interval
+        return True

@@ -173,11 +173,39 @@ def _add_histogram(family: HistogramMetricFamily, labels: list[str], distributio
 
 
 @dataclass(frozen=True)
+class TransportMetrics:
+    """The gRPC transport's own series: what it refused before any model saw a request, and the
+    streams it holds back because their clients do not read their answers."""
+
+    refused: Counter
+    streams_paused: Gauge
+    stream_backlog_bytes: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> TransportMetrics:
+        return cls(
+            refused=Counter(
+                "weir_request_refused", "Requests the transport refused before decoding them, by reason "
+                "(undecodable, too_large_decompressed, shutting_down).", ("reason",), registry=registry,
+            ),
+            streams_paused=Gauge(
+                "weir_stream_backpressure_paused", "ModelStreamInfer streams whose requests are not being read "
+                "because their unsent answers exceed the stream backlog limit.", registry=registry,
+            ),
+            stream_backlog_bytes=Gauge(
+                "weir_stream_backlog_bytes", "Bytes held for ModelStreamInfer streams: requests being computed "
+                "and answers not yet sent.", registry=registry,
+            ),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Metrics:
     registry: CollectorRegistry
     request_failure: Counter
     model_ready: Gauge
     versions: VersionMetricsCollector
+    transport: TransportMetrics
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -194,4 +222,5 @@ class Metrics:
                 "weir_model_ready", "1 when the model version is loaded and ready.", model_labels, registry=registry,
             ),
             versions=versions,
+            transport=TransportMetrics.create(registry),
         )  # fmt: skip

@@ -7,10 +7,11 @@ CLI runs it until SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
+import ipaddress
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -25,11 +26,12 @@ from weir.cache import CacheMetrics, LocalResponseCache, RedisResponseCache, Res
 from weir.dataplane import DataPlane
 from weir.enrichment import Enricher, FreshnessCollector
 from weir.errors import WeirError
-from weir.follower import ControlPlaneFollower, FollowerSettings, default_replica_id
+from weir.follower import SERVED_MARKER, ControlPlaneFollower, FollowerSettings, default_replica_id
 from weir.grpc_service import InferenceServicer, generic_handler
 from weir.metrics import Metrics
 from weir.monitoring import RecordBuffer, RecordCollector
 from weir.repository import ModelRepository
+from weir.routing import SEPARATOR
 from weir.settings import ControlMode, ServerSettings
 from weir.shadow import ShadowCollector, ShadowMirror
 from weir_proto.auth import AuthInterceptor, Role, TokenTable
@@ -52,8 +54,32 @@ def set_torch_threads(count: int) -> None:
 
 
 HEALTH_SERVICE_NAMES = ("", pool.SERVICE_NAME)
-_REPOSITORY_CHANGES = ("RepositoryModelLoad", "RepositoryModelUnload")
+COMPUTE_THREAD_PREFIX = "weir-compute"
 RETIRED_STORE_SECONDS = 10.0  # a replaced online store stays open this long for reads in flight
+# After the grace period: how long calls cut short get to send their UNAVAILABLE, and how long each
+# clean-up step (shadows, feature stores, models, caches) may take. Exit is bounded by grace + these.
+CUT_SHORT_FLUSH_SECONDS = 1.0
+CLEANUP_STEP_SECONDS = 1.0
+
+# The data plane's role table (README): the least role each RPC of the inference service needs when
+# tokens are configured. None: open, like inference, unless --require-inference-token (then viewer).
+# RepositoryIndex lists every model of the repository, loaded or not: a viewer's. Load/unload change
+# what serves: a deployer's. ModelMetadata/ModelConfig/ModelStatistics stay with inference: clients
+# such as perf_analyzer call them before inferring.
+DATA_PLANE_ROLES: dict[str, Role | None] = {
+    "ServerLive": None,
+    "ServerReady": None,
+    "ModelReady": None,
+    "ServerMetadata": None,
+    "ModelMetadata": None,
+    "ModelConfig": None,
+    "ModelStatistics": None,
+    "ModelInfer": None,
+    "ModelStreamInfer": None,
+    "RepositoryIndex": Role.VIEWER,
+    "RepositoryModelLoad": Role.DEPLOYER,
+    "RepositoryModelUnload": Role.DEPLOYER,
+}
 
 
 def _enricher(settings: ServerSettings) -> Enricher | None:
@@ -65,17 +91,30 @@ def _enricher(settings: ServerSettings) -> Enricher | None:
 
 
 def data_plane_policy(require_inference_token: bool) -> Callable[[str], Role | None]:
-    """With tokens configured: load/unload need a deployer; inference needs any token if asked."""
+    """With tokens configured: ``DATA_PLANE_ROLES``; the open methods need any token if asked. A
+    method the table does not name (a newer client's) needs the highest role: closed by default."""
 
     def policy(method: str) -> Role | None:
         service, _, name = method.lstrip("/").partition("/")
         if service != pool.SERVICE_NAME:
             return None  # health, reflection
-        if name in _REPOSITORY_CHANGES:
-            return Role.DEPLOYER
-        return Role.VIEWER if require_inference_token else None
+        least = DATA_PLANE_ROLES.get(name, Role.ADMIN)
+        if least is None and require_inference_token:
+            return Role.VIEWER
+        return least
 
     return policy
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a listen address is reachable from this host only ('localhost', 127.0.0.0/8, ::1)."""
+    host = address.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 class WeirServer:
@@ -89,7 +128,7 @@ class WeirServer:
         threads = settings.torch_intra_op_threads
         self._executor = ThreadPoolExecutor(
             settings.compute_threads,
-            thread_name_prefix="weir-compute",
+            thread_name_prefix=COMPUTE_THREAD_PREFIX,
             initializer=functools.partial(set_torch_threads, threads) if threads else None,
         )
         self.repository = ModelRepository(settings.model_repository, self._executor, self.metrics)
@@ -120,11 +159,24 @@ class WeirServer:
             raise ValueError(
                 "setting require_inference_token: expected tokens (--tokens-file or WEIR_TOKENS), got none"
             )
+        if (
+            settings.model_control_mode is ControlMode.EXPLICIT
+            and self.tokens is None
+            and not is_loopback(settings.listen_address)
+            and not settings.allow_anonymous_model_control
+        ):
+            raise ValueError(
+                f"setting model_control_mode: explicit model control on {settings.listen_address} (beyond loopback) "
+                "lets anyone who reaches the port load and unload models; expected tokens (--tokens-file or "
+                "WEIR_TOKENS; load/unload then need the deployer role), a loopback --listen-address, or "
+                "--allow-anonymous-model-control true, got none of them"
+            )
         self.follower: ControlPlaneFollower | None = None
         self._follower_task: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_http: WSGIServer | None = None
         self._accepting = False
+        self._servicer: InferenceServicer | None = None
         self.grpc_port = 0
         self.metrics_port: int | None = None
 
@@ -137,6 +189,9 @@ class WeirServer:
         options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # gRPC inflates a compressed message completely before comparing it with the limit above
+            # (a 1 MB gzip body became 1000 MiB): the servicer's decoder inflates within the limit instead.
+            ("grpc.per_message_decompression", 0),
             # Two servers silently sharing a port would split traffic between them: refuse, unless
             # sharing is the point (the workers of `weir serve --workers N`).
             ("grpc.so_reuseport", 1 if self._reuse_port else 0),
@@ -155,8 +210,12 @@ class WeirServer:
             is_ready=self.is_ready,
             on_repository_change=self.refresh_health,
             tokens=self.tokens,
+            transport=self.metrics.transport,
+            stream_backlog_bytes=settings.stream_backlog_bytes,
+            managed_by_control_plane=self.managed_by_control_plane,
         )
-        server.add_generic_rpc_handlers((generic_handler(servicer),))
+        self._servicer = servicer
+        server.add_generic_rpc_handlers((generic_handler(servicer, settings.max_message_bytes),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         # Reflection reads one pool: give it health and reflection too, so grpcurl sees every service.
         pool.add_file_to_pool(health_pb2.DESCRIPTOR)
@@ -236,6 +295,17 @@ class WeirServer:
         await self.follower.load_last_known_good()
         self._follower_task = asyncio.create_task(self.follower.run(), name="weir-control-plane-follower")
 
+    def managed_by_control_plane(self, model: str) -> bool:
+        """Following a control plane, the repository directory is its: a variant's model
+        (endpoint@variant), an endpoint, or a directory it installed is not a deployer's to change here."""
+        if not self.settings.control_plane:
+            return False
+        return (
+            SEPARATOR in model
+            or self.dataplane.router.get(model) is not None
+            or (self.settings.model_repository / model / SERVED_MARKER).is_file()
+        )
+
     def _element_names(self, model: str, tensor: str) -> list[str] | None:
         """An enriched input's elements are its feature service's features: records name them so."""
         enricher = self.enricher
@@ -280,30 +350,48 @@ class WeirServer:
             await self._health.set(name, status)
 
     async def stop(self, grace_seconds: float | None = None) -> None:
-        """Stop accepting, let in-flight requests finish within the grace period, release models."""
+        """Stop within the grace period plus a few seconds, whatever runs: new calls answer UNAVAILABLE
+        at once; calls in flight get the grace period to finish, then answer UNAVAILABLE; clean-up
+        steps are bounded, and a computation still running in a compute thread is left behind (the
+        CLI exits without waiting for it)."""
         grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        grace_ends = time.monotonic() + grace
         self._accepting = False
+        if self._servicer is not None:
+            self._servicer.gate.close()
+        await self._health.enter_graceful_shutdown()
         if self._follower_task is not None:
             self._follower_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower_task
+            await _bounded("control-plane follower", asyncio.gather(self._follower_task, return_exceptions=True))
             self._follower_task = None
-        await self._health.enter_graceful_shutdown()
+        if self._servicer is not None and not await self._servicer.gate.drained(grace_ends - time.monotonic()):
+            cut_short = self._servicer.gate.expire()
+            log.warning("grace period over: calls still running are answered UNAVAILABLE", extra={"calls": cut_short})
+            await self._servicer.gate.drained(CUT_SHORT_FLUSH_SECONDS)
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(0)
             self._server = None
-        await self.shadows.drain()
+        await _bounded("shadow mirrors", self.shadows.drain())
         for enricher in [*self._retired_enrichers, *([self.enricher] if self.enricher else [])]:
-            await enricher.aclose()
+            await _bounded("feature store", enricher.aclose())
         self._retired_enrichers.clear()
-        await self.repository.aclose()
-        await self.response_cache.aclose()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        await _bounded("models", self.repository.aclose())
+        await _bounded("response cache", self.response_cache.aclose())
+        self._executor.shutdown(wait=False, cancel_futures=True)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
         log.info("server stopped")
+
+
+async def _bounded(step: str, work: Awaitable[object]) -> None:
+    """One clean-up step of shutdown, given ``CLEANUP_STEP_SECONDS``: a step waiting on a computation
+    must not hold the exit."""
+    try:
+        await asyncio.wait_for(work, CLEANUP_STEP_SECONDS)
+    except TimeoutError:
+        log.warning("shutdown step left unfinished", extra={"step": step, "seconds": CLEANUP_STEP_SECONDS})
 
 
 def _response_cache(settings: ServerSettings, registry: CollectorRegistry) -> ResponseCache:

@@ -20,6 +20,9 @@ class ControlMode(enum.Enum):
     EXPLICIT = "explicit"
 
 
+MAX_SHUTDOWN_GRACE_SECONDS = 3600.0
+
+
 def _doc(text: str) -> dict[str, str]:
     return {"doc": text}
 
@@ -57,7 +60,17 @@ class ServerSettings:
     )
     max_message_bytes: int = field(
         default=128 * 1024 * 1024,
-        metadata=_doc("Largest gRPC message accepted or sent, in bytes (gRPC's own default is 4 MiB)."),
+        metadata=_doc(
+            "Largest gRPC message accepted or sent, in bytes (gRPC's own default is 4 MiB); a compressed request "
+            "is refused once it inflates beyond it."
+        ),
+    )
+    stream_backlog_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_doc(
+            "A ModelStreamInfer stream stops reading requests while the requests it computes and the answers its "
+            "client has not read exceed this many bytes (or 256 requests); it reads again as they drain."
+        ),
     )
     max_tensor_elements: int = field(
         default=64 * 1024 * 1024, metadata=_doc("Largest element count accepted for one input tensor.")
@@ -75,7 +88,11 @@ class ServerSettings:
         default=20.0, metadata=_doc("A Redis call slower than this is abandoned and the cache bypassed.")
     )
     shutdown_grace_seconds: float = field(
-        default=15.0, metadata=_doc("On SIGTERM, how long in-flight requests may take to finish before exit.")
+        default=15.0,
+        metadata=_doc(
+            "On SIGTERM, how long in-flight requests may take to finish; new ones are answered UNAVAILABLE, and the "
+            "process exits within this plus a few seconds even if a computation still runs."
+        ),
     )
     tokens_file: str = field(
         default="",
@@ -86,6 +103,13 @@ class ServerSettings:
     )
     require_inference_token: bool = field(
         default=False, metadata=_doc("Inference RPCs need a token too (any role); needs tokens.")
+    )
+    allow_anonymous_model_control: bool = field(
+        default=False,
+        metadata=_doc(
+            "Let anyone who reaches the port load/unload models: explicit model control on a non-loopback listen "
+            "address without tokens is refused at start unless this is set."
+        ),
     )
     tls_cert: str = field(default="", metadata=_doc("PEM certificate: serve gRPC over TLS (with --tls-key)."))
     tls_key: str = field(default="", metadata=_doc("PEM private key of --tls-cert."))
@@ -124,6 +148,12 @@ class ServerSettings:
         _require(0 <= self.grpc_port <= 65535, "grpc_port", "0..65535", self.grpc_port)
         _require(-1 <= self.metrics_port <= 65535, "metrics_port", "-1..65535", self.metrics_port)
         _require(self.max_message_bytes >= 1024 * 1024, "max_message_bytes", "at least 1 MiB", self.max_message_bytes)
+        _require(
+            self.stream_backlog_bytes >= 1024 * 1024,
+            "stream_backlog_bytes",
+            "at least 1 MiB",
+            self.stream_backlog_bytes,
+        )
         _require(self.max_tensor_elements >= 1, "max_tensor_elements", "at least 1", self.max_tensor_elements)
         _require(self.response_cache_bytes >= 0, "response_cache_bytes", "0 or more", self.response_cache_bytes)
         _require(self.redis_ttl_seconds > 0, "redis_ttl_seconds", "more than 0", self.redis_ttl_seconds)
@@ -134,7 +164,12 @@ class ServerSettings:
             "a redis://, rediss:// or unix:// URL",
             self.redis_url,
         )
-        _require(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds", "0 or more", self.shutdown_grace_seconds)
+        _require(
+            0 <= self.shutdown_grace_seconds <= MAX_SHUTDOWN_GRACE_SECONDS,
+            "shutdown_grace_seconds",
+            f"0..{MAX_SHUTDOWN_GRACE_SECONDS:g}",
+            self.shutdown_grace_seconds,
+        )
         _require(self.log_format in ("json", "text"), "log_format", "json or text", self.log_format)
         _require(self.heartbeat_seconds > 0, "heartbeat_seconds", "more than 0", self.heartbeat_seconds)
         _require(bool(self.tls_cert) == bool(self.tls_key), "tls_cert/tls_key", "both or neither", self.tls_cert)
