@@ -10,19 +10,22 @@ served the key.
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import grpc
 from scipy import stats
 
 from weir_control.attach import DesiredStateHub
-from weir_control.services import Auditor, _read, abort_with
+from weir_control.services import Auditor, _read, abort_with, refuse_if_protected
 from weir_control.store import Store
 from weir_proto.control.v1 import deployments_pb2, experiments_pb2, experiments_pb2_grpc
 from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, WeirError
 from weir_proto.routing import variant_for_key
 
 Kind = experiments_pb2.StartABTestRequest.Kind
+MAX_OUTCOME_MAGNITUDE = 1e12  # |value| of a MEAN outcome: squares stay far inside float range
+MAX_ROUTING_KEY = 1024
 
 
 def arm_results(
@@ -93,6 +96,13 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
         variants = [_variant(arm) for arm in request.arms]
         routing = deployments_pb2.RoutingPolicy(key_parameter=request.key_parameter, key_header=request.key_header)
         identity = self._auditor.identity(context)
+        try:
+            existing = [await asyncio.to_thread(self._store.get_deployment, request.endpoint)]
+        except WeirError:
+            existing = []
+        await refuse_if_protected(
+            self._auditor, context, "Experiments/StartABTest", f"endpoint/{request.endpoint}", existing
+        )
 
         def start() -> experiments_pb2.ABTest:
             self._store.deploy(request.endpoint, variants, identity.name, routing)
@@ -110,6 +120,14 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
         self, request: experiments_pb2.RecordOutcomeRequest, context: grpc.aio.ServicerContext
     ) -> experiments_pb2.RecordOutcomeResponse:
         def record() -> str:
+            if not math.isfinite(request.value) or abs(request.value) > MAX_OUTCOME_MAGNITUDE:
+                raise InvalidArgumentError(
+                    f"value: expected a finite number within +-{MAX_OUTCOME_MAGNITUDE:g}, got {request.value}"
+                )
+            if len(request.routing_key) > MAX_ROUTING_KEY:
+                raise InvalidArgumentError(
+                    f"routing_key: expected at most {MAX_ROUTING_KEY} characters, got {len(request.routing_key)}"
+                )
             test = self._store.get_ab_test(request.endpoint)
             if not test.running:
                 raise FailedPreconditionError(f"endpoint '{request.endpoint}': the A/B test was stopped")
@@ -123,7 +141,14 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
             self._store.record_outcome(request.endpoint, variant, test.metric, request.routing_key, request.value)
             return variant
 
-        variant = await _read(context, record)
+        variant = await self._auditor.run(
+            context,
+            "Experiments/RecordOutcome",
+            f"endpoint/{request.endpoint}",
+            lambda: None,
+            record,
+            lambda chosen: experiments_pb2.RecordOutcomeResponse(variant=chosen),
+        )
         return experiments_pb2.RecordOutcomeResponse(variant=variant)
 
     async def GetABTest(
@@ -158,7 +183,7 @@ def _new_test(request: experiments_pb2.StartABTestRequest) -> experiments_pb2.AB
     if not request.metric:
         raise InvalidArgumentError("metric: expected a name for the outcome, got none")
     confidence = request.confidence or 0.95
-    if not 0.5 <= confidence < 1:
+    if not math.isfinite(confidence) or not 0.5 <= confidence < 1:
         raise InvalidArgumentError(f"confidence: expected 0.5 <= confidence < 1, got {confidence}")
     if any(arm.weight == 0 for arm in request.arms):
         raise InvalidArgumentError("arms weight: expected every arm to get traffic, got a weight of 0")

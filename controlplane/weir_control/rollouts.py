@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from weir_control.attach import DesiredStateHub
+from weir_control.attach import DesiredStateHub, _Replica
 from weir_control.store import Store
+from weir_control.store.store import check_name
 from weir_proto.control.v1 import audit_pb2, deployments_pb2, rollouts_pb2
 from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError, WeirError
 
@@ -42,6 +44,30 @@ DEFAULT_KEEP_PREVIOUS_SECONDS = 300.0
 BLUE_GREEN = "blue_green"
 GREEN, BLUE = "green", "blue"
 PROTECTED = "protected"  # the flag that puts an endpoint under approval
+
+
+MIN_INTERVAL_SECONDS = 0.01
+MAX_INTERVAL_SECONDS = 86_400.0  # a day between analyses
+MAX_KEEP_PREVIOUS_SECONDS = 7 * 86_400.0
+MAX_MIN_REQUESTS = 1_000_000_000
+MAX_FAILURE_LIMIT = 1000
+MAX_P99_RATIO = 1000.0
+MAX_P99_SLACK_MS = 3_600_000.0
+
+
+def check_number(field: str, value: float, low: float, high: float) -> None:
+    """A request's number: finite and within [low, high] (InvalidArgumentError naming the field)."""
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidArgumentError(f"{field}: expected a finite number in {low:g}..{high:g}, got {value}")
+
+
+def check_thresholds(thresholds: rollouts_pb2.AnalysisThresholds) -> None:
+    """Every analysis threshold finite and ranged (0 means the default) before anything changes."""
+    check_number("thresholds.max_error_rate_increase", thresholds.max_error_rate_increase, 0.0, 1.0)
+    check_number("thresholds.max_p99_ratio", thresholds.max_p99_ratio, 0.0, MAX_P99_RATIO)
+    check_number("thresholds.max_p99_slack_ms", thresholds.max_p99_slack_ms, 0.0, MAX_P99_SLACK_MS)
+    check_number("thresholds.min_requests", thresholds.min_requests, 0, MAX_MIN_REQUESTS)
+    check_number("thresholds.failure_limit", thresholds.failure_limit, 0, MAX_FAILURE_LIMIT)
 
 
 def with_defaults(thresholds: rollouts_pb2.AnalysisThresholds) -> rollouts_pb2.AnalysisThresholds:
@@ -92,43 +118,108 @@ class VariantWindow:
         return (self.bounds[-1] if self.bounds else 0) * 1000.0
 
 
-def collect(replicas: list[deployments_pb2.ReplicaInfo], endpoint: str) -> dict[tuple[str, str], VariantWindow]:
-    """Per (replica, variant): its latest cumulative counters for ``endpoint``."""
-    windows = {}
+@dataclass
+class Look:
+    """What the attached replicas reported for one endpoint at one moment: per (attach stream,
+    variant, version) the cumulative counters, and which identity each stream attached as."""
+
+    windows: dict[tuple[str, str, int], VariantWindow] = field(default_factory=dict)
+    identities: dict[str, str] = field(default_factory=dict)  # stream -> identity
+
+
+def collect(replicas: list[_Replica], endpoint: str) -> Look:
+    look = Look()
     for replica in replicas:
-        for stats in replica.status.variants:
+        look.identities[replica.stream] = replica.identity
+        for stats in replica.info.status.variants:
             if stats.endpoint == endpoint:
-                windows[(replica.replica_id, stats.variant)] = VariantWindow(
+                look.windows[(replica.stream, stats.variant, stats.version)] = VariantWindow(
                     stats.succeeded, stats.failed, list(stats.latency_counts), list(stats.latency_bounds_seconds)
                 )
-    return windows
+    return look
 
 
-def interval_totals(
-    now: dict[tuple[str, str], VariantWindow], before: dict[tuple[str, str], VariantWindow]
-) -> dict[str, VariantWindow]:
-    """Per variant, what happened between two looks, summed over replicas (a replica that restarted
-    counts from zero)."""
-    totals: dict[str, VariantWindow] = {}
-    for (replica, variant), window in now.items():
-        earlier = before.get((replica, variant))
+def interval_totals(now: Look, before: Look) -> dict[str, dict[str, VariantWindow]]:
+    """Per identity, per variant: what happened between two looks, summed over that identity's
+    streams. A stream absent from the earlier look counts nothing yet (its counters are a starting
+    point); a variant version new on a known stream counts from zero (the attach stream bounded its
+    growth from when it was sent)."""
+    totals: dict[str, dict[str, VariantWindow]] = {}
+    for (stream, variant, version), window in now.windows.items():
+        if stream not in before.identities:
+            continue
+        earlier = before.windows.get((stream, variant, version))
         if earlier is not None and (window.succeeded < earlier.succeeded or window.failed < earlier.failed):
-            earlier = None  # counters went back: the replica restarted
+            continue  # cannot happen through the attach stream (it refuses counters going back)
         delta = window.minus(earlier)
-        total = totals.setdefault(variant, VariantWindow(counts=[0] * len(delta.counts), bounds=delta.bounds))
-        total.succeeded += delta.succeeded
-        total.failed += delta.failed
-        if len(total.counts) == len(delta.counts):
-            total.counts = [a + b for a, b in zip(total.counts, delta.counts, strict=True)]
-        else:
-            total.counts = list(delta.counts)
+        per_variant = totals.setdefault(now.identities.get(stream, ""), {})
+        _add(per_variant.setdefault(variant, VariantWindow(counts=[0] * len(delta.counts), bounds=delta.bounds)), delta)
     return totals
+
+
+def _add(total: VariantWindow, delta: VariantWindow) -> None:
+    total.succeeded += delta.succeeded
+    total.failed += delta.failed
+    if len(total.counts) == len(delta.counts):
+        total.counts = [a + b for a, b in zip(total.counts, delta.counts, strict=True)]
+    elif sum(delta.counts) > sum(total.counts):
+        total.counts, total.bounds = list(delta.counts), delta.bounds  # histograms of another shape: keep the larger
+
+
+def combined(
+    per_identity: dict[str, dict[str, VariantWindow]], variant: str, leave_out: str | None = None
+) -> VariantWindow:
+    total = VariantWindow()
+    for identity, variants in per_identity.items():
+        if identity != leave_out and variant in variants:
+            window = variants[variant]
+            if not total.counts:
+                total.counts, total.bounds = [0] * len(window.counts), window.bounds
+            _add(total, window)
+    return total
+
+
+def robust_verdict(
+    per_identity: dict[str, dict[str, VariantWindow]],
+    canary_variant: str,
+    baseline_variant: str,
+    thresholds: rollouts_pb2.AnalysisThresholds,
+) -> tuple[str, str, VariantWindow, VariantWindow]:
+    """The verdict over every identity's reports, kept only when it is the same with any one
+    identity's reports left out: no single replica identity decides a rollout alone while others
+    report (with one identity reporting, as with one replica or one shared token, it decides)."""
+    canary, baseline = combined(per_identity, canary_variant), combined(per_identity, baseline_variant)
+    verdict, reason = judge(canary, baseline, thresholds)
+    reporting = [
+        identity
+        for identity, variants in per_identity.items()
+        if any(variants.get(name, VariantWindow()).requests for name in (canary_variant, baseline_variant))
+    ]
+    if len(reporting) < 2:
+        return verdict, reason, canary, baseline
+    for identity in sorted(reporting):
+        without, _ = judge(
+            combined(per_identity, canary_variant, identity),
+            combined(per_identity, baseline_variant, identity),
+            thresholds,
+        )
+        if without != verdict:
+            return (
+                "INCONCLUSIVE",
+                (
+                    f"replicas disagree: {verdict} over all reports but {without} without those of '{identity}' "
+                    f"(no single replica identity decides alone; {reason})"
+                ),
+                canary,
+                baseline,
+            )
+    return verdict, reason, canary, baseline
 
 
 def judge(
     canary: VariantWindow, baseline: VariantWindow, thresholds: rollouts_pb2.AnalysisThresholds
 ) -> tuple[str, str]:
-    if canary.requests < thresholds.min_requests:
+    if not canary.requests or canary.requests < thresholds.min_requests:
         return "INCONCLUSIVE", f"the canary served {canary.requests} requests, fewer than {thresholds.min_requests}"
     canary_rate = canary.failed / canary.requests
     baseline_rate = baseline.failed / baseline.requests if baseline.requests else 0.0
@@ -156,7 +247,7 @@ class RolloutController:
         self._hub = hub
         self._clock = clock
         self._tick = tick_seconds
-        self._looks: dict[str, dict[tuple[str, str], VariantWindow]] = {}  # endpoint -> previous look
+        self._looks: dict[str, Look] = {}  # endpoint -> previous look
         self._lock = asyncio.Lock()
 
     # --- RPC entry points (all serialised with the controller's own steps) --------------------------
@@ -166,8 +257,10 @@ class RolloutController:
         if any(not 1 <= step <= 100 for step in steps) or steps != sorted(set(steps)) or steps[-1] != 100:
             raise InvalidArgumentError(f"steps: expected increasing percentages in 1..100 ending at 100, got {steps}")
         interval = request.interval_seconds or DEFAULT_INTERVAL_SECONDS
-        if interval <= 0:
-            raise InvalidArgumentError(f"interval_seconds: expected more than 0, got {request.interval_seconds}")
+        check_number("interval_seconds", interval, MIN_INTERVAL_SECONDS, MAX_INTERVAL_SECONDS)
+        check_thresholds(request.thresholds)
+        check_name("endpoint", request.endpoint)
+        check_name("model_name", request.model_name)
         async with self._lock:
             deployment, baseline = await self._single_serving(request.endpoint)
             canary = deployments_pb2.Variant(name=CANARY, model_name=request.model_name, weight=steps[0])
@@ -190,16 +283,17 @@ class RolloutController:
                 started_by=actor,
             )
             rollout.started_at.FromDatetime(datetime.datetime.now(datetime.UTC))
+            self._schedule(rollout)  # before any change: nothing below can fail on the request's numbers
             await self._set_weights(deployment, baseline, canary, steps[0], actor)
-            self._schedule(rollout)
-            self._looks[request.endpoint] = collect(self._hub.replicas(), request.endpoint)
+            self._looks[request.endpoint] = collect(self._hub.attached(), request.endpoint)
             await asyncio.to_thread(self._store.save_rollout, rollout)
             return rollout
 
     async def start_blue_green(self, request: rollouts_pb2.StartBlueGreenRequest, actor: str) -> Rollout:
         keep = request.keep_previous_seconds or DEFAULT_KEEP_PREVIOUS_SECONDS
-        if keep < 0:
-            raise InvalidArgumentError(f"keep_previous_seconds: expected 0 or more, got {keep}")
+        check_number("keep_previous_seconds", keep, 0.0, MAX_KEEP_PREVIOUS_SECONDS)
+        check_name("endpoint", request.endpoint)
+        check_name("model_name", request.model_name)
         async with self._lock:
             deployment, blue = await self._single_serving(request.endpoint)
             green = deployments_pb2.Variant(
@@ -314,7 +408,7 @@ class RolloutController:
             elif action == "resume":
                 rollout.state, rollout.reason = Rollout.RUNNING, ""
                 self._schedule(rollout)
-                self._looks[endpoint] = collect(self._hub.replicas(), endpoint)
+                self._looks[endpoint] = collect(self._hub.attached(), endpoint)
             elif action == "abort":
                 await self._roll_back(rollout, f"aborted by {actor}", actor)
             elif action in ("promote", "switch") and rollout.strategy == BLUE_GREEN:
@@ -341,27 +435,44 @@ class RolloutController:
     async def step_all(self) -> None:
         async with self._lock:
             for rollout in await asyncio.to_thread(self._store.active_rollouts):
-                if rollout.strategy == BLUE_GREEN:
-                    if rollout.state == Rollout.RUNNING and await self._advance_blue_green(rollout):
-                        await asyncio.to_thread(self._store.save_rollout, rollout)
-                    continue
-                due = rollout.next_analysis_at.ToDatetime(datetime.UTC).timestamp()
-                if rollout.state == Rollout.RUNNING and self._clock() >= due:
-                    await self._analyse(rollout)
-                    await asyncio.to_thread(self._store.save_rollout, rollout)
+                try:
+                    await self._step(rollout)
+                except Exception as error:  # one rollout's failure must not stop the others' steps
+                    log.exception("rollout step failed", extra={"endpoint": rollout.endpoint})
+                    await self._step_failed(rollout, error)
+
+    async def _step(self, rollout: Rollout) -> None:
+        if rollout.strategy == BLUE_GREEN:
+            if rollout.state == Rollout.RUNNING and await self._advance_blue_green(rollout):
+                await asyncio.to_thread(self._store.save_rollout, rollout)
+            return
+        due = rollout.next_analysis_at.ToDatetime(datetime.UTC).timestamp()
+        if rollout.state == Rollout.RUNNING and self._clock() >= due:
+            await self._analyse(rollout)
+            await asyncio.to_thread(self._store.save_rollout, rollout)
+
+    async def _step_failed(self, rollout: Rollout, error: Exception) -> None:
+        """Say why in the rollout and look again an interval later (not every tick)."""
+        try:
+            fresh = await asyncio.to_thread(self._store.get_rollout, rollout.endpoint)
+            fresh.reason = f"step failed: {error.message if isinstance(error, WeirError) else type(error).__name__}"
+            self._schedule(fresh)
+            await asyncio.to_thread(self._store.save_rollout, fresh)
+        except Exception:
+            log.exception("could not record a failed rollout step", extra={"endpoint": rollout.endpoint})
 
     async def _analyse(self, rollout: Rollout) -> None:
         endpoint = rollout.endpoint
-        look = collect(self._hub.replicas(), endpoint)
+        look = collect(self._hub.attached(), endpoint)
         if endpoint not in self._looks:  # first look after a restart: start the interval now
             self._looks[endpoint] = look
             self._schedule(rollout)
             return
         totals = interval_totals(look, self._looks[endpoint])
         self._looks[endpoint] = look
-        canary = totals.get(rollout.canary_variant, VariantWindow())
-        baseline = totals.get(rollout.baseline_variant, VariantWindow())
-        verdict, reason = judge(canary, baseline, rollout.thresholds)
+        verdict, reason, canary, baseline = robust_verdict(
+            totals, rollout.canary_variant, rollout.baseline_variant, rollout.thresholds
+        )
         analysis = rollout.analyses.add(
             step=rollout.step, canary_weight=rollout.steps[rollout.step], canary_requests=canary.requests,
             canary_errors=canary.failed, baseline_requests=baseline.requests, baseline_errors=baseline.failed,

@@ -30,13 +30,14 @@ from weir_control.services import (
     Auditor,
     AuditService,
     DeploymentsService,
+    RefusalLog,
     RegistryService,
     RolloutsService,
 )
 from weir_control.store import Store, open_store
 from weir_control.training.runner import JobRunner
 from weir_control.training.service import REPORTING_METHODS, TrainingService
-from weir_proto.auth import AuthInterceptor, Role, TokenTable
+from weir_proto.auth import AuthInterceptor, Needs, Role, TokenTable
 from weir_proto.control.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -109,10 +110,22 @@ _MUTATIONS = {
 }
 
 
-def control_policy(method: str) -> Role | None:
+_SYNC = deployments_pb2.DESCRIPTOR.services_by_name["DataPlaneSync"].full_name
+_REGISTRY = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
+# A data plane's replica token attaches (admins may too: tools and tests) and downloads the
+# artifacts it is told to serve; it can do nothing else, not even a viewer's reads.
+ATTACH_ROLES = frozenset({Role.REPLICA, Role.ADMIN})
+DOWNLOAD_ROLES = frozenset(Role)
+
+
+def control_policy(method: str) -> Needs:
     service, _, name = method.lstrip("/").partition("/")
     if service not in SERVICE_NAMES:
         return None
+    if service == _SYNC:
+        return ATTACH_ROLES  # Attach, and any name under the service (answered UNIMPLEMENTED once allowed)
+    if service == _REGISTRY and name == "DownloadArtifact":
+        return DOWNLOAD_ROLES
     if name == "ApproveRollout":
         return Role.APPROVER
     if service == _TRAINING and name in REPORTING_METHODS:
@@ -176,6 +189,7 @@ class ControlPlaneServer:
         self.training: JobRunner | None = None
         self.drift: DriftMonitor | None = None
         self._drift_task: asyncio.Task[None] | None = None
+        self.refusals: RefusalLog | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -188,9 +202,12 @@ class ControlPlaneServer:
         artifacts = ArtifactStore(settings.resolved_artifact_dir)
         hub = DesiredStateHub(store, self.metrics, settings.online_store)
         self.registry.register(ReplicaCollector(hub.replicas))
-        auditor = Auditor(store, self.tokens)
+        self.refusals = refusals = RefusalLog(store)
+        auditor = Auditor(store, self.tokens, refusals)
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.tokens, control_policy)] if self.tokens is not None else [],
+            interceptors=[AuthInterceptor(self.tokens, control_policy, refusals.interceptor_hook)]
+            if self.tokens is not None
+            else [],
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -207,7 +224,9 @@ class ControlPlaneServer:
             assert self.drift is not None
             await asyncio.to_thread(self.drift.ingest, replica_id, records)
 
-        deployments_pb2_grpc.add_DataPlaneSyncServicer_to_server(DataPlaneSyncService(hub, on_records), server)
+        deployments_pb2_grpc.add_DataPlaneSyncServicer_to_server(
+            DataPlaneSyncService(hub, on_records, self.tokens), server
+        )
         audit_pb2_grpc.add_AuditServicer_to_server(AuditService(store), server)
         self.rollouts = RolloutController(store, hub)
         rollouts_pb2_grpc.add_RolloutsServicer_to_server(RolloutsService(store, auditor, self.rollouts), server)
@@ -262,6 +281,9 @@ class ControlPlaneServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self.refusals is not None:
+            self.refusals.close()
+            await self.refusals.drain()
         if self.features is not None:
             await asyncio.to_thread(self.features.close)
             self.features = None

@@ -11,7 +11,9 @@ import asyncio
 import datetime
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -24,7 +26,8 @@ from weir_control.metrics import ControlMetrics
 from weir_control.model_config import check_artifact_filename, signature_from_config
 from weir_control.rollouts import RolloutController
 from weir_control.store import Store
-from weir_proto.auth import Identity, Role, TokenTable, identity_of
+from weir_control.store.store import REFUSED_RESULTS
+from weir_proto.auth import Identity, Refusal, Role, TokenTable, identity_of
 from weir_proto.control.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -66,10 +69,129 @@ def summary(message: Message | None) -> str:
     return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
 
+REFUSAL_WINDOW_SECONDS = 60.0  # refusals are aggregated per (actor, method, result) over this long
+MAX_REFUSAL_KEYS = 1024  # distinct (actor, method, result) per window; beyond, one key per (actor, result)
+
+
+@dataclass
+class _Tally:
+    started: float
+    event: audit_pb2.AuditEvent  # the first refusal of the window, already written
+    more: int = 0  # refusals after the first
+
+
+class RefusalLog:
+    """Refused calls into the audit log, bounded whatever a caller floods: the first refusal per
+    (actor, method, result) in a window is written at once, in full; the others of that window are
+    counted and written as one event (``count``) when the window ends. Event-loop thread only; the
+    writes run in worker threads."""
+
+    def __init__(
+        self,
+        store: Store,
+        window_seconds: float = REFUSAL_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._window = window_seconds
+        self._clock = clock
+        self._open: dict[tuple[str, str, str], _Tally] = {}
+        self._writes: set[asyncio.Future[None]] = set()
+
+    def record(self, event: audit_pb2.AuditEvent) -> asyncio.Future[None] | None:
+        """Count the refusal; returns the write when this one is written (the window's first)."""
+        now = self._clock()
+        self._close_expired(now)
+        key = (event.actor, event.action, event.result)
+        if key not in self._open and len(self._open) >= MAX_REFUSAL_KEYS:
+            key = (event.actor, "*", event.result)
+        tally = self._open.get(key)
+        if tally is not None:
+            tally.more += 1
+            return None
+        event.outcome, event.count = "refused", 1
+        if not event.HasField("at"):
+            event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
+        self._open[key] = _Tally(now, event)
+        asyncio.get_running_loop().call_later(self._window, self._close_expired, None)
+        return self._write(event)
+
+    def close(self) -> None:
+        """Write every open window's count (at stop)."""
+        self._close_expired(None, every=True)
+
+    async def drain(self) -> None:
+        """Wait for the writes under way (tests; stop)."""
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
+
+    def _close_expired(self, now: float | None, every: bool = False) -> None:
+        now = self._clock() if now is None else now
+        for key, tally in list(self._open.items()):
+            if every or now - tally.started >= self._window:
+                del self._open[key]
+                if tally.more:
+                    summary = audit_pb2.AuditEvent()
+                    summary.CopyFrom(tally.event)
+                    summary.at.FromDatetime(datetime.datetime.now(datetime.UTC))
+                    summary.count = tally.more
+                    summary.before = summary.after = ""
+                    summary.detail = (
+                        f"{tally.more} more refusal(s) like the previous one within {self._window:g} s: "
+                        f"{tally.event.detail}"
+                    )[:2000]
+                    self._write(summary)
+
+    def _write(self, event: audit_pb2.AuditEvent) -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().run_in_executor(None, self._append, event)
+        self._writes.add(future)
+        future.add_done_callback(self._writes.discard)
+        return future
+
+    def _append(self, event: audit_pb2.AuditEvent) -> None:
+        try:
+            self._store.append_audit(event)
+        except Exception:
+            log.exception("could not write a refusal to the audit log", extra={"action": event.action})
+
+    def interceptor_hook(self, refusal: Refusal) -> asyncio.Future[None] | None:
+        """For ``AuthInterceptor(on_refusal=...)``: a call refused by the token check."""
+        service, _, method = refusal.method.lstrip("/").partition("/")
+        event = audit_pb2.AuditEvent(
+            actor=refusal.actor,
+            role=refusal.role,
+            action=f"{service.rsplit('.', 1)[-1]}/{method}"[:200],
+            target=f"peer/{refusal.peer}"[:200] if refusal.peer else "",
+            result=refusal.code.name,
+            detail=refusal.reason[:2000],
+        )
+        return self.record(event)
+
+
+async def _written(write: asyncio.Future[None] | None) -> None:
+    if write is not None:
+        await asyncio.shield(write)  # the event is in the log before the caller hears the refusal
+
+
 class Auditor:
-    def __init__(self, store: Store, tokens: TokenTable | None) -> None:
+    def __init__(self, store: Store, tokens: TokenTable | None, refusals: RefusalLog | None = None) -> None:
         self._store = store
         self._tokens = tokens
+        self.refusals = refusals or RefusalLog(store)
+
+    async def refuse(self, context: grpc.aio.ServicerContext, action: str, target: str, error: WeirError) -> NoReturn:
+        """Audit a refusal decided inside a handler (before any change) and abort with it."""
+        identity = self.identity(context)
+        event = audit_pb2.AuditEvent(
+            actor=identity.name,
+            role=identity.role.name.lower(),
+            action=action,
+            target=target[:500],
+            result=status_code_for(error.kind).name,
+            detail=error.message[:2000],
+        )
+        await _written(self.refusals.record(event))
+        await abort_with(context, error)
 
     def identity(self, context: grpc.aio.ServicerContext) -> Identity:
         return identity_of(context, self._tokens)
@@ -109,12 +231,48 @@ class Auditor:
             kind = error.kind if isinstance(error, WeirError) else None
             event.result = status_code_for(kind).name if kind else "INTERNAL"
             event.detail = error.message if isinstance(error, WeirError) else type(error).__name__
-            await asyncio.to_thread(self._store.append_audit, event)
+            if kind is not None and event.result in REFUSED_RESULTS:
+                await _written(self.refusals.record(event))  # nothing changed: aggregated like every refusal
+            else:
+                event.outcome = "failed"
+                await asyncio.to_thread(self._store.append_audit, event)
             await abort_with(context, error)
         event.after = summary(after(result))
-        event.result = "OK"
+        event.result, event.outcome = "OK", "ok"
         await asyncio.to_thread(self._store.append_audit, event)
         return result
+
+
+PROTECTED_FLAG = "protected"
+
+
+def is_protected(deployment: deployments_pb2.Deployment) -> bool:
+    return deployment.flags.get(PROTECTED_FLAG) == "true"
+
+
+async def refuse_if_protected(
+    auditor: Auditor,
+    context: grpc.aio.ServicerContext,
+    action: str,
+    target: str,
+    deployments: list[deployments_pb2.Deployment],
+    how: str = "",
+) -> None:
+    """Refuse (PERMISSION_DENIED, audited) a non-admin's direct change to protected endpoints:
+    they change only through an approved rollout, or by an admin."""
+    protected = [deployment.endpoint for deployment in deployments if is_protected(deployment)]
+    if not protected or auditor.identity(context).role >= Role.ADMIN:
+        return
+    names = ", ".join(f"'{endpoint}'" for endpoint in protected)
+    await auditor.refuse(
+        context,
+        action,
+        target,
+        PermissionDeniedError(
+            f"endpoint {names} is protected{how}: change it with an approved rollout (StartRollout, then "
+            "ApproveRollout by an approver), or as an admin"
+        ),
+    )
 
 
 def _or_none(read: Callable[[], Message | None]) -> Message | None:
@@ -292,9 +450,26 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             ),
         )
 
+    async def _require_admin_if_followed_by_protected(
+        self, context: grpc.aio.ServicerContext, action: str, model_name: str, alias: str
+    ) -> None:
+        following = await _read(context, lambda: self._store.deployments_following(model_name, alias))
+        await refuse_if_protected(
+            self._auditor,
+            context,
+            action,
+            f"model/{model_name}/alias/{alias}",
+            following,
+            f" and follows model '{model_name}' alias '{alias}'",
+        )
+
     async def SetAlias(
         self, request: registry_pb2.SetAliasRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.ModelVersion:
+        # Moving an alias a protected endpoint follows changes what that endpoint serves.
+        await self._require_admin_if_followed_by_protected(
+            context, "Registry/SetAlias", request.model_name, request.alias
+        )
         version = await self._auditor.run(
             context,
             "Registry/SetAlias",
@@ -308,6 +483,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
     async def DeleteAlias(
         self, request: registry_pb2.DeleteAliasRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.DeleteAliasResponse:
+        # Refused while any endpoint follows the alias (the store says which); protected ones first.
+        await self._require_admin_if_followed_by_protected(
+            context, "Registry/DeleteAlias", request.model_name, request.alias
+        )
         await self._auditor.run(
             context,
             "Registry/DeleteAlias",
@@ -413,7 +592,7 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
         elif target == "version":
             variant.version = request.version
         identity = self._auditor.identity(context)
-        await self._require_admin_if_protected(context, request.endpoint)
+        await self._require_admin_if_protected(context, "Deployments/Deploy", request.endpoint)
         deployment = await self._auditor.run(
             context,
             "Deployments/Deploy",
@@ -428,7 +607,7 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
         self, request: deployments_pb2.SetTrafficRequest, context: grpc.aio.ServicerContext
     ) -> deployments_pb2.Deployment:
         identity = self._auditor.identity(context)
-        await self._require_admin_if_protected(context, request.endpoint)
+        await self._require_admin_if_protected(context, "Deployments/SetTraffic", request.endpoint)
         routing = request.routing if request.HasField("routing") else None
         deployment = await self._auditor.run(
             context,
@@ -444,37 +623,42 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
         self, request: deployments_pb2.SetFlagRequest, context: grpc.aio.ServicerContext
     ) -> deployments_pb2.Deployment:
         identity = self._auditor.identity(context)
-        if request.name == "protected" and identity.role < Role.ADMIN:
-            await abort_with(
-                context, PermissionDeniedError("name 'protected': protecting or unprotecting an endpoint needs admin")
+        action, target = "Deployments/SetFlag", f"endpoint/{request.endpoint}/flag/{request.name}"
+        if request.name == PROTECTED_FLAG and identity.role < Role.ADMIN:
+            await self._auditor.refuse(
+                context,
+                action,
+                target,
+                PermissionDeniedError("name 'protected': protecting or unprotecting an endpoint needs admin"),
             )
+        # Any other flag (a kill switch too) changes what a protected endpoint serves.
+        await self._require_admin_if_protected(context, action, request.endpoint, target)
         deployment = await self._auditor.run(
             context,
-            "Deployments/SetFlag",
-            f"endpoint/{request.endpoint}/flag/{request.name}",
+            action,
+            target,
             lambda: self._store.get_deployment(request.endpoint),
             lambda: self._store.set_flag(request.endpoint, request.name, request.value, identity.name),
         )
         await self._hub.changed()
         return deployment
 
-    async def _require_admin_if_protected(self, context: grpc.aio.ServicerContext, endpoint: str) -> None:
-        """A protected endpoint changes through approved rollouts; direct changes are for admins."""
+    async def _require_admin_if_protected(
+        self, context: grpc.aio.ServicerContext, action: str, endpoint: str, target: str = ""
+    ) -> None:
+        """A protected endpoint changes through approved rollouts; direct changes are for admins
+        (refused and audited otherwise)."""
         try:
             deployment = await asyncio.to_thread(self._store.get_deployment, endpoint)
         except WeirError:
             return
-        if deployment.flags.get("protected") == "true" and self._auditor.identity(context).role < Role.ADMIN:
-            await abort_with(
-                context,
-                PermissionDeniedError(
-                    f"endpoint '{endpoint}' is protected: change it with an approved rollout, or as an admin"
-                ),
-            )
+        await refuse_if_protected(self._auditor, context, action, target or f"endpoint/{endpoint}", [deployment])
 
     async def Undeploy(
         self, request: deployments_pb2.UndeployRequest, context: grpc.aio.ServicerContext
     ) -> deployments_pb2.UndeployResponse:
+        # Undeploying a protected endpoint would also drop its protection (the flag lives with it).
+        await self._require_admin_if_protected(context, "Deployments/Undeploy", request.endpoint)
         await self._auditor.run(
             context,
             "Deployments/Undeploy",

@@ -1,8 +1,11 @@
 """Bearer tokens and roles, enforced by a gRPC server interceptor; shared by both planes.
 
-Tokens map to a name (who, for the audit log) and a role. Roles are ordered: each one may do what
-the ones before it may (viewer < deployer < approver < admin). A method's policy names the least
-role it needs, or None for an open method (health, reflection, inference unless protected).
+Tokens map to a name (who, for the audit log) and a role. The people's roles are ordered: each one
+may do what the ones before it may (viewer < deployer < approver < admin). ``replica`` is outside
+that order: it is a data plane's identity, and may call only what a method's policy names it for
+(the control plane's Attach stream and the artifact download a data plane needs); it may read
+nothing a viewer may. A method's policy names the least role it needs, or the set of roles it
+accepts, or None for an open method (health, reflection, inference unless protected).
 
 Tokens come from a TOML file::
 
@@ -17,8 +20,10 @@ memory, and no token is ever logged: messages name the token's owner, never the 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
+import logging
 import os
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,9 +36,11 @@ import grpc
 from weir_proto.errors import InvalidArgumentError
 
 AUTHORIZATION = "authorization"
+log = logging.getLogger(__name__)
 
 
 class Role(enum.IntEnum):
+    REPLICA = 0  # a data plane: below every ordered role, and accepted only where a policy names it
     VIEWER = 1
     DEPLOYER = 2
     APPROVER = 3
@@ -44,7 +51,7 @@ class Role(enum.IntEnum):
         try:
             return cls[text.strip().upper()]
         except KeyError:
-            choices = ", ".join(role.name.lower() for role in cls)
+            choices = ", ".join(role.name.lower() for role in sorted(cls, key=lambda role: (role is cls.REPLICA, role)))
             raise InvalidArgumentError(f"{source}: expected a role among {choices}, got {text!r}") from None
 
 
@@ -129,16 +136,50 @@ def identity_of(context: grpc.aio.ServicerContext, tokens: TokenTable | None) ->
     return identity or Identity("anonymous", Role.VIEWER)
 
 
-Policy = Callable[[str], Role | None]  # full method name -> least role needed (None: open)
+# What a method needs: the least ordered role (a replica never passes), exactly one of a set of
+# roles, or None (open).
+Needs = Role | frozenset[Role] | None
+Policy = Callable[[str], Needs]  # full method name -> what it needs
+
+
+def permits(role: Role, needed: Role | frozenset[Role]) -> bool:
+    """Whether a token of ``role`` may call a method that needs ``needed`` (not None)."""
+    if isinstance(needed, frozenset):
+        return role in needed
+    return role is not Role.REPLICA and role >= needed
+
+
+def needs_text(needed: Role | frozenset[Role]) -> str:
+    if isinstance(needed, frozenset):
+        return " or ".join(role.name.lower() for role in sorted(needed))
+    return f"role {needed.name.lower()} or above"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A call the interceptor refused, for the audit log (never the token itself)."""
+
+    method: str
+    code: grpc.StatusCode
+    actor: str  # the token's owner; "anonymous" without a token, "unknown-token" for a token not in the table
+    role: str  # the owner's role, or "" when unknown
+    reason: str
+    peer: str = ""
+
+
+# Called on the event loop for every refusal (must not block); an awaitable it returns is awaited
+# before the caller is answered.
+RefusalHook = Callable[[Refusal], Awaitable[None] | None]
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses a call without a valid bearer token (UNAUTHENTICATED) or whose token's role is below
     the method's (PERMISSION_DENIED), before any handler runs."""
 
-    def __init__(self, tokens: TokenTable, policy: Policy) -> None:
+    def __init__(self, tokens: TokenTable, policy: Policy, on_refusal: RefusalHook | None = None) -> None:
         self._tokens = tokens
         self._policy = policy
+        self._on_refusal = on_refusal  # called (on the event loop, must not block) for every refusal
 
     async def intercept_service(
         self,
@@ -151,26 +192,53 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         token = bearer_token(handler_call_details.invocation_metadata)
         if not token:
-            return _refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"{method}: expected metadata 'authorization: Bearer <token>', got no bearer token",
+            return self._refusal(
+                Refusal(
+                    method,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "anonymous",
+                    "",
+                    f"{method}: expected metadata 'authorization: Bearer <token>', got no bearer token",
+                )
             )
         identity = self._tokens.identify(token)
         if identity is None:
-            return _refusal(grpc.StatusCode.UNAUTHENTICATED, f"{method}: the bearer token is not valid here")
-        if identity.role < needed:
-            return _refusal(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{method}: needs role {needed.name.lower()} or above; '{identity.name}' has "
-                f"{identity.role.name.lower()}",
+            return self._refusal(
+                Refusal(
+                    method,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "unknown-token",
+                    "",
+                    f"{method}: the bearer token is not valid here",
+                )
+            )
+        if not permits(identity.role, needed):
+            return self._refusal(
+                Refusal(
+                    method,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    identity.name,
+                    identity.role.name.lower(),
+                    f"{method}: needs {needs_text(needed)}; '{identity.name}' has {identity.role.name.lower()}",
+                )
             )
         return await continuation(handler_call_details)
 
+    def _refusal(self, refusal: Refusal) -> grpc.RpcMethodHandler:
+        return _refusal(refusal, self._on_refusal)
 
-def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+
+def _refusal(refusal: Refusal, on_refusal: RefusalHook | None) -> grpc.RpcMethodHandler:
     # Stream-stream accepts any call shape: the client's request stream is simply never read.
     async def refuse(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
+        if on_refusal is not None:
+            try:
+                pending = on_refusal(dataclasses.replace(refusal, peer=context.peer() or ""))
+                if pending is not None:
+                    await pending
+            except Exception:  # auditing a refusal must never turn it into another answer
+                log.exception("recording a refused call failed")
+        await context.abort(refusal.code, refusal.reason)
 
     return grpc.stream_stream_rpc_method_handler(refuse)
 

@@ -54,3 +54,17 @@ def test_only_bearer_authorization_metadata_counts() -> None:
     assert bearer_token([("authorization", "Bearer abc ")]) == "abc"
     assert bearer_token([("authorization", "Basic abc")]) is None
     assert bearer_token(None) is None
+
+
+def test_the_replica_role_is_outside_the_order_and_passes_only_where_named() -> None:
+    from weir_proto.auth import permits
+
+    table = TokenTable.from_environment_value("node:replica:t-node")
+    assert table.identify("t-node") == Identity("node", Role.REPLICA)
+    for least in (Role.VIEWER, Role.DEPLOYER, Role.APPROVER, Role.ADMIN):
+        assert not permits(Role.REPLICA, least)  # not even a viewer's reads
+    assert permits(Role.REPLICA, frozenset({Role.REPLICA, Role.ADMIN}))
+    assert permits(Role.ADMIN, frozenset({Role.REPLICA, Role.ADMIN}))
+    for person in (Role.VIEWER, Role.DEPLOYER, Role.APPROVER):
+        assert not permits(person, frozenset({Role.REPLICA, Role.ADMIN}))  # a viewer cannot attach
+    assert permits(Role.VIEWER, Role.VIEWER) and not permits(Role.VIEWER, Role.DEPLOYER)

@@ -3,7 +3,7 @@ buckets, and the verdicts."""
 
 from __future__ import annotations
 
-from weir_control.rollouts import VariantWindow, interval_totals, judge, with_defaults
+from weir_control.rollouts import Look, VariantWindow, interval_totals, judge, robust_verdict, with_defaults
 from weir_proto.control.v1 import rollouts_pb2
 
 BOUNDS = [0.001, 0.01, 0.1]
@@ -13,12 +13,48 @@ def window(ok: int, failed: int, counts: list[int]) -> VariantWindow:
     return VariantWindow(ok, failed, counts, BOUNDS)
 
 
-def test_interval_totals_subtract_the_previous_look_and_restart_counting_after_a_restart() -> None:
-    before = {("r1", "canary"): window(10, 1, [5, 5, 1, 0]), ("r2", "canary"): window(50, 0, [50, 0, 0, 0])}
-    now = {("r1", "canary"): window(30, 2, [20, 10, 2, 0]), ("r2", "canary"): window(4, 0, [4, 0, 0, 0])}
-    total = interval_totals(now, before)["canary"]
-    assert (total.succeeded, total.failed) == (20 + 4, 1 + 0)  # r2 went back to 4: it restarted
+def look(windows: dict[tuple[str, str], VariantWindow], identities: dict[str, str] | None = None) -> Look:
+    streams = {stream for stream, _ in windows}
+    return Look(
+        {(stream, variant, 1): value for (stream, variant), value in windows.items()},
+        identities or dict.fromkeys(streams, "replicas"),
+    )
+
+
+def test_interval_totals_subtract_the_previous_look_per_stream() -> None:
+    before = look({("r1", "canary"): window(10, 1, [5, 5, 1, 0]), ("r2", "canary"): window(50, 0, [50, 0, 0, 0])})
+    now = look({("r1", "canary"): window(30, 2, [20, 10, 2, 0]), ("r2", "canary"): window(54, 0, [54, 0, 0, 0])})
+    total = interval_totals(now, before)["replicas"]["canary"]
+    assert (total.succeeded, total.failed) == (20 + 4, 1 + 0)
     assert total.counts == [15 + 4, 5, 1, 0]
+
+
+def test_a_new_stream_counts_nothing_in_its_first_interval_and_a_new_variant_counts_from_zero() -> None:
+    before = look({("r1", "primary"): window(10, 0, [10, 0, 0, 0])})
+    now = look(
+        {
+            ("r1", "primary"): window(12, 0, [12, 0, 0, 0]),
+            ("r1", "canary"): window(5, 0, [5, 0, 0, 0]),  # sent to r1 after the last look
+            ("r9", "canary"): window(10**6, 0, [10**6, 0, 0, 0]),  # attached since: a starting point only
+        }
+    )
+    totals = interval_totals(now, before)["replicas"]
+    assert (totals["primary"].requests, totals["canary"].requests) == (2, 5)
+
+
+def test_one_identity_alone_does_not_decide_while_another_reports() -> None:
+    thresholds = with_defaults(rollouts_pb2.AnalysisThresholds(min_requests=20))
+    honest = {"canary": window(3, 0, [3, 0, 0, 0]), "primary": window(60, 0, [60, 0, 0, 0])}
+    invented = {"canary": window(1000, 0, [1000, 0, 0, 0]), "primary": window(10, 0, [10, 0, 0, 0])}
+    verdict, reason, _, _ = robust_verdict({"node": honest, "fake": invented}, "canary", "primary", thresholds)
+    assert verdict == "INCONCLUSIVE" and "without those of 'fake'" in reason
+    failing = {"canary": window(0, 1000, [1000, 0, 0, 0]), "primary": window(10, 0, [10, 0, 0, 0])}
+    assert robust_verdict({"node": honest, "fake": failing}, "canary", "primary", thresholds)[0] == "INCONCLUSIVE"
+    # one identity (one replica, or every replica on one token): its reports decide
+    assert robust_verdict({"node": invented}, "canary", "primary", thresholds)[0] == "PASS"
+    # two honest identities that agree: decided
+    healthy = {"canary": window(40, 0, [40, 0, 0, 0]), "primary": window(40, 0, [40, 0, 0, 0])}
+    assert robust_verdict({"a": healthy, "b": healthy}, "canary", "primary", thresholds)[0] == "PASS"
 
 
 def test_p99_is_the_upper_bound_of_the_bucket_holding_it() -> None:
@@ -37,3 +73,4 @@ def test_verdicts() -> None:
     verdict, reason = judge(window(100, 0, [0, 0, 100, 0]), healthy, thresholds)  # 100 ms vs 1 ms
     assert verdict == "FAIL" and "p99 100.0 ms" in reason
     assert judge(window(100, 0, [0, 100, 0, 0]), healthy, thresholds)[0] == "FAIL"  # 10 > 1*1.5 + 5
+    assert judge(window(0, 0, [0, 0, 0, 0]), healthy, rollouts_pb2.AnalysisThresholds())[0] == "INCONCLUSIVE"

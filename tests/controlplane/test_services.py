@@ -33,8 +33,9 @@ max_batch_size: 8
 input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 4 ] } ]
 output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
 """
-TOKENS = "root:admin:t-admin,ci:deployer:t-deployer,dashboard:viewer:t-viewer"
+TOKENS = "root:admin:t-admin,ci:deployer:t-deployer,dashboard:viewer:t-viewer,node:replica:t-node"
 ADMIN, DEPLOYER, VIEWER = client_metadata("t-admin"), client_metadata("t-deployer"), client_metadata("t-viewer")
+REPLICA = client_metadata("t-node")
 ARTIFACT = bytes(range(256)) * 9000  # ~2.3 MB: several chunks
 
 
@@ -220,7 +221,7 @@ async def test_an_attached_data_plane_gets_the_desired_state_at_once_and_on_ever
         while True:
             yield await outgoing.get()
 
-    stream = client.sync.Attach(messages(), metadata=VIEWER)
+    stream = client.sync.Attach(messages(), metadata=REPLICA)
     states = stream.__aiter__()
     initial = (await asyncio.wait_for(anext(states), 10)).desired_state
     assert list(initial.endpoints) == []

@@ -135,6 +135,15 @@ def traffic_columns() -> list[Column[object]]:
     ]
 
 
+def audit_outcome_columns() -> list[Column[object]]:
+    """Schema version 9 (ALTER of ``audit_events``): what became of the call, and how many calls an
+    aggregated event stands for (refusals are counted per caller and method per minute)."""
+    return [
+        Column("outcome", String(16), nullable=False, server_default=""),  # ok | refused | failed
+        Column("count", BigInteger, nullable=False, server_default="1"),
+    ]
+
+
 def rollout_tables(metadata: MetaData) -> dict[str, Table]:
     """Schema version 4: canary rollouts, one row per endpoint (the Rollout message, serialized)."""
     rollouts = Table(
@@ -262,6 +271,8 @@ _REGISTRY = registry_tables(METADATA)
 _DEPLOYMENTS = deployment_tables(METADATA)
 for _column in traffic_columns():
     _DEPLOYMENTS["deployments"].append_column(_column)
+for _column in audit_outcome_columns():
+    _DEPLOYMENTS["audit_events"].append_column(_column)
 ROLLOUTS = rollout_tables(METADATA)["rollouts"]
 _EXPERIMENTS = experiment_tables(METADATA)
 AB_TESTS = _EXPERIMENTS["ab_tests"]

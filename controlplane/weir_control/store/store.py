@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -180,6 +181,15 @@ class Store:
         self, name_contains: str, tags: Mapping[str, str], page_size: int, page_token: str
     ) -> tuple[list[registry_pb2.RegisteredModel], str]:
         limit = _page_size(page_size)
+        if len(name_contains) > MAX_SEARCH_TEXT:
+            raise InvalidArgumentError(
+                f"name_contains: expected at most {MAX_SEARCH_TEXT} characters, got {len(name_contains)}"
+            )
+        if len(tags) > 32 or any(len(key) > MAX_SEARCH_TEXT or len(value) > 1024 for key, value in tags.items()):
+            raise InvalidArgumentError(
+                f"tags: expected at most 32 tag filters, keys of at most {MAX_SEARCH_TEXT} characters and values of "
+                f"at most 1024, got {len(tags)} filter(s)"
+            )
         query = select(REGISTERED_MODELS.c.name).order_by(REGISTERED_MODELS.c.name).limit(limit + 1)
         if name_contains:
             query = query.where(func.lower(REGISTERED_MODELS.c.name).contains(name_contains.lower(), autoescape=True))
@@ -397,12 +407,34 @@ class Store:
             return self._version(connection, model_name, version)
 
     def delete_alias(self, model_name: str, alias: str) -> None:
+        """Delete an alias no endpoint follows (FailedPreconditionError naming them otherwise: the
+        endpoints would lose their variant and the data planes would unload it)."""
         with self._transaction() as connection:
+            following = self._following(connection, model_name, alias)
+            if following:
+                raise FailedPreconditionError(
+                    f"alias: model '{model_name}' alias '{alias}' is followed by endpoint(s) "
+                    f"{', '.join(repr(d.endpoint) for d in following)}: deploy them to a version or another alias "
+                    "first, then delete it"
+                )
             deleted = connection.execute(
                 delete(MODEL_ALIASES).where(MODEL_ALIASES.c.model_name == model_name, MODEL_ALIASES.c.alias == alias)
             ).rowcount
             if not deleted:
                 raise NotFoundError(f"alias: model '{model_name}' has no alias '{alias}'")
+
+    def deployments_following(self, model_name: str, alias: str) -> list[deployments_pb2.Deployment]:
+        """The deployments with a variant that follows ``model_name``'s ``alias``."""
+        with self._transaction() as connection:
+            return self._following(connection, model_name, alias)
+
+    def _following(self, connection: Connection, model_name: str, alias: str) -> list[deployments_pb2.Deployment]:
+        endpoints = [
+            row.endpoint
+            for row in connection.execute(select(DEPLOYMENTS.c.endpoint, DEPLOYMENTS.c.variants))
+            if any(item.get("model_name") == model_name and item.get("alias") == alias for item in (row.variants or []))
+        ]
+        return [self._deployment(connection, endpoint) for endpoint in sorted(endpoints)]
 
     def get_version_by_alias(self, model_name: str, alias: str) -> registry_pb2.ModelVersion:
         with self._transaction() as connection:
@@ -927,6 +959,8 @@ class Store:
                     after=event.after,
                     result=event.result,
                     detail=event.detail,
+                    outcome=event.outcome or _outcome_of(event.result),
+                    count=max(1, event.count),
                 )
             )
 
@@ -940,6 +974,8 @@ class Store:
             query = query.where(columns.action == request.action)
         if request.target_prefix:
             query = query.where(columns.target.startswith(request.target_prefix, autoescape=True))
+        if request.outcome:
+            query = query.where(columns.outcome == request.outcome)
         if request.HasField("since"):
             query = query.where(columns.at >= request.since.ToDatetime(datetime.UTC))
         after = _decode_token(request.page_token)
@@ -959,6 +995,8 @@ class Store:
                 after=row.after,
                 result=row.result,
                 detail=row.detail,
+                outcome=row.outcome or _outcome_of(row.result),
+                count=row.count,
             )
             event.at.FromDatetime(_utc(row.at))
             events.append(event)
@@ -967,12 +1005,47 @@ class Store:
 
 # --- helpers -------------------------------------------------------------------------------------
 
+REFUSED_RESULTS = frozenset(
+    {
+        "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION", "OUT_OF_RANGE",
+        "PERMISSION_DENIED", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED",
+    }
+)  # fmt: skip
+
+
+def _outcome_of(result: str) -> str:
+    """An event's outcome from its result: ok, refused (the caller's request was turned down and
+    nothing changed) or failed."""
+    if result == "OK":
+        return "ok"
+    return "refused" if result in REFUSED_RESULTS else "failed"
+
+
+# Names of models, endpoints, aliases, variants and flags: they become directory and file names on
+# data planes, so one conservative pattern for all of them.
+MAX_NAME_LENGTH = 128
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+MAX_SEARCH_TEXT = 256  # name_contains and similar search strings
+MAX_VARIANTS = 16  # per endpoint
+MAX_WEIGHT = 1_000_000  # a variant's traffic weight
+
 
 def _check_name(field: str, value: str) -> None:
-    if not value or len(value) > 256 or value != value.strip() or "/" in value or any(ord(c) < 32 for c in value):
+    if not _NAME.fullmatch(value) or ".." in value:
         raise InvalidArgumentError(
-            f"{field}: expected 1-256 characters without '/', control characters or surrounding spaces, got {value!r}"
+            f"{field}: expected 1-{MAX_NAME_LENGTH} ASCII letters, digits, '_', '.' or '-', starting with a letter "
+            f"or digit, without '..', got {_shown(value)}"
         )
+
+
+def check_name(field: str, value: str) -> None:
+    """The API edge's check of a model, endpoint or alias name (InvalidArgumentError)."""
+    _check_name(field, value)
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """A client's string for an error message, truncated."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 def _check_job_id(value: str) -> None:
@@ -1074,7 +1147,15 @@ def _resolve_variant(
 def _check_variants(variants: Sequence[deployments_pb2.Variant]) -> None:
     if not variants:
         raise InvalidArgumentError("variants: expected at least one variant, got none")
+    if len(variants) > MAX_VARIANTS:
+        raise InvalidArgumentError(f"variants: expected at most {MAX_VARIANTS}, got {len(variants)}")
     names = [variant.name for variant in variants]
+    for variant in variants:
+        _check_name(f"variant '{variant.name}' model_name", variant.model_name)
+        if variant.weight > MAX_WEIGHT:
+            raise InvalidArgumentError(
+                f"variant '{variant.name}' weight: expected 0..{MAX_WEIGHT}, got {variant.weight}"
+            )
     for name in names:
         _check_name("variants name", name)
         if "@" in name:

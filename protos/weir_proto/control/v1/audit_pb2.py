@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!weir_proto/control/v1/audit.proto\x12\x0fweir.control.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x01\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x0e\n\x06\x62\x65\x66ore\x18\x07 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x08 \x01(\t\x12\x0e\n\x06result\x18\t \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\n \x01(\t\"\xa0\x01\n\x16ListAuditEventsRequest\x12\r\n\x05\x61\x63tor\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x15\n\rtarget_prefix\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"_\n\x17ListAuditEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.weir.control.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2m\n\x05\x41udit\x12\x64\n\x0fListAuditEvents\x12\'.weir.control.v1.ListAuditEventsRequest\x1a(.weir.control.v1.ListAuditEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!weir_proto/control/v1/audit.proto\x12\x0fweir.control.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\x01\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x0e\n\x06\x62\x65\x66ore\x18\x07 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x08 \x01(\t\x12\x0e\n\x06result\x18\t \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\n \x01(\t\x12\x0f\n\x07outcome\x18\x0b \x01(\t\x12\r\n\x05\x63ount\x18\x0c \x01(\x03\"\xb1\x01\n\x16ListAuditEventsRequest\x12\r\n\x05\x61\x63tor\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x15\n\rtarget_prefix\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x0f\n\x07outcome\x18\x07 \x01(\t\"_\n\x17ListAuditEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.weir.control.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2m\n\x05\x41udit\x12\x64\n\x0fListAuditEvents\x12\'.weir.control.v1.ListAuditEventsRequest\x1a(.weir.control.v1.ListAuditEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weir_proto.control.v1.audit
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AUDITEVENT']._serialized_start=88
-  _globals['_AUDITEVENT']._serialized_end=276
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=279
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=439
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=441
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=536
-  _globals['_AUDIT']._serialized_start=538
-  _globals['_AUDIT']._serialized_end=647
+  _globals['_AUDITEVENT']._serialized_end=308
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=311
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=488
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=490
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=585
+  _globals['_AUDIT']._serialized_start=587
+  _globals['_AUDIT']._serialized_end=696
 # @@protoc_insertion_point(module_scope)
