@@ -156,9 +156,20 @@ def test_a_job_runs_reports_and_a_duplicate_submit_returns_the_first(control: Co
     assert events[-1].state == Job.SUCCEEDED
     logs = subprocess.run(
         [sys.executable, "-m", "weir.cli", "train", "logs", "job-1", "--control-plane", control.process.address,
-         "--token", "t-replica"], capture_output=True, text=True, timeout=60,
+         "--token", "t-deployer"], capture_output=True, text=True, timeout=60,
     ).stdout  # fmt: skip
     assert "rank 0/1 attempt 1 starting at epoch 0" in logs
+    # the log is its submitter's ('ci', t-deployer) and the admins' to read, not every viewer's
+    with grpc.insecure_channel(control.process.address) as channel:
+        stub = training_pb2_grpc.TrainingStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.StreamLogs(training_pb2.StreamLogsRequest(id="job-1"), metadata=client_metadata("t-replica"),
+                                 timeout=10))  # fmt: skip
+        assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "submitter and by admins" in str(caught.value.details())
+        chunks = stub.StreamLogs(training_pb2.StreamLogsRequest(id="job-1"), metadata=client_metadata("t-admin"),
+                                 timeout=10)  # fmt: skip
+        assert b"".join(chunk.data for chunk in chunks).decode() == logs
     # a failing job: its exit code and the reason, and FAILED never changes again
     cli(control.process, "train", "submit", "job-2", "--script", "train.py", "--code", str(code),
         "--param", "epochs=1", "--param", "exit_code=3")  # fmt: skip
@@ -173,7 +184,7 @@ def test_a_two_process_gloo_job_runs_every_rank(control: Control, code: Path) ->
     submit(control, "ddp", code, "--processes", "2", "--param", "epochs=2", "--param", "epoch_sleep=0.5")
     followed = subprocess.run(  # follows the log while the job runs and returns when it ends
         [sys.executable, "-m", "weir.cli", "train", "logs", "ddp", "--follow", "--control-plane",
-         control.process.address, "--token", "t-replica"], capture_output=True, text=True, timeout=120,
+         control.process.address, "--token", "t-admin"], capture_output=True, text=True, timeout=120,
     ).stdout  # fmt: skip
     job = control.job("ddp")
     assert job.state in (Job.SUCCEEDED, Job.FAILED)
@@ -282,6 +293,12 @@ def test_bad_submissions_name_the_field(control: Control, code: Path) -> None:
         with pytest.raises(grpc.RpcError) as caught:
             stub.LogMetrics(training_pb2.LogMetricsRequest(job_id="secret"), metadata=(("x-weir-job-secret", "guess"),))
         assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        wrong_secret = caught.value.details()
+        # ... and an unknown job id gets the same answer: reporting tells nothing about which jobs exist
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.LogMetrics(training_pb2.LogMetricsRequest(job_id="ghost"), metadata=(("x-weir-job-secret", "guess"),))
+        assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert caught.value.details() == wrong_secret.replace("'secret'", "'ghost'")
         with pytest.raises(grpc.RpcError) as caught:
             stub.SubmitJob(training_pb2.SubmitJobRequest(id="x"), metadata=client_metadata("t-replica"), timeout=10)
         assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
@@ -324,3 +341,33 @@ def test_the_built_in_trainer_registers_a_ready_version_with_lineage(control: Co
             metadata=client_metadata("t-replica"), timeout=10,
         )  # fmt: skip
     assert best.lineage.source_job == "churn-sweep.trial-001" and best.lineage.parameters["lr"] == "0.05"
+
+
+def test_hostile_code_archives_are_refused_before_anything_is_stored(control: Control) -> None:
+    """Each hostile archive answers INVALID_ARGUMENT naming the member, no job exists afterwards, and a
+    gzip bomb does not grow the control plane's memory by what it inflates to."""
+    from tests.controlplane.test_training_store import BOMB_UNPACKED, HOSTILE, gzip_bomb, tar_of
+
+    def peak_rss_kib() -> int:
+        status = Path(f"/proc/{control.process.process.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
+    cases = {name: (tar_of(*members), member) for name, (members, member, _) in HOSTILE.items()}
+    cases["bomb"] = (gzip_bomb(BOMB_UNPACKED), "unpacked")
+    before = peak_rss_kib()
+    with grpc.insecure_channel(control.process.address) as channel:
+        stub = training_pb2_grpc.TrainingStub(channel)
+        for name, (archive, member) in cases.items():
+            spec = training_pb2.JobSpec(entrypoint="script:train.py", code_archive=archive)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.SubmitJob(training_pb2.SubmitJobRequest(id=f"hostile-{name}", spec=spec),
+                               metadata=client_metadata("t-deployer"), timeout=60)  # fmt: skip
+            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (name, caught.value.details())
+            assert str(caught.value.details()).startswith("spec.code_archive: ") and member in str(
+                caught.value.details()
+            ), name
+            with pytest.raises(grpc.RpcError) as missing:
+                stub.GetJob(training_pb2.GetJobRequest(id=f"hostile-{name}"), metadata=client_metadata("t-admin"))
+            assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+    assert not list((control.state_dir / "jobs").glob("hostile-*"))
+    assert peak_rss_kib() - before < 64 * 1024, "the bomb grew the control plane's memory"  # KiB

@@ -18,8 +18,9 @@ from weir_control.store import Store
 from weir_control.store.store import TERMINAL_JOB_STATES
 from weir_control.tracking import SECRET_HEADER
 from weir_control.training.runner import JobRunner
+from weir_proto.auth import Identity, Role
 from weir_proto.control.v1 import training_pb2, training_pb2_grpc
-from weir_proto.errors import InvalidArgumentError, UnauthenticatedError
+from weir_proto.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError, UnauthenticatedError
 
 Job = training_pb2.Job
 LOG_CHUNK = 64 * 1024
@@ -69,6 +70,16 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
     ) -> AsyncIterator[training_pb2.LogChunk]:
         try:
             job = await asyncio.to_thread(self._store.get_job, request.id)
+        except Exception as error:
+            await abort_with(context, error)
+        identity = self._auditor.identity(context)
+        if not may_read_logs(identity, job):
+            # a job's log carries whatever its code printed: its submitter's business and the admins'
+            await self._auditor.refuse(context, "Training/StreamLogs", f"job/{job.id}", PermissionDeniedError(
+                f"id: the log of job '{job.id}' is readable by its submitter and by admins; "
+                f"'{identity.name}' ({identity.role.name.lower()}) is neither"
+            ))  # fmt: skip
+        try:
             if request.offset < 0:
                 raise InvalidArgumentError(f"offset: expected 0 or more, got {request.offset}")
             path = self._runner.jobs_dir / job.id / "job.log"
@@ -167,11 +178,22 @@ class TrainingService(training_pb2_grpc.TrainingServicer):
         return ack
 
     def _authenticate(self, job_id: str, context: grpc.aio.ServicerContext) -> None:
+        """The job's own secret, or UNAUTHENTICATED: the same answer for an unknown job id as for a wrong
+        secret, so that reporting reveals nothing about which jobs exist."""
         secret = dict(context.invocation_metadata() or ()).get(SECRET_HEADER, "")
-        _, expected = self._store.job_process(job_id)
+        try:
+            _, expected = self._store.job_process(job_id)
+        except NotFoundError:
+            expected = ""
         given = hashlib.sha256(str(secret).encode()).hexdigest()
         if not secret or not expected or not hmac.compare_digest(given, expected):
-            raise UnauthenticatedError(f"{SECRET_HEADER}: expected the secret of job '{job_id}', got another")
+            raise UnauthenticatedError(f"{SECRET_HEADER}: expected the secret of job {job_id[:120]!r}, got another")
+
+
+def may_read_logs(identity: Identity, job: Job) -> bool:
+    """A job's log is its submitter's and the admins' to read (a sweep's trials were submitted by the
+    sweep's submitter)."""
+    return identity.role is Role.ADMIN or (bool(job.submitted_by) and identity.name == job.submitted_by)
 
 
 def _ack(job: Job) -> training_pb2.TrackingAck:
