@@ -3,6 +3,12 @@
 Raw contents are the fast path: each input becomes a zero-copy ``np.frombuffer`` view of the
 request's bytes. Validation runs against the model's signature and names the input, the expected
 and the received datatype, shape or byte size.
+
+Every request is validated completely here, before it is queued: a request that would fail in the
+model call would otherwise fail every request batched with it. Sizes are checked against the bytes
+the request really carries before anything is allocated, so memory stays in proportion to the
+message (a BYTES element takes at least its 4-byte length prefix), and client strings quoted in
+errors are clipped (``errors.clip``).
 """
 
 from __future__ import annotations
@@ -16,12 +22,27 @@ from typing import Any
 import numpy as np
 
 from weir.datatypes import DataType
-from weir.errors import InvalidArgumentError
+from weir.errors import InvalidArgumentError, clip, clip_repr
 from weir.model_config import ModelSignature, TensorSpec
 from weir_proto.inference import messages as pb
 
 _LENGTH_PREFIX = struct.Struct("<I")
 _ACCEPTED_SHAPES_LIMIT = 1024  # validated (input, shape) pairs remembered per model version
+_PREFIX_SIZE = _LENGTH_PREFIX.size  # the least a BYTES element takes on the wire
+
+DEFAULT_MAX_BYTES_ELEMENTS = 1 << 20
+"""Most elements one BYTES input tensor may have (``--max-bytes-elements``). Each element becomes a
+Python ``bytes`` object (~40 bytes of overhead for a 5-byte wire element), so this bounds a BYTES
+tensor's decoded size far below what ``max_tensor_elements`` allows for numeric tensors."""
+
+MAX_DIMS = 64  # numpy's own limit on dimensions; a longer shape is refused before it is copied
+
+# Protocol extensions Weir does not implement, refused rather than ignored: each changes what the
+# answer means (classification labels instead of the tensor, data in a shared-memory region).
+SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+CLASSIFICATION_PARAMETER = "classification"
+BINARY_DATA_PARAMETER = "binary_data"  # per input/output tensor (HTTP's binary tensor extension)
+BINARY_DATA_OUTPUT_PARAMETER = "binary_data_output"  # per request: the default of every output
 
 
 @dataclass(slots=True)
@@ -41,9 +62,17 @@ def parameter_value(parameter: pb.InferParameter) -> Any:
 
 
 def decode_request(
-    request: pb.ModelInferRequest, signature: ModelSignature, max_tensor_elements: int
+    request: pb.ModelInferRequest,
+    signature: ModelSignature,
+    max_tensor_elements: int,
+    *,
+    max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS,
+    bytes_as_text: bool = False,
 ) -> DecodedRequest:
-    """Validate ``request`` against ``signature`` and return its inputs as numpy arrays."""
+    """Validate ``request`` against ``signature`` and return its inputs as numpy arrays.
+
+    ``bytes_as_text``: the model receives BYTES inputs as text, so each element must be UTF-8;
+    checked here so that one request's bad string cannot fail a batch it shares."""
     specs = signature.inputs_by_name
     accepted_shapes = signature.accepted_shapes
     raw_contents = request.raw_input_contents
@@ -57,13 +86,18 @@ def decode_request(
         spec = specs.get(tensor.name)
         if spec is None:
             raise InvalidArgumentError(
-                f"inputs[{index}].name: expected one of {sorted(specs)}, got unexpected input '{tensor.name}'"
+                f"inputs[{index}].name: expected one of {sorted(specs)}, got unexpected input '{clip(tensor.name)}'"
             )
         if tensor.name in arrays:
             raise InvalidArgumentError(f"inputs[{index}].name: input '{tensor.name}' is given more than once")
         if tensor.datatype != spec.datatype.name:
             raise InvalidArgumentError(
-                f"input '{tensor.name}' datatype: expected {spec.datatype.name}, got '{tensor.datatype}'"
+                f"input '{tensor.name}' datatype: expected {spec.datatype.name}, got '{clip(tensor.datatype)}'"
+            )
+        if len(tensor.shape) > MAX_DIMS:
+            raise InvalidArgumentError(
+                f"input '{tensor.name}' shape: expected {signature.full_shape(spec)}, "
+                f"got a shape of {len(tensor.shape)} dimensions"
             )
         shape = tuple(tensor.shape)
         known = accepted_shapes.get((tensor.name, shape))
@@ -83,6 +117,14 @@ def decode_request(
             raise InvalidArgumentError(
                 f"input '{tensor.name}' shape: expected batch size {batch_size} like the other inputs, got {rows}"
             )
+        if tensor.parameters:
+            _check_input_parameters(tensor, raw=bool(raw_contents))
+        is_bytes = spec.datatype.name == "BYTES"
+        if is_bytes and element_count > max_bytes_elements:
+            raise InvalidArgumentError(
+                f"input '{tensor.name}' shape {list(shape)}: expected at most {max_bytes_elements} BYTES elements "
+                f"(max_bytes_elements), got {element_count}"
+            )
         has_typed = tensor.HasField("contents")
         if raw_contents:
             if has_typed:
@@ -90,14 +132,27 @@ def decode_request(
                     f"input '{tensor.name}': contents and raw_input_contents are both set; "
                     "when any input is raw, every input must be raw"
                 )
-            arrays[tensor.name] = _decode_raw(tensor.name, spec.datatype, shape, element_count, raw_contents[index])
+            if is_bytes:
+                array = _decode_bytes_elements(tensor.name, raw_contents[index], element_count, bytes_as_text)
+                arrays[tensor.name] = array.reshape(shape)
+            else:
+                arrays[tensor.name] = _decode_raw(tensor.name, spec.datatype, shape, element_count, raw_contents[index])
         else:
-            arrays[tensor.name] = _decode_typed(tensor.name, spec.datatype, shape, element_count, tensor.contents)
+            arrays[tensor.name] = _decode_typed(
+                tensor.name, spec.datatype, shape, element_count, tensor.contents, bytes_as_text
+            )
     missing = [spec.name for spec in signature.inputs if spec.name not in arrays and not spec.optional]
     if missing:
         raise InvalidArgumentError(
             f"inputs: expected {[spec.name for spec in signature.inputs]}, got {list(arrays)} (missing {missing})"
         )
+    parameters: dict[str, Any] = {}
+    if request.parameters:
+        parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
+        if BINARY_DATA_OUTPUT_PARAMETER in parameters:
+            _require_binary_output(
+                f"parameters['{BINARY_DATA_OUTPUT_PARAMETER}']", parameters[BINARY_DATA_OUTPUT_PARAMETER]
+            )
     return DecodedRequest(
         model_name=request.model_name,
         model_version=request.model_version,
@@ -105,10 +160,55 @@ def decode_request(
         inputs=arrays,
         requested_outputs=_requested_outputs(request, signature),
         batch_size=batch_size if batch_size is not None and signature.batched else 1,
-        parameters={key: parameter_value(value) for key, value in request.parameters.items()}
-        if request.parameters
-        else {},
+        parameters=parameters,
     )
+
+
+def _check_input_parameters(tensor: pb.ModelInferRequest.InferInputTensor, raw: bool) -> None:
+    where = f"input '{tensor.name}' parameters"
+    _refuse_shared_memory(where, tensor.parameters)
+    if BINARY_DATA_PARAMETER in tensor.parameters:
+        value = parameter_value(tensor.parameters[BINARY_DATA_PARAMETER])
+        if value is not raw:  # says the data travels another way than it does (or is no bool)
+            travels = "raw_input_contents (binary_data true)" if raw else "typed contents (binary_data false)"
+            raise InvalidArgumentError(
+                f"{where}['{BINARY_DATA_PARAMETER}']: expected {str(raw).lower()}, as this input travels in "
+                f"{travels}, got {clip_repr(value)}"
+            )
+
+
+def _check_output_parameters(index: int, requested: pb.ModelInferRequest.InferRequestedOutputTensor) -> None:
+    where = f"outputs[{index}] ('{requested.name}') parameters"
+    parameters = requested.parameters
+    _refuse_shared_memory(where, parameters)
+    if CLASSIFICATION_PARAMETER in parameters:
+        count = parameter_value(parameters[CLASSIFICATION_PARAMETER])
+        if count not in (None, 0) or isinstance(count, bool):
+            raise InvalidArgumentError(
+                f"{where}['{CLASSIFICATION_PARAMETER}']: the classification extension is not supported by this "
+                f"server; expected 0 or no parameter, got {clip_repr(count)} (compute top-k from the output tensor)"
+            )
+    if BINARY_DATA_PARAMETER in parameters:
+        _require_binary_output(
+            f"{where}['{BINARY_DATA_PARAMETER}']", parameter_value(parameters[BINARY_DATA_PARAMETER])
+        )
+
+
+def _refuse_shared_memory(where: str, parameters: Mapping[str, pb.InferParameter]) -> None:
+    for key in SHARED_MEMORY_PARAMETERS:
+        if key in parameters:
+            raise InvalidArgumentError(
+                f"{where}['{key}']: the shared-memory extensions are not supported by this server; "
+                "send tensor data in the request (raw_input_contents)"
+            )
+
+
+def _require_binary_output(where: str, value: object) -> None:
+    if value is not True:
+        raise InvalidArgumentError(
+            f"{where}: expected true (this server answers every output as binary raw_output_contents; "
+            f"outputs as typed contents are not supported), got {clip_repr(value)}"
+        )
 
 
 def _check_shape(name: str, shape: tuple[int, ...], spec: TensorSpec, signature: ModelSignature) -> tuple[int, int]:
@@ -131,8 +231,6 @@ def _check_shape(name: str, shape: tuple[int, ...], spec: TensorSpec, signature:
 
 
 def _decode_raw(name: str, datatype: DataType, shape: tuple[int, ...], element_count: int, raw: bytes) -> np.ndarray:
-    if datatype.name == "BYTES":
-        return _decode_bytes_elements(name, raw, element_count).reshape(shape)
     expected_size = element_count * datatype.element_size
     if len(raw) != expected_size:
         raise InvalidArgumentError(
@@ -143,7 +241,14 @@ def _decode_raw(name: str, datatype: DataType, shape: tuple[int, ...], element_c
     return np.frombuffer(raw, dtype=datatype.numpy_dtype).reshape(shape)
 
 
-def _decode_bytes_elements(name: str, raw: bytes, element_count: int) -> np.ndarray:
+def _decode_bytes_elements(name: str, raw: bytes, element_count: int, as_text: bool) -> np.ndarray:
+    # The claim is checked against the bytes present before the element array is allocated: a
+    # shape of 64 Mi elements with 5 bytes of data must not cost 512 MiB of pointers first.
+    if element_count > len(raw) // _PREFIX_SIZE:
+        raise InvalidArgumentError(
+            f"input '{name}' raw_input_contents: expected {element_count} length-prefixed BYTES elements "
+            f"(at least {_PREFIX_SIZE} bytes each), got {len(raw)} bytes"
+        )
     elements = np.empty(element_count, dtype=object)
     view = memoryview(raw)
     offset = 0
@@ -160,7 +265,10 @@ def _decode_bytes_elements(name: str, raw: bytes, element_count: int) -> np.ndar
                 f"input '{name}' raw_input_contents: element {index} declares {length} bytes, "
                 f"only {len(view) - offset} remain"
             )
-        elements[index] = bytes(view[offset : offset + length])
+        element = bytes(view[offset : offset + length])
+        if as_text and not element.isascii():  # isascii: no copy, and most text is ASCII
+            _require_utf8(name, index, element)
+        elements[index] = element
         offset += length
     if offset != len(view):
         raise InvalidArgumentError(
@@ -170,8 +278,23 @@ def _decode_bytes_elements(name: str, raw: bytes, element_count: int) -> np.ndar
     return elements
 
 
+def _require_utf8(name: str, index: int, element: bytes) -> None:
+    try:
+        element.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidArgumentError(
+            f"input '{name}' element {index}: expected UTF-8 text (this model takes its BYTES input as strings), "
+            f"got undecodable bytes at byte {error.start}"
+        ) from None
+
+
 def _decode_typed(
-    name: str, datatype: DataType, shape: tuple[int, ...], element_count: int, contents: pb.InferTensorContents
+    name: str,
+    datatype: DataType,
+    shape: tuple[int, ...],
+    element_count: int,
+    contents: pb.InferTensorContents,
+    bytes_as_text: bool,
 ) -> np.ndarray:
     if datatype.contents_field is None:
         raise InvalidArgumentError(
@@ -184,6 +307,10 @@ def _decode_typed(
             f"{list(shape)}, got {len(values)}"
         )
     if datatype.name == "BYTES":
+        if bytes_as_text:
+            for index, element in enumerate(values):
+                if not element.isascii():
+                    _require_utf8(name, index, element)
         array = np.empty(element_count, dtype=object)
         array[:] = list(values)
         return array.reshape(shape)
@@ -209,8 +336,10 @@ def _requested_outputs(request: pb.ModelInferRequest, signature: ModelSignature)
     for index, requested in enumerate(request.outputs):
         if requested.name not in known:
             raise InvalidArgumentError(
-                f"outputs[{index}].name: expected one of {sorted(known)}, got unknown output '{requested.name}'"
+                f"outputs[{index}].name: expected one of {sorted(known)}, got unknown output '{clip(requested.name)}'"
             )
+        if requested.parameters:
+            _check_output_parameters(index, requested)
         if requested.name not in names:
             names.append(requested.name)
     return names

@@ -18,6 +18,7 @@ import numpy as np
 
 from weir import codec
 from weir.cache import ResponseCache, response_cache_key
+from weir.datatypes import BYTES_INPUTS_ARE_TEXT
 from weir.enrichment import Enricher
 from weir.errors import FailedPreconditionError, PermissionDeniedError, WeirError
 from weir.metrics import UNKNOWN_MODEL_LABEL, Metrics
@@ -60,6 +61,7 @@ class DataPlane:
         shadows: ShadowMirror | None = None,
         enricher: Enricher | None = None,
         records: RecordBuffer | None = None,
+        max_bytes_elements: int = codec.DEFAULT_MAX_BYTES_ELEMENTS,
     ) -> None:
         self.shadows = shadows
         self.enricher = enricher
@@ -68,6 +70,7 @@ class DataPlane:
         self.router = router if router is not None else Router()
         self._metrics = metrics
         self._max_tensor_elements = max_tensor_elements
+        self._max_bytes_elements = max_bytes_elements
         self._response_cache = response_cache
 
     async def infer(
@@ -147,7 +150,13 @@ class DataPlane:
         after_compute: Callable[[dict[str, np.ndarray]], None] | None = None,
         sticky_key: str = "",
     ) -> InferAnswer:
-        decoded = codec.decode_request(request, loaded.signature, self._max_tensor_elements)
+        decoded = codec.decode_request(
+            request,
+            loaded.signature,
+            self._max_tensor_elements,
+            max_bytes_elements=self._max_bytes_elements,
+            bytes_as_text=BYTES_INPUTS_ARE_TEXT,
+        )
         cache_key = None
         cache = self._response_cache
         if cache is not None and loaded.response_cache_enabled:

@@ -44,3 +44,8 @@ _ALL = (
 BY_NAME: dict[str, DataType] = {datatype.name: datatype for datatype in _ALL}
 BY_CONFIG_NAME: dict[str, DataType] = {datatype.config_name: datatype for datatype in _ALL}
 NAMES = tuple(BY_NAME)
+
+# Every backend Weir runs hands BYTES inputs to the model as text (TorchScript and torch.export
+# models take List[str]; TensorRT takes no BYTES), so a BYTES element that is not UTF-8 is the
+# client's error: the data plane refuses it while decoding, before the request can share a batch.
+BYTES_INPUTS_ARE_TEXT = True

@@ -28,7 +28,7 @@ import numpy as np
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from weir.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from weir.errors import InvalidArgumentError, NotFoundError, UnavailableError, clip
 from weir_proto.feature_definitions import FRESHNESS, Definitions
 from weir_proto.inference import messages as pb
 from weir_proto.online_store import OnlineStore
@@ -185,7 +185,7 @@ class Enricher:
             if value is None:
                 if spec.default is None:
                     raise NotFoundError(
-                        f"parameters['{spec.entity_parameter}']: entity '{key}' has no value for feature "
+                        f"parameters['{spec.entity_parameter}']: entity '{clip(key)}' has no value for feature "
                         f"'{view_name}:{feature}' in the online store"
                     )
                 value = spec.default

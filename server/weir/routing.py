@@ -20,7 +20,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from weir.errors import InvalidArgumentError, NotFoundError
+from weir.errors import InvalidArgumentError, NotFoundError, clip, clip_repr
 from weir_proto.routing import key_score
 
 SEPARATOR = "@"  # endpoint@variant: the repository model that serves a variant
@@ -76,7 +76,7 @@ class EndpointRoute:
             if chosen is None:
                 raise InvalidArgumentError(
                     f"parameters['{PIN_PARAMETER}']: expected a variant of '{self.endpoint}' "
-                    f"({sorted(variant.name for variant in self.variants)}), got {pinned!r}"
+                    f"({sorted(variant.name for variant in self.variants)}), got {clip_repr(pinned)}"
                 )
             return chosen
         fallback = self.variant(self.flags.get(KILL_SWITCH, ""))
@@ -116,12 +116,12 @@ class Router:
 def routing_key(value: object) -> str:
     """A request's routing key parameter as text (strings and integers; bools are refused)."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise InvalidArgumentError(f"routing key parameter: expected a string or an integer, got {value!r}")
+        raise InvalidArgumentError(f"routing key parameter: expected a string or an integer, got {clip_repr(value)}")
     return str(value)
 
 
 def require_route(router: Router, endpoint: str) -> EndpointRoute:
     route = router.get(endpoint)
     if route is None:
-        raise NotFoundError(f"model_name: unknown endpoint '{endpoint}'")
+        raise NotFoundError(f"model_name: unknown endpoint '{clip(endpoint)}'")
     return route

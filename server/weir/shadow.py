@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from weir import codec
+from weir.datatypes import BYTES_INPUTS_ARE_TEXT
 from weir.repository import ModelRepository
 from weir.routing import EndpointRoute, ShadowRoute
 from weir_proto.inference import messages as pb
@@ -68,9 +69,11 @@ class ShadowMirror:
         max_tensor_elements: int,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         draw: Callable[[], float] = random.random,
+        max_bytes_elements: int = codec.DEFAULT_MAX_BYTES_ELEMENTS,
     ) -> None:
         self._repository = repository
         self._max_tensor_elements = max_tensor_elements
+        self._max_bytes_elements = max_bytes_elements
         self._max_in_flight = max_in_flight
         self._draw = draw
         self._in_flight: set[asyncio.Task[None]] = set()  # strong references: tasks outlive the request
@@ -100,7 +103,13 @@ class ShadowMirror:
         stats.mirrored += 1
         try:
             loaded = self._repository.resolve(shadow.model, "")
-            decoded = codec.decode_request(request, loaded.signature, self._max_tensor_elements)
+            decoded = codec.decode_request(
+                request,
+                loaded.signature,
+                self._max_tensor_elements,
+                max_bytes_elements=self._max_bytes_elements,
+                bytes_as_text=BYTES_INPUTS_ARE_TEXT,
+            )
             result = await loaded.batcher.infer(decoded.inputs, decoded.requested_outputs, decoded.batch_size, {}, None)
             stats.compare(primary_outputs, result.outputs)
         except Exception as error:  # a shadow's failure is data, never the caller's problem

@@ -5,6 +5,7 @@ was received."""
 from __future__ import annotations
 
 import struct
+import tracemalloc
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 from weir import codec, datatypes
-from weir.errors import InvalidArgumentError
+from weir.errors import ECHO_LIMIT, InvalidArgumentError, clip, clip_repr
+from weir.grpc_status import MAX_STATUS_MESSAGE_BYTES, bounded_message
 from weir.model_config import ModelSignature, TensorSpec
 from weir_proto.inference import messages as pb
 
@@ -458,10 +460,16 @@ INVALID = [
         id="wrong-raw-byte-size",
     ),
     pytest.param(
-        make_request(*valid_inputs(), raw_input("OPT", "BYTES", [2, 1], bytes_raw([b"a"]) + b"\x01\x00")),
+        make_request(*valid_inputs(), raw_input("OPT", "BYTES", [2, 1], bytes_raw([b"ab"]) + b"\x01\x00")),
         None,
         ["'OPT'", "expected 2 length-prefixed BYTES elements", "ends after 1"],
         id="bytes-length-prefix-cut-short",
+    ),
+    pytest.param(
+        make_request(*valid_inputs(), raw_input("OPT", "BYTES", [2, 1], bytes_raw([b"a"]) + b"\x01\x00")),
+        None,
+        ["'OPT'", "expected 2 length-prefixed BYTES elements", "at least 4 bytes each", "got 7 bytes"],
+        id="bytes-more-elements-than-the-data-can-hold",
     ),
     pytest.param(
         make_request(*valid_inputs(), raw_input("OPT", "BYTES", [2, 1], bytes_raw([b"a"]) + b"\x05\x00\x00\x00ab")),
@@ -580,3 +588,148 @@ def test_a_cached_answer_gets_the_callers_string_parameters_appended() -> None:
     assert answer.parameters["weir_variant"].string_param == "canary"
     assert answer.parameters["other"].string_param == "é"
     assert answer.parameters["kept"].int64_param == 7
+
+
+# --- issue 14: sizes checked before allocating, text checked before batching, bounded echoes ---------
+
+TEXT = one_tensor_signature("BYTES", dims=[-1], max_batch_size=0)  # the reproduction's model: dims [-1]
+
+
+def test_a_bytes_shape_claiming_more_elements_than_the_data_holds_is_refused_before_allocating() -> None:
+    """Finding 2: shape [67108864] with 5 bytes of data allocated 512 MiB of element slots first."""
+    request = make_request(raw_input("IN", "BYTES", [64 * 1024 * 1024], bytes_raw([b"a"])))
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidArgumentError) as caught:
+            # Both limits as high as the claim: the check against the data must hold on its own.
+            codec.decode_request(request, TEXT, 64 * 1024 * 1024, max_bytes_elements=64 * 1024 * 1024)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = caught.value.message
+    assert "'IN'" in message and "67108864" in message and "got 5 bytes" in message
+    assert peak < 1 << 20, f"refusing a {request.ByteSize()}-byte request allocated {peak} bytes"
+
+
+@pytest.mark.parametrize("contents", ["raw", "typed"])
+def test_bytes_element_count_is_capped_by_max_bytes_elements(contents: str) -> None:
+    elements = [b"x"] * 9
+    item = raw_input("IN", "BYTES", [9], bytes_raw(elements))
+    if contents == "typed":
+        item = typed_input("IN", "BYTES", [9], "bytes_contents", elements)
+    with pytest.raises(InvalidArgumentError) as caught:
+        codec.decode_request(make_request(item), TEXT, 1 << 20, max_bytes_elements=8)
+    assert "'IN'" in caught.value.message and "at most 8 BYTES elements" in caught.value.message
+    assert "got 9" in caught.value.message
+    decoded = codec.decode_request(make_request(item), TEXT, 1 << 20, max_bytes_elements=9)  # at the limit: fine
+    assert decoded.inputs["IN"].size == 9
+
+
+def test_a_shape_with_more_dimensions_than_numpy_allows_is_refused_without_echoing_it() -> None:
+    request = make_request(raw_input("IN", "FP32", [1] * 10_000, f32(1)))
+    with pytest.raises(InvalidArgumentError) as caught:
+        decode(request, one_tensor_signature("FP32"))
+    assert "'IN'" in caught.value.message and "10000 dimensions" in caught.value.message
+    assert len(caught.value.message) < 200
+
+
+@pytest.mark.parametrize("contents", ["raw", "typed"])
+def test_bytes_for_a_text_model_must_be_utf8_and_the_element_is_named(contents: str) -> None:
+    """Finding 1: checked while decoding, so a bad string never reaches (and fails) a shared batch."""
+    elements = [b"ok", "\u00e9t\u00e9".encode(), b"bad \xff\xfe"]
+    item = raw_input("IN", "BYTES", [3], bytes_raw(elements))
+    if contents == "typed":
+        item = typed_input("IN", "BYTES", [3], "bytes_contents", elements)
+    with pytest.raises(InvalidArgumentError) as caught:
+        codec.decode_request(make_request(item), TEXT, 1 << 20, bytes_as_text=True)
+    message = caught.value.message
+    assert "'IN'" in message and "element 2" in message and "UTF-8" in message and "byte 4" in message
+    # The same bytes are data for a codec that is not asked for text (binary BYTES stay allowed).
+    assert codec.decode_request(make_request(item), TEXT, 1 << 20).inputs["IN"].tolist() == elements
+    # Valid UTF-8, ASCII or not, passes.
+    good = raw_input("IN", "BYTES", [2], bytes_raw(elements[:2]))
+    assert codec.decode_request(make_request(good), TEXT, 1 << 20, bytes_as_text=True).inputs["IN"].size == 2
+
+
+def test_client_strings_in_messages_are_clipped() -> None:
+    """Finding 8: a 100k-character name became RESOURCE_EXHAUSTED (the status outgrew its metadata)."""
+    long_name = "n" * 100_000
+    cases = [
+        make_request(raw_input(long_name, "FP32", [2, 3], f32(6))),
+        make_request(raw_input("INPUT0", "X" * 100_000, [2, 3], f32(6))),
+        make_request(*valid_inputs(), outputs=[long_name]),
+    ]
+    for request in cases:
+        with pytest.raises(InvalidArgumentError) as caught:
+            decode(request, BATCHED)
+        message = caught.value.message
+        assert len(message) < ECHO_LIMIT + 200, message[:300]
+        assert "... (100000 characters)" in message
+
+
+def test_clip_keeps_short_values_whole_and_cuts_long_ones_saying_how_long() -> None:
+    assert clip("abc") == "abc"
+    assert clip("a" * ECHO_LIMIT) == "a" * ECHO_LIMIT
+    assert clip("a" * (ECHO_LIMIT + 1)) == "a" * ECHO_LIMIT + f"... ({ECHO_LIMIT + 1} characters)"
+    assert clip_repr("x") == "'x'"
+    assert clip_repr(b"y" * 1000) == repr(b"y" * ECHO_LIMIT) + "... (1000 bytes)"
+    assert clip_repr(7) == "7"
+
+
+@pytest.mark.parametrize("text", ["a" * 100_000, "\u00e9" * 100_000, "\x00%" * 50_000])
+def test_a_status_message_is_bounded_on_the_wire(text: str) -> None:
+    bounded = bounded_message(f"input '{text}': wrong")
+    wire = bounded.encode()
+    assert len(wire) + 2 * sum(1 for byte in wire if byte < 0x20 or byte > 0x7E or byte == 0x25) <= (
+        MAX_STATUS_MESSAGE_BYTES
+    )
+    assert bounded.startswith("input '") and "message cut from" in bounded
+    assert bounded_message("short") == "short"
+
+
+# --- issue 14 finding 9: unsupported protocol extensions are refused, not ignored ------------------
+
+
+def with_parameter(target: Any, key: str, kind: str, value: Any) -> None:
+    setattr(target.parameters[key], kind, value)
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "kind", "value", "fragments"),
+    [
+        ("input", "shared_memory_region", "string_param", "region0", ["input 'INPUT0'", "shared-memory"]),
+        ("input", "shared_memory_byte_size", "int64_param", 24, ["shared_memory_byte_size", "not supported"]),
+        ("input", "shared_memory_offset", "int64_param", 0, ["shared_memory_offset", "not supported"]),
+        ("output", "shared_memory_region", "string_param", "out0", ["outputs[0] ('OUTPUT0')", "shared-memory"]),
+        ("output", "classification", "int64_param", 3, ["'classification'", "not supported", "got 3"]),
+        ("output", "binary_data", "bool_param", False, ["'binary_data'", "expected true", "got False"]),
+        ("input", "binary_data", "bool_param", False, ["'binary_data'", "raw_input_contents", "expected true"]),
+        ("request", "binary_data_output", "bool_param", False, ["binary_data_output", "expected true"]),
+    ],
+)
+def test_unsupported_extension_parameters_are_refused(
+    where: str, key: str, kind: str, value: Any, fragments: list[str]
+) -> None:
+    request = make_request(*valid_inputs(), outputs=["OUTPUT0"])
+    target = {"input": request.inputs[0], "output": request.outputs[0], "request": request}[where]
+    with_parameter(target, key, kind, value)
+    with pytest.raises(InvalidArgumentError) as caught:
+        decode(request, BATCHED)
+    missing = [fragment for fragment in fragments if fragment not in caught.value.message]
+    assert not missing, f"{caught.value.message!r} lacks {missing}"
+
+
+def test_extension_parameters_that_ask_for_what_weir_does_are_accepted() -> None:
+    """binary_data true is how Weir answers anyway, classification 0 asks for no classification,
+    and other tensor parameters stay the model's business."""
+    request = make_request(*valid_inputs(), outputs=["OUTPUT0", "OUTPUT1"])
+    with_parameter(request.inputs[0], "binary_data", "bool_param", True)
+    with_parameter(request.inputs[1], "binary_data_size", "int64_param", 80)
+    with_parameter(request.outputs[0], "binary_data", "bool_param", True)
+    with_parameter(request.outputs[1], "classification", "int64_param", 0)
+    with_parameter(request, "binary_data_output", "bool_param", True)
+    decoded = decode(request, BATCHED)
+    assert decoded.requested_outputs == ["OUTPUT0", "OUTPUT1"]
+    typed = make_request(typed_input("IN", "INT32", [2, 3], "int_contents", range(6)))
+    with_parameter(typed.inputs[0], "binary_data", "bool_param", False)  # typed contents: not binary, as it says
+    assert decode(typed, one_tensor_signature("INT32")).inputs["IN"].size == 6

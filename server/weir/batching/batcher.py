@@ -9,6 +9,11 @@ finishes, so a caller that goes away never lets more executions run than instanc
 Each request's future exists before the request is queued. A cancelled caller's future is simply
 skipped when results are handed out; the rest of its batch is unaffected. A batch whose outputs do
 not have one row per input row fails with INTERNAL for its own requests only.
+
+One request never fails the others in its batch (the contract of Triton's python_backend: one
+response per request, each with its own error). When a batch of several requests fails, its
+requests are run again one at a time, in the same thread and on the same instance, and each gets
+its own outcome: the request that made the batch fail gets its error, the others their results.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ log = logging.getLogger(__name__)
 # Runs one batch: (inputs with the batch dim first, output names, total rows) -> outputs.
 RunBatch = Callable[[dict[str, np.ndarray], list[str], int], dict[str, np.ndarray]]
 
+# One request's outcome of an execution: its rows of the outputs, or what failed it.
+_Outcome = dict[str, np.ndarray] | BaseException
+
 
 @dataclass(frozen=True)
 class BatchResult:
@@ -46,6 +54,15 @@ class _Pending:
     future: asyncio.Future[BatchResult]
     inputs: dict[str, np.ndarray]
     output_names: list[str]
+
+
+@dataclass(frozen=True)
+class _Execution:
+    """What one dispatch did, handed from the compute thread back to the event loop."""
+
+    outcomes: list[_Outcome]  # one per request of the batch, in batch order
+    executions: list[tuple[int, int]]  # (rows, ns) of each model call that succeeded
+    batch_error: BaseException | None  # why the whole batch failed, when it was retried one by one
 
 
 class DynamicBatcher:
@@ -177,14 +194,12 @@ class DynamicBatcher:
             return
         dispatched_ns = self._clock()
         rows = sum(request.rows for request in live)
-        inputs = _concatenate([_pending(request).inputs for request in live])
-        output_names = _union([_pending(request).output_names for request in live])
         self._idle_instances -= 1
         self._executing_requests += len(live)
         loop = asyncio.get_running_loop()
         try:
-            execution: Future[dict[str, np.ndarray]] = self._executor.submit(
-                self._run_batch, inputs, output_names, rows
+            execution: Future[_Execution] = self._executor.submit(
+                self._execute, [(_pending(request), request.rows) for request in live]
             )
         except RuntimeError as error:  # the executor is shut down: the server is stopping
             self._idle_instances += 1
@@ -196,31 +211,75 @@ class DynamicBatcher:
             lambda done: loop.call_soon_threadsafe(self._complete, live, rows, dispatched_ns, done)
         )
 
+    def _execute(self, batch: list[tuple[_Pending, int]]) -> _Execution:
+        """Runs in the compute thread: the batch as one model call, or, if that fails and the batch
+        holds several requests, each request alone."""
+        rows = sum(request_rows for _, request_rows in batch)
+        started_ns = self._clock()
+        try:
+            outputs = self._run_batch(
+                _concatenate([pending.inputs for pending, _ in batch]),
+                _union([pending.output_names for pending, _ in batch]),
+                rows,
+            )
+        except Exception as error:
+            if len(batch) == 1:
+                return _Execution([error], [], None)
+            batch_error = error
+        else:
+            outcomes: list[_Outcome] = []
+            offset = 0
+            for pending, request_rows in batch:  # views of the batch's outputs: no copies
+                outcomes.append({name: outputs[name][offset : offset + request_rows] for name in pending.output_names})
+                offset += request_rows
+            return _Execution(outcomes, [(rows, self._clock() - started_ns)], None)
+        outcomes = []
+        executions: list[tuple[int, int]] = []
+        for pending, request_rows in batch:
+            # Read from this thread, done() may be stale; at worst a request whose caller just left
+            # is computed for nothing (its outcome is skipped on the event loop).
+            if pending.future.done():
+                outcomes.append(batch_error)
+                continue
+            started_ns = self._clock()
+            try:
+                outcomes.append(self._run_batch(pending.inputs, pending.output_names, request_rows))
+                executions.append((request_rows, self._clock() - started_ns))
+            except Exception as error:
+                outcomes.append(error)
+        return _Execution(outcomes, executions, batch_error)
+
     def _complete(
-        self, batch: list[QueuedRequest], rows: int, dispatched_ns: int, execution: Future[dict[str, np.ndarray]]
+        self, batch: list[QueuedRequest], rows: int, dispatched_ns: int, execution: Future[_Execution]
     ) -> None:
         self._idle_instances += 1
         self._executing_requests -= len(batch)
         completed_ns = self._clock()
         infer_ns = completed_ns - dispatched_ns
         try:
-            outputs = execution.result()
-        except Exception as error:
-            failure = error if isinstance(error, WeirError) else self._internal_error(error)
-            for request in batch:
-                if not _pending(request).future.done():
-                    _pending(request).future.set_exception(failure)
-        else:
-            self._statistics.record_execution(rows, 0, infer_ns, 0)
+            done = execution.result()
+        except Exception as error:  # _execute catches the model's errors: this is Weir's own bug
+            done = _Execution([error] * len(batch), [], None)
+        if done.batch_error is not None:
+            log.warning(
+                "a batch of %d requests failed; each was run alone so that only the one at fault fails: %s: %s",
+                len(batch), type(done.batch_error).__name__, done.batch_error,
+                extra={"model": self._model_label},
+            )  # fmt: skip
+        for executed_rows, executed_ns in done.executions:
+            self._statistics.record_execution(executed_rows, 0, executed_ns, 0)
             self._metrics.execution_count.inc()
-            self._metrics.batch_rows.observe(rows)
-            offset = 0
-            for request in batch:
-                pending = _pending(request)
-                if not pending.future.done():  # a cancelled caller is skipped, the others still get theirs
-                    mine = {name: outputs[name][offset : offset + request.rows] for name in pending.output_names}
-                    pending.future.set_result(BatchResult(mine, dispatched_ns - request.enqueued_ns, infer_ns, rows))
-                offset += request.rows
+            self._metrics.batch_rows.observe(executed_rows)
+        for request, outcome in zip(batch, done.outcomes, strict=True):
+            pending = _pending(request)
+            if pending.future.done():  # a cancelled caller is skipped, the others still get theirs
+                continue
+            if isinstance(outcome, WeirError):
+                pending.future.set_exception(outcome)
+            elif isinstance(outcome, BaseException):
+                pending.future.set_exception(self._internal_error(outcome))
+            else:
+                pending.future.set_result(BatchResult(outcome, dispatched_ns - request.enqueued_ns, infer_ns, rows))
         self._schedule()
 
     def _internal_error(self, error: BaseException) -> InternalError:

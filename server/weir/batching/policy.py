@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 
-from weir.errors import InvalidArgumentError, ModelConfigError
+from weir.errors import InvalidArgumentError, ModelConfigError, clip_repr
 from weir_proto.inference import messages as pb
 
 NANOS_PER_MICRO = 1_000
@@ -103,7 +103,7 @@ class BatchingConfig:
         if requested is None or requested == 0:
             return self.default_priority_level
         if isinstance(requested, bool) or not isinstance(requested, int):
-            raise InvalidArgumentError(f"parameters['priority']: expected an integer, got {requested!r}")
+            raise InvalidArgumentError(f"parameters['priority']: expected an integer, got {clip_repr(requested)}")
         if not 1 <= requested <= self.priority_levels:
             raise InvalidArgumentError(
                 f"parameters['priority']: expected 0 (default) or 1..{self.priority_levels}, got {requested}"
@@ -118,7 +118,7 @@ class BatchingConfig:
             return policy.default_timeout_ns
         if isinstance(requested_us, bool) or not isinstance(requested_us, int) or requested_us < 0:
             raise InvalidArgumentError(
-                f"parameters['timeout']: expected microseconds as a non-negative integer, got {requested_us!r}"
+                f"parameters['timeout']: expected microseconds as a non-negative integer, got {clip_repr(requested_us)}"
             )
         if not policy.allow_timeout_override:
             return policy.default_timeout_ns
