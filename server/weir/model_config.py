@@ -21,8 +21,9 @@ from google.protobuf.message import Message
 
 from weir import datatypes
 from weir.datatypes import DataType
-from weir.errors import InternalError, ModelConfigError
+from weir.errors import InternalError, InvalidArgumentError, ModelConfigError
 from weir_proto.inference import messages as pb
+from weir_proto.model_config_limits import check_config_limits, check_relative_path
 
 # Field paths Weir honours; a path covers everything beneath it.
 SUPPORTED_FIELDS = frozenset(
@@ -143,15 +144,17 @@ def _collect_unsupported(message: Message, prefix: str, found: list[str]) -> Non
             found.append(path)  # an empty but present message, e.g. `sequence_batching {}`
 
 
-def normalize_config(config: pb.ModelConfig, model_name: str) -> pb.ModelConfig:
+def normalize_config(config: pb.ModelConfig, model_name: str, source: str = "") -> pb.ModelConfig:
     """Validate a parsed config for the model directory ``model_name`` and fill Triton's
-    auto-completed fields (name, backend, platform, one instance group), returning a copy."""
+    auto-completed fields (name, backend, platform, one instance group), returning a copy. Every
+    number and file name is held to ``weir_proto.model_config_limits``. ``source`` names where the
+    config came from in messages (default: the model's config.pbtxt)."""
     normalized = pb.ModelConfig()
     normalized.CopyFrom(config)
-    source = f"model '{model_name}' config.pbtxt"
+    source = source or f"model '{model_name}' config.pbtxt"
     if normalized.name and normalized.name != model_name:
         raise ModelConfigError(
-            f"{source}: field name: expected the model directory's name '{model_name}', got '{normalized.name}'"
+            f"{source}: field name: expected the model directory's name '{model_name}', got {normalized.name[:128]!r}"
         )
     normalized.name = model_name
     backend, platform = normalized.backend, normalized.platform
@@ -182,6 +185,10 @@ def normalize_config(config: pb.ModelConfig, model_name: str) -> pb.ModelConfig:
             raise ModelConfigError(
                 f"{source}: field instance_group[{index}].count: expected 1 or more, got {group.count}"
             )
+    try:
+        check_config_limits(normalized, source)
+    except InvalidArgumentError as error:
+        raise ModelConfigError(error.message) from error
     _check_warmup(source, normalized)
     if normalized.version_policy.WhichOneof("policy_choice") is None:
         normalized.version_policy.latest.num_versions = 1
@@ -230,6 +237,24 @@ def _check_warmup(source: str, config: pb.ModelConfig) -> None:
                 raise ModelConfigError(
                     f"{where}.inputs['{name}'].dims: expected concrete dims fitting {declared_dims}, got {dims}"
                 )
+
+
+def resolve_inside(directory: Path, relative: str, field: str, within: Path | None = None) -> Path:
+    """``directory / relative``, refused unless the text is a relative path without '..' and the file,
+    symlinks followed, lies inside ``within`` (default: ``directory``): a config never reaches a file
+    outside its model's directory. The path is returned unresolved (its name still says its kind)."""
+    try:
+        check_relative_path(field, relative)
+    except InvalidArgumentError as error:
+        raise ModelConfigError(error.message) from error
+    path = directory / relative
+    root = (within or directory).resolve()
+    if not path.resolve().is_relative_to(root):
+        raise ModelConfigError(
+            f"{field}: expected a file inside the model's directory {within or directory}, got {relative!r}, "
+            "which resolves outside it (a symlink out of the directory)"
+        )
+    return path
 
 
 def signature_of(config: pb.ModelConfig) -> ModelSignature:

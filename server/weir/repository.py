@@ -54,6 +54,8 @@ from weir_proto.inference import messages as pb
 
 log = logging.getLogger(__name__)
 
+MAX_VERSION_DIGITS = 19  # a version number is an int64
+
 
 class VersionState(enum.Enum):
     LOADING = "LOADING"
@@ -147,10 +149,12 @@ class ModelRepository:
             raise NotFoundError(f"model_name: unknown model '{name}'")
         if not version:
             return served.latest
-        try:
-            number = int(version)
-        except ValueError:
-            raise InvalidArgumentError(f"model_version: expected an integer version, got '{version}'") from None
+        if not _is_version_number(version):
+            raise InvalidArgumentError(
+                f"model_version: expected a version number (1 to {MAX_VERSION_DIGITS} ASCII digits), "
+                f"got {version[:64]!r}"
+            )
+        number = int(version)
         loaded = served.versions.get(number)
         if loaded is None:
             state = self._version_status.get(name, {}).get(number)
@@ -236,12 +240,15 @@ class ModelRepository:
                     self._executor, self._read_config, model_dir, name, config_override
                 )
             except WeirError as error:
+                if config_override is not None:
+                    # The caller's config is refused; the model keeps its state (and serving versions).
+                    raise InvalidArgumentError(f"failed to load model '{name}': {error.message}") from error
                 self._model_status[name] = Status(VersionState.UNAVAILABLE, error.message)
                 raise FailedPreconditionError(f"failed to load model '{name}': {error.message}") from error
             reported = unsupported_fields(config)
             if reported:
                 log.warning("config fields Weir does not act on", extra={"model": name, "fields": reported})
-            available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+            available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and _is_version_number(p.name)]
             selected, problems = select_versions(config.version_policy, available)
             if not selected:
                 reason = f"no version directory matches the version policy (found {sorted(available)})"
@@ -303,8 +310,10 @@ class ModelRepository:
 
     @staticmethod
     def _read_config(model_dir: Path, name: str, override: pb.ModelConfig | None) -> pb.ModelConfig:
-        config = override if override is not None else load_config_file(model_dir / "config.pbtxt")
-        normalized = normalize_config(config, name)
+        if override is not None:
+            normalized = normalize_config(override, name, source=f"model '{name}' parameters['config']")
+        else:
+            normalized = normalize_config(load_config_file(model_dir / "config.pbtxt"), name)
         BatchingConfig.from_config(normalized)  # scheduling errors fail the model here, with the field named
         return normalized
 
@@ -317,9 +326,15 @@ class ModelRepository:
         except WeirError as error:
             raise ModelLoadError(error.message) from error
         instance_count, device = _instance_count_and_device(config)
-        backend, fingerprint = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._build_and_warm, model_dir, version, config, signature, device, optimization
-        )
+        try:
+            backend, fingerprint = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._build_and_warm, model_dir, version, config, signature, device, optimization
+            )
+        except WeirError:
+            raise
+        except Exception as error:  # e.g. MemoryError: the version fails, the server and other versions stay
+            log.exception("model version failed to build", extra={"model": name, "version": version})
+            raise ModelLoadError(f"cannot load version {version}: {type(error).__name__}: {error}") from error
         if backend.accuracy is not None:  # the gate's figures, in what ModelConfig answers
             for key, value in backend.accuracy.as_parameters().items():
                 config.parameters[key].string_value = value
@@ -370,6 +385,12 @@ class ModelRepository:
             except Exception as error:  # the model's own exception: report it, do not serve it
                 raise ModelLoadError(f"warm-up failed: {type(error).__name__}: {error}") from error
         return backend, fingerprint
+
+
+def _is_version_number(text: str) -> bool:
+    """ASCII digits only, at most int64's 19: int() would also take ' 1', '+1', '1_0' or non-ASCII digits,
+    each naming another version, and refuses (ValueError) strings of more than 4300 digits."""
+    return 0 < len(text) <= MAX_VERSION_DIGITS and text.isascii() and text.isdigit()
 
 
 def _content_fingerprint(model_file: Path, config: pb.ModelConfig) -> str:

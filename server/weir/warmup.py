@@ -4,13 +4,14 @@ match its config."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
 from weir import datatypes
 from weir.errors import ModelConfigError
-from weir.model_config import ModelSignature
+from weir.model_config import ModelSignature, resolve_inside
 from weir_proto.inference import messages as pb
 
 
@@ -34,16 +35,8 @@ def warmup_samples(
             shape = ([batch_size] if signature.batched else []) + list(sample.dims)
             source = sample.WhichOneof("input_data_type")
             if source == "input_data_file":
-                path = model_dir / "warmup" / sample.input_data_file
-                try:
-                    raw = path.read_bytes()
-                    array = np.frombuffer(raw, dtype=datatype.numpy_dtype).reshape(
-                        shape[1:] if signature.batched else shape
-                    )
-                except (OSError, ValueError) as error:
-                    raise ModelConfigError(
-                        f"model_warmup '{warmup.name}' input '{name}': cannot use {path}: {error}"
-                    ) from error
+                sample_dims = list(sample.dims)
+                array = _read_sample_file(model_dir, warmup.name, name, sample.input_data_file, datatype, sample_dims)
                 if signature.batched:
                     array = np.repeat(array[np.newaxis, ...], batch_size, axis=0)
             else:
@@ -52,6 +45,31 @@ def warmup_samples(
         for _ in range(max(1, warmup.count)):
             samples.append((inputs, batch_size))
     return samples
+
+
+def _read_sample_file(
+    model_dir: Path, warmup_name: str, input_name: str, relative: str, datatype: datatypes.DataType, shape: list[int]
+) -> np.ndarray:
+    """A warm-up sample from ``<model>/warmup/<relative>``: a regular file inside the model's directory
+    (no absolute path, '..' or symlink out of it), exactly one sample's bytes long, read no further."""
+    where = f"model_warmup '{warmup_name[:128]}' input '{input_name[:128]}'"
+    path = resolve_inside(model_dir / "warmup", relative, f"{where}: input_data_file", within=model_dir)
+    if datatype.numpy_dtype is None or datatype.numpy_dtype.hasobject:
+        raise ModelConfigError(f"{where}: input_data_file: expected a fixed-size datatype, got {datatype.name}")
+    expected = datatype.numpy_dtype.itemsize * math.prod(shape)
+    try:
+        if not path.is_file():
+            raise ModelConfigError(f"{where}: input_data_file {relative!r}: expected a regular file in {path.parent}")
+        with path.open("rb") as handle:
+            raw = handle.read(expected + 1)
+    except OSError as error:
+        raise ModelConfigError(f"{where}: cannot read input_data_file {relative!r}: {error.strerror}") from error
+    if len(raw) != expected:
+        raise ModelConfigError(
+            f"{where}: input_data_file {relative!r}: expected {expected} bytes (dims {shape} of {datatype.name}), "
+            f"got {'more' if len(raw) > expected else len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=datatype.numpy_dtype).reshape(shape)
 
 
 def filled_array(datatype_name: str, shape: list[int], zero: bool) -> np.ndarray:

@@ -48,6 +48,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from weir.errors import ErrorKind, ModelLoadError
+from weir.model_config import resolve_inside
 from weir.warmup import filled_array
 from weir_proto.inference import messages as pb
 
@@ -332,7 +333,10 @@ def validation_inputs(
 ) -> dict[str, np.ndarray]:
     """The gate's inputs: the configured npz file, else standard-normal rows for floating inputs."""
     if spec.validation_file:
-        path = version_dir / spec.validation_file
+        # An npz inside the model's directory (np.load refuses pickled object arrays by default).
+        path = resolve_inside(
+            version_dir, spec.validation_file, f"parameters['{VALIDATION}']", within=version_dir.parent
+        )
         try:
             with np.load(path) as archive:
                 arrays = {name: archive[name] for name in archive.files}

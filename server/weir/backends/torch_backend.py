@@ -3,8 +3,9 @@
 It follows the conventions of Triton's PyTorch backend so a Triton repository loads unchanged:
 inputs go to ``forward`` positionally in config order (or by the ``NAME__<index>`` suffix when
 every input is named that way), outputs are matched the same way, or by name when the model
-returns a dict. Pickled ``nn.Module`` files (``torch.save(model)``) are refused: unpickling a
-file can run arbitrary code.
+returns a dict. A file with any pickled payload (``torch.save(model)``, a torch.export archive with a
+``use_pickle`` weight, ...) is refused before torch opens it (``weir_proto.artifact_safety``):
+unpickling a file can run arbitrary code.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import logging
 import re
 import threading
 import warnings
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,9 @@ import numpy as np
 
 from weir.backends.optimization import AccuracyReport, OptimizationSpec, compare, optimize, validation_inputs
 from weir.errors import InternalError, InvalidArgumentError, ModelLoadError
-from weir.model_config import ModelSignature, TensorSpec
+from weir.model_config import ModelSignature, TensorSpec, resolve_inside
+from weir_proto.artifact_safety import inspect_artifact
+from weir_proto.model_config_limits import check_file_name
 
 log = logging.getLogger(__name__)
 
@@ -31,28 +33,29 @@ MODEL_FILE_CANDIDATES = ("model.pt", "model.pt2", "model.plan")
 
 
 def find_model_file(version_dir: Path, default_model_filename: str) -> Path:
+    """The version's model file, which must stay inside the model's directory (a symlink out of it is
+    refused, like a default_model_filename naming another directory)."""
+    if default_model_filename:
+        try:
+            check_file_name("default_model_filename", default_model_filename)
+        except InvalidArgumentError as error:
+            raise ModelLoadError(error.message) from error
     candidates = (default_model_filename,) if default_model_filename else MODEL_FILE_CANDIDATES
     for candidate in candidates:
         path = version_dir / candidate
         if path.is_file():
-            return path
+            field = "default_model_filename" if default_model_filename else "model file"
+            return resolve_inside(version_dir, candidate, field, within=version_dir.parent)
     raise ModelLoadError(f"{version_dir}: expected a model file named {' or '.join(candidates)}, found none")
 
 
 def _archive_kind(path: Path) -> str:
-    """'torchscript', 'export' or 'pickle', from the zip archive's member names alone (nothing is
-    unpickled to find out)."""
-    if not zipfile.is_zipfile(path):
-        return "pickle"  # torch.save's legacy format, or not a torch file at all
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-    if any(name.endswith("archive_format") for name in names) or any(
-        "/models/" in name and name.endswith(".json") for name in names
-    ):
-        return "export"
-    if any("/code/" in name for name in names) and any(name.endswith("constants.pkl") for name in names):
-        return "torchscript"
-    return "pickle"
+    """'torchscript' or 'export', judged from the zip alone (nothing is unpickled to find out); a file
+    with any pickled payload, or no TorchScript/torch.export archive at all, is refused here."""
+    try:
+        return inspect_artifact(path).value
+    except InvalidArgumentError as error:
+        raise ModelLoadError(error.message) from error
 
 
 def _ordered(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
