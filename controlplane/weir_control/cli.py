@@ -73,6 +73,10 @@ def add_commands(subcommands: Any) -> None:
         type=Path,
         help="relative feature sources of documents without base_directory (default STATE_DIR/features)",
     )
+    control.add_argument(
+        "--webhook-allow", action="append", default=[], metavar="HOST[:PORT]|ADDRESS[:PORT]|CIDR",
+        help="a destination drift webhooks may reach (repeatable; default none: no webhook may be set)",
+    )  # fmt: skip
     control.add_argument("--log-level", default="INFO")
     control.add_argument("--log-format", default="json", choices=("json", "text"))
     gc = subcommands.add_parser("control-gc", help="delete artifacts no model version references")
@@ -267,6 +271,7 @@ def _run_control(args: argparse.Namespace) -> int:
         feature_root=args.feature_root,
         jobs_dir=args.jobs_dir,
         max_concurrent_jobs=args.max_concurrent_jobs,
+        webhook_allow=tuple(args.webhook_allow),
     )
 
     async def serve() -> int:

@@ -151,6 +151,8 @@ class ControlSettings:
         None  # training jobs' directories (code, logs, checkpoints, output): default <state_dir>/jobs
     )
     max_concurrent_jobs: int = 2
+    # drift webhook destinations the operator allows (HOST[:PORT], ADDRESS[:PORT] or CIDR): none, no webhook
+    webhook_allow: tuple[str, ...] = ()
 
     @property
     def resolved_database_url(self) -> str:
@@ -218,7 +220,9 @@ class ControlPlaneServer:
             RegistryService(store, artifacts, auditor, hub, self.metrics), server
         )
         deployments_pb2_grpc.add_DeploymentsServicer_to_server(DeploymentsService(store, auditor, hub), server)
-        self.drift = await asyncio.to_thread(DriftMonitor, store)  # links set below, once the runner exists
+        self.drift = await asyncio.to_thread(  # links set below, once the runner exists
+            DriftMonitor, store, reference_root=settings.resolved_feature_root, webhook_allow=settings.webhook_allow
+        )
 
         async def on_records(replica_id: str, records: monitoring_pb2.InferenceRecords) -> None:
             assert self.drift is not None

@@ -23,6 +23,10 @@ A relative ``source`` is resolved against the top-level ``base_directory`` key w
 one, else against the file's own directory (``load_definitions``) or the caller's base (the control
 plane's feature root; ``weir features apply`` sends the file's directory, which the control plane
 records as ``base_directory``). Validation errors name the table, the entry and the field.
+
+The control plane confines what it reads and writes to its operator's feature root (``weir control
+--feature-root``): a ``base_directory`` and every ``source`` must resolve inside that root, whatever a
+document declares (``weir_control.features.paths``); parsing here only resolves paths.
 """
 
 from __future__ import annotations

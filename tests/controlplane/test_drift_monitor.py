@@ -54,7 +54,7 @@ def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
             return None
 
     def monitor() -> DriftMonitor:
-        made = DriftMonitor(store, clock=clock)
+        made = DriftMonitor(store, clock=clock, reference_root=tmp_path)
         made.link(Links())
         return made
 
@@ -134,7 +134,7 @@ def test_bad_policies_and_references_name_the_field(setup) -> None:  # type: ign
     for message, policy in bad.items():
         with pytest.raises(InvalidArgumentError, match=message):
             monitor.set_policy(policy)
-    with pytest.raises(InvalidArgumentError, match="parquet_path: expected a readable Parquet file"):
+    with pytest.raises(InvalidArgumentError, match="parquet_path: expected a Parquet file inside the feature root"):
         monitor.set_reference(monitoring_pb2.SetReferenceRequest(endpoint="ep", parquet_path="/nonexistent.parquet"))
     with pytest.raises(FailedPreconditionError, match="serving_lineage"):
         monitor.set_reference(monitoring_pb2.SetReferenceRequest(endpoint="ep", serving_lineage=True))

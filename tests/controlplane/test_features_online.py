@@ -98,13 +98,13 @@ def test_incremental_materialization_moves_a_watermark(store, definitions) -> No
     assert materialize_incremental(definitions, store, end=at(10)) == {view: 0}
 
 
-def test_pushed_rows_are_online_at_once_and_in_the_offline_log(store, definitions) -> None:
+def test_pushed_rows_are_online_at_once_and_in_the_offline_log(store, definitions, tmp_path: Path) -> None:
     view = next(iter(definitions.views))
     rows = pa.table(
         {"driver_id": [7], "event_timestamp": [at(12)], "trips": [1], "rating": [2.5], "active": [True],
          "city": ["Rome"]}
     )  # fmt: skip
-    assert push(definitions, store, view, rows) == 1
+    assert push(definitions, store, view, rows, feature_root=tmp_path) == 1
     assert store.read("7", features_of(definitions))[view][1]["city"] == "Rome"
     history = get_historical_features(definitions, "ranking", pa.table({"driver_id": [7], "event_timestamp": [at(13)]}))
     assert history.column("trips").to_pylist() == [1]  # training sees the pushed row

@@ -70,7 +70,8 @@ def webhook() -> Iterator[str]:
 @pytest.fixture
 def planes(tmp_path: Path) -> Iterator[tuple[ControlProcess, str]]:
     state_dir = tmp_path / "control"
-    control = start_control(state_dir, str(state_dir / "control.db"), free_port())
+    # the test's webhook receiver listens on loopback: the operator allows it explicitly
+    control = start_control(state_dir, str(state_dir / "control.db"), free_port(), "--webhook-allow", "127.0.0.1")
     replica = start_weir(
         tmp_path / "replica", "--model-control-mode", "explicit", "--control-plane", control.address,
         "--replica-id", "replica-0", "--heartbeat-seconds", "0.5",

@@ -154,8 +154,9 @@ def test_definitions_applied_on_the_control_plane_reach_the_data_plane(tmp_path:
     definitions_file = setup_features(tmp_path)
     online = tmp_path / "online.db"
     control = start_control(
-        tmp_path / "control", f"sqlite:///{tmp_path / 'control.db'}", free_port(), "--online-store", str(online)
-    )
+        tmp_path / "control", f"sqlite:///{tmp_path / 'control.db'}", free_port(), "--online-store", str(online),
+        "--feature-root", str(tmp_path),
+    )  # fmt: skip
     replicas = start_replicas(control, tmp_path)
     try:
         staging = tmp_path / "staging"

@@ -1,5 +1,5 @@
-"""The feature store through the control plane (`weir control` as a real process): definitions
-applied with relative sources, point-in-time historical retrieval streamed as Arrow both ways (the
+"""The feature store through the control plane (`weir control` as a real process, its feature root
+holding the test's files): definitions applied with relative sources, point-in-time historical retrieval streamed as Arrow both ways (the
 Python API and `weir features historical` agree with the local join), materialize, incremental
 materialize and push into the embedded store and into real Redis, and errors that name the field."""
 
@@ -44,7 +44,9 @@ def control(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Co
         target = str(tmp_path / "online.db")
         reader = SqliteOnlineStore(tmp_path / "online.db")
     state_dir = tmp_path / "control"
-    process = start_control(state_dir, str(state_dir / "control.db"), free_port(), "--online-store", target)
+    process = start_control(
+        state_dir, str(state_dir / "control.db"), free_port(), "--online-store", target, "--feature-root", str(tmp_path)
+    )
     try:
         yield process, reader
     finally:
@@ -176,7 +178,7 @@ def test_feature_rpcs_refuse_bad_input_naming_the_field(control, tmp_path: Path)
 
 def test_a_control_plane_without_an_online_store_says_so(tmp_path: Path) -> None:
     state_dir = tmp_path / "control"
-    process = start_control(state_dir, str(state_dir / "control.db"), free_port())
+    process = start_control(state_dir, str(state_dir / "control.db"), free_port(), "--feature-root", str(tmp_path))
     try:
         repo = tmp_path / "repo"
         repo.mkdir()

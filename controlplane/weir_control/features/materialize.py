@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from weir_control.features.definitions import Definitions, FeatureView
 from weir_control.features.offline import parquet_source, quote
+from weir_control.features.paths import push_directory
 from weir_proto.errors import InvalidArgumentError, NotFoundError
 from weir_proto.online_store import OnlineStore, entity_key
 
@@ -21,7 +22,11 @@ EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 def latest_rows(
-    definitions: Definitions, view: FeatureView, start: datetime.datetime, end: datetime.datetime
+    definitions: Definitions,
+    view: FeatureView,
+    start: datetime.datetime,
+    end: datetime.datetime,
+    feature_root: Path | None = None,
 ) -> pa.Table:
     """Per entity, its latest row with start <= event time < end (created timestamp breaks ties)."""
     keys = ", ".join(quote(key) for key in definitions.join_keys(view))
@@ -36,7 +41,7 @@ def latest_rows(
         # .sql(): a relation streams into Arrow without the extra copy a DB-API cursor makes
         return connection.sql(
             f"SELECT {keys}, epoch(CAST({timestamp} AS TIMESTAMPTZ)) AS __event_ts, {features} "
-            f"FROM {parquet_source(view)} WHERE CAST({timestamp} AS TIMESTAMPTZ) >= ? "
+            f"FROM {parquet_source(view, feature_root)} WHERE CAST({timestamp} AS TIMESTAMPTZ) >= ? "
             f"AND CAST({timestamp} AS TIMESTAMPTZ) < ? "
             f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1",
             params=[start, end],
@@ -64,9 +69,11 @@ def materialize(
     start: datetime.datetime,
     end: datetime.datetime,
     views: list[str] | None = None,
+    feature_root: Path | None = None,
 ) -> dict[str, int]:
     """Latest value per entity in [start, end) for each view (all, or ``views``) into the online store;
-    returns rows written per view (rows older than what is online are skipped)."""
+    returns rows written per view (rows older than what is online are skipped). Sources are confined to
+    ``feature_root`` when one is given (the control plane's)."""
     if end <= start:
         raise InvalidArgumentError(f"end: expected a time after start ({start.isoformat()}), got {end.isoformat()}")
     written = {}
@@ -74,7 +81,7 @@ def materialize(
         view = definitions.views.get(name)
         if view is None:
             raise NotFoundError(f"views: no feature view '{name}' ({sorted(definitions.views)})")
-        written[name] = _write(definitions, view, latest_rows(definitions, view, start, end), store)
+        written[name] = _write(definitions, view, latest_rows(definitions, view, start, end, feature_root), store)
     return written
 
 
@@ -83,6 +90,7 @@ def materialize_incremental(
     store: OnlineStore,
     end: datetime.datetime | None = None,
     views: list[str] | None = None,
+    feature_root: Path | None = None,
 ) -> dict[str, int]:
     """Each view (all, or ``views``) from its watermark (or the beginning) to ``end`` (now), then the
     watermark moves."""
@@ -97,27 +105,24 @@ def materialize_incremental(
         if end <= start:
             written[name] = 0
             continue
-        written[name] = _write(definitions, view, latest_rows(definitions, view, start, end), store)
+        written[name] = _write(definitions, view, latest_rows(definitions, view, start, end, feature_root), store)
         store.set_watermark(name, end.timestamp())
     return written
 
 
-def push(definitions: Definitions, store: OnlineStore, view_name: str, rows: pa.Table) -> int:
-    """Real-time rows: online now, and a Parquet file in the view's source directory for training."""
+def push(
+    definitions: Definitions, store: OnlineStore, view_name: str, rows: pa.Table, feature_root: Path | None = None
+) -> int:
+    """Real-time rows: online now, and a Parquet file in the view's source directory for training (inside
+    ``feature_root`` when one is given: the control plane's)."""
     view = definitions.views.get(view_name)
     if view is None:
         raise NotFoundError(f"view: no feature view '{view_name}' ({sorted(definitions.views)})")
-    directory = Path(view.source)
-    if not directory.is_dir():
-        raise InvalidArgumentError(
-            f"view '{view_name}' source: push needs a directory (the offline log goes there), got {view.source}"
-        )
     needed = [*definitions.join_keys(view), view.timestamp_field]
     missing = [column for column in needed if column not in rows.column_names]
     if missing:
         raise InvalidArgumentError(f"rows: expected columns {needed} and the features, missing {missing}")
-    pushed = directory / "pushed"
-    pushed.mkdir(exist_ok=True)
+    pushed = push_directory(view, feature_root)
     staged = pushed / f".push-{uuid.uuid4().hex}.parquet"
     pq.write_table(rows, staged)
     staged.rename(pushed / staged.name.lstrip("."))  # readers never see a half-written file

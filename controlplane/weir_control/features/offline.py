@@ -20,6 +20,7 @@ import duckdb
 import pyarrow as pa
 
 from weir_control.features.definitions import Definitions, FeatureView
+from weir_control.features.paths import parquet_files
 from weir_proto.errors import InvalidArgumentError, NotFoundError
 
 ENTITY_TIMESTAMP = "event_timestamp"
@@ -36,20 +37,27 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def parquet_source(view: FeatureView) -> str:
-    """``read_parquet(...)`` for a view's file, glob or directory."""
+def parquet_source(view: FeatureView, feature_root: Path | None = None) -> str:
+    """``read_parquet(...)`` for a view's file, glob or directory. With a ``feature_root`` (the control
+    plane's), the explicit list of the files it matches, each checked to lie inside that root; without
+    one (a user's own definitions, read by their own process), the pattern itself."""
+    if feature_root is not None:
+        files = ", ".join(_literal(file) for file in parquet_files(view, feature_root))
+        return f"read_parquet([{files}], union_by_name = true)"
     path = Path(view.source)
     pattern = str(path / "**" / "*.parquet") if path.is_dir() else view.source
     return f"read_parquet({_literal(pattern)}, union_by_name = true)"
 
 
-def _view_query(definitions: Definitions, view: FeatureView, features: list[str]) -> str:
+def _view_query(
+    definitions: Definitions, view: FeatureView, features: list[str], feature_root: Path | None = None
+) -> str:
     keys = definitions.join_keys(view)
     key_list = ", ".join(quote(key) for key in keys)
     columns = ", ".join(quote(feature) for feature in features)
     query = (
         f"SELECT {key_list}, CAST({quote(view.timestamp_field)} AS TIMESTAMPTZ) AS {_TS}, {columns} "
-        f"FROM {parquet_source(view)}"
+        f"FROM {parquet_source(view, feature_root)}"
     )
     if not view.created_timestamp_field:
         return query  # no tie-breaker declared: like Feast, any one row of a tied event time will do
@@ -61,8 +69,10 @@ def _view_query(definitions: Definitions, view: FeatureView, features: list[str]
     )
 
 
-def historical_query(definitions: Definitions, service_name: str, entity_columns: list[str]) -> str:
-    """The SQL over a registered ``entity_rows`` relation."""
+def historical_query(
+    definitions: Definitions, service_name: str, entity_columns: list[str], feature_root: Path | None = None
+) -> str:
+    """The SQL over a registered ``entity_rows`` relation (sources confined to ``feature_root`` if given)."""
     service = definitions.services.get(service_name)
     if service is None:
         raise NotFoundError(f"feature_service: no feature service '{service_name}' ({sorted(definitions.services)})")
@@ -102,7 +112,7 @@ def historical_query(definitions: Definitions, service_name: str, entity_columns
         on = " AND ".join(f"b.{quote(key)} = {alias}.{quote(key)}" for key in keys)
         relation = (
             f"(SELECT b.*, {', '.join(outputs)} FROM {relation} b "
-            f"ASOF LEFT JOIN ({_view_query(definitions, view, features)}) {alias} "
+            f"ASOF LEFT JOIN ({_view_query(definitions, view, features, feature_root)}) {alias} "
             f"ON {on} AND b.__weir_entity_ts >= {alias}.{_TS})"
         )
     columns = ", ".join(quote(column) for column in [*entity_columns, *selected])
@@ -115,24 +125,32 @@ def _connect() -> duckdb.DuckDBPyConnection:
     return connection
 
 
-def get_historical_features(definitions: Definitions, service_name: str, entity_rows: pa.Table) -> pa.Table:
+def get_historical_features(
+    definitions: Definitions, service_name: str, entity_rows: pa.Table, feature_root: Path | None = None
+) -> pa.Table:
     connection = _connect()
     try:
         connection.register("entity_rows", entity_rows)
+        query = historical_query(definitions, service_name, entity_rows.column_names, feature_root)
         # .sql(): a relation streams into Arrow without the extra copy a DB-API cursor makes
-        return connection.sql(historical_query(definitions, service_name, entity_rows.column_names)).to_arrow_table()
+        return connection.sql(query).to_arrow_table()
     finally:
         connection.close()
 
 
 def stream_historical_features(
-    definitions: Definitions, service_name: str, entity_rows: pa.Table, batch_rows: int = 65536
+    definitions: Definitions,
+    service_name: str,
+    entity_rows: pa.Table,
+    batch_rows: int = 65536,
+    feature_root: Path | None = None,
 ) -> Generator[pa.RecordBatch]:
     """The same, in record batches: large outputs never sit in memory whole."""
     connection = _connect()
     try:
         connection.register("entity_rows", entity_rows)
-        relation = connection.sql(historical_query(definitions, service_name, entity_rows.column_names))
+        query = historical_query(definitions, service_name, entity_rows.column_names, feature_root)
+        relation = connection.sql(query)
         yield from relation.to_arrow_reader(batch_rows)
     finally:
         connection.close()

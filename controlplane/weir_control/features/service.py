@@ -23,6 +23,7 @@ import pyarrow as pa
 from weir_control.attach import DesiredStateHub
 from weir_control.features import arrow_wire
 from weir_control.features.definitions import Definitions, parse_definitions
+from weir_control.features.paths import check_base_directory, check_definitions
 from weir_control.services import Auditor, _read, abort_with
 from weir_control.store import Store
 from weir_proto.control.v1 import features_pb2, features_pb2_grpc
@@ -37,7 +38,9 @@ class FeaturesService(features_pb2_grpc.FeaturesServicer):
         self._store = store
         self._auditor = auditor
         self._hub = hub
-        self._feature_root = feature_root  # where relative sources point when a document names no base
+        # every source lies inside it (see features.paths); relative sources resolve against it when a
+        # document names no base
+        self._feature_root = feature_root
         self._online_target = online_store
         self._online: OnlineStore | None = None
         self._online_lock = threading.Lock()
@@ -56,7 +59,9 @@ class FeaturesService(features_pb2_grpc.FeaturesServicer):
         identity = self._auditor.identity(context)
 
         def apply() -> features_pb2.FeatureDefinitions:
-            text = _with_base_directory(request.definitions_toml, request.base_directory)
+            # the root is recorded as the base of a document without one, so a training job reading the
+            # stored text resolves its relative sources as the control plane does
+            text = _with_base_directory(request.definitions_toml, request.base_directory or str(self._feature_root))
             definitions = self._parse(text)
             revision = self._store.apply_features(text, identity.name)
             return _feature_message(revision, text, definitions)
@@ -70,7 +75,7 @@ class FeaturesService(features_pb2_grpc.FeaturesServicer):
     ) -> features_pb2.FeatureDefinitions:
         def read() -> features_pb2.FeatureDefinitions:
             revision, text = self._store.feature_definitions()
-            return _feature_message(revision, text, self._parse(text) if text else None)
+            return _feature_message(revision, text, self._current() if text else None)
 
         return await _read(context, read)
 
@@ -79,7 +84,12 @@ class FeaturesService(features_pb2_grpc.FeaturesServicer):
             document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
             raise InvalidArgumentError(f"definitions_toml: expected TOML, got: {error}") from error
-        return parse_definitions(document, "definitions_toml", base=self._feature_root)
+        declared_base = document.get("base_directory")
+        if isinstance(declared_base, str) and Path(declared_base).is_absolute():
+            check_base_directory(declared_base, self._feature_root)  # the request's, or the document's own
+        definitions = parse_definitions(document, "definitions_toml", base=self._feature_root)
+        check_definitions(definitions, self._feature_root)  # the operator's root bounds every source
+        return definitions
 
     def _current(self) -> Definitions:
         """The applied definitions, parsed once per revision."""
@@ -88,7 +98,13 @@ class FeaturesService(features_pb2_grpc.FeaturesServicer):
             raise FailedPreconditionError("feature definitions: none applied yet (weir features apply FILE)")
         cached_revision, cached = self._parsed
         if cached_revision != revision or cached is None:
-            cached = self._parse(text)
+            try:
+                cached = self._parse(text)
+            except InvalidArgumentError as error:  # applied before a check existed, or the root moved
+                raise FailedPreconditionError(
+                    f"feature definitions: the applied revision {revision} is not valid here: {error.message} "
+                    "(weir features apply FILE)"
+                ) from error
             self._parsed = (revision, cached)
         return cached
 
@@ -106,7 +122,8 @@ class FeaturesService(features_pb2_grpc.FeaturesServicer):
                     "feature_service: expected a feature service name in the first message, got ''"
                 )
             definitions = await asyncio.to_thread(self._current)
-            batches = stream_historical_features(definitions, service, entity_rows)
+            # lazy: the sources are listed and checked (features.paths) in the first pull's thread
+            batches = stream_historical_features(definitions, service, entity_rows, feature_root=self._feature_root)
             try:
                 messages = arrow_wire.encode_batches(batches)
                 while True:
@@ -143,7 +160,7 @@ class FeaturesService(features_pb2_grpc.FeaturesServicer):
             views = list(request.views) or None
             if request.incremental:
                 end = request.end.ToDatetime(datetime.UTC) if request.HasField("end") else None
-                written = materialize.materialize_incremental(definitions, store, end, views)
+                written = materialize.materialize_incremental(definitions, store, end, views, self._feature_root)
             else:
                 for field in ("start", "end"):
                     if not request.HasField(field):
@@ -154,6 +171,7 @@ class FeaturesService(features_pb2_grpc.FeaturesServicer):
                     request.start.ToDatetime(datetime.UTC),
                     request.end.ToDatetime(datetime.UTC),
                     views,
+                    self._feature_root,
                 )
             return features_pb2.MaterializeResponse(written=written)
 
@@ -174,7 +192,7 @@ class FeaturesService(features_pb2_grpc.FeaturesServicer):
         def push() -> features_pb2.MaterializeResponse:
             if not view:
                 raise InvalidArgumentError("view: expected a feature view name in the first message, got ''")
-            written = materialize.push(self._current(), self._online_store(), view, rows)
+            written = materialize.push(self._current(), self._online_store(), view, rows, self._feature_root)
             return features_pb2.MaterializeResponse(written={view: written})
 
         return await self._auditor.run(context, "Features/PushFeatures", view or "features", lambda: None, push)

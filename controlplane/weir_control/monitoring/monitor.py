@@ -19,9 +19,9 @@ import datetime
 import json
 import logging
 import math
+import os
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,62 +30,42 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from weir_control.features.paths import inside
 from weir_control.monitoring import statistics
-from weir_control.monitoring.profiles import ReferenceProfile, WindowProfile
+from weir_control.monitoring.policy import (
+    check_endpoint,
+    check_policy,
+    check_policy_numbers,
+    resolved_policy,
+)
+from weir_control.monitoring.profiles import MAX_FEATURES, ReferenceProfile, WindowProfile
+from weir_control.monitoring.webhook import WebhookAllowList, WebhookRefused
 from weir_control.store import Store
 from weir_proto.control.v1 import monitoring_pb2
-from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, WeirError
+from weir_proto.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    WeirError,
+)
 
 log = logging.getLogger(__name__)
 
 Severity = monitoring_pb2.Severity
 ARGMAX = ".argmax"
-DEFAULT_WINDOW_SECONDS = 300.0
-DEFAULT_MIN_RECORDS = 200
-DEFAULT_COOLDOWN_SECONDS = 3600.0
-DEFAULT_MAX_WINDOWS = 288
 PREDICTIONS_REMEMBERED = 200_000  # request id -> predicted class, for feedback labels (per endpoint)
 REFERENCE_ACCURACY_LABELS = 200  # without a registered accuracy, the first labels set the reference
 WEBHOOK_ATTEMPTS = 3
-
-
-def resolved_policy(policy: monitoring_pb2.MonitoringPolicy) -> monitoring_pb2.MonitoringPolicy:
-    """The policy with defaults filled in (what the report shows and the monitor uses)."""
-    resolved = monitoring_pb2.MonitoringPolicy()
-    resolved.CopyFrom(policy)
-    resolved.window_seconds = policy.window_seconds or DEFAULT_WINDOW_SECONDS
-    resolved.min_records = policy.min_records or DEFAULT_MIN_RECORDS
-    resolved.cooldown_seconds = policy.cooldown_seconds or DEFAULT_COOLDOWN_SECONDS
-    resolved.max_windows = policy.max_windows or DEFAULT_MAX_WINDOWS
-    for name, (warning, critical) in statistics.DEFAULT_THRESHOLDS.items():
-        if name not in resolved.thresholds:
-            resolved.thresholds[name].CopyFrom(monitoring_pb2.Thresholds(warning=warning, critical=critical))
-    return resolved
-
-
-def check_policy(policy: monitoring_pb2.MonitoringPolicy) -> None:
-    if not policy.endpoint:
-        raise InvalidArgumentError("endpoint: expected an endpoint name, got ''")
-    for field_name in ("window_seconds", "cooldown_seconds"):
-        if getattr(policy, field_name) < 0:
-            raise InvalidArgumentError(
-                f"{field_name}: expected 0 (default) or more seconds, got {getattr(policy, field_name)}"
-            )
-    if policy.window_seconds and policy.window_seconds < 1:
-        raise InvalidArgumentError(f"window_seconds: expected at least 1 second, got {policy.window_seconds}")
-    if policy.min_records < 0 or policy.max_windows < 0:
-        raise InvalidArgumentError("min_records, max_windows: expected 0 (default) or more")
-    known = [*statistics.DEFAULT_THRESHOLDS, "wasserstein_normalized"]
-    for name, threshold in policy.thresholds.items():
-        if name not in known:
-            raise InvalidArgumentError(f"thresholds: expected keys among {known}, got '{name}'")
-        if not 0 <= threshold.warning <= threshold.critical:
-            raise InvalidArgumentError(
-                f"thresholds['{name}']: expected 0 <= warning <= critical, "
-                f"got {threshold.warning} and {threshold.critical}"
-            )
-    if policy.webhook_url and not policy.webhook_url.startswith(("http://", "https://")):
-        raise InvalidArgumentError(f"webhook_url: expected an http(s) URL, got {policy.webhook_url!r}")
+WEBHOOK_TIMEOUT_SECONDS = 5.0
+# What data planes send is bounded here, whoever sends it (a replica's rate is bounded where it attaches):
+MAX_MONITORED_ENDPOINTS = 1000  # endpoints with a monitor (deployed, or with a policy or a reference)
+MAX_NAME_CHARS = 256  # a feature name; longer names' values are dropped
+MAX_CATEGORY_CHARS = 256  # a categorical value; longer ones are cut to this length
+MAX_REQUEST_ID_CHARS = 256  # longer request ids are not remembered for feedback
+MAX_FEEDBACK_LABELS = 100_000  # labels in one RecordFeedback
+DEPLOYED_REFRESH_SECONDS = 1.0  # an unknown endpoint's records re-read the deployed endpoints at most this often
+ERROR_LOG_SECONDS = 60.0  # an endpoint's ingest errors are logged at most once per this long
 
 
 @dataclass
@@ -134,8 +114,24 @@ class DriftMonitor:
         reference_for_serving: Callable[[str], tuple[str, Path]] | None = None,
         serving_accuracy: Callable[[str], float | None] | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        reference_root: Path | None = None,
+        webhook_allow: Iterable[str] = (),
     ) -> None:
+        """``reference_root``: the only directory Parquet references are read from (the control plane's
+        feature root; none: parquet_path is refused). ``webhook_allow``: the operator's allowed webhook
+        destinations (``monitoring.webhook``; none: no webhook may be set)."""
         self._store = store
+        self._reference_root = reference_root
+        self._webhooks = WebhookAllowList(webhook_allow)
+        self._deployed_endpoints: Callable[[], set[str]] | None = None  # none linked: every endpoint counts
+        self._deployed: set[str] = set()
+        self._deployed_read_at = -math.inf
+        # what was dropped to keep the monitor bounded: per (endpoint, reason), and records per reason
+        self.values_dropped: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.records_dropped: collections.Counter[str] = collections.Counter()
+        self.ingest_errors: collections.Counter[str] = collections.Counter()
+        self._error_logged_at: dict[str, float] = {}
         self._submit_retraining = submit_retraining  # (endpoint, policy) -> job id
         self._reference_for_serving = reference_for_serving  # endpoint -> (description, reference.parquet)
         self._serving_accuracy = serving_accuracy  # endpoint -> the serving version's registered accuracy
@@ -150,10 +146,16 @@ class DriftMonitor:
         self._submit_retraining = links.submit_retraining
         self._reference_for_serving = links.reference_for_serving
         self._serving_accuracy = links.serving_accuracy
+        self._deployed_endpoints = getattr(links, "deployed_endpoints", None)
 
     def _load(self) -> None:
         policies = {policy.endpoint: policy for policy in self._store.monitoring_policies()}
         for endpoint, policy in policies.items():
+            try:
+                check_policy_numbers(policy)
+            except InvalidArgumentError as error:  # stored before the checks existed: the defaults, no actions
+                log.warning("stored monitoring policy ignored", extra={"endpoint": endpoint, "error": error.message})
+                policy = monitoring_pb2.MonitoringPolicy(endpoint=endpoint)
             self._endpoints[endpoint] = EndpointMonitor(endpoint, resolved_policy(policy))
         for summary, profile in self._store.drift_references():
             monitor = self._monitor(summary.endpoint)
@@ -167,6 +169,11 @@ class DriftMonitor:
     def _monitor(self, endpoint: str) -> EndpointMonitor:
         monitor = self._endpoints.get(endpoint)
         if monitor is None:
+            if len(self._endpoints) >= MAX_MONITORED_ENDPOINTS:
+                raise ResourceExhaustedError(
+                    f"endpoint: this control plane monitors at most {MAX_MONITORED_ENDPOINTS} endpoints, "
+                    f"all taken; '{endpoint[:100]}' is not monitored"
+                )
             monitor = EndpointMonitor(endpoint, resolved_policy(monitoring_pb2.MonitoringPolicy(endpoint=endpoint)))
             self._endpoints[endpoint] = monitor
         return monitor
@@ -181,44 +188,95 @@ class DriftMonitor:
     # --- ingest ----------------------------------------------------------------------------------
 
     def ingest(self, replica_id: str, records: monitoring_pb2.InferenceRecords) -> None:
+        """A replica's batch of records. Never raises for what the records hold: a record that cannot be
+        taken is dropped and counted for its endpoint, so one endpoint's trouble cannot end the replica's
+        attach stream (this is called from it) or hold up the other endpoints' records."""
         now = self._clock()
         with self._lock:
             for record in records.records:
-                monitor = self._monitor(record.endpoint)
-                self._close_if_due(monitor, now)  # records of a new window never land in the previous one
-                window = self._open_window(monitor, now)
-                numeric, categorical = self._features(monitor, record)
-                window.add(numeric, categorical)
-                monitor.records_received += 1
+                endpoint = record.endpoint
+                try:
+                    monitor = self._admitted(endpoint)
+                    if monitor is None:
+                        continue
+                    self._close_if_due(monitor, now)  # records of a new window never land in the previous one
+                    window = self._open_window(monitor, now)
+                    numeric, categorical = self._features(monitor, record)
+                    ignored = window.ignored_values
+                    window.add(numeric, categorical)
+                    if window.ignored_values != ignored:
+                        self.values_dropped[endpoint, "features"] += window.ignored_values - ignored
+                    monitor.records_received += 1
+                except Exception:
+                    self._ingest_failed(endpoint)
             # a replica's buffer serves all its endpoints: its drops are counted per replica (cumulative)
             self._dropped_by_replica[replica_id] = records.dropped
+
+    def _admitted(self, endpoint: str) -> EndpointMonitor | None:
+        """The endpoint's monitor if its records are taken: it is deployed (or has a policy or a reference)
+        and the number of monitored endpoints is not at its bound; None (counted) otherwise."""
+        monitor = self._endpoints.get(endpoint)
+        if monitor is not None:
+            return monitor
+        if self._deployed_endpoints is not None and endpoint not in self._deployed:
+            now = time.monotonic()
+            if now - self._deployed_read_at >= DEPLOYED_REFRESH_SECONDS:
+                self._deployed_read_at = now
+                self._deployed = self._deployed_endpoints()
+            if endpoint not in self._deployed:
+                self.records_dropped["unknown_endpoint"] += 1
+                return None
+        if len(self._endpoints) >= MAX_MONITORED_ENDPOINTS or len(endpoint) > MAX_NAME_CHARS:
+            self.records_dropped["endpoints_bound"] += 1
+            return None
+        return self._monitor(endpoint)
+
+    def _ingest_failed(self, endpoint: str) -> None:
+        key = endpoint[:MAX_NAME_CHARS]
+        self.ingest_errors[key] += 1
+        now = time.monotonic()
+        if now - self._error_logged_at.get(key, -math.inf) >= ERROR_LOG_SECONDS:
+            self._error_logged_at[key] = now
+            log.exception(
+                "drift monitor: an inference record could not be taken (dropped; logged once a minute per endpoint)",
+                extra={"endpoint": key, "errors": self.ingest_errors[key]},
+            )
 
     def _features(
         self, monitor: EndpointMonitor, record: monitoring_pb2.InferenceRecord
     ) -> tuple[dict[str, float], dict[str, str]]:
         numeric: dict[str, float] = {}
         categorical: dict[str, str] = {}
+        dropped = 0
         for value in record.inputs:
-            if value.WhichOneof("value") == "text":
-                categorical[value.name] = value.text
+            if len(value.name) > MAX_NAME_CHARS or len(numeric) + len(categorical) >= MAX_FEATURES:
+                dropped += 1
+            elif value.WhichOneof("value") == "text":
+                categorical[value.name] = value.text[:MAX_CATEGORY_CHARS]
             else:
                 numeric[value.name] = value.number
         by_output: dict[str, list[float]] = {}
         for value in record.outputs:
+            if len(value.name) > MAX_NAME_CHARS or len(numeric) + len(categorical) >= MAX_FEATURES:
+                dropped += 1
+                continue
             if value.WhichOneof("value") == "text":
-                categorical[value.name] = value.text
+                categorical[value.name] = value.text[:MAX_CATEGORY_CHARS]
                 continue
             numeric[value.name] = value.number
             base = value.name.split("[", 1)[0]
             by_output.setdefault(base, []).append(value.number)
-            if value.name not in monitor.outputs:
+            if value.name not in monitor.outputs and len(monitor.outputs) < MAX_FEATURES:
                 monitor.outputs.add(value.name)
+        if dropped:
+            self.values_dropped[monitor.endpoint, "features"] += dropped
         for base, values in by_output.items():
             if len(values) > 1:
                 predicted = str(max(range(len(values)), key=values.__getitem__))
                 categorical[base + ARGMAX] = predicted
-                monitor.outputs.add(base + ARGMAX)
-                if record.request_id:
+                if len(monitor.outputs) < MAX_FEATURES:
+                    monitor.outputs.add(base + ARGMAX)
+                if record.request_id and len(record.request_id) <= MAX_REQUEST_ID_CHARS:
                     monitor.predictions[record.request_id] = predicted
                     if len(monitor.predictions) > PREDICTIONS_REMEMBERED:
                         monitor.predictions.popitem(last=False)
@@ -227,8 +285,14 @@ class DriftMonitor:
     # --- feedback: concept drift -----------------------------------------------------------------
 
     def feedback(self, request: monitoring_pb2.RecordFeedbackRequest) -> monitoring_pb2.RecordFeedbackResponse:
-        if not request.endpoint:
-            raise InvalidArgumentError("endpoint: expected an endpoint name, got ''")
+        check_endpoint(request.endpoint)
+        if len(request.labels) > MAX_FEEDBACK_LABELS:
+            raise InvalidArgumentError(
+                f"labels: expected at most {MAX_FEEDBACK_LABELS:,} per call, got {len(request.labels):,}"
+            )
+        for index, label in enumerate(request.labels):  # all checked before any is counted
+            if label.WhichOneof("value") == "number" and not math.isfinite(label.number):
+                raise InvalidArgumentError(f"labels[{index}].number: expected a finite number, got {label.number}")
         matched = unmatched = 0
         with self._lock:
             monitor = self._endpoints.get(request.endpoint)
@@ -261,10 +325,10 @@ class DriftMonitor:
     # --- policy and reference --------------------------------------------------------------------
 
     def set_policy(self, policy: monitoring_pb2.MonitoringPolicy) -> monitoring_pb2.MonitoringPolicy:
-        check_policy(policy)
+        check_policy(policy, self._webhooks)
         with self._lock:
+            monitor = self._monitor(policy.endpoint)  # refused before anything is stored if at the bound
             self._store.save_monitoring_policy(policy)
-            monitor = self._monitor(policy.endpoint)
             resized = resolved_policy(policy).window_seconds != monitor.policy.window_seconds
             monitor.policy = resolved_policy(policy)
             if resized:
@@ -272,12 +336,16 @@ class DriftMonitor:
             return monitor.policy
 
     def policy(self, endpoint: str) -> monitoring_pb2.MonitoringPolicy:
+        """The endpoint's policy, or the defaults (a read creates no monitor)."""
+        check_endpoint(endpoint)
         with self._lock:
-            return self._monitor(endpoint).policy
+            monitor = self._endpoints.get(endpoint)
+            if monitor is not None:
+                return monitor.policy
+        return resolved_policy(monitoring_pb2.MonitoringPolicy(endpoint=endpoint))
 
     def set_reference(self, request: monitoring_pb2.SetReferenceRequest) -> monitoring_pb2.ReferenceSummary:
-        if not request.endpoint:
-            raise InvalidArgumentError("endpoint: expected an endpoint name, got ''")
+        check_endpoint(request.endpoint)
         source = request.WhichOneof("source")
         if source == "window":
             start, end = request.window.start.ToDatetime(datetime.UTC), request.window.end.ToDatetime(datetime.UTC)
@@ -300,8 +368,8 @@ class DriftMonitor:
                     raise FailedPreconditionError("serving_lineage: this control plane cannot resolve lineage")
                 description, path = self._reference_for_serving(request.endpoint)
             else:
-                path = Path(request.parquet_path)
-                description = f"dataset {path}"
+                path = self._reference_path(request.parquet_path)
+                description = f"dataset {request.parquet_path}"
             profile = _profile_from_parquet(path, "parquet_path" if source == "parquet_path" else "serving_lineage")
         else:
             raise InvalidArgumentError("source: expected window, serving_lineage or parquet_path, got none")
@@ -320,6 +388,25 @@ class DriftMonitor:
             monitor.window = None  # windows bin on the reference: start a fresh one
         return summary
 
+    def _reference_path(self, parquet_path: str) -> Path:
+        """The file a ``parquet_path`` names (relative: to the reference root), if it is a file inside the
+        reference root. Missing, outside (symbolic links followed) and not a file answer alike, so the
+        answer tells nothing about what exists outside the root."""
+        root = self._reference_root
+        if root is None:
+            raise FailedPreconditionError("parquet_path: this control plane reads no Parquet references")
+        try:
+            resolved = Path(os.path.realpath(root / parquet_path))  # an absolute parquet_path replaces the root
+            usable = inside(resolved, root) and resolved.is_file()
+        except (OSError, ValueError):  # a NUL byte, a name too long
+            usable = False
+        if not usable:
+            raise InvalidArgumentError(
+                f"parquet_path: expected a Parquet file inside the feature root {root} (weir control "
+                f"--feature-root), got {parquet_path[:300]!r}"
+            )
+        return resolved
+
     # --- windows ---------------------------------------------------------------------------------
 
     def tick(self) -> list[tuple[str, monitoring_pb2.DriftWindow]]:
@@ -328,7 +415,12 @@ class DriftMonitor:
         closed = []
         with self._lock:
             for monitor in list(self._endpoints.values()):
-                report = self._close_if_due(monitor, now)
+                try:
+                    report = self._close_if_due(monitor, now)
+                except Exception:  # one endpoint's failure must not keep the others' windows open
+                    self._ingest_failed(monitor.endpoint)
+                    monitor.window = None  # a window that cannot close would fail every tick
+                    continue
                 if report is not None:
                     closed.append((monitor.endpoint, report))
         return closed
@@ -470,17 +562,26 @@ class DriftMonitor:
             ).start()
 
     def _alert(self, endpoint: str, url: str, alert: dict[str, Any], now: float) -> None:
+        """POST the alert where the allow-list lets it go. The recorded detail (viewers read it in
+        reports) is the HTTP status only: never the receiver's answer or a connection error's text."""
         body = json.dumps(alert).encode()
         detail = ""
         for attempt in range(WEBHOOK_ATTEMPTS):
             try:
-                request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    detail = f"HTTP {response.status} after {attempt + 1} attempt(s)"
-                    break
+                status = self._webhooks.post(url, body, WEBHOOK_TIMEOUT_SECONDS)
+            except WebhookRefused as refused:
+                log.warning("drift alert not sent", extra={"endpoint": endpoint, "reason": str(refused)})
+                detail = "not sent: the destination is not allowed (weir control --webhook-allow)"
+                break
             except Exception as error:  # retried: a webhook receiver restarting must not lose the alert
-                detail = f"failed after {attempt + 1} attempt(s): {error}"
+                log.warning("drift alert attempt failed", extra={"endpoint": endpoint, "error": repr(error)})
+                detail = f"failed after {attempt + 1} attempt(s): no HTTP answer"
                 time.sleep(0.5 * 2**attempt)
+                continue
+            detail = f"HTTP {status} after {attempt + 1} attempt(s)"
+            if status < 500:
+                break
+            time.sleep(0.5 * 2**attempt)  # a 5xx: the receiver may recover
         self._record_action(endpoint, "alert", detail, now)
 
     def _record_action(self, endpoint: str, kind: str, detail: str, now: float) -> None:
@@ -492,6 +593,9 @@ class DriftMonitor:
     # --- reports and metrics ---------------------------------------------------------------------
 
     def report(self, endpoint: str, latest: int = 0) -> monitoring_pb2.DriftReport:
+        check_endpoint(endpoint)
+        if latest < 0:
+            raise InvalidArgumentError(f"windows: expected 0 (all kept) or more, got {latest}")
         with self._lock:
             monitor = self._endpoints.get(endpoint)
             if monitor is None:
@@ -537,6 +641,11 @@ def _profile_from_parquet(path: Path, field_name: str) -> ReferenceProfile:
     import pyarrow.parquet as pq
 
     try:
+        schema = pq.read_schema(path)
+        if len(schema.names) > MAX_FEATURES:
+            raise InvalidArgumentError(
+                f"{field_name}: expected at most {MAX_FEATURES} columns (features), got {len(schema.names)}"
+            )
         table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as error:
         raise InvalidArgumentError(f"{field_name}: expected a readable Parquet file, got {path}: {error}") from error
@@ -546,7 +655,8 @@ def _profile_from_parquet(path: Path, field_name: str) -> ReferenceProfile:
         if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type):
             numeric[name] = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
         elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            categorical[name] = [str(value) for value in column.to_pylist() if value is not None]
+            # cut like the records' values, so long categories compare equal
+            categorical[name] = [str(value)[:MAX_CATEGORY_CHARS] for value in column.to_pylist() if value is not None]
     if not numeric and not categorical:
         raise InvalidArgumentError(f"{field_name}: expected numeric or text columns in {path}, got {table.schema}")
     return ReferenceProfile.from_columns(numeric, categorical)

@@ -42,10 +42,13 @@ NUMERIC_BINS = 10
 SKETCH_K = 200
 MAX_CATEGORIES = 200
 OTHER = "__other__"
-# Features per kind (numeric, categorical) a window tracks: a data plane that flattens a huge tensor
-# into X[0..n] must not grow a window without bound; values of later features are counted in
-# ``WindowProfile.ignored_values`` instead.
-MAX_FEATURES = 1024
+# Features (numeric and categorical together) a window tracks: a data plane that flattens a huge tensor
+# into X[0..n], or a client inventing names, must not grow a window without bound; values of later
+# features are counted in ``WindowProfile.ignored_values`` instead.
+MAX_FEATURES = 1000
+# Categories a window admits beyond the reference's, all its features together (each feature also has
+# its own MAX_CATEGORIES); later new categories are counted as OTHER.
+MAX_WINDOW_CATEGORIES = 20_000
 # Records buffered between flushes into the sketches: big enough for vectorised updates to amortise
 # the per-call cost, small enough (8 bytes x features x this) to stay a small part of a window.
 FLUSH_RECORDS = 1024
@@ -311,6 +314,7 @@ class WindowProfile:
         self._buffers: dict[str, array[float]] = {}
         self._categories: dict[str, dict[str, int]] = {}
         self._new_categories: dict[str, int] = {}  # per feature: categories admitted that the reference lacks
+        self._new_categories_total = 0
         self._pending = 0  # records since the last flush
 
     # -- ingest (hot path) --
@@ -341,8 +345,11 @@ class WindowProfile:
         if self._pending >= FLUSH_RECORDS:
             self.flush()
 
+    def _full(self) -> bool:
+        return len(self._numeric) + len(self._categories) >= MAX_FEATURES
+
     def _start_numeric(self, name: str) -> array[float] | None:
-        if len(self._numeric) >= MAX_FEATURES:
+        if self._full():
             self.ignored_values += 1
             return None
         self._numeric[name] = self._new_numeric_state(name)
@@ -357,7 +364,7 @@ class WindowProfile:
         return NumericState(edges=reference.edges, counts=np.zeros(len(reference.edges) + 1, dtype=np.int64))
 
     def _start_categorical(self, name: str) -> dict[str, int] | None:
-        if len(self._categories) >= MAX_FEATURES:
+        if self._full():
             self.ignored_values += 1
             return None
         counts: dict[str, int] = {}
@@ -374,10 +381,11 @@ class WindowProfile:
         reference does not know lasts, then ``OTHER``. The reference's own categories are always admitted
         (they are bounded by the reference's own cap)."""
         if text not in self._known_categories(name):
-            if self._new_categories[name] >= MAX_CATEGORIES:
+            if self._new_categories[name] >= MAX_CATEGORIES or self._new_categories_total >= MAX_WINDOW_CATEGORIES:
                 text = OTHER
             else:
                 self._new_categories[name] += 1
+                self._new_categories_total += 1
         counts[text] = counts.get(text, 0) + 1
 
     def flush(self) -> None:
@@ -453,7 +461,7 @@ class WindowProfile:
         for name, state in other._numeric.items():
             mine = self._numeric.get(name)
             if mine is None:
-                if len(self._numeric) >= MAX_FEATURES:
+                if self._full():
                     self.ignored_values += state.moments.count
                     continue
                 mine = self._numeric[name] = self._new_numeric_state(name)
@@ -461,7 +469,7 @@ class WindowProfile:
             mine.merge(state)
         for name, counts in other._categories.items():
             if name not in self._categories:
-                if len(self._categories) >= MAX_FEATURES:
+                if self._full():
                     self.ignored_values += sum(counts.values())
                     continue
                 self._start_categorical(name)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf import timestamp_pb2
 
-from weir_control.monitoring.monitor import (
+from weir_control.monitoring.policy import (
     DEFAULT_COOLDOWN_SECONDS,
     DEFAULT_MAX_WINDOWS,
     DEFAULT_MIN_RECORDS,

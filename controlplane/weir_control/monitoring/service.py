@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from weir_control.features.paths import inside
 from weir_control.monitoring.monitor import DriftMonitor
 from weir_control.services import Auditor, _read
 from weir_control.store import Store
@@ -50,12 +51,19 @@ class MonitoringLinks:
             raise FailedPreconditionError(
                 f"serving_lineage: {version.model_name} version {version.version} has no training job in its lineage"
             )
-        path = self._runner.jobs_dir / job / "output" / REFERENCE_FILE
-        if not path.is_file():
+        output = self._runner.jobs_dir / job / "output"
+        path = output / REFERENCE_FILE
+        # the job wrote it: a link it left there must not make the control plane read elsewhere
+        if not (path.is_file() and inside(path, output)):
             raise FailedPreconditionError(
                 f"serving_lineage: job '{job}' left no {REFERENCE_FILE} in its output (the built-in trainer writes one)"
             )
         return f"training data of {version.model_name} version {version.version} (job {job})", path
+
+    def deployed_endpoints(self) -> set[str]:
+        """The endpoints the desired state serves: the only ones (with those that have a policy or a
+        reference) whose records the monitor takes."""
+        return {entry.endpoint for entry in self._store.desired_state().endpoints}
 
     def serving_accuracy(self, endpoint: str) -> float | None:
         try:
@@ -93,7 +101,7 @@ class MonitoringService(monitoring_pb2_grpc.MonitoringServicer):
         self, request: monitoring_pb2.SetReferenceRequest, context: grpc.aio.ServicerContext
     ) -> monitoring_pb2.ReferenceSummary:
         return await self._auditor.run(
-            context, "Monitoring/SetReference", f"endpoint/{request.endpoint}", lambda: None,
+            context, "Monitoring/SetReference", f"endpoint/{request.endpoint[:256]}", lambda: None,
             lambda: self._monitor.set_reference(request),
         )  # fmt: skip
 
@@ -101,7 +109,7 @@ class MonitoringService(monitoring_pb2_grpc.MonitoringServicer):
         self, request: monitoring_pb2.MonitoringPolicy, context: grpc.aio.ServicerContext
     ) -> monitoring_pb2.MonitoringPolicy:
         return await self._auditor.run(
-            context, "Monitoring/SetMonitoringPolicy", f"endpoint/{request.endpoint}",
+            context, "Monitoring/SetMonitoringPolicy", f"endpoint/{request.endpoint[:256]}",
             lambda: self._monitor.policy(request.endpoint) if request.endpoint else None,
             lambda: self._monitor.set_policy(request),
         )  # fmt: skip
@@ -119,7 +127,11 @@ class MonitoringService(monitoring_pb2_grpc.MonitoringServicer):
     async def RecordFeedback(
         self, request: monitoring_pb2.RecordFeedbackRequest, context: grpc.aio.ServicerContext
     ) -> monitoring_pb2.RecordFeedbackResponse:
-        return await _read(context, lambda: self._monitor.feedback(request))
+        # labels change the endpoint's concept-drift state (and may lead to a retraining): audited
+        return await self._auditor.run(
+            context, "Monitoring/RecordFeedback", f"endpoint/{request.endpoint[:256]}", lambda: None,
+            lambda: self._monitor.feedback(request),
+        )  # fmt: skip
 
 
 async def run_windows(monitor: DriftMonitor) -> None:
