@@ -456,7 +456,10 @@ class RolloutController:
         try:
             fresh = await asyncio.to_thread(self._store.get_rollout, rollout.endpoint)
             fresh.reason = f"step failed: {error.message if isinstance(error, WeirError) else type(error).__name__}"
-            self._schedule(fresh)
+            try:
+                self._schedule(fresh)
+            except (OverflowError, ValueError, OSError):  # a record from before intervals were checked
+                self._schedule(fresh, DEFAULT_INTERVAL_SECONDS)
             await asyncio.to_thread(self._store.save_rollout, fresh)
         except Exception:
             log.exception("could not record a failed rollout step", extra={"endpoint": rollout.endpoint})
@@ -565,10 +568,9 @@ class RolloutController:
             )
         return baseline, canary
 
-    def _schedule(self, rollout: Rollout) -> None:
-        rollout.next_analysis_at.FromDatetime(
-            datetime.datetime.fromtimestamp(self._clock() + rollout.interval_seconds, datetime.UTC)
-        )
+    def _schedule(self, rollout: Rollout, seconds: float | None = None) -> None:
+        seconds = rollout.interval_seconds if seconds is None else seconds
+        rollout.next_analysis_at.FromDatetime(datetime.datetime.fromtimestamp(self._clock() + seconds, datetime.UTC))
 
     def _existing(self, endpoint: str) -> Rollout | None:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -400,3 +401,311 @@ async def test_a_canary_rollout_can_be_paused_resumed_and_aborted(control) -> No
     with pytest.raises(grpc.aio.AioRpcError) as ended:
         await rollouts.ResumeRollout(rollouts_pb2.RolloutAction(endpoint="web"), metadata=DEPLOYER)
     assert ended.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def _attach(client: Client, metadata, replica_id: str = "r1"):  # type: ignore[no-untyped-def]
+    outgoing: asyncio.Queue[deployments_pb2.DataPlaneMessage] = asyncio.Queue()
+    outgoing.put_nowait(
+        deployments_pb2.DataPlaneMessage(hello=deployments_pb2.Hello(replica_id=replica_id, address="127.0.0.1:1"))
+    )
+
+    async def messages() -> AsyncIterator[deployments_pb2.DataPlaneMessage]:
+        while True:
+            yield await outgoing.get()
+
+    stream = client.sync.Attach(messages(), metadata=metadata)
+    return stream, stream.__aiter__(), outgoing
+
+
+async def _replica_status(client: Client, replica_id: str, until) -> deployments_pb2.ReplicaInfo:  # type: ignore[no-untyped-def]
+    for _ in range(100):
+        replicas = (
+            await client.deployments.ListReplicas(deployments_pb2.ListReplicasRequest(), metadata=VIEWER)
+        ).replicas
+        found = [replica for replica in replicas if replica.replica_id == replica_id]
+        if found and until(found[0]):
+            return found[0]
+        await asyncio.sleep(0.05)
+    pytest.fail(f"replica {replica_id} never reported as expected: {found}")
+
+
+async def test_only_a_replica_token_attaches_and_a_replica_token_reads_nothing(control) -> None:
+    _, client = control
+    for metadata in (VIEWER, DEPLOYER):
+        stream, states, _ = await _attach(client, metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await asyncio.wait_for(anext(states), 10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "needs replica or admin" in refused.value.details()
+    for call in (
+        client.deployments.ListReplicas(deployments_pb2.ListReplicasRequest(), metadata=REPLICA),
+        client.registry.GetRegisteredModel(registry_pb2.GetRegisteredModelRequest(name="m"), metadata=REPLICA),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    stream, states, _ = await _attach(client, REPLICA)
+    assert (await asyncio.wait_for(anext(states), 10)).HasField("desired_state")
+    replica = await _replica_status(client, "r1", lambda info: True)
+    assert replica.identity == "node"
+    stream.cancel()
+
+
+async def test_a_replica_claims_only_plausible_counters_for_what_it_was_sent(control) -> None:
+    _, client = control
+    await client.registry.CreateRegisteredModel(
+        registry_pb2.CreateRegisteredModelRequest(name="mlp"), metadata=DEPLOYER
+    )
+    await client.push()
+    await client.deployments.Deploy(
+        deployments_pb2.DeployRequest(endpoint="web", model_name="mlp", version=1), metadata=DEPLOYER
+    )
+    stream, states, outgoing = await _attach(client, REPLICA)
+    await asyncio.wait_for(anext(states), 10)
+
+    def stats(endpoint: str, variant: str, succeeded: int, failed: int = 0) -> deployments_pb2.VariantStats:
+        return deployments_pb2.VariantStats(
+            endpoint=endpoint, variant=variant, version=1, succeeded=succeeded, failed=failed,
+            latency_bounds_seconds=[0.01, 0.1], latency_counts=[succeeded + failed, 0],
+        )  # fmt: skip
+
+    def report(*lines: deployments_pb2.VariantStats, revision: int) -> None:
+        status = deployments_pb2.ReplicaStatus(applied_revision=revision, variants=lines)
+        outgoing.put_nowait(deployments_pb2.DataPlaneMessage(status=status))
+
+    def variants(info: deployments_pb2.ReplicaInfo) -> dict[tuple[str, str], int]:
+        return {(line.endpoint, line.variant): line.succeeded for line in info.status.variants}
+
+    # invented variants (never sent to it) are dropped; the real one is taken
+    report(stats("web", "primary", 10), stats("web", "canary", 5000), stats("other", "primary", 7), revision=1)
+    info = await _replica_status(client, "r1", lambda info: info.status.applied_revision == 1)
+    assert variants(info) == {("web", "primary"): 10}
+    # counters going back are refused (the last plausible ones stay)
+    report(stats("web", "primary", 3), revision=2)
+    info = await _replica_status(client, "r1", lambda info: info.status.applied_revision == 2)
+    assert variants(info) == {("web", "primary"): 10}
+    # a jump far beyond any plausible request rate is refused; a plausible one is taken
+    report(stats("web", "primary", 10**12), revision=3)
+    info = await _replica_status(client, "r1", lambda info: info.status.applied_revision == 3)
+    assert variants(info) == {("web", "primary"): 10}
+    report(stats("web", "primary", 500, 2), revision=4)
+    info = await _replica_status(client, "r1", lambda info: info.status.applied_revision == 4)
+    assert variants(info) == {("web", "primary"): 500}
+    stream.cancel()
+
+
+async def test_refused_calls_are_audited_and_a_flood_is_aggregated(control) -> None:
+    server, client = control
+    request = registry_pb2.CreateRegisteredModelRequest(name="m")
+    for _ in range(60):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await client.registry.CreateRegisteredModel(request, metadata=client_metadata("stolen?"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await client.registry.CreateRegisteredModel(request, metadata=VIEWER)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await client.deployments.ListReplicas(deployments_pb2.ListReplicasRequest())
+
+    async def refusals() -> list[audit_pb2.AuditEvent]:
+        listed = await client.audit.ListAuditEvents(
+            audit_pb2.ListAuditEventsRequest(outcome="refused"), metadata=VIEWER
+        )
+        return list(listed.events)
+
+    events = await refusals()  # written before each caller heard its refusal: the first of each kind
+    seen = {(event.actor, event.action, event.result, event.count) for event in events}
+    assert seen == {
+        ("unknown-token", "Registry/CreateRegisteredModel", "UNAUTHENTICATED", 1),
+        ("dashboard", "Registry/CreateRegisteredModel", "PERMISSION_DENIED", 1),
+        ("anonymous", "Deployments/ListReplicas", "UNAUTHENTICATED", 1),
+    }
+    assert all(event.outcome == "refused" and "stolen" not in event.detail for event in events)
+    assert any("needs role deployer or above" in event.detail for event in events)
+    assert server.refusals is not None
+    server.refusals.close()  # the minute ends: the 59 others become one event
+    await server.refusals.drain()
+    flood = [event for event in await refusals() if event.actor == "unknown-token"]
+    assert sorted(event.count for event in flood) == [1, 59]
+
+
+async def test_rollout_numbers_are_checked_before_anything_changes(control) -> None:
+    _, client = control
+    rollouts = rollouts_pb2_grpc.RolloutsStub(client.channel)
+    await client.registry.CreateRegisteredModel(
+        registry_pb2.CreateRegisteredModelRequest(name="mlp"), metadata=DEPLOYER
+    )
+    await client.push()
+    await client.push()
+    await client.deployments.Deploy(
+        deployments_pb2.DeployRequest(endpoint="web", model_name="mlp", version=1), metadata=DEPLOYER
+    )
+    bad = [
+        ("interval_seconds", {"interval_seconds": float("nan")}),
+        ("interval_seconds", {"interval_seconds": float("inf")}),
+        ("interval_seconds", {"interval_seconds": 1e300}),
+        ("interval_seconds", {"interval_seconds": -1.0}),
+        ("min_requests", {"thresholds": rollouts_pb2.AnalysisThresholds(min_requests=-1)}),
+        (
+            "max_error_rate_increase",
+            {"thresholds": rollouts_pb2.AnalysisThresholds(max_error_rate_increase=float("nan"))},
+        ),
+        ("max_p99_ratio", {"thresholds": rollouts_pb2.AnalysisThresholds(max_p99_ratio=float("-inf"))}),
+        ("failure_limit", {"thresholds": rollouts_pb2.AnalysisThresholds(failure_limit=-3)}),
+    ]
+    for field, values in bad:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await rollouts.StartRollout(
+                rollouts_pb2.StartRolloutRequest(endpoint="web", model_name="mlp", version=2, **values),
+                metadata=DEPLOYER,
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert field in refused.value.details()
+    for keep in (float("nan"), float("inf"), -5.0):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await rollouts.StartBlueGreen(
+                rollouts_pb2.StartBlueGreenRequest(
+                    endpoint="web", model_name="mlp", version=2, keep_previous_seconds=keep
+                ),
+                metadata=DEPLOYER,
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    deployment = await client.deployments.GetDeployment(
+        deployments_pb2.GetDeploymentRequest(endpoint="web"), metadata=VIEWER
+    )
+    assert [(v.name, v.weight) for v in deployment.variants] == [("primary", 100)]  # untouched
+    with pytest.raises(grpc.aio.AioRpcError) as none:
+        await rollouts.GetRollout(rollouts_pb2.GetRolloutRequest(endpoint="web"), metadata=VIEWER)
+    assert none.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_one_rollouts_failing_step_does_not_stop_the_others(control) -> None:
+    server, client = control
+    rollouts = rollouts_pb2_grpc.RolloutsStub(client.channel)
+    await client.registry.CreateRegisteredModel(
+        registry_pb2.CreateRegisteredModelRequest(name="mlp"), metadata=DEPLOYER
+    )
+    await client.push()
+    await client.push()
+    for endpoint in ("a-broken", "b-fine"):
+        await client.deployments.Deploy(
+            deployments_pb2.DeployRequest(endpoint=endpoint, model_name="mlp", version=1), metadata=DEPLOYER
+        )
+        await rollouts.StartRollout(
+            rollouts_pb2.StartRolloutRequest(endpoint=endpoint, model_name="mlp", version=2, interval_seconds=0.05),
+            metadata=DEPLOYER,
+        )
+    # a-broken's record as an older control plane could leave it (an interval no date can hold): each
+    # of its steps fails
+    async with server.rollouts._lock:  # between two controller steps
+        record = await asyncio.to_thread(server.store.get_rollout, "a-broken")
+        record.interval_seconds = 1e300
+        await asyncio.to_thread(server.store.save_rollout, record)
+    for _ in range(200):
+        broken = await rollouts.GetRollout(rollouts_pb2.GetRolloutRequest(endpoint="a-broken"), metadata=VIEWER)
+        fine = await rollouts.GetRollout(rollouts_pb2.GetRolloutRequest(endpoint="b-fine"), metadata=VIEWER)
+        if "step failed" in broken.reason and len(fine.analyses) >= 3:
+            break
+        await asyncio.sleep(0.05)
+    assert "step failed: OverflowError" in broken.reason
+    assert len(fine.analyses) >= 3  # b-fine kept being analysed (INCONCLUSIVE: no traffic) meanwhile
+
+
+async def test_names_are_checked_and_searches_bounded_at_the_edge(control) -> None:
+    _, client = control
+    await client.registry.CreateRegisteredModel(
+        registry_pb2.CreateRegisteredModelRequest(name="mlp"), metadata=DEPLOYER
+    )
+    await client.push()
+    for name in (".", "..", ".hidden", "a..b", "x" * 129, "a/b", "a b", "é"):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.deployments.Deploy(
+                deployments_pb2.DeployRequest(endpoint=name, model_name="mlp", version=1), metadata=DEPLOYER
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert "endpoint: expected 1-128" in refused.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.registry.CreateRegisteredModel(
+                registry_pb2.CreateRegisteredModelRequest(name=name), metadata=DEPLOYER
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert len(refused.value.details()) < 400  # a long name is not echoed whole
+    await client.deployments.Deploy(
+        deployments_pb2.DeployRequest(endpoint="x" * 128, model_name="mlp", version=1), metadata=DEPLOYER
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await client.registry.SearchRegisteredModels(
+            registry_pb2.SearchRegisteredModelsRequest(name_contains="m" * 100_000), metadata=VIEWER
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "name_contains: expected at most 256 characters, got 100000" in refused.value.details()
+
+
+async def test_an_alias_that_endpoints_follow_cannot_be_deleted(control) -> None:
+    _, client = control
+    await client.registry.CreateRegisteredModel(
+        registry_pb2.CreateRegisteredModelRequest(name="mlp"), metadata=DEPLOYER
+    )
+    first = await client.push()
+    await client.registry.SetAlias(
+        registry_pb2.SetAliasRequest(model_name="mlp", alias="champion", version=first.version), metadata=DEPLOYER
+    )
+    for endpoint in ("web", "api"):
+        await client.deployments.Deploy(
+            deployments_pb2.DeployRequest(endpoint=endpoint, model_name="mlp", alias="champion"), metadata=DEPLOYER
+        )
+    for metadata in (DEPLOYER, ADMIN):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.registry.DeleteAlias(
+                registry_pb2.DeleteAliasRequest(model_name="mlp", alias="champion"), metadata=metadata
+            )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "followed by endpoint(s) 'api', 'web'" in refused.value.details()
+    assert (
+        await client.registry.GetModelVersionByAlias(
+            registry_pb2.GetModelVersionByAliasRequest(model_name="mlp", alias="champion"), metadata=VIEWER
+        )
+    ).version == first.version
+    for endpoint in ("web", "api"):  # pinned to the version: the alias is free to go
+        await client.deployments.Deploy(
+            deployments_pb2.DeployRequest(endpoint=endpoint, model_name="mlp", version=first.version), metadata=DEPLOYER
+        )
+    await client.registry.DeleteAlias(
+        registry_pb2.DeleteAliasRequest(model_name="mlp", alias="champion"), metadata=DEPLOYER
+    )
+
+
+async def test_outcomes_are_finite_and_audited(control) -> None:
+    from weir_proto.control.v1 import experiments_pb2, experiments_pb2_grpc
+
+    _, client = control
+    experiments = experiments_pb2_grpc.ExperimentsStub(client.channel)
+    await client.registry.CreateRegisteredModel(
+        registry_pb2.CreateRegisteredModelRequest(name="mlp"), metadata=DEPLOYER
+    )
+    await client.push()
+    await client.push()
+    await experiments.StartABTest(
+        experiments_pb2.StartABTestRequest(
+            endpoint="web", metric="revenue", kind=experiments_pb2.StartABTestRequest.MEAN, key_parameter="user",
+            arms=[experiments_pb2.ABArm(variant="a", model_name="mlp", version=1, weight=1),
+                  experiments_pb2.ABArm(variant="b", model_name="mlp", version=2, weight=1)],
+        ),
+        metadata=DEPLOYER,
+    )  # fmt: skip
+    for value in (float("nan"), float("inf"), float("-inf"), 1e300):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await experiments.RecordOutcome(
+                experiments_pb2.RecordOutcomeRequest(endpoint="web", routing_key="u1", value=value), metadata=DEPLOYER
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "value: expected a finite number" in refused.value.details()
+    await experiments.RecordOutcome(
+        experiments_pb2.RecordOutcomeRequest(endpoint="web", routing_key="u1", value=3.5), metadata=DEPLOYER
+    )
+    test = await experiments.GetABTest(experiments_pb2.GetABTestRequest(endpoint="web"), metadata=VIEWER)
+    assert sum(arm.count for arm in test.results) == 1 and all(math.isfinite(arm.mean) for arm in test.results)
+    events = (
+        await client.audit.ListAuditEvents(
+            audit_pb2.ListAuditEventsRequest(action="Experiments/RecordOutcome"), metadata=VIEWER
+        )
+    ).events
+    assert [(event.outcome, event.result) for event in events] == [("ok", "OK"), ("refused", "INVALID_ARGUMENT")]

@@ -72,7 +72,7 @@ def test_errors_name_what_is_missing_or_wrong(store: Store) -> None:
         store.create_model("mlp", "", {})
     with pytest.raises(NotFoundError, match="has no version 9"):
         store.get_version("mlp", 9)
-    with pytest.raises(InvalidArgumentError, match="name: expected 1-256 characters"):
+    with pytest.raises(InvalidArgumentError, match="name: expected 1-128 ASCII letters"):
         store.create_model("a/b", "", {})
     with pytest.raises(InvalidArgumentError, match="page_token"):
         store.search_models("", {}, 10, "not-a-token")
@@ -324,3 +324,20 @@ def test_traffic_splits_flags_and_routing_reach_the_desired_state(store: Store) 
         InvalidArgumentError, match=r"at least one serving \(non-shadow\) variant with a weight above 0"
     ):
         store.deploy("web", [deployments_pb2.Variant(name="s", model_name="mlp", version=first, weight=0)], "a")
+
+
+def test_schema_step_9_keeps_refusal_outcomes_and_counts(store: Store) -> None:
+    from weir_proto.control.v1 import audit_pb2
+
+    store.append_audit(audit_pb2.AuditEvent(actor="a", action="Deployments/Deploy", result="OK"))
+    store.append_audit(audit_pb2.AuditEvent(actor="b", action="Deployments/Deploy", result="NOT_FOUND"))
+    store.append_audit(
+        audit_pb2.AuditEvent(actor="c", action="Registry/SetAlias", result="UNAUTHENTICATED", outcome="refused", count=7)
+    )
+    store.append_audit(audit_pb2.AuditEvent(actor="d", action="Registry/SetAlias", result="INTERNAL"))
+    events, _ = store.list_audit(audit_pb2.ListAuditEventsRequest())
+    assert [(e.actor, e.outcome, e.count) for e in events] == [
+        ("d", "failed", 1), ("c", "refused", 7), ("b", "refused", 1), ("a", "ok", 1)
+    ]  # fmt: skip
+    refused, _ = store.list_audit(audit_pb2.ListAuditEventsRequest(outcome="refused"))
+    assert [e.actor for e in refused] == ["c", "b"]

@@ -635,7 +635,11 @@ class Store:
 
     def active_rollouts(self) -> list[rollouts_pb2.Rollout]:
         with self._transaction() as connection:
-            rows = connection.execute(select(ROLLOUTS.c.rollout).where(ROLLOUTS.c.state.in_(["RUNNING", "PAUSED"])))
+            rows = connection.execute(
+                select(ROLLOUTS.c.rollout)
+                .where(ROLLOUTS.c.state.in_(["RUNNING", "PAUSED"]))
+                .order_by(ROLLOUTS.c.endpoint)
+            )
             return [rollouts_pb2.Rollout.FromString(row.rollout) for row in rows]
 
     # --- training jobs ---------------------------------------------------------------------------
