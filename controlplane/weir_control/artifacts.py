@@ -4,9 +4,11 @@
     <root>/incoming/             uploads in progress (a crash leaves them here; `gc` clears them)
 
 A write goes to a temporary file in ``incoming/`` while its sha256 is computed, is fsynced, checked
-against the expected digest and size, then renamed into place (atomic on one file system) and the
-directory fsynced: a blob path either does not exist or holds complete, verified bytes. Reads hash
-what they stream and fail at the end if the bytes no longer match their name (disk corruption).
+against the expected digest and size and, for a model file, against ``weir_proto.artifact_safety``
+(no pickled payload, a TorchScript/torch.export archive matching its name), then renamed into place
+(atomic on one file system) and the directory fsynced: a blob path either does not exist or holds
+complete, verified bytes. Reads hash what they stream and fail at the end if the bytes no longer
+match their name (disk corruption).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from weir_proto.artifact_safety import check_expected_kind, inspect_artifact
 from weir_proto.errors import InternalError, InvalidArgumentError, NotFoundError
 
 CHUNK_BYTES = 1 << 20  # streamed in 1 MiB pieces: large models never sit in memory whole
@@ -33,6 +36,14 @@ def check_sha256(field: str, value: str) -> str:
     return value
 
 
+def check_model_artifact(path: Path, artifact_filename: str) -> None:
+    """Refuse a model file the data planes must never load: any pickled payload, anything but a
+    TorchScript/torch.export archive, or an archive whose kind its name contradicts. Reads the zip
+    only: nothing is unpickled and torch is not imported in the control plane."""
+    where = f"artifact {artifact_filename!r}"
+    check_expected_kind(inspect_artifact(path, where), artifact_filename, where)
+
+
 @dataclass(frozen=True)
 class StoredBlob:
     sha256: str
@@ -40,12 +51,16 @@ class StoredBlob:
 
 
 class BlobWriter:
-    """Receives an upload's bytes; ``commit`` verifies and publishes them, ``discard`` drops them."""
+    """Receives an upload's bytes; ``commit`` verifies and publishes them, ``discard`` drops them.
+    With ``artifact_filename``, the bytes are a model file and must pass ``check_model_artifact``."""
 
-    def __init__(self, store: ArtifactStore, expected_sha256: str, expected_size: int) -> None:
+    def __init__(
+        self, store: ArtifactStore, expected_sha256: str, expected_size: int, artifact_filename: str = ""
+    ) -> None:
         self._store = store
         self._expected_sha256 = expected_sha256
         self._expected_size = expected_size
+        self._artifact_filename = artifact_filename
         descriptor, name = tempfile.mkstemp(dir=store.incoming, prefix="upload-")
         self._path = Path(name)
         self._file = os.fdopen(descriptor, "wb")
@@ -76,6 +91,12 @@ class BlobWriter:
             raise InvalidArgumentError(
                 f"artifact_sha256: expected the bytes to hash to {self._expected_sha256}, they hash to {digest}"
             )
+        if self._artifact_filename:
+            try:
+                check_model_artifact(self._path, self._artifact_filename)
+            except BaseException:
+                self.discard()  # a refused artifact never enters the store
+                raise
         target = self._store.path_of(digest)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._path, target)  # same content, same name: replacing an existing blob is harmless
@@ -100,8 +121,10 @@ class ArtifactStore:
     def path_of(self, sha256: str) -> Path:
         return self.blobs / sha256[:2] / sha256
 
-    def writer(self, expected_sha256: str, expected_size: int) -> BlobWriter:
-        return BlobWriter(self, check_sha256("artifact_sha256", expected_sha256), expected_size)
+    def writer(self, expected_sha256: str, expected_size: int, artifact_filename: str = "") -> BlobWriter:
+        """A writer for one upload; with ``artifact_filename`` (model.pt, model.pt2) the bytes must be
+        a safe model file of that kind (``check_model_artifact``) before they are stored."""
+        return BlobWriter(self, check_sha256("artifact_sha256", expected_sha256), expected_size, artifact_filename)
 
     def put(self, chunks: Iterable[bytes], sha256: str, size: int = 0) -> StoredBlob:
         writer = self.writer(sha256, size)
