@@ -232,7 +232,7 @@ class DriftMonitor:
         return self._monitor(endpoint)
 
     def _ingest_failed(self, endpoint: str) -> None:
-        key = endpoint[:MAX_NAME_CHARS]
+        key = endpoint if endpoint in self._endpoints else "__unmonitored__"  # bounded label values
         self.ingest_errors[key] += 1
         now = time.monotonic()
         if now - self._error_logged_at.get(key, -math.inf) >= ERROR_LOG_SECONDS:
@@ -612,6 +612,12 @@ class DriftMonitor:
         report.actions.extend(self._store.drift_actions(endpoint))
         return report
 
+    def dropped(self) -> tuple[dict[tuple[str, str], int], dict[str, int], dict[str, int]]:
+        """Copies of what the bounds dropped: values per (endpoint, reason), records per reason, and
+        ingest errors per endpoint."""
+        with self._lock:
+            return dict(self.values_dropped), dict(self.records_dropped), dict(self.ingest_errors)
+
     def latest(self) -> Iterable[tuple[str, monitoring_pb2.DriftWindow | None, int]]:
         with self._lock:
             return [
@@ -694,7 +700,28 @@ class DriftCollector(Collector):
             if window.concept.labelled:
                 accuracy.add_metric([endpoint], window.concept.accuracy)
                 severity.add_metric([endpoint, "__concept__"], _level(window.concept.severity))
-        yield from (score, severity, accuracy, received)
+        values, records, errors = self._monitor.dropped()
+        values_dropped = CounterMetricFamily(
+            "weir_monitoring_values_dropped",
+            "Record values not taken to keep the monitor bounded (reason: features, beyond the features bound "
+            "or with too long a name).", labels=["endpoint", "reason"],
+        )  # fmt: skip
+        for (endpoint, reason), count in sorted(values.items()):
+            values_dropped.add_metric([endpoint, reason], count)
+        records_refused = CounterMetricFamily(
+            "weir_monitoring_records_refused",
+            "Inference records not taken (reason: unknown_endpoint, not deployed and without a policy; "
+            "endpoints_bound, the monitored endpoints' bound reached).", labels=["reason"],
+        )  # fmt: skip
+        for reason, count in sorted(records.items()):
+            records_refused.add_metric([reason], count)
+        ingest_errors = CounterMetricFamily(
+            "weir_monitoring_ingest_errors", "Inference records dropped by an error while taking them.",
+            labels=["endpoint"],
+        )  # fmt: skip
+        for endpoint, count in sorted(errors.items()):
+            ingest_errors.add_metric([endpoint], count)
+        yield from (score, severity, accuracy, received, values_dropped, records_refused, ingest_errors)
 
 
 def _level(severity: int) -> float:
