@@ -44,6 +44,7 @@ DEFAULT_TOKEN_FILE = Path(".weir") / "admin.token"
 UPLOAD_CHUNK = 1 << 20
 CLIENT_COMMANDS = (
     "models", "deploy", "undeploy", "deployments", "audit", "traffic", "flags", "shadow", "rollout", "ab",
+    "token",  # local: makes a token and its token-file entry (no control plane is called)
 )  # fmt: skip
 
 
@@ -203,7 +204,18 @@ def add_commands(subcommands: Any) -> None:
     audit.add_argument("--actor", default="")
     audit.add_argument("--action", default="")
     audit.add_argument("--target-prefix", default="")
+    audit.add_argument("--outcome", default="", choices=("", "ok", "refused", "failed"))
     audit.add_argument("--limit", type=int, default=50)
+    token = subcommands.add_parser(
+        "token",
+        help="make a bearer token: prints it (stdout) and the [[token]] entry with its sha256 for --tokens (stderr)",
+    )
+    token.add_argument("--name", required=True, help="who, in the audit log (e.g. replica-eu-1)")
+    token.add_argument(
+        "--role", required=True, choices=("viewer", "deployer", "approver", "admin", "replica"),
+        help="replica: a data plane's token for `weir serve --control-plane` (attach and download only)",
+    )  # fmt: skip
+    token.add_argument("--append", type=Path, help="append the entry to this token file instead of printing it")
     for parser in (
         models, push, listing, show, download, alias, deploy, traffic, flag_set, flag_list, undeploy, audit,
         shadow_start, shadow_stop, shadow_status, *rollout_parsers, ab_start, ab_outcome, ab_status, ab_stop,
@@ -233,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_control(args)
     if args.command == "control-gc":
         return _run_gc(args)
+    if args.command == "token":
+        return _make_token(args)
     try:
         with _Client(args) as client:
             return client.dispatch()
@@ -805,16 +819,42 @@ class _Client:
         args = self.args
         response = self._audit.ListAuditEvents(
             audit_pb2.ListAuditEventsRequest(
-                actor=args.actor, action=args.action, target_prefix=args.target_prefix, page_size=args.limit
+                actor=args.actor,
+                action=args.action,
+                target_prefix=args.target_prefix,
+                page_size=args.limit,
+                outcome=args.outcome,
             ),
             metadata=self._metadata,
         )
         lines = [
             f"{event.at.ToDatetime().isoformat()}Z\t{event.actor}\t{event.action}\t{event.target}\t{event.result}"
+            + (f"\tx{event.count}" if event.count > 1 else "")
             for event in response.events
         ]
         self._print(list(response.events), "\n".join(lines) or "no events")
         return 0
+
+
+def _make_token(args: argparse.Namespace) -> int:
+    import secrets
+
+    from weir_proto.auth import Role, token_digest
+
+    Role.parse(args.role, "--role")
+    if not args.name or any(c in args.name for c in '"\\\n'):
+        print(f"weir token: --name: expected a name without quotes, backslashes or newlines, got {args.name!r}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    value = secrets.token_urlsafe(32)
+    entry = f'[[token]]\nname = "{args.name}"\nrole = "{args.role}"\nsha256 = "{token_digest(value)}"\n'
+    if args.append is not None:
+        with args.append.open("a", encoding="utf-8") as handle:
+            handle.write("\n" + entry)
+    else:
+        print(entry, file=sys.stderr)
+    print(value)
+    return 0
 
 
 def _upload_messages(

@@ -270,6 +270,11 @@ class RolloutController:
                 canary.version = request.version
             if baseline.name == CANARY:
                 raise FailedPreconditionError(f"endpoint '{request.endpoint}': its baseline is named '{CANARY}'")
+            if deployment.flags.get(PROTECTED) == "true" and steps[0] >= 100:
+                raise PermissionDeniedError(
+                    f"endpoint '{request.endpoint}' is protected: a canary's first step must be below 100% (only "
+                    f"the step to 100% waits for an approver), got steps {steps}"
+                )
             rollout = Rollout(
                 endpoint=request.endpoint,
                 state=Rollout.RUNNING,

@@ -35,7 +35,12 @@ from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc, registr
 
 pytestmark = pytest.mark.timeout(600)
 
-TOKENS = "root:admin:t-admin,ci:deployer:t-deployer,replica:viewer:t-replica"
+# t-replica is a viewer's token (the name is historic); data planes attach with t-data-plane, a replica.
+TOKENS = (
+    "root:admin:t-admin,ci:deployer:t-deployer,replica:viewer:t-replica,data-plane:replica:t-data-plane,"
+    "release:approver:t-approver"
+)
+REPLICA_TOKEN = "t-data-plane"
 CONFIG = """
 max_batch_size: 8
 input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 3 ] } ]
@@ -159,7 +164,7 @@ def start_replicas(control: ControlProcess, tmp_path: Path, heartbeat: str = "0.
         start_weir(
             tmp_path / f"replica-{index}", "--model-control-mode", "explicit", "--control-plane", control.address,
             "--replica-id", f"replica-{index}", "--heartbeat-seconds", heartbeat,
-            env={"WEIR_TOKENS": TOKENS, "WEIR_CONTROL_PLANE_TOKEN": "t-replica"},
+            env={"WEIR_TOKENS": TOKENS, "WEIR_CONTROL_PLANE_TOKEN": REPLICA_TOKEN},
         )
         for index in range(2)
     ]  # fmt: skip
@@ -280,7 +285,7 @@ def test_two_data_planes_follow_deploys_survive_the_control_plane_and_refuse_bad
     # no token ever reaches a log
     for lines in (control.lines, *(running.log_lines for running in data_planes)):
         text = "\n".join(lines)
-        assert not any(token in text for token in ("t-admin", "t-deployer", "t-replica"))
+        assert not any(token in text for token in ("t-admin", "t-deployer", "t-replica", REPLICA_TOKEN))
 
 
 def test_a_control_plane_killed_during_an_upload_leaves_no_ready_version(store_url: str, tmp_path: Path) -> None:
