@@ -271,7 +271,8 @@ def _check_sample_inputs(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where:
             for member in inner.infolist():
                 if member.filename.endswith(".pkl"):
                     pickle_bytes = _read_bounded(inner, member, MAX_PICKLE_BYTES, f"{where}: {name}")
-                    _check_tensor_pickle(pickle_bytes, f"{where}: sample inputs {name!r} member {member.filename!r}")
+                    what = f"sample inputs ({member.filename!r} in {name!r})"
+                    _check_tensor_pickle(pickle_bytes, f"{where}: refusing a torch.export archive whose {what}")
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as error:
         raise NotAnArchiveError(f"{where}: sample inputs {name!r}: a broken zip ({error})") from error
 
@@ -285,14 +286,14 @@ def _check_tensor_pickle(data: bytes, where: str) -> None:
         for opcode, argument, _ in _opcodes(data):
             op = opcode.name
             if op in _OPAQUE_GLOBAL_OPCODES:
-                raise UnsafeArtifactError(f"{where}: refusing a pickle that uses {op} (reaches code indirectly)")
+                raise UnsafeArtifactError(f"{where} use the pickle opcode {op}, which reaches code indirectly")
             if op == "GLOBAL":
                 module, _, attribute = str(argument).partition(" ")
                 _check_global(module, attribute, where)
                 recent.append(None)
             elif op == "STACK_GLOBAL":
                 if len(recent) < 2 or not isinstance(recent[-2], str) or not isinstance(recent[-1], str):
-                    raise UnsafeArtifactError(f"{where}: refusing a pickle whose STACK_GLOBAL names a computed global")
+                    raise UnsafeArtifactError(f"{where} name a computed global (STACK_GLOBAL)")
                 _check_global(recent[-2], recent[-1], where)  # type: ignore[arg-type]
                 recent.append(None)
             elif op in _STRING_OPCODES:
@@ -307,7 +308,7 @@ def _check_tensor_pickle(data: bytes, where: str) -> None:
     except UnsafeArtifactError:
         raise
     except Exception as error:  # pickletools' own complaint about malformed opcodes
-        raise UnsafeArtifactError(f"{where}: refusing a malformed pickle ({type(error).__name__}: {error})") from error
+        raise UnsafeArtifactError(f"{where} are a malformed pickle ({type(error).__name__}: {error})") from error
 
 
 def _opcodes(data: bytes) -> Iterator[tuple[Any, Any, int | None]]:
@@ -317,8 +318,8 @@ def _opcodes(data: bytes) -> Iterator[tuple[Any, Any, int | None]]:
 def _check_global(module: str, attribute: str, where: str) -> None:
     if (module, attribute) not in TENSOR_PICKLE_GLOBALS:
         raise UnsafeArtifactError(
-            f"{where}: refusing a pickle that names {f'{module}.{attribute}'[:200]!r}: only tensors, storages and "
-            "dtypes may appear in sample inputs"
+            f"{where} name {f'{module}.{attribute}'[:200]!r} (only tensors, storages and dtypes may appear; unpickled "
+            "with weights_only=False on load, it could run arbitrary code)"
         )
 
 

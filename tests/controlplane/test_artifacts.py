@@ -4,14 +4,18 @@ read, and garbage-collected when no version references them."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from tests.server.test_torch_backend import CreatesMarker, Scale, exported_members, hostile_export, zip_members
 from weir_control.artifacts import ArtifactStore
+from weir_proto.artifact_safety import ArtifactKind, UnsafeArtifactError, inspect_artifact
 from weir_proto.errors import InternalError, InvalidArgumentError, NotFoundError
 
 DATA = os.urandom(3 << 20)
@@ -76,3 +80,78 @@ def test_garbage_collection_keeps_referenced_and_recent_blobs(tmp_path: Path) ->
 
     assert deleted == sorted([f"blobs/{orphan.sha256[:2]}/{orphan.sha256}", "incoming/upload-abandoned"])
     assert store.exists(kept.sha256) and store.exists(recent.sha256) and not store.exists(orphan.sha256)
+
+
+# --- model files are checked before they are stored (issue 14, finding 10) --------------------------
+
+
+def _upload(store: ArtifactStore, data: bytes, artifact_filename: str) -> None:
+    writer = store.writer(hashlib.sha256(data).hexdigest(), len(data), artifact_filename)
+    writer.write(data)
+    writer.commit()
+
+
+def _nothing_stored(root: Path) -> bool:
+    return list((root / "incoming").iterdir()) == [] and list((root / "blobs").glob("*/*")) == []
+
+
+def test_a_hostile_export_archive_is_refused_and_never_stored(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    marker = tmp_path / "marker"
+    for how in ("weight", "sample_inputs", "constant", "legacy"):
+        data = hostile_export(tmp_path / f"{how}.pt2", marker, how).read_bytes()
+        with pytest.raises(UnsafeArtifactError) as caught:
+            _upload(store, data, "model.pt2")
+        assert caught.value.message.startswith("artifact 'model.pt2': refusing"), caught.value.message
+        assert _nothing_stored(tmp_path / "store")
+    assert not marker.exists()
+
+
+def test_random_bytes_are_not_an_archive_and_a_pickled_module_is_refused(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    with pytest.raises(InvalidArgumentError) as random_bytes:
+        _upload(store, DATA, "model.pt")
+    assert "not a TorchScript/torch.export archive" in random_bytes.value.message
+    module = io.BytesIO()
+    torch.save(Scale(), module)
+    with pytest.raises(UnsafeArtifactError) as pickled:
+        _upload(store, module.getvalue(), "model.pt")
+    assert "refusing to load a pickled Python object" in pickled.value.message
+    assert _nothing_stored(tmp_path / "store")
+
+
+def test_an_archive_must_be_the_kind_its_name_says_and_a_good_one_is_stored(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    scripted = io.BytesIO()
+    torch.jit.save(torch.jit.script(Scale()), scripted)
+    with pytest.raises(InvalidArgumentError) as mismatch:
+        _upload(store, scripted.getvalue(), "model.pt2")
+    assert "artifact_filename 'model.pt2' expects a export archive" in mismatch.value.message
+    _upload(store, scripted.getvalue(), "model.pt")
+    exported = tmp_path / "model.pt2"
+    exported.write_bytes(zip_members(exported_members()))
+    _upload(store, exported.read_bytes(), "model.pt2")
+    assert store.exists(hashlib.sha256(scripted.getvalue()).hexdigest())
+    assert store.exists(hashlib.sha256(exported.read_bytes()).hexdigest())
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_sample_inputs_may_hold_tensors_only_whatever_the_pickle_protocol(tmp_path: Path, protocol: int) -> None:
+    members = exported_members()
+    sample = next(name for name in members if "/data/sample_inputs/" in name)
+    tensors = io.BytesIO()
+    torch.save(((torch.ones(2, 3),), {}), tensors, pickle_protocol=protocol)
+    members[sample] = tensors.getvalue()
+    assert inspect_artifact(_write(tmp_path / "tensors.pt2", members)) == ArtifactKind.EXPORT
+    hostile = io.BytesIO()
+    torch.save(((CreatesMarker(tmp_path / "marker"),), {}), hostile, pickle_protocol=protocol)
+    members[sample] = hostile.getvalue()
+    with pytest.raises(UnsafeArtifactError) as caught:
+        inspect_artifact(_write(tmp_path / "hostile.pt2", members))
+    assert "sample inputs" in caught.value.message and "only tensors, storages and dtypes" in caught.value.message
+    assert not (tmp_path / "marker").exists()
+
+
+def _write(path: Path, members: dict[str, bytes]) -> Path:
+    path.write_bytes(zip_members(members))
+    return path

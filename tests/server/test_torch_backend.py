@@ -106,7 +106,7 @@ def test_random_bytes_are_not_an_archive_rather_than_a_pickle(tmp_path: Path) ->
     """Finding 9: random bytes were reported as "refusing to load a pickled Python object"."""
     (tmp_path / "garbage.pt").write_bytes(b"not a model")
     (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
-    (tmp_path / "plain.zip.pt").write_bytes(_zip({"a/readme.txt": b"hello"}))
+    (tmp_path / "plain.zip.pt").write_bytes(zip_members({"a/readme.txt": b"hello"}))
     for name in ("garbage.pt", "random.pt", "plain.zip.pt"):
         with pytest.raises(ModelLoadError) as caught:
             TorchBackend(tmp_path / name, signature(SCALE_CONFIG))
@@ -144,7 +144,7 @@ output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 3 ] } ]
 """
 
 
-def _zip(members: dict[str, bytes]) -> bytes:
+def zip_members(members: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for name, data in members.items():
@@ -194,13 +194,13 @@ def hostile_export(path: Path, marker: Path, how: str = "weight") -> Path:
         members[f"{root}/data/weights/model.pt"] = payload
     else:
         raise ValueError(how)
-    path.write_bytes(_zip(members))
+    path.write_bytes(zip_members(members))
     return path
 
 
 def test_a_genuine_export_archive_loads_and_serves(tmp_path: Path) -> None:
     path = tmp_path / "model.pt2"
-    path.write_bytes(_zip(exported_members()))
+    path.write_bytes(zip_members(exported_members()))
     backend = TorchBackend(path, signature(SCALE_CONFIG))
     out = backend.infer({"INPUT__0": np.ones((2, 3), np.float32)}, ["OUTPUT__0"])["OUTPUT__0"]
     np.testing.assert_allclose(out, np.full((2, 3), 3.0))
@@ -233,7 +233,7 @@ def test_torchscript_with_an_extra_pickle_member_is_refused(tmp_path: Path) -> N
         members = {name: archive.read(name) for name in archive.namelist()}
     root = next(iter(members)).split("/")[0]
     members[f"{root}/extra.pkl"] = pickle.dumps(CreatesMarker(tmp_path / "marker"))
-    (tmp_path / "model.pt").write_bytes(_zip(members))
+    (tmp_path / "model.pt").write_bytes(zip_members(members))
     with pytest.raises(ModelLoadError) as caught:
         TorchBackend(tmp_path / "model.pt", signature(SCALE_CONFIG))
     assert "extra pickle member" in caught.value.message
