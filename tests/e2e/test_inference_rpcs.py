@@ -459,6 +459,28 @@ def test_repository_index_shows_ready_models(client: grpcclient.InferenceServerC
         assert states[(name, "1")] == "READY", states
 
 
+def test_repository_rpcs_refuse_a_repository_name_this_server_does_not_have(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub, client: grpcclient.InferenceServerClient
+) -> None:
+    calls = [
+        (stub.RepositoryIndex, service_pb2.RepositoryIndexRequest(repository_name="elsewhere")),
+        (stub.RepositoryModelUnload, service_pb2.RepositoryModelUnloadRequest(repository_name="elsewhere",
+                                                                              model_name="text_stats")),
+        (stub.RepositoryModelLoad, service_pb2.RepositoryModelLoadRequest(repository_name="elsewhere",
+                                                                          model_name="text_stats")),
+    ]  # fmt: skip
+    for method, request in calls:
+        with pytest.raises(grpc.RpcError) as caught:
+            method(request, timeout=RPC_TIMEOUT)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "repository_name: expected '' (this server has one unnamed repository), got 'elsewhere'" in (
+            caught.value.details() or ""
+        )
+    assert client.is_model_ready("text_stats", client_timeout=RPC_TIMEOUT)
+    index = stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(repository_name=""), timeout=RPC_TIMEOUT)
+    assert "text_stats" in {model.name for model in index.models}
+
+
 def test_unload_and_load_in_explicit_mode(client: grpcclient.InferenceServerClient) -> None:
     client.unload_model("text_stats", client_timeout=RPC_TIMEOUT)
     try:
