@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.weir-installed
 DEMO_REPOSITORY := build/demo-repository
 
-.PHONY: setup demo test lint format typecheck protos check-protos bench compare perf-analyzer-setup clean
+.PHONY: setup demo test lint format typecheck protos check-protos bench compare perf-analyzer-setup fuzz clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,15 @@ compare: setup
 perf-analyzer-setup: setup
 	command -v apt-get >/dev/null && (dpkg -s libb64-0d >/dev/null 2>&1 || apt-get install -y -q libb64-0d)
 	$(PY) -m pip install --quiet nvidia-cuda-runtime-cu12
+
+# Coverage-guided fuzzing of the codec's decode path (atheris) for FUZZ_SECONDS (default 60): seeds in
+# fuzz/corpus/ (committed), inputs it discovers in build/fuzz-corpus/, failures in fuzz/crashes/ (ignored).
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install --quiet -e '.[fuzz]'
+	mkdir -p build/fuzz-corpus fuzz/crashes
+	$(PY) fuzz/fuzz_codec.py build/fuzz-corpus fuzz/corpus -max_total_time=$(FUZZ_SECONDS) \
+		-artifact_prefix=fuzz/crashes/ -rss_limit_mb=4096 -print_final_stats=1
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
