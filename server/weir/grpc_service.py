@@ -34,7 +34,7 @@ from weir.grpc_status import status_code_for
 from weir.logs import RateLimitedLog, request_id_var
 from weir.metrics import TransportMetrics
 from weir.repository import LoadedVersion, ModelRepository
-from weir_proto.auth import Role, TokenTable, identity_of
+from weir_proto.auth import Role, TokenTable, identity_of, permits
 from weir_proto.inference import messages as pb
 from weir_proto.inference.pool import SERVICE
 
@@ -349,7 +349,7 @@ class _GrpcCaller:
         return None
 
     def may_pin(self) -> bool:
-        return self._tokens is None or identity_of(self._context, self._tokens).role >= Role.DEPLOYER
+        return self._tokens is None or permits(identity_of(self._context, self._tokens).role, Role.DEPLOYER)
 
 
 def _echo(request: pb.ModelInferRequest) -> pb.ModelInferResponse:

@@ -22,14 +22,15 @@ from tests.conftest import free_port
 from weir.follower import SERVED_MARKER
 from weir.server import DATA_PLANE_ROLES, WeirServer
 from weir.settings import ControlMode, ServerSettings
-from weir_proto.auth import Role
+from weir_proto.auth import Role, permits
 from weir_proto.inference import messages as pb
 from weir_proto.inference.pool import SERVICE
 
 TOKENS = "ops:deployer:t-ops,app:viewer:t-app"
-MATRIX_TOKENS = "v:viewer:t-viewer,d:deployer:t-deployer,p:approver:t-approver,a:admin:t-admin"
+MATRIX_TOKENS = "r:replica:t-replica,v:viewer:t-viewer,d:deployer:t-deployer,p:approver:t-approver,a:admin:t-admin"
 CALLERS: dict[str, Role | None] = {
     "anonymous": None,
+    "t-replica": Role.REPLICA,
     "t-viewer": Role.VIEWER,
     "t-deployer": Role.DEPLOYER,
     "t-approver": Role.APPROVER,
@@ -143,7 +144,7 @@ async def test_every_rpc_admits_exactly_the_roles_of_the_table(matrix_server: We
                     code = grpc.StatusCode.OK
                 except grpc.aio.AioRpcError as error:
                     code = error.code()
-                if least is None or (role is not None and role >= least):
+                if least is None or (role is not None and permits(role, least)):
                     expected = "allowed"
                 else:
                     expected = "unauthenticated" if role is None else "permission_denied"
