@@ -58,10 +58,29 @@ class SlowScale(nn.Module):
 
 
 class FirstRowOnly(nn.Module):
-    """A broken model: whatever the batch, it returns one row."""
+    """A broken model: whatever the batch, it returns one row (right only for a batch of one)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x[:1] * 2.0
+
+
+class ShortWhenPositive(nn.Module):
+    """A broken model: one row short whenever its first value is positive, whatever the batch (the
+    warm-up's zeros load it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x[0, 0] > 0.0):
+            return x[1:] * 2.0
+        return x * 2.0
+
+
+class RefusesLargeValues(nn.Module):
+    """y = 2x, but the model raises on any value over 100: one row can fail a whole batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x > 100.0).any()):
+            raise RuntimeError("value over 100")
+        return x * 2.0
 
 
 def model_config(name: str, dynamic: str | None = "", max_batch_size: int = 8, dims: str = "1") -> str:
@@ -467,28 +486,77 @@ async def test_requests_of_different_lengths_are_never_concatenated(tmp_path: Pa
     assert [batch.shape for batch in gate.batches] == [(1, 1), (3, 3), (3, 5)]
 
 
-# --- (h) a backend that returns the wrong number of rows ------------------------------------------
+# --- (h) a batch that fails: only the requests at fault fail (issue 14, finding 1) ------------------
 
 
-async def test_wrong_output_rows_fail_only_that_batch_and_other_models_keep_serving(tmp_path: Path) -> None:
+async def test_a_failing_batch_is_run_request_by_request_so_only_the_one_at_fault_fails(tmp_path: Path) -> None:
+    """Triton's contract: one response per request, each with its own error. Without it, one
+    request with a value the model refuses failed every request batched with it."""
+    add_model(tmp_path, "picky", RefusesLargeValues())
+    async with serving(tmp_path) as served:
+        gate = served.gate("picky")
+        busy = await hold_the_only_instance(served, "picky", gate)
+        batched = [asyncio.create_task(served.infer("picky", row(value))) for value in (1.0, 500.0, 3.0)]
+        await queued(served, "picky", 3)
+
+        gate.open()
+        np.testing.assert_array_equal(await busy, row(-2.0))
+        good_one, bad, good_three = await asyncio.gather(*batched, return_exceptions=True)
+        np.testing.assert_array_equal(good_one, row(2.0))
+        np.testing.assert_array_equal(good_three, row(6.0))
+        assert isinstance(bad, InferenceServerException), bad
+        assert bad.status() == "StatusCode.INTERNAL" and "value over 100" in bad.message(), bad.message()
+        # The batch ran once together, then each of its requests alone.
+        assert [batch.tolist() for batch in gate.batches[1:]] == [[[1.0], [500.0], [3.0]], [[1.0]], [[500.0]], [[3.0]]]
+        stats = await served.statistics("picky")
+        assert stats.inference_stats.success.count == 3 and stats.inference_stats.fail.count == 1
+        assert stats.execution_count == 3  # the busy one and the two that succeeded alone
+        assert served.metric("weir_inference_request_failure_total", "picky", reason="internal") == 1
+
+
+# --- (i) a backend that returns the wrong number of rows ------------------------------------------
+
+
+async def test_wrong_output_rows_fail_only_their_requests_and_other_models_keep_serving(tmp_path: Path) -> None:
+    add_model(tmp_path, "short", ShortWhenPositive())
     add_model(tmp_path, "first_row_only", FirstRowOnly())
     add_model(tmp_path, "healthy", SlowScale(3.0))
     async with serving(tmp_path) as served:
+        gate = served.gate("short")
+        busy = await hold_the_only_instance(served, "short", gate)
+        batched = [asyncio.create_task(served.infer("short", row(value))) for value in (1.0, 2.0, 3.0)]
+        await queued(served, "short", 3)
+
+        gate.open()
+        np.testing.assert_array_equal(await busy, row(-2.0))
+        outcomes = await asyncio.gather(*batched, return_exceptions=True)
+        assert gate.batches[1].tolist() == [[1.0], [2.0], [3.0]]
+        for outcome in outcomes:  # wrong alone as well as together: each request gets its own error
+            assert isinstance(outcome, InferenceServerException), outcome
+            assert outcome.status() == "StatusCode.INTERNAL"
+            message = outcome.message()
+            assert "output 'y'" in message and "[1, 1]" in message and "[0, 1]" in message, message
+        np.testing.assert_array_equal(await served.infer("healthy", row(4.0)), row(12.0))
+        assert served.metric("weir_inference_request_failure_total", "short", reason="internal") == 3
+
+        # Right for one request, wrong for a batch: the batch fails, each request alone succeeds.
         gate = served.gate("first_row_only")
         busy = await hold_the_only_instance(served, "first_row_only", gate)
         batched = [asyncio.create_task(served.infer("first_row_only", row(value))) for value in (1.0, 2.0, 3.0)]
         await queued(served, "first_row_only", 3)
-
         gate.open()
-        np.testing.assert_array_equal(await busy, row(-2.0))  # a batch of one row: correct
-        outcomes = await asyncio.gather(*batched, return_exceptions=True)
+        np.testing.assert_array_equal(await busy, row(-2.0))
+        assert [y.tolist() for y in await asyncio.gather(*batched)] == [[[2.0]], [[4.0]], [[6.0]]]
         assert gate.batches[1].tolist() == [[1.0], [2.0], [3.0]]
-        for outcome in outcomes:
-            assert isinstance(outcome, InferenceServerException), outcome
-            assert outcome.status() == "StatusCode.INTERNAL"
-            message = outcome.message()
-            assert "output 'y'" in message and "[3, 1]" in message and "[1, 1]" in message, message
 
-        np.testing.assert_array_equal(await served.infer("first_row_only", row(4.0)), row(8.0))
-        np.testing.assert_array_equal(await served.infer("healthy", row(4.0)), row(12.0))
-        assert served.metric("weir_inference_request_failure_total", "first_row_only", reason="internal") == 3
+
+# --- (j) a model that does not batch gets its outputs whole -----------------------------------------
+
+
+async def test_a_model_without_batching_answers_its_whole_output(tmp_path: Path) -> None:
+    """The batcher once sliced every output to the request's rows, and a model without batching
+    counts as one row: an output of shape [3] came back as its first element."""
+    add_model(tmp_path, "whole", SlowScale(2.0), dynamic=None, max_batch_size=0, dims="-1")
+    async with serving(tmp_path) as served:
+        x = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+        np.testing.assert_array_equal(await served.infer("whole", x), x * 2.0)

@@ -241,7 +241,7 @@ def test_unknown_version_is_not_found(stub: service_pb2_grpc.GRPCInferenceServic
 
 def test_non_integer_version_is_invalid(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
     error = call_error(stub.ModelInfer, mlp_request(version="latest"))
-    assert_error(error, grpc.StatusCode.INVALID_ARGUMENT, "model_version", "expected an integer", "'latest'")
+    assert_error(error, grpc.StatusCode.INVALID_ARGUMENT, "model_version", "expected a version number", "'latest'")
     assert_still_serving(stub)
 
 

@@ -227,6 +227,9 @@ class DynamicBatcher:
                 return _Execution([error], [], None)
             batch_error = error
         else:
+            if len(batch) == 1:  # whole: a model that does not batch has no batch dimension to split
+                mine = {name: outputs[name] for name in batch[0][0].output_names}
+                return _Execution([mine], [(rows, self._clock() - started_ns)], None)
             outcomes: list[_Outcome] = []
             offset = 0
             for pending, request_rows in batch:  # views of the batch's outputs: no copies
