@@ -145,6 +145,9 @@ def interval_totals(now: Look, before: Look) -> dict[str, dict[str, VariantWindo
     point); a variant version new on a known stream counts from zero (the attach stream bounded its
     growth from when it was sent)."""
     totals: dict[str, dict[str, VariantWindow]] = {}
+    for stream, identity in now.identities.items():
+        if stream in before.identities:
+            totals.setdefault(identity, {})  # attached through the interval: it reports, even nothing
     for (stream, variant, version), window in now.windows.items():
         if stream not in before.identities:
             continue
@@ -187,14 +190,12 @@ def robust_verdict(
 ) -> tuple[str, str, VariantWindow, VariantWindow]:
     """The verdict over every identity's reports, kept only when it is the same with any one
     identity's reports left out: no single replica identity decides a rollout alone while others
-    report (with one identity reporting, as with one replica or one shared token, it decides)."""
+    are attached (a replica that serves none of the canary's traffic disagrees with one that claims
+    it all). With one identity attached (one replica, or a pool sharing one token) its reports
+    decide; with several, every all-but-one subset must also serve min_requests and agree."""
     canary, baseline = combined(per_identity, canary_variant), combined(per_identity, baseline_variant)
     verdict, reason = judge(canary, baseline, thresholds)
-    reporting = [
-        identity
-        for identity, variants in per_identity.items()
-        if any(variants.get(name, VariantWindow()).requests for name in (canary_variant, baseline_variant))
-    ]
+    reporting = list(per_identity)  # every identity attached through the interval, serving or not
     if len(reporting) < 2:
         return verdict, reason, canary, baseline
     for identity in sorted(reporting):

@@ -38,8 +38,11 @@ def test_a_new_stream_counts_nothing_in_its_first_interval_and_a_new_variant_cou
             ("r9", "canary"): window(10**6, 0, [10**6, 0, 0, 0]),  # attached since: a starting point only
         }
     )
-    totals = interval_totals(now, before)["replicas"]
-    assert (totals["primary"].requests, totals["canary"].requests) == (2, 5)
+    totals = interval_totals(now, before)
+    assert (totals["replicas"]["primary"].requests, totals["replicas"]["canary"].requests) == (2, 5)
+    same = look({("r1", "primary"): window(12, 0, [12, 0, 0, 0])}, {"r1": "a", "r2": "b"})
+    quiet = interval_totals(same, same)
+    assert set(quiet) == {"a", "b"}  # r2 reported nothing: its identity still counts as attached
 
 
 def test_one_identity_alone_does_not_decide_while_another_reports() -> None:
@@ -52,6 +55,10 @@ def test_one_identity_alone_does_not_decide_while_another_reports() -> None:
     assert robust_verdict({"node": honest, "fake": failing}, "canary", "primary", thresholds)[0] == "INCONCLUSIVE"
     # one identity (one replica, or every replica on one token): its reports decide
     assert robust_verdict({"node": invented}, "canary", "primary", thresholds)[0] == "PASS"
+    # an attached identity that served nothing disagrees with one that claims everything
+    idle = {"canary": window(0, 0, [0, 0, 0, 0]), "primary": window(0, 0, [0, 0, 0, 0])}
+    assert robust_verdict({"node": idle, "fake": invented}, "canary", "primary", thresholds)[0] == "INCONCLUSIVE"
+    assert robust_verdict({"node": {}, "fake": invented}, "canary", "primary", thresholds)[0] == "INCONCLUSIVE"
     # two honest identities that agree: decided
     healthy = {"canary": window(40, 0, [40, 0, 0, 0]), "primary": window(40, 0, [40, 0, 0, 0])}
     assert robust_verdict({"a": healthy, "b": healthy}, "canary", "primary", thresholds)[0] == "PASS"
