@@ -69,6 +69,7 @@ def add_commands(subcommands: Any) -> None:
     )
     control.add_argument("--jobs-dir", type=Path, help="training jobs' directories (default STATE_DIR/jobs)")
     control.add_argument("--max-concurrent-jobs", type=int, default=2, help="training attempts running at once")
+    control.add_argument("--job-user", default="weir-job", help="OS user jobs run as when root (weir-job)")
     control.add_argument(
         "--feature-root",
         type=Path,
@@ -285,6 +286,7 @@ def _run_control(args: argparse.Namespace) -> int:
         feature_root=args.feature_root,
         jobs_dir=args.jobs_dir,
         max_concurrent_jobs=args.max_concurrent_jobs,
+        job_user=args.job_user,
         webhook_allow=tuple(args.webhook_allow),
     )
 

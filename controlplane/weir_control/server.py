@@ -151,6 +151,7 @@ class ControlSettings:
         None  # training jobs' directories (code, logs, checkpoints, output): default <state_dir>/jobs
     )
     max_concurrent_jobs: int = 2
+    job_user: str = "weir-job"  # OS user training jobs run as when the control plane is root (created if missing)
     # drift webhook destinations the operator allows (HOST[:PORT], ADDRESS[:PORT] or CIDR): none, no webhook
     webhook_allow: tuple[str, ...] = ()
 
@@ -240,6 +241,10 @@ class ControlPlaneServer:
         self.training = JobRunner(
             store, artifacts, settings.resolved_jobs_dir, settings.max_concurrent_jobs, start_canary=self.rollouts.start
         )
+        self.training.isolate(
+            settings.job_user, [settings.state_dir, settings.resolved_artifact_dir, settings.tokens_file],
+            settings.resolved_database_url, [settings.resolved_feature_root],
+        )  # fmt: skip
         training_pb2_grpc.add_TrainingServicer_to_server(TrainingService(store, auditor, self.training), server)
         self.drift.link(MonitoringLinks(store, self.training))
         self.registry.register(DriftCollector(self.drift))

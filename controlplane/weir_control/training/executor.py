@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from weir_control.training.jobfiles import open_inside, read_inside
+from weir_control.training.sandbox import JobSandbox
+
 
 class Executor(Protocol):
     def launch(self, job_id: str, job_dir: Path, attempt: int, command: list[str], env: dict[str, str]) -> int: ...
@@ -44,26 +47,34 @@ def exit_file(job_dir: Path, attempt: int) -> Path:
 
 
 class LocalExecutor:
-    """Attempts as local process trees, logs appended to ``job_dir/job.log``."""
+    """Attempts as local process trees, logs appended to ``job_dir/job.log``, isolated as ``sandbox``
+    says (see ``training.sandbox``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sandbox: JobSandbox | None = None) -> None:
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self.sandbox = sandbox or JobSandbox()
 
     def launch(self, job_id: str, job_dir: Path, attempt: int, command: list[str], env: dict[str, str]) -> int:
-        log = (job_dir / "job.log").open("ab")
+        log = open_inside(job_dir, "job.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        launcher = [sys.executable, "-m", "weir_control.training.launcher", str(exit_file(job_dir, attempt)), "--"]
+        argv, cwd, identity = [*launcher, *command], job_dir, {}
+        if self.sandbox.namespaces:  # the sandbox enters the job directory once it is the job user
+            argv, cwd = self.sandbox.wrap(job_dir, argv), Path("/")
+        elif self.sandbox.isolated:
+            identity = {"user": self.sandbox.uid, "group": self.sandbox.gid, "extra_groups": []}
         try:
-            launcher = [sys.executable, "-m", "weir_control.training.launcher", str(exit_file(job_dir, attempt)), "--"]
             process = subprocess.Popen(
-                [*launcher, *command],
-                cwd=job_dir,
+                argv,
+                cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # not in the control plane's group: a Ctrl-C there does not reach it
+                **identity,  # type: ignore[arg-type]
             )
         finally:
-            log.close()
+            os.close(log)
         self._children[process.pid] = process
         return process.pid
 
@@ -72,9 +83,9 @@ class LocalExecutor:
         if child is not None and child.poll() is None:
             return None
         path = exit_file(job_dir, attempt)
-        if path.is_file():
+        if path.is_file() or path.is_symlink():
             self._children.pop(handle, None)
-            return int(json.loads(path.read_text())["exit_code"])
+            return _recorded_exit(job_dir, path.name)
         if child is not None:  # the launcher itself died (killed) before writing the file
             self._children.pop(handle, None)
             return child.returncode if child.returncode is not None else -1
@@ -114,6 +125,15 @@ class LocalExecutor:
         child = self._children.get(handle)
         if child is not None:
             child.wait(timeout=10)
+
+
+def _recorded_exit(job_dir: Path, name: str) -> int:
+    """The launcher's record of the exit status; -1 when it is not a small JSON file (the job's own
+    directory: it may hold anything there)."""
+    try:
+        return int(json.loads(read_inside(job_dir, name, 4096))["exit_code"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 def _parents() -> dict[int, int]:

@@ -5,50 +5,70 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import os
 from pathlib import Path
+from typing import BinaryIO
 
 from weir_control.artifacts import ArtifactStore
 from weir_control.services import _Upload, summary
 from weir_control.store import Store
+from weir_control.training.jobfiles import open_inside
 from weir_proto.control.v1 import audit_pb2, registry_pb2, training_pb2
 from weir_proto.errors import FailedPreconditionError, NotFoundError
 
 ACTOR = "training-runner"
 CHUNK = 1 << 20
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
-def exported_model(output_dir: Path) -> tuple[Path, Path]:
-    """(model file, config.pbtxt) the job wrote into its output directory."""
-    config = output_dir / "config.pbtxt"
-    model = next((output_dir / name for name in ("model.pt", "model.pt2") if (output_dir / name).is_file()), None)
-    if model is None or not config.is_file():
-        found = sorted(path.name for path in output_dir.glob("*")) if output_dir.is_dir() else "none"
+def exported_model(job_dir: Path) -> tuple[str, str]:
+    """(model file, config.pbtxt) the job wrote into its output directory, relative to ``job_dir``."""
+    output_dir = job_dir / "output"
+    found = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    model = next((name for name in ("model.pt", "model.pt2") if name in found), None)
+    if model is None or "config.pbtxt" not in found:
         raise FailedPreconditionError(
             f"register: expected model.pt or model.pt2 and config.pbtxt in the job's output directory "
-            f"({output_dir}), got {found}"
+            f"({output_dir}), got {found or 'none'}"
         )
-    return model, config
+    return f"output/{model}", "output/config.pbtxt"
+
+
+def _open(job_dir: Path, relative: str) -> BinaryIO:
+    """A file the job wrote, opened without following links (the job owns its directory)."""
+    try:
+        return os.fdopen(open_inside(job_dir, relative), "rb")
+    except OSError as error:
+        raise FailedPreconditionError(
+            f"register: expected {relative} in the job's directory to be a regular file, got {error.strerror or error}"
+        ) from error
 
 
 def register_job_output(
-    store: Store, artifacts: ArtifactStore, job: training_pb2.Job, output_dir: Path
+    store: Store, artifacts: ArtifactStore, job: training_pb2.Job, job_dir: Path
 ) -> registry_pb2.ModelVersion:
     spec = job.spec.register
-    model_file, config_file = exported_model(output_dir)
+    model_name, config_name = exported_model(job_dir)
     digest = hashlib.sha256()
-    with model_file.open("rb") as handle:
+    size = 0
+    with _open(job_dir, model_name) as handle:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
+            size += len(chunk)
+    with _open(job_dir, config_name) as handle:
+        config_bytes = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(config_bytes) > MAX_CONFIG_BYTES:
+        raise FailedPreconditionError(f"register: expected config.pbtxt of at most {MAX_CONFIG_BYTES} bytes, got more")
     try:
         store.get_model(spec.model_name)
     except NotFoundError:
         store.create_model(spec.model_name, f"trained by Weir training jobs (first: {job.id})", {})
     header = registry_pb2.CreateModelVersionRequest.Header(
         model_name=spec.model_name,
-        config_pbtxt=config_file.read_text(encoding="utf-8"),
-        artifact_filename=model_file.name,
+        config_pbtxt=config_bytes.decode("utf-8", errors="replace"),
+        artifact_filename=Path(model_name).name,
         artifact_sha256=digest.hexdigest(),
-        artifact_size=model_file.stat().st_size,
+        artifact_size=size,
         description=f"trained by job {job.id}",
         tags={"weir.training_job": job.id},
         metrics=dict(job.metrics),
@@ -62,7 +82,7 @@ def register_job_output(
     upload = _Upload(store, artifacts, header)
     upload.begin()
     try:
-        with model_file.open("rb") as handle:
+        with _open(job_dir, model_name) as handle:  # the bytes hashed above, or the upload's check refuses them
             while chunk := handle.read(CHUNK):
                 upload.write(chunk)
         version = upload.commit()

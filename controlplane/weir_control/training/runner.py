@@ -32,9 +32,10 @@ from typing import Any
 
 from weir_control.artifacts import ArtifactStore
 from weir_control.store import Store
-from weir_control.training import sweeps
+from weir_control.training import sandbox, sweeps
 from weir_control.training.archive import check_archive, unpack
 from weir_control.training.executor import Executor, LocalExecutor
+from weir_control.training.jobfiles import open_inside, read_inside
 from weir_control.training.registration import register_job_output
 from weir_proto.control.v1 import training_pb2
 from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, WeirError
@@ -45,6 +46,12 @@ Job = training_pb2.Job
 TICK_SECONDS = 0.25
 STOP_GRACE_SECONDS = 5.0
 BUILTIN = {"builtin:mlp": "weir_control.training.builtin"}
+# What a job inherits from the control plane's environment (besides LC_*): nothing secret.
+INHERITED = frozenset(
+    {"PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+     "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
+     "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"}
+)  # fmt: skip
 
 
 @dataclass
@@ -63,13 +70,26 @@ def code_hash(archive: bytes) -> str:
 CODE_SKIP = {"__pycache__", ".git", ".venv", "weir-run"}
 
 
-def archive_directory(directory: Path) -> bytes:
-    """A code directory as tar.gz (caches and VCS folders left out), the form jobs carry their code in."""
+def archive_directory(directory: Path, follow_links: bool = True) -> bytes:
+    """A code directory as tar.gz (caches and VCS folders left out), the form jobs carry their code in.
+    ``follow_links=False`` for a directory a job could change (the control plane packing a job's code
+    again): links are left out and nothing is opened through one."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path in sorted(directory.rglob("*")):
+        for path in sorted(directory.rglob("*")) if follow_links else ():
             if path.is_file() and not CODE_SKIP.intersection(path.relative_to(directory).parts):
                 tar.add(path, arcname=str(path.relative_to(directory)))
+        for root, folders, names in () if follow_links else os.walk(directory, followlinks=False):
+            folders[:] = sorted(folder for folder in folders if folder not in CODE_SKIP)
+            for name in sorted(names):
+                relative = str((Path(root) / name).relative_to(directory))
+                try:
+                    descriptor = open_inside(directory, relative)
+                except OSError:
+                    continue  # a link, a fifo, a device: not code
+                with os.fdopen(descriptor, "rb") as handle:
+                    info = tar.gettarinfo(arcname=relative, fileobj=handle)
+                    tar.addfile(info, handle)
     return buffer.getvalue()
 
 
@@ -100,12 +120,35 @@ class JobRunner:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.changed = asyncio.Event()
+        self._job_user = sandbox.DEFAULT_JOB_USER
+        self._hidden: list[Path] = []
+        self._readable: list[Path] = []
+        self.sandbox = sandbox.JobSandbox()  # decided at start
+
+    def isolate(self, job_user: str, state: list[Path | None], database_url: str, readable: list[Path]) -> None:
+        """What jobs must not see (the control plane's state directory, artifacts, tokens file and SQLite
+        database, besides the jobs directory) and what they may read (the feature root); applied at
+        start (see ``training.sandbox``)."""
+        self._job_user = job_user
+        database = database_url.removeprefix("sqlite:///") if database_url.startswith("sqlite:///") else database_url
+        paths = [path for path in state if path is not None]
+        if "://" not in database:
+            paths += [Path(database + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+        self._hidden = paths
+        self._readable = readable
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.sandbox = await asyncio.to_thread(
+            sandbox.prepare, self._job_user, self.jobs_dir, self._hidden, self._readable
+        )
+        if isinstance(self._executor, LocalExecutor):
+            self._executor.sandbox = self.sandbox
+        if self.sandbox.isolated:  # jobs do not list each other (with namespaces they do not see the directory)
+            os.chmod(self.jobs_dir, 0o700 if self.sandbox.namespaces else 0o711)
         await asyncio.to_thread(self._recover)
         self._task = asyncio.create_task(self._run(), name="weir-training-runner")
 
@@ -218,8 +261,8 @@ class JobRunner:
         spec = training_pb2.JobSpec()
         spec.CopyFrom(job.spec)
         code_dir = self.jobs_dir / job_id / "code"
-        if code_dir.is_dir():
-            spec.code_archive = archive_directory(code_dir)
+        if code_dir.is_dir() and not code_dir.is_symlink():
+            spec.code_archive = archive_directory(code_dir, follow_links=False)  # the job may have changed it
         return spec
 
     def _prepare(self, job_id: str, spec: training_pb2.JobSpec, secret: str) -> None:
@@ -227,13 +270,22 @@ class JobRunner:
         built-in trainer."""
         job_dir = self.jobs_dir / job_id
         job_dir.mkdir(parents=True, exist_ok=True)
-        (job_dir / ".secret").write_text(secret)
-        os.chmod(job_dir / ".secret", 0o600)
+        secret_file = os.open(job_dir / ".secret", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(secret_file, "w") as handle:
+            handle.write(secret)
         if spec.code_archive:
             unpack(spec.code_archive, job_dir / "code")  # checked in full before the job was inserted
         _, definitions = self._store.feature_definitions()
         if definitions:
             (job_dir / "features.toml").write_text(definitions)
+        if self.sandbox.isolated:
+            # the job user owns its directory (checkpoints, output, logs of its own); the code, the secret
+            # and the definitions stay the control plane's: readable (not the secret), not replaceable
+            # in place
+            (job_dir / "tmp").mkdir(exist_ok=True)
+            for path in (job_dir, job_dir / "tmp"):
+                os.chown(path, self.sandbox.uid, self.sandbox.gid, follow_symlinks=False)  # type: ignore[arg-type]
+            os.chmod(job_dir, 0o700)
 
     # --- cancel and the median rule --------------------------------------------------------------
 
@@ -314,7 +366,7 @@ class JobRunner:
             job = self._merge_final_metrics(job)
             if job.kind == "job" and job.spec.register.model_name:
                 try:
-                    version = register_job_output(self._store, self._artifacts, job, self.jobs_dir / job_id / "output")
+                    version = register_job_output(self._store, self._artifacts, job, self.jobs_dir / job_id)
                 except WeirError as error:
                     self._finish(job_id, Job.FAILED, 0, f"the job succeeded but registration failed: {error.message}")
                     return
@@ -366,9 +418,11 @@ class JobRunner:
         attempt = job.attempt + 1
         command = _command(job.spec, job_dir)
         env = self._environment(job, job_dir, attempt)
-        with (job_dir / "job.log").open("a") as handle:
-            handle.write(f"--- weir: attempt {attempt} of job {job_id}: {' '.join(command)}\n")
         try:
+            header = f"--- weir: attempt {attempt} of job {job_id}: {' '.join(command)}\n"
+            log_file = open_inside(job_dir, "job.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            with os.fdopen(log_file, "w") as handle:
+                handle.write(header)
             handle_id = self._executor.launch(job_id, job_dir, attempt, command, env)
         except OSError as error:
             self._finish(job_id, Job.FAILED, -1, f"could not start: {error}")
@@ -385,24 +439,30 @@ class JobRunner:
         self._attempts[job_id] = Attempt(handle_id, attempt, self._deadline(job), job.parent_id)
 
     def _environment(self, job: Job, job_dir: Path, attempt: int) -> dict[str, str]:
-        env = dict(os.environ)
+        """An allow-list, never the control plane's environment (its tokens, credentials, database
+        URL): what finds programs and libraries, locale, device selection, and the job's own
+        variables."""
+        env = {name: value for name, value in os.environ.items() if name in INHERITED or name.startswith("LC_")}
         code_dir = job_dir / "code"
         paths = [str(code_dir)] if code_dir.is_dir() else []
-        env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [env.get("PYTHONPATH", "")])])
+        env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH", "")])])
         env.setdefault("OMP_NUM_THREADS", "1")  # several processes per node must not oversubscribe the cores
         env["PYTHONUNBUFFERED"] = "1"  # logs reach job.log as they are written
+        env["HOME"] = str(job_dir)
+        if self.sandbox.isolated:
+            env["USER"] = env["LOGNAME"] = self.sandbox.user
+            env["TMPDIR"] = str(job_dir / "tmp")
         env.update(
             {
                 "WEIR_JOB_ID": job.id,
                 "WEIR_JOB_DIR": str(job_dir),
                 "WEIR_JOB_ATTEMPT": str(attempt),
-                "WEIR_JOB_SECRET": (job_dir / ".secret").read_text().strip(),
+                "WEIR_JOB_SECRET": read_inside(job_dir, ".secret", 1024).decode().strip(),
                 "WEIR_CONTROL_PLANE": self.control_address,
                 "WEIR_CHECKPOINT_EVERY": str(job.spec.checkpoint_every_epochs or 1),
                 "WEIR_JOB_PARAMS": json.dumps({key: param_value(value) for key, value in job.spec.parameters.items()}),
             }
         )
-        env.pop("WEIR_TOKENS", None)  # the control plane's token table is not the job's business
         return env
 
     @staticmethod
@@ -455,9 +515,7 @@ class JobRunner:
                 registering.CopyFrom(winner)
                 registering.spec.register.CopyFrom(register)
                 try:
-                    version = register_job_output(
-                        self._store, self._artifacts, registering, self.jobs_dir / best_id / "output"
-                    )
+                    version = register_job_output(self._store, self._artifacts, registering, self.jobs_dir / best_id)
                 except WeirError as error:
                     self._finish(sweep.id, Job.FAILED, 0, f"best trial {best_id}: registration failed: {error.message}")
                     changed = True
@@ -475,9 +533,8 @@ class JobRunner:
         """A job may write its final metrics (e.g. the best epoch's, after early stopping) to
         output/metrics.json; they replace the last logged values, rank sweep trials and go to the
         registry."""
-        path = self.jobs_dir / job.id / "output" / "metrics.json"
         try:
-            document = json.loads(path.read_text())
+            document = json.loads(read_inside(self.jobs_dir / job.id, "output/metrics.json", 1024 * 1024))
         except (OSError, ValueError):
             return job
         final = {
@@ -563,8 +620,8 @@ def _command(spec: training_pb2.JobSpec, job_dir: Path) -> list[str]:
 
 def _log_tail(path: Path, size: int = 8192) -> list[str]:
     try:
-        with path.open("rb") as handle:
-            handle.seek(max(0, path.stat().st_size - size))
+        with os.fdopen(open_inside(path.parent, path.name), "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - size))
             return [line.strip() for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
     except OSError:
         return []

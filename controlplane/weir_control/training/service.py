@@ -17,6 +17,7 @@ from weir_control.services import Auditor, _read, abort_with
 from weir_control.store import Store
 from weir_control.store.store import TERMINAL_JOB_STATES
 from weir_control.tracking import SECRET_HEADER
+from weir_control.training.jobfiles import read_inside
 from weir_control.training.runner import JobRunner
 from weir_proto.auth import Identity, Role
 from weir_proto.control.v1 import training_pb2, training_pb2_grpc
@@ -201,9 +202,8 @@ def _ack(job: Job) -> training_pb2.TrackingAck:
 
 
 def _read_from(path: Path, offset: int) -> bytes:
+    """The log from ``offset``, never through a link the job put in its place (it owns the directory)."""
     try:
-        with path.open("rb") as handle:
-            handle.seek(offset)
-            return handle.read(LOG_CHUNK)
-    except FileNotFoundError:
+        return read_inside(path.parent, path.name, LOG_CHUNK, offset)
+    except OSError:  # not written yet, or not a regular file any more
         return b""
