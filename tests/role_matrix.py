@@ -83,12 +83,31 @@ CONTROL_PLANE: dict[str, str] = {
     "weir.control.v1.Monitoring/RecordFeedback": "deployer",
 }
 
+# The data plane (KServe v2 / Triton GRPCInferenceService; weir serve, with tokens configured).
+# ``inference``: open, or any person's token (viewer and up) with --require-inference-token.
+DATA_PLANE: dict[str, str] = {
+    "inference.GRPCInferenceService/ServerLive": "inference",
+    "inference.GRPCInferenceService/ServerReady": "inference",
+    "inference.GRPCInferenceService/ModelReady": "inference",
+    "inference.GRPCInferenceService/ServerMetadata": "inference",
+    "inference.GRPCInferenceService/ModelMetadata": "inference",
+    "inference.GRPCInferenceService/ModelConfig": "inference",
+    "inference.GRPCInferenceService/ModelStatistics": "inference",
+    "inference.GRPCInferenceService/ModelInfer": "inference",
+    "inference.GRPCInferenceService/ModelStreamInfer": "inference",
+    "inference.GRPCInferenceService/RepositoryIndex": "viewer",
+    "inference.GRPCInferenceService/RepositoryModelLoad": "deployer",
+    "inference.GRPCInferenceService/RepositoryModelUnload": "deployer",
+}
+
 # Open on both planes: health and reflection.
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
 
 
-def allowed(entry: str, role: str) -> bool:
+def allowed(entry: str, role: str, require_inference_token: bool = False) -> bool:
     """Whether ``role`` (one of ROLES) passes the token check for a method whose entry is ``entry``."""
+    if entry == "inference":
+        entry = "viewer" if require_inference_token else "open"
     if entry == "open":
         return True
     if entry == "job-secret" or role == "anonymous":
@@ -103,15 +122,19 @@ def allowed(entry: str, role: str) -> bool:
 
 
 def markdown(table: dict[str, str], title: str) -> str:
-    """The README's role table for one plane: one row per method, a column per role."""
+    """The README's role table for one plane: one row per method, a column per role (``inference``
+    rows: open / with --require-inference-token)."""
     lines = [
         f"**{title}**",
         "",
-        "| method | least role | " + " | ".join(ROLES) + " |",
+        "| method | needs | " + " | ".join(ROLES) + " |",
         "|---|---|" + "---|" * len(ROLES),
     ]
     for method, entry in table.items():
         short = method.split(".")[-1]
-        marks = " | ".join("yes" if allowed(entry, role) else "-" for role in ROLES)
-        lines.append(f"| `{short}` | {entry} | {marks} |")
+        marks = []
+        for role in ROLES:
+            plain, strict = allowed(entry, role), allowed(entry, role, require_inference_token=True)
+            marks.append(("yes" if plain else "-") if plain == strict else "yes / -")
+        lines.append(f"| `{short}` | {entry} | {' | '.join(marks)} |")
     return "\n".join(lines)

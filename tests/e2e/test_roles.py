@@ -38,7 +38,7 @@ from tests.e2e.test_control_plane import (
     start_control,
     wait_until,
 )
-from tests.role_matrix import CONTROL_PLANE, ROLES, allowed
+from tests.role_matrix import CONTROL_PLANE, DATA_PLANE, ROLES, allowed
 from weir_control.server import SERVICE_NAMES  # registers every control service's descriptors
 from weir_proto.auth import client_metadata
 from weir_proto.control.v1 import audit_pb2, audit_pb2_grpc, deployments_pb2, deployments_pb2_grpc
@@ -135,6 +135,56 @@ def test_every_control_rpc_with_every_role_matches_the_role_table(control: Contr
         ).events
         assert "Registry/CreateRegisteredModel" in {event.action for event in viewer_refusals}
         assert all(event.result == "PERMISSION_DENIED" and "viewer" in event.detail for event in viewer_refusals)
+
+
+def test_the_table_names_every_data_plane_rpc_as_the_server_does() -> None:
+    from weir.server import DATA_PLANE_ROLES
+    from weir_proto.inference.pool import SERVICE
+
+    assert set(DATA_PLANE) == {f"{SERVICE.full_name}/{method.name}" for method in SERVICE.methods}
+    for method, entry in DATA_PLANE.items():
+        least = DATA_PLANE_ROLES[method.rsplit("/", 1)[-1]]
+        assert (entry if entry != "inference" else None) == (least.name.lower() if least else None), method
+
+
+@pytest.mark.parametrize("require_inference_token", [False, True], ids=["open-inference", "inference-token"])
+def test_every_data_plane_rpc_with_every_role_matches_the_role_table(
+    demo_repository: Path, require_inference_token: bool
+) -> None:
+    from weir_proto.inference import messages as pb
+    from weir_proto.inference.pool import SERVICE
+
+    flags = ("--require-inference-token", "true") if require_inference_token else ()
+    server = start_weir(
+        demo_repository, "--model-control-mode", "explicit", "--load-model", "mlp_classifier", *flags,
+        env={"WEIR_TOKENS": TOKENS},
+    )  # fmt: skip
+    mismatches = []
+    try:
+        with grpc.insecure_channel(server.grpc_url) as channel:
+            for method, entry in DATA_PLANE.items():
+                name = method.rsplit("/", 1)[-1]
+                descriptor = SERVICE.methods_by_name[name]
+                body = b""
+                if name in ("RepositoryModelLoad", "RepositoryModelUnload"):  # not there: nothing changes
+                    body = getattr(pb, f"{name}Request")(model_name="no_such_model").SerializeToString()
+                for role in ROLES:
+                    metadata = client_metadata(ROLE_TOKENS[role])
+                    try:
+                        if descriptor.client_streaming:
+                            for _ in channel.stream_stream(f"/{method}")(iter(()), metadata=metadata, timeout=30):
+                                pass
+                        else:
+                            channel.unary_unary(f"/{method}")(body, metadata=metadata, timeout=30)
+                        code = grpc.StatusCode.OK
+                    except grpc.RpcError as error:
+                        code = error.code()  # type: ignore[attr-defined]
+                    assert code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), (method, role, code)
+                    if (code not in REFUSALS) != allowed(entry, role, require_inference_token):
+                        mismatches.append(f"{name} as {role}: {code.name} (table: {entry})")
+        assert mismatches == []
+    finally:
+        server.terminate_and_wait()
 
 
 # --- a fake replica ---------------------------------------------------------------------------------
