@@ -23,7 +23,7 @@ import torch
 import tritonclient.grpc as grpcclient
 
 from tests.conftest import free_port, start_weir
-from tests.e2e.test_control_plane import TOKENS, ControlProcess, cli, start_control, wait_until
+from tests.e2e.test_control_plane import REPLICA_TOKEN, TOKENS, ControlProcess, cli, start_control, wait_until
 from weir_proto.auth import client_metadata
 from weir_proto.control.v1 import monitoring_pb2, monitoring_pb2_grpc, training_pb2, training_pb2_grpc
 
@@ -75,7 +75,7 @@ def planes(tmp_path: Path) -> Iterator[tuple[ControlProcess, str]]:
     replica = start_weir(
         tmp_path / "replica", "--model-control-mode", "explicit", "--control-plane", control.address,
         "--replica-id", "replica-0", "--heartbeat-seconds", "0.5",
-        env={"WEIR_TOKENS": TOKENS, "WEIR_CONTROL_PLANE_TOKEN": "t-replica"},
+        env={"WEIR_TOKENS": TOKENS, "WEIR_CONTROL_PLANE_TOKEN": REPLICA_TOKEN},  # the data plane's own identity
     )  # fmt: skip
     try:
         yield control, replica.grpc_url
