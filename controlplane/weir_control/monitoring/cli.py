@@ -2,7 +2,7 @@
 
     weir drift policy ENDPOINT [--window-seconds S] [--min-records N] [--threshold NAME=WARN:CRIT ...]
         [--webhook URL] [--retrain] [--cooldown S] [--max-windows N]
-    weir drift reference ENDPOINT (--window START END | --serving-lineage | --parquet PATH)
+    weir drift reference ENDPOINT (--window START END | --serving-lineage | --parquet PATH under the feature root)
     weir drift status ENDPOINT                 # the latest window, feature by feature
     weir drift report ENDPOINT [--out DIR] [--windows N]   # Markdown + self-contained HTML with PNG plots
     weir drift feedback ENDPOINT (--label REQUEST_ID=VALUE ... | --file LABELS.jsonl)
@@ -52,7 +52,9 @@ def add_commands(subcommands: Any) -> None:
     source = reference.add_mutually_exclusive_group(required=True)
     source.add_argument("--window", nargs=2, metavar=("START", "END"), help="a traffic window")
     source.add_argument("--serving-lineage", action="store_true", help="the serving version's training data")
-    source.add_argument("--parquet", help="a Parquet dataset the control plane can read")
+    source.add_argument(
+        "--parquet", help="a Parquet file inside the control plane's feature root (a relative path: from that root)"
+    )
     command("status", "the latest window, feature by feature")
     report = command("report", "write Markdown and HTML (PNG plots) for an endpoint")
     report.add_argument("--out", type=Path, default=Path("."))
