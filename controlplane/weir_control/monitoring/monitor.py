@@ -700,7 +700,7 @@ class DriftCollector(Collector):
             if window.concept.labelled:
                 accuracy.add_metric([endpoint], window.concept.accuracy)
                 severity.add_metric([endpoint, "__concept__"], _level(window.concept.severity))
-        values, records, errors = self._monitor.dropped()
+        values, refused, errors = self._monitor.dropped()
         values_dropped = CounterMetricFamily(
             "weir_monitoring_values_dropped",
             "Record values not taken to keep the monitor bounded (reason: features, beyond the features bound "
@@ -713,7 +713,7 @@ class DriftCollector(Collector):
             "Inference records not taken (reason: unknown_endpoint, not deployed and without a policy; "
             "endpoints_bound, the monitored endpoints' bound reached).", labels=["reason"],
         )  # fmt: skip
-        for reason, count in sorted(records.items()):
+        for reason, count in sorted(refused.items()):
             records_refused.add_metric([reason], count)
         ingest_errors = CounterMetricFamily(
             "weir_monitoring_ingest_errors", "Inference records dropped by an error while taking them.",
