@@ -102,7 +102,7 @@ def decode_request(
         shape = tuple(tensor.shape)
         known = accepted_shapes.get((tensor.name, shape))
         if known is None:
-            known = _check_shape(tensor.name, shape, spec, signature)
+            known = _check_shape(tensor.name, shape, spec, signature, max_tensor_elements)
             if len(accepted_shapes) < _ACCEPTED_SHAPES_LIMIT:
                 accepted_shapes[(tensor.name, shape)] = known
         rows, element_count = known
@@ -211,7 +211,9 @@ def _require_binary_output(where: str, value: object) -> None:
         )
 
 
-def _check_shape(name: str, shape: tuple[int, ...], spec: TensorSpec, signature: ModelSignature) -> tuple[int, int]:
+def _check_shape(
+    name: str, shape: tuple[int, ...], spec: TensorSpec, signature: ModelSignature, max_tensor_elements: int
+) -> tuple[int, int]:
     """(rows, elements) of a valid shape for ``spec``; raises naming what was expected otherwise."""
     expected = signature.full_shape(spec)
     if any(dim < 0 for dim in shape):
@@ -219,6 +221,15 @@ def _check_shape(name: str, shape: tuple[int, ...], spec: TensorSpec, signature:
     if len(shape) != len(expected) or any(want not in (-1, got) for want, got in zip(expected, shape, strict=False)):
         raise InvalidArgumentError(f"input '{name}' shape: expected {expected}, got {list(shape)}")
     element_count = math.prod(shape)  # Python ints: a huge shape cannot overflow
+    if not element_count:
+        # An empty tensor holds nothing, but numpy cannot even describe [0, 2, 2**62]: its other
+        # dimensions are held to the element limit too.
+        spread = math.prod(dim for dim in shape if dim)
+        if spread > max_tensor_elements:
+            raise InvalidArgumentError(
+                f"input '{name}' shape {list(shape)}: expected its non-zero dimensions to multiply to at most "
+                f"{max_tensor_elements} elements, got {spread}"
+            )
     if not signature.batched:
         return 1, element_count
     rows = shape[0]

@@ -733,3 +733,18 @@ def test_extension_parameters_that_ask_for_what_weir_does_are_accepted() -> None
     typed = make_request(typed_input("IN", "INT32", [2, 3], "int_contents", range(6)))
     with_parameter(typed.inputs[0], "binary_data", "bool_param", False)  # typed contents: not binary, as it says
     assert decode(typed, one_tensor_signature("INT32")).inputs["IN"].size == 6
+
+
+@pytest.mark.parametrize("contents", ["raw", "typed"])
+def test_an_empty_tensor_whose_other_dimensions_numpy_cannot_describe_is_refused(contents: str) -> None:
+    """Found by the codec fuzzer: [0, 2, 2**62] has no elements, and numpy raised ValueError (INTERNAL)."""
+    item = raw_input("IN", "BOOL", [0, 2, 2**62], b"") if contents == "raw" else bare_input("IN", "BOOL", [0, 2, 2**62])
+    with pytest.raises(InvalidArgumentError) as caught:
+        decode(make_request(item), one_tensor_signature("BOOL", dims=[-1, -1, -1]), max_tensor_elements=1000)
+    assert "'IN'" in caught.value.message and "non-zero dimensions" in caught.value.message
+    empty = raw_input("IN", "BOOL", [0, 2, 500], b"")  # within the limit: an empty tensor is fine
+    assert decode(make_request(empty), one_tensor_signature("BOOL", dims=[-1, -1, -1])).inputs["IN"].shape == (
+        0,
+        2,
+        500,
+    )
