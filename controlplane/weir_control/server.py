@@ -203,6 +203,9 @@ class ControlPlaneServer:
         if interrupted:
             log.warning("uploads interrupted by the previous stop marked FAILED", extra={"count": interrupted})
         artifacts = ArtifactStore(settings.resolved_artifact_dir)
+        abandoned = await asyncio.to_thread(_clear_abandoned_uploads, artifacts)
+        if abandoned:
+            log.warning("partial upload files of the previous run removed", extra={"count": abandoned})
         hub = DesiredStateHub(store, self.metrics, settings.online_store)
         self.registry.register(ReplicaCollector(hub.replicas))
         self.refusals = refusals = RefusalLog(store)
@@ -307,6 +310,18 @@ class ControlPlaneServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _clear_abandoned_uploads(artifacts: ArtifactStore) -> int:
+    """Partial upload files a stopped (or killed) control plane left in ``incoming/``: their versions
+    were just marked FAILED (as ``fail_pending_versions`` assumes, no other control plane uploads into
+    this artifact store at start); an upload that ends abnormally while running discards its own."""
+    removed = 0
+    for path in artifacts.incoming.glob("upload-*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
 
 
 def _redacted(url: str) -> str:

@@ -70,7 +70,7 @@ def summary(message: Message | None) -> str:
 
 
 REFUSAL_WINDOW_SECONDS = 60.0  # refusals are aggregated per (actor, method, result) over this long
-MAX_REFUSAL_KEYS = 1024  # distinct (actor, method, result) per window; beyond, one key per (actor, result)
+MAX_REFUSAL_KEYS = 1024  # distinct keys per window; beyond, one key per (actor, result)
 
 
 @dataclass
@@ -82,9 +82,10 @@ class _Tally:
 
 class RefusalLog:
     """Refused calls into the audit log, bounded whatever a caller floods: the first refusal per
-    (actor, method, result) in a window is written at once, in full; the others of that window are
-    counted and written as one event (``count``) when the window ends. Event-loop thread only; the
-    writes run in worker threads."""
+    (actor, method, result) in a window (per target too for a handler's refusals) is written at once,
+    in full; the others of that window are counted and written as one event (``count``) when the
+    window ends; at most MAX_REFUSAL_KEYS keys a window. Event-loop thread only; the writes run in
+    worker threads."""
 
     def __init__(
         self,
@@ -95,16 +96,17 @@ class RefusalLog:
         self._store = store
         self._window = window_seconds
         self._clock = clock
-        self._open: dict[tuple[str, str, str], _Tally] = {}
+        self._open: dict[tuple[str, str, str, str], _Tally] = {}
         self._writes: set[asyncio.Future[None]] = set()
 
-    def record(self, event: audit_pb2.AuditEvent) -> asyncio.Future[None] | None:
-        """Count the refusal; returns the write when this one is written (the window's first)."""
+    def record(self, event: audit_pb2.AuditEvent, by_target: bool = False) -> asyncio.Future[None] | None:
+        """Count the refusal; returns the write when this one is written (the window's first).
+        ``by_target``: a handler's refusal of an authenticated caller, kept apart per target too."""
         now = self._clock()
         self._close_expired(now)
-        key = (event.actor, event.action, event.result)
+        key = (event.actor, event.action, event.result, event.target if by_target else "")
         if key not in self._open and len(self._open) >= MAX_REFUSAL_KEYS:
-            key = (event.actor, "*", event.result)
+            key = (event.actor, "*", event.result, "")
         tally = self._open.get(key)
         if tally is not None:
             tally.more += 1
@@ -190,7 +192,7 @@ class Auditor:
             result=status_code_for(error.kind).name,
             detail=error.message[:2000],
         )
-        await _written(self.refusals.record(event))
+        await _written(self.refusals.record(event, by_target=True))
         await abort_with(context, error)
 
     def identity(self, context: grpc.aio.ServicerContext) -> Identity:
@@ -232,7 +234,7 @@ class Auditor:
             event.result = status_code_for(kind).name if kind else "INTERNAL"
             event.detail = error.message if isinstance(error, WeirError) else type(error).__name__
             if kind is not None and event.result in REFUSED_RESULTS:
-                await _written(self.refusals.record(event))  # nothing changed: aggregated like every refusal
+                await _written(self.refusals.record(event, by_target=True))  # nothing changed: aggregated
             else:
                 event.outcome = "failed"
                 await asyncio.to_thread(self._store.append_audit, event)

@@ -160,10 +160,22 @@ class ControlPlaneFollower:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # grpc.aio.AioRpcError, OSError...: keep serving, retry
-                log.warning(
-                    "control plane unreachable; serving the last-known-good state",
-                    extra={"control_plane": self._settings.address, "reason": _short(error), "retry_in_s": delay},
+                refused = isinstance(error, grpc.aio.AioRpcError) and error.code() in (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED,
                 )
+                if refused:  # retrying soon will not help: say what is wrong, and retry slowly
+                    delay = self._settings.max_backoff_seconds
+                    log.error(
+                        "the control plane refused this data plane's token: attaching needs a token of role "
+                        "'replica' (WEIR_CONTROL_PLANE_TOKEN; `weir token --role replica` makes one)",
+                        extra={"control_plane": self._settings.address, "reason": _short(error), "retry_in_s": delay},
+                    )
+                else:
+                    log.warning(
+                        "control plane unreachable; serving the last-known-good state",
+                        extra={"control_plane": self._settings.address, "reason": _short(error), "retry_in_s": delay},
+                    )
             finally:
                 self.attached.clear()
             await asyncio.sleep(delay * (0.5 + random.random()))  # jitter: replicas do not reconnect in step

@@ -37,7 +37,28 @@ output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
 TOKENS = "root:admin:t-admin,ci:deployer:t-deployer,dashboard:viewer:t-viewer,node:replica:t-node"
 ADMIN, DEPLOYER, VIEWER = client_metadata("t-admin"), client_metadata("t-deployer"), client_metadata("t-viewer")
 REPLICA = client_metadata("t-node")
-ARTIFACT = bytes(range(256)) * 9000  # ~2.3 MB: several chunks
+def _torchscript_artifact() -> bytes:
+    """A real TorchScript file (the registry checks what it stores), ~2.4 MB: several chunks."""
+    import io
+
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+            self.register_buffer("padding", torch.arange(600_000, dtype=torch.float32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x)
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(Net()), buffer)
+    return buffer.getvalue()
+
+
+ARTIFACT = _torchscript_artifact()
 
 
 class Client:
@@ -709,3 +730,30 @@ async def test_outcomes_are_finite_and_audited(control) -> None:
         )
     ).events
     assert [(event.outcome, event.result) for event in events] == [("ok", "OK"), ("refused", "INVALID_ARGUMENT")]
+
+
+async def test_the_refusal_log_is_bounded_whatever_the_keys(tmp_path: Path) -> None:
+    from weir_control.services import MAX_REFUSAL_KEYS, RefusalLog
+    from weir_control.store import open_store
+
+    store = open_store(str(tmp_path / "control.db"))
+    try:
+        log = RefusalLog(store)
+        for index in range(3 * MAX_REFUSAL_KEYS):  # a caller inventing method names
+            event = audit_pb2.AuditEvent(
+                actor="unknown-token", action=f"Registry/Invented{index}", result="UNAUTHENTICATED", detail="no"
+            )
+            log.record(event)
+        log.close()
+        await log.drain()
+        total = []
+        token = ""
+        while True:
+            page, token = store.list_audit(audit_pb2.ListAuditEventsRequest(page_size=1000, page_token=token))
+            total += page
+            if not token:
+                break
+        assert len(total) <= MAX_REFUSAL_KEYS + 2  # one per key, the overflow key and its count
+        assert sum(event.count for event in total) == 3 * MAX_REFUSAL_KEYS  # every refusal counted
+    finally:
+        store.close()

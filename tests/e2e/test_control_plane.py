@@ -344,6 +344,7 @@ def test_a_control_plane_killed_during_an_upload_leaves_no_ready_version(store_u
                 == 0
             )
         assert list((state_dir / "artifacts" / "blobs").glob("*/*")) == []  # nothing half-written published
+        assert list((state_dir / "artifacts" / "incoming").iterdir()) == []  # the partial file went at restart
     finally:
         if control.process.poll() is None:
             control.process.terminate()

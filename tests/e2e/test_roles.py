@@ -187,6 +187,26 @@ def test_every_data_plane_rpc_with_every_role_matches_the_role_table(
         server.terminate_and_wait()
 
 
+def test_a_data_plane_with_a_viewers_token_is_refused_and_says_why(control: ControlProcess, tmp_path: Path) -> None:
+    data_plane = start_weir(
+        tmp_path / "replica", "--model-control-mode", "explicit", "--control-plane", control.address,
+        "--replica-id", "misconfigured", env={"WEIR_TOKENS": TOKENS, "WEIR_CONTROL_PLANE_TOKEN": "t-replica"},
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: any("attaching needs a token of role 'replica'" in line for line in data_plane.log_lines),
+            message="the data plane to say its token was refused",
+        )
+        with grpc.insecure_channel(control.address) as channel:
+            replicas = deployments_pb2_grpc.DeploymentsStub(channel).ListReplicas(
+                deployments_pb2.ListReplicasRequest(), metadata=client_metadata("t-admin"), timeout=10
+            )
+        assert list(replicas.replicas) == []
+        assert not any("t-replica" in line for line in data_plane.log_lines)
+    finally:
+        data_plane.terminate_and_wait()
+
+
 # --- a fake replica ---------------------------------------------------------------------------------
 
 
