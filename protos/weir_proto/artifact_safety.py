@@ -294,7 +294,7 @@ def _check_tensor_pickle(data: bytes, where: str) -> None:
             elif op == "STACK_GLOBAL":
                 if len(recent) < 2 or not isinstance(recent[-2], str) or not isinstance(recent[-1], str):
                     raise UnsafeArtifactError(f"{where} name a computed global (STACK_GLOBAL)")
-                _check_global(recent[-2], recent[-1], where)  # type: ignore[arg-type]
+                _check_global(recent[-2], recent[-1], where)
                 recent.append(None)
             elif op in _STRING_OPCODES:
                 recent.append(argument if isinstance(argument, str) else None)

@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -280,7 +281,7 @@ async def explicit_server(tmp_path: Path) -> AsyncIterator[WeirServer]:
         await server.stop(grace_seconds=1)
 
 
-HOSTILE_OVERRIDES = {
+HOSTILE_OVERRIDES: dict[str, dict[str, Any]] = {
     "priority_levels": {"dynamic_batching": {"priority_levels": "18446744073709551615"}},
     "max_queue_delay_microseconds": {"dynamic_batching": {"max_queue_delay_microseconds": "18446744073709551615"}},
     "default_model_filename": {"default_model_filename": "/etc/passwd"},
