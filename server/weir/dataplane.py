@@ -20,7 +20,7 @@ from weir import codec
 from weir.cache import ResponseCache, response_cache_key
 from weir.datatypes import BYTES_INPUTS_ARE_TEXT
 from weir.enrichment import Enricher
-from weir.errors import FailedPreconditionError, PermissionDeniedError, WeirError
+from weir.errors import FailedPreconditionError, NotFoundError, PermissionDeniedError, WeirError, clip
 from weir.metrics import UNKNOWN_MODEL_LABEL, Metrics
 from weir.monitoring import RecordBuffer, Sample
 from weir.repository import LoadedVersion, ModelRepository
@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 
 # A response message, or (a cache hit) the serialized bytes of one.
 InferAnswer = pb.ModelInferResponse | bytes
+
+# A model is a directory of the repository and an endpoint's variants are models: no name of
+# either is longer than a file name (255 bytes). A longer one is refused before it is looked up
+# (and before a message can quote it whole).
+MAX_MODEL_NAME_CHARS = 255
 
 
 class Caller(Protocol):
@@ -85,6 +90,11 @@ class DataPlane:
         sticky_key = ""
         after_compute: Callable[[dict[str, np.ndarray]], None] | None = None
         try:
+            if len(request.model_name) > MAX_MODEL_NAME_CHARS:
+                raise NotFoundError(
+                    f"model_name: unknown model '{clip(request.model_name)}' (no model or endpoint name is longer "
+                    f"than {MAX_MODEL_NAME_CHARS} characters)"
+                )
             route = self.router.get(request.model_name)
             if route is None:
                 loaded = self._repository.resolve(request.model_name, request.model_version)

@@ -251,6 +251,19 @@ def test_a_100k_character_input_name_answers_invalid_argument_with_the_name_clip
     assert_still_serving(stub)
 
 
+def test_a_100k_character_model_name_answers_not_found_with_the_name_clipped(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub,
+) -> None:
+    request = claim_request([1], texts=[b"a"])
+    request.model_name = "m" * 100_000
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request, timeout=RPC_TIMEOUT)
+    details = caught.value.details() or ""
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND, (caught.value.code(), details[:200])
+    assert "model_name" in details and "(100000 characters)" in details and len(details) < 1000
+    assert_still_serving(stub)
+
+
 def test_a_request_for_classification_is_refused_not_ignored(capped_server: WeirProcess) -> None:
     """Finding 9: tritonclient's class_count asks for labels instead of the tensor."""
     tensor = grpcclient.InferInput("TEXT", [1], "BYTES")
