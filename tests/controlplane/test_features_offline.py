@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from weir_control.features import arrow_wire
 from weir_control.features.definitions import load_definitions, parse_definitions
 from weir_control.features.offline import get_historical_features, stream_historical_features
-from weir_proto.errors import InvalidArgumentError, NotFoundError
+from weir_proto.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 
 UTC = datetime.UTC
 
@@ -153,3 +154,19 @@ def test_bad_requests_and_definitions_name_what_is_wrong(definitions) -> None:
             },
             "f.toml",
         )  # fmt: skip
+
+
+def test_a_request_table_is_bounded_in_decoded_bytes() -> None:
+    """A client stream of Arrow messages cannot grow the control plane past the bound (checked batch by
+    batch as each message is decoded, IPC body compression included)."""
+    table = pa.table({"x": pa.array([0] * 100_000, pa.int64())})  # 800 kB decoded
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+        for batch in table.to_batches(max_chunksize=10_000):
+            writer.write_batch(batch)
+    payload = sink.getvalue().to_pybytes()
+    assert len(payload) < 10_000  # a small message inflating 80-fold
+    assert arrow_wire.decode(payload, "rows").equals(table)
+    with pytest.raises(ResourceExhaustedError, match=r"^rows: expected at most 512 MiB"):
+        arrow_wire.decode(payload, "rows", budget=500_000)

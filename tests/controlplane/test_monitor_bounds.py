@@ -217,6 +217,16 @@ def test_features_categories_and_names_are_bounded_and_drops_counted(store, tmp_
     assert "weir_monitoring_values_dropped" in metrics and "weir_monitoring_records_refused" in metrics
 
 
+def test_reference_windows_past_the_representable_times_are_refused(store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    monitor = make(store, tmp_path)
+    request = monitoring_pb2.SetReferenceRequest(endpoint="ep")
+    request.window.start.seconds, request.window.end.seconds = 0, 2**62
+    with pytest.raises(InvalidArgumentError, match=r"^window\.end: expected a time between years 1 and 9999"):
+        monitor.set_reference(request)
+    with pytest.raises(InvalidArgumentError, match=r"^windows: expected 0"):
+        monitor.report("ep", -1)
+
+
 def test_feedback_with_nan_or_infinite_labels_is_refused(store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     monitor = make(store, tmp_path)
     records = monitoring_pb2.InferenceRecords()

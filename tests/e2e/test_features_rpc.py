@@ -1,7 +1,8 @@
 """The feature store through the control plane (`weir control` as a real process, its feature root
-holding the test's files): definitions applied with relative sources, point-in-time historical retrieval streamed as Arrow both ways (the
-Python API and `weir features historical` agree with the local join), materialize, incremental
-materialize and push into the embedded store and into real Redis, and errors that name the field."""
+holding the test's files): definitions applied with relative sources, point-in-time historical
+retrieval streamed as Arrow both ways (the Python API and `weir features historical` agree with the
+local join), materialize, incremental materialize and push into the embedded store and into real
+Redis, and errors that name the field."""
 
 from __future__ import annotations
 
@@ -173,6 +174,17 @@ def test_feature_rpcs_refuse_bad_input_naming_the_field(control, tmp_path: Path)
             list(stub.GetHistoricalFeatures(garbage, metadata=client_metadata("t-deployer"), timeout=10))
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "arrow_ipc (entity rows): expected an Arrow IPC stream" in caught.value.details()
+        # a 100k-character name and a time past year 9999: named, not echoed whole, never INTERNAL
+        long_name = iter([features_pb2.HistoricalFeaturesRequest(feature_service="s" * 100_000)])
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.GetHistoricalFeatures(long_name, metadata=client_metadata("t-replica"), timeout=10))
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details() == "feature_service: expected at most 256 characters, got 100,000"
+        far = features_pb2.MaterializeRequest()
+        far.start.seconds, far.end.seconds = 0, 2**62
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Materialize(far, metadata=client_metadata("t-deployer"), timeout=10)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT and caught.value.details().startswith("end:")
     assert process.process.poll() is None  # nothing above hurt the server
 
 

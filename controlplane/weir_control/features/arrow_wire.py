@@ -8,9 +8,12 @@ from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 
-from weir_proto.errors import InvalidArgumentError
+from weir_proto.errors import InvalidArgumentError, ResourceExhaustedError
 
 MESSAGE_BYTES = 2 * 1024 * 1024  # target payload per message; a single huge row may exceed it
+# A request's table (entity rows, pushed rows), decoded, at most: a client stream cannot grow the control
+# plane without bound, however many messages it sends.
+MAX_TABLE_BYTES = 512 * 1024 * 1024
 
 
 def encode_batches(
@@ -34,10 +37,20 @@ def encode_table(table: pa.Table, message_bytes: int = MESSAGE_BYTES) -> Iterato
     yield from encode_batches(table.to_batches(), message_bytes)
 
 
-def decode(payload: bytes, field: str) -> pa.Table:
-    """One message's IPC stream; an unreadable one is the caller's bad input, named by ``field``."""
+def decode(payload: bytes, field: str, budget: int = MAX_TABLE_BYTES) -> pa.Table:
+    """One message's IPC stream; an unreadable one is the caller's bad input, named by ``field``. Read
+    batch by batch: past ``budget`` decoded bytes it stops with RESOURCE_EXHAUSTED."""
     try:
-        return pa.ipc.open_stream(payload).read_all()
+        reader = pa.ipc.open_stream(payload)
+        batches, size = [], 0
+        for batch in reader:
+            size += batch.nbytes
+            if size > budget:
+                raise ResourceExhaustedError(
+                    f"{field}: expected at most {MAX_TABLE_BYTES // 2**20} MiB of Arrow data per request, got more"
+                )
+            batches.append(batch)
+        return pa.Table.from_batches(batches, schema=reader.schema)
     except (pa.ArrowInvalid, OSError) as error:
         raise InvalidArgumentError(
             f"{field}: expected an Arrow IPC stream, got {len(payload)} unreadable bytes ({error})"

@@ -157,9 +157,9 @@ class FeaturesService(features_pb2_grpc.FeaturesServicer):
 
         def run() -> features_pb2.MaterializeResponse:
             definitions, store = self._current(), self._online_store()
-            views = list(request.views) or None
+            views = [_checked_name(view, "views") for view in request.views] or None
             if request.incremental:
-                end = request.end.ToDatetime(datetime.UTC) if request.HasField("end") else None
+                end = _time(request, "end") if request.HasField("end") else None
                 written = materialize.materialize_incremental(definitions, store, end, views, self._feature_root)
             else:
                 for field in ("start", "end"):
@@ -168,14 +168,14 @@ class FeaturesService(features_pb2_grpc.FeaturesServicer):
                 written = materialize.materialize(
                     definitions,
                     store,
-                    request.start.ToDatetime(datetime.UTC),
-                    request.end.ToDatetime(datetime.UTC),
+                    _time(request, "start"),
+                    _time(request, "end"),
                     views,
                     self._feature_root,
                 )
             return features_pb2.MaterializeResponse(written=written)
 
-        target = ",".join(request.views) or "features"
+        target = ",".join(request.views)[:500] or "features"
         action = "Features/Materialize" + ("Incremental" if request.incremental else "")
         return await self._auditor.run(context, action, target, lambda: None, run)
 
@@ -199,14 +199,37 @@ class FeaturesService(features_pb2_grpc.FeaturesServicer):
 
 
 async def _receive_table(requests: AsyncIterator[Any], name_field: str, rows_field: str) -> tuple[str, pa.Table]:
-    """The name from the first message and the table from every message's Arrow stream."""
+    """The name from the first message and the table from every message's Arrow stream, at most
+    ``arrow_wire.MAX_TABLE_BYTES`` of it."""
     name = ""
     tables = []
+    budget = arrow_wire.MAX_TABLE_BYTES
     async for request in requests:
-        name = name or getattr(request, name_field)
+        name = name or _checked_name(getattr(request, name_field), name_field)
         if request.arrow_ipc:
-            tables.append(await asyncio.to_thread(arrow_wire.decode, request.arrow_ipc, rows_field))
+            table = await asyncio.to_thread(arrow_wire.decode, request.arrow_ipc, rows_field, budget)
+            budget -= table.nbytes
+            tables.append(table)
     return name, arrow_wire.concat(tables, rows_field)
+
+
+MAX_NAME_CHARS = 256
+
+
+def _checked_name(name: str, field: str) -> str:
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidArgumentError(f"{field}: expected at most {MAX_NAME_CHARS} characters, got {len(name):,}")
+    return name
+
+
+def _time(request: Any, field: str) -> datetime.datetime:
+    try:
+        return getattr(request, field).ToDatetime(datetime.UTC)
+    except ValueError:
+        seconds = getattr(request, field).seconds
+        raise InvalidArgumentError(
+            f"{field}: expected a time between years 1 and 9999, got {seconds} seconds since 1970"
+        ) from None
 
 
 def _with_base_directory(text: str, base_directory: str) -> str:

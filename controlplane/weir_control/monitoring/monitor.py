@@ -348,7 +348,7 @@ class DriftMonitor:
         check_endpoint(request.endpoint)
         source = request.WhichOneof("source")
         if source == "window":
-            start, end = request.window.start.ToDatetime(datetime.UTC), request.window.end.ToDatetime(datetime.UTC)
+            start, end = _time(request.window, "start"), _time(request.window, "end")
             if end <= start:
                 raise InvalidArgumentError(f"window.end: expected a time after window.start ({start}), got {end}")
             profiles = self._store.drift_window_profiles(request.endpoint, start, end)
@@ -636,6 +636,16 @@ def _accuracy_dropped(correct: int, labelled: int, reference: float | None) -> b
         return reference is None  # no reference to confirm against: the detector decides alone
     accuracy = correct / labelled
     return (reference - accuracy) / math.sqrt(reference * (1.0 - reference) / labelled) > CONFIRMATION_Z
+
+
+def _time(window: monitoring_pb2.TimeRange, field: str) -> datetime.datetime:
+    moment = getattr(window, field)
+    try:
+        return moment.ToDatetime(datetime.UTC)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"window.{field}: expected a time between years 1 and 9999, got {moment.seconds} seconds since 1970"
+        ) from None
 
 
 def _ddm_rank(state: str) -> int:
