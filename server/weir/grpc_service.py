@@ -548,7 +548,12 @@ def _inflate(data: bytes, wbits: int, max_bytes: int, kind: str) -> bytes:
     return body
 
 
-def request_decoder(request_class: Any, max_bytes: int) -> Callable[[bytes], Any]:
+LARGE_BODY_BYTES = 1024 * 1024  # bodies from this size on are reported to ``on_large_body``
+
+
+def request_decoder(
+    request_class: Any, max_bytes: int, on_large_body: Callable[[int], None] | None = None
+) -> Callable[[bytes], Any]:
     """The request deserializer given to gRPC. It never raises (grpcio would answer UNKNOWN and log a
     traceback per body): a body that does not decode becomes a ``Refused`` the handler answers.
 
@@ -558,6 +563,8 @@ def request_decoder(request_class: Any, max_bytes: int) -> Callable[[bytes], Any
     parse = request_class.FromString
 
     def decode(data: bytes) -> Any:
+        if on_large_body is not None and len(data) >= LARGE_BODY_BYTES:
+            on_large_body(len(data))
         try:
             if data[:2] == _GZIP_MAGIC:
                 data = _inflate(data, 31, max_bytes, "gzip")
@@ -629,10 +636,14 @@ def _streaming(servicer: InferenceServicer, behaviour: Callable[..., AsyncIterat
 _CUT_SHORT = "server: shut down before this call finished (the shutdown grace period ran out); retry elsewhere"
 
 
-def generic_handler(servicer: InferenceServicer, max_message_bytes: int = 128 * 1024 * 1024) -> grpc.GenericRpcHandler:
+def generic_handler(
+    servicer: InferenceServicer,
+    max_message_bytes: int = 128 * 1024 * 1024,
+    on_large_body: Callable[[int], None] | None = None,
+) -> grpc.GenericRpcHandler:
     """Method handlers for every RPC of the service, built from the private descriptors. Every call
     passes the servicer's gate (UNAVAILABLE once shutdown began); bodies are decoded by
-    ``request_decoder`` within ``max_message_bytes``."""
+    ``request_decoder`` within ``max_message_bytes``, and large ones reported to ``on_large_body``."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in SERVICE.methods:
         request_class: Any = getattr(pb, method.input_type.name)
@@ -641,13 +652,13 @@ def generic_handler(servicer: InferenceServicer, max_message_bytes: int = 128 * 
         if method.client_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                 _streaming(servicer, behaviour),
-                request_deserializer=request_decoder(request_class, max_message_bytes),
+                request_deserializer=request_decoder(request_class, max_message_bytes, on_large_body),
                 response_serializer=_serializer(response_class),
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 _unary(servicer, behaviour),
-                request_deserializer=request_decoder(request_class, max_message_bytes),
+                request_deserializer=request_decoder(request_class, max_message_bytes, on_large_body),
                 response_serializer=_serializer(response_class),
             )
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)

@@ -180,6 +180,7 @@ class TransportMetrics:
     refused: Counter
     streams_paused: Gauge
     stream_backlog_bytes: Gauge
+    memory_trims: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> TransportMetrics:
@@ -195,6 +196,10 @@ class TransportMetrics:
             stream_backlog_bytes=Gauge(
                 "weir_stream_backlog_bytes", "Bytes held for ModelStreamInfer streams: requests being computed "
                 "and answers not yet sent.", registry=registry,
+            ),
+            memory_trims=Counter(
+                "weir_memory_trims", "Times freed memory was given back to the system after large requests "
+                "(glibc malloc_trim).", registry=registry,
             ),
         )  # fmt: skip
 

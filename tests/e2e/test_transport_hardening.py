@@ -9,11 +9,13 @@ since start, VmRSS the current one), so a regression fails here instead of exhau
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -217,6 +219,29 @@ def test_a_stream_whose_client_does_not_read_stops_being_read_and_resumes(server
 
     asyncio.run(scenario())
     assert metric(server, "weir_stream_backpressure_paused") == 0
+
+
+# --- memory after large requests ------------------------------------------------------------------------
+
+
+def test_memory_of_large_requests_is_given_back(server: WeirProcess, channel: grpc.Channel) -> None:
+    infer = channel.unary_unary(f"{SERVICE}/ModelInfer")
+    body = echo_request("large", elements=3 * MiB).SerializeToString()  # 12 MiB in, 12 MiB out
+    resident_before = status_field(server.process.pid, "VmRSS")
+    trims_before = metric(server, "weir_memory_trims_total")
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):
+            list(pool.map(lambda _: infer(body, timeout=RPC_TIMEOUT), range(8)))
+    resident_after_requests = status_field(server.process.pid, "VmRSS")
+    wait_until(lambda: metric(server, "weir_memory_trims_total") > trims_before)
+    # the trim that counts comes a quiet delay after the last request: give resident memory the time to drop
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: status_field(server.process.pid, "VmRSS") - resident_before < 48 * MiB, timeout=15)
+    resident = status_field(server.process.pid, "VmRSS")
+    assert resident - resident_before < 48 * MiB, (
+        f"resident memory: {resident_before / MiB:.0f} MiB before, {resident_after_requests / MiB:.0f} MiB after "
+        f"24 requests of 12 MiB, {resident / MiB:.0f} MiB after the trim"
+    )
 
 
 # --- shutdown -----------------------------------------------------------------------------------------
