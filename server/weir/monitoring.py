@@ -31,7 +31,12 @@ DEFAULT_SAMPLE_RATE = 0.1
 MAX_ELEMENTS = 32  # per row and tensor: more are summarised
 MAX_ROWS_PER_REQUEST = 16  # a sampled batch request contributes at most this many rows
 BUFFER_RECORDS = 10_000
+BUFFER_BYTES = 64 * 1024 * 1024
+"""Most tensor bytes the buffered samples may hold. A sample keeps references to its request's arrays
+(up to a whole message each); without a byte bound, 10,000 samples of large requests held back by a
+slow control plane could pin gigabytes."""
 TEXT_LIMIT = 64
+ID_LIMIT = 256  # characters of a client's request id or routing key kept in a record
 
 
 @dataclass(frozen=True)
@@ -76,9 +81,11 @@ class RecordBuffer:
     """Bounded: when the control plane is slow or away, new samples are dropped and counted, and the
     request path never waits."""
 
-    def __init__(self, capacity: int = BUFFER_RECORDS) -> None:
-        self._samples: collections.deque[Sample] = collections.deque()
+    def __init__(self, capacity: int = BUFFER_RECORDS, capacity_bytes: int = BUFFER_BYTES) -> None:
+        self._samples: collections.deque[tuple[Sample, int]] = collections.deque()
         self._capacity = capacity
+        self._capacity_bytes = capacity_bytes
+        self._bytes = 0
         self.sampled = 0
         self.dropped = 0
 
@@ -86,11 +93,15 @@ class RecordBuffer:
         return random.random() < rate
 
     def offer(self, sample: Sample) -> None:
-        if len(self._samples) >= self._capacity:
+        size = sum(array.nbytes for array in sample.inputs.values()) + sum(
+            array.nbytes for array in sample.outputs.values()
+        )
+        if len(self._samples) >= self._capacity or self._bytes + size > self._capacity_bytes:
             self.dropped += 1
             return
         self.sampled += 1
-        self._samples.append(sample)
+        self._bytes += size
+        self._samples.append((sample, size))
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -98,7 +109,9 @@ class RecordBuffer:
     def drain(self, limit: int) -> list[Sample]:
         taken: list[Sample] = []
         while self._samples and len(taken) < limit:
-            taken.append(self._samples.popleft())
+            sample, size = self._samples.popleft()
+            self._bytes -= size
+            taken.append(sample)
         return taken
 
 
@@ -115,8 +128,8 @@ def to_records(
                 endpoint=sample.endpoint,
                 variant=sample.variant,
                 version=sample.version,
-                request_id=sample.request_id if rows == 1 else f"{sample.request_id}#{row}",
-                routing_key=sample.routing_key,
+                request_id=sample.request_id[:ID_LIMIT] if rows == 1 else f"{sample.request_id[:ID_LIMIT]}#{row}",
+                routing_key=sample.routing_key[:ID_LIMIT],
                 latency_seconds=sample.latency_seconds,
             )
             record.at.FromNanoseconds(int(sample.at * 1e9))

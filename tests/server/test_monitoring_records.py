@@ -4,12 +4,22 @@ element, summarised for large tensors, text for BYTES, one per row of a batch.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from weir.errors import InvalidArgumentError
 from weir.model_config import normalize_config, parse_config_text
-from weir.monitoring import DEFAULT_SAMPLE_RATE, MAX_ELEMENTS, MonitoringSpec, RecordBuffer, Sample, to_records
+from weir.monitoring import (
+    DEFAULT_SAMPLE_RATE,
+    ID_LIMIT,
+    MAX_ELEMENTS,
+    MonitoringSpec,
+    RecordBuffer,
+    Sample,
+    to_records,
+)
 
 CONFIG = """
 max_batch_size: 8
@@ -47,6 +57,26 @@ def test_a_full_buffer_drops_and_counts_instead_of_waiting() -> None:
         buffer.offer(sample({"X": np.zeros((1, 3), np.float32)}, {}))
     assert (len(buffer), buffer.sampled, buffer.dropped) == (2, 2, 3)
     assert len(buffer.drain(10)) == 2 and len(buffer) == 0
+
+
+def test_the_buffer_also_bounds_the_tensor_bytes_its_samples_hold() -> None:
+    """Issue 14: samples keep their requests' arrays; a count alone let large requests pin gigabytes."""
+    buffer = RecordBuffer(capacity=100, capacity_bytes=3 * 4096)
+    large = np.zeros((1, 1024), np.float32)  # 4096 bytes
+    for _ in range(5):
+        buffer.offer(sample({"X": large}, {}))
+    assert (len(buffer), buffer.sampled, buffer.dropped) == (3, 3, 2)
+    buffer.drain(1)
+    buffer.offer(sample({"X": large}, {}))  # room again once the sender took one
+    assert (len(buffer), buffer.sampled) == (3, 4)
+
+
+def test_records_keep_a_bounded_request_id_and_routing_key() -> None:
+    long = dataclasses.replace(
+        sample({"X": np.zeros((1, 3), np.float32)}, {}), request_id="r" * 100_000, routing_key="k" * 100_000
+    )
+    (record,) = to_records([long])
+    assert record.request_id == "r" * ID_LIMIT and record.routing_key == "k" * ID_LIMIT
 
 
 def test_records_name_elements_summarise_large_tensors_and_split_batches() -> None:
