@@ -23,8 +23,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from weir_proto.artifact_safety import check_expected_kind, inspect_artifact
+from google.protobuf import text_format
+
+from weir_proto.artifact_safety import ArtifactKind, check_expected_kind, export_user_input_count, inspect_artifact
 from weir_proto.errors import InternalError, InvalidArgumentError, NotFoundError
+from weir_proto.inference import messages as inference
 
 CHUNK_BYTES = 1 << 20  # streamed in 1 MiB pieces: large models never sit in memory whole
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -36,12 +39,27 @@ def check_sha256(field: str, value: str) -> str:
     return value
 
 
-def check_model_artifact(path: Path, artifact_filename: str) -> None:
+def check_model_artifact(path: Path, artifact_filename: str, config_pbtxt: str = "") -> None:
     """Refuse a model file the data planes must never load: any pickled payload, anything but a
-    TorchScript/torch.export archive, or an archive whose kind its name contradicts. Reads the zip
-    only: nothing is unpickled and torch is not imported in the control plane."""
+    TorchScript/torch.export archive, an archive whose kind its name contradicts, or a torch.export
+    program taking fewer inputs than ``config_pbtxt`` declares (the data plane passes one per input).
+    Reads the zip only: nothing is unpickled and torch is not imported in the control plane."""
     where = f"artifact {artifact_filename!r}"
-    check_expected_kind(inspect_artifact(path, where), artifact_filename, where)
+    kind = inspect_artifact(path, where)
+    check_expected_kind(kind, artifact_filename, where)
+    if kind == ArtifactKind.EXPORT and config_pbtxt:
+        config = inference.ModelConfig()
+        try:
+            text_format.Parse(config_pbtxt, config)
+        except text_format.ParseError:
+            return  # the upload's config is checked (and refused) when the upload begins
+        takes = export_user_input_count(path)
+        if takes is not None and takes < len(config.input):
+            raise InvalidArgumentError(
+                f"{where}: the torch.export program takes {takes} inputs, config_pbtxt declares {len(config.input)} "
+                f"({', '.join(repr(tensor.name[:64]) for tensor in config.input)}): the data plane passes one "
+                "argument per declared input"
+            )
 
 
 @dataclass(frozen=True)
@@ -55,12 +73,18 @@ class BlobWriter:
     With ``artifact_filename``, the bytes are a model file and must pass ``check_model_artifact``."""
 
     def __init__(
-        self, store: ArtifactStore, expected_sha256: str, expected_size: int, artifact_filename: str = ""
+        self,
+        store: ArtifactStore,
+        expected_sha256: str,
+        expected_size: int,
+        artifact_filename: str = "",
+        config_pbtxt: str = "",
     ) -> None:
         self._store = store
         self._expected_sha256 = expected_sha256
         self._expected_size = expected_size
         self._artifact_filename = artifact_filename
+        self._config_pbtxt = config_pbtxt
         descriptor, name = tempfile.mkstemp(dir=store.incoming, prefix="upload-")
         self._path = Path(name)
         self._file = os.fdopen(descriptor, "wb")
@@ -93,7 +117,7 @@ class BlobWriter:
             )
         if self._artifact_filename:
             try:
-                check_model_artifact(self._path, self._artifact_filename)
+                check_model_artifact(self._path, self._artifact_filename, self._config_pbtxt)
             except BaseException:
                 self.discard()  # a refused artifact never enters the store
                 raise
@@ -121,10 +145,14 @@ class ArtifactStore:
     def path_of(self, sha256: str) -> Path:
         return self.blobs / sha256[:2] / sha256
 
-    def writer(self, expected_sha256: str, expected_size: int, artifact_filename: str = "") -> BlobWriter:
+    def writer(
+        self, expected_sha256: str, expected_size: int, artifact_filename: str = "", config_pbtxt: str = ""
+    ) -> BlobWriter:
         """A writer for one upload; with ``artifact_filename`` (model.pt, model.pt2) the bytes must be
-        a safe model file of that kind (``check_model_artifact``) before they are stored."""
-        return BlobWriter(self, check_sha256("artifact_sha256", expected_sha256), expected_size, artifact_filename)
+        a safe model file of that kind, consistent with ``config_pbtxt`` (``check_model_artifact``),
+        before they are stored."""
+        checked = check_sha256("artifact_sha256", expected_sha256)
+        return BlobWriter(self, checked, expected_size, artifact_filename, config_pbtxt)
 
     def put(self, chunks: Iterable[bytes], sha256: str, size: int = 0) -> StoredBlob:
         writer = self.writer(sha256, size)

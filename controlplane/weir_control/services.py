@@ -554,9 +554,11 @@ class _Upload:
             raise InvalidArgumentError(f"artifact_size: expected 0 (unknown) or more, got {header.artifact_size}")
         signature = signature_from_config(header.config_pbtxt, header.artifact_filename)
         self.version = self._store.begin_version(header, signature)
-        # The artifact is checked before it is stored (no pickled payload, the kind its name says): a
-        # refused one makes the version FAILED with the reason, never READY.
-        self._writer = self._artifacts.writer(header.artifact_sha256, header.artifact_size, header.artifact_filename)
+        # The artifact is checked before it is stored (no pickled payload, the kind its name says, as
+        # many inputs as the config declares): a refused one makes the version FAILED with the reason.
+        self._writer = self._artifacts.writer(
+            header.artifact_sha256, header.artifact_size, header.artifact_filename, header.config_pbtxt
+        )
         return self._store.get_version(header.model_name, self.version)
 
     def write(self, chunk: bytes) -> None:

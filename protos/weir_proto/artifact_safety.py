@@ -35,6 +35,7 @@ from weir_proto.errors import InvalidArgumentError
 MAX_CONFIG_BYTES = 64 * 1024 * 1024  # a weights/constants config JSON
 MAX_SAMPLE_INPUTS_BYTES = 256 * 1024 * 1024  # a torch.export archive's sample inputs (a torch.save zip)
 MAX_PICKLE_BYTES = 64 * 1024 * 1024  # one pickle scanned inside the sample inputs
+MAX_PROGRAM_BYTES = 64 * 1024 * 1024  # a torch.export program's JSON read for its signature
 
 _PICKLE_PROTOCOL_PREFIXES = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
 _ZIP_PREFIX = b"PK\x03\x04"
@@ -157,6 +158,25 @@ def check_expected_kind(kind: ArtifactKind, filename: str, where: str) -> None:
             f"{where}: artifact_filename {filename!r} expects a {expected.value} archive, the file is a "
             f"{kind.value} archive"
         )
+
+
+def export_user_input_count(path: Path) -> int | None:
+    """How many user inputs a torch.export archive's program takes (from its models/*.json, nothing
+    loaded), or None when the archive does not say (no single program, or one too large to read here)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            programs = [
+                info
+                for info in archive.infolist()
+                if _relative(info.filename).startswith("models/") and info.filename.endswith(".json")
+            ]
+            if len(programs) != 1 or programs[0].file_size > MAX_PROGRAM_BYTES:
+                return None
+            document = json.loads(_read_bounded(archive, programs[0], MAX_PROGRAM_BYTES, str(path)))
+        specs = document["graph_module"]["signature"]["input_specs"]
+        return sum(1 for spec in specs if isinstance(spec, dict) and "user_input" in spec)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, UnsafeArtifactError):
+        return None
 
 
 def _relative(name: str) -> str:

@@ -155,3 +155,19 @@ def test_sample_inputs_may_hold_tensors_only_whatever_the_pickle_protocol(tmp_pa
 def _write(path: Path, members: dict[str, bytes]) -> Path:
     path.write_bytes(zip_members(members))
     return path
+
+
+def test_an_export_program_must_take_every_input_the_config_declares(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    data = zip_members(exported_members())  # Scale takes one input
+    one = 'max_batch_size: 4 input [ { name: "x" data_type: TYPE_FP32 dims: [ 3 ] } ] output [ { name: "y" data_type: TYPE_FP32 dims: [ 3 ] } ]'  # noqa: E501
+    two = one.replace("input [ {", 'input [ { name: "extra" data_type: TYPE_FP32 dims: [ 3 ] }, {')
+    writer = store.writer(hashlib.sha256(data).hexdigest(), len(data), "model.pt2", two)
+    writer.write(data)
+    with pytest.raises(InvalidArgumentError) as caught:
+        writer.commit()
+    assert "takes 1 inputs, config_pbtxt declares 2" in caught.value.message
+    assert _nothing_stored(tmp_path / "store")
+    writer = store.writer(hashlib.sha256(data).hexdigest(), len(data), "model.pt2", one)
+    writer.write(data)
+    assert writer.commit().size == len(data)
