@@ -41,6 +41,11 @@ from weir_proto.errors import InvalidArgumentError
 VALUE_TYPES = ("INT64", "STRING")
 DTYPES = ("INT64", "INT32", "FLOAT64", "FLOAT32", "BOOL", "STRING")
 FRESHNESS = {"static": None, "batch": 86400.0, "near-real-time": 300.0, "real-time": 5.0}  # max age, seconds
+# Bounds on a document (it reaches every data plane): entries per table, features per view, name length, TTL.
+MAX_ENTRIES = 1000
+MAX_VIEW_FEATURES = 1000
+MAX_NAME_CHARS = 256
+MAX_TTL_SECONDS = 100 * 365 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,13 @@ def parse_definitions(document: dict[str, Any], source: str, base: Path | None =
         if not isinstance(declared_base, str) or not Path(declared_base).is_absolute():
             raise InvalidArgumentError(f"{source}: base_directory: expected an absolute path, got {declared_base!r}")
         base = Path(declared_base)
+    for table in ("entity", "feature_view", "feature_service"):
+        entries = document.get(table, [])
+        if not isinstance(entries, list) or len(entries) > MAX_ENTRIES:
+            count = len(entries) if isinstance(entries, list) else type(entries).__name__
+            raise InvalidArgumentError(
+                f"{source}: {table}: expected at most {MAX_ENTRIES} [[{table}]] tables, got {count}"
+            )
     entities: dict[str, Entity] = {}
     for index, item in enumerate(document.get("entity", [])):
         where = f"{source}: entity #{index + 1}"
@@ -130,8 +142,12 @@ def parse_definitions(document: dict[str, Any], source: str, base: Path | None =
             raise InvalidArgumentError(f"{where} source: expected a Parquet file, glob or directory, got none")
         if base is not None and not Path(source_path).is_absolute():
             source_path = str(base / source_path)
+        declared = item.get("features", [])
+        if not isinstance(declared, list) or len(declared) > MAX_VIEW_FEATURES:
+            count = len(declared) if isinstance(declared, list) else type(declared).__name__
+            raise InvalidArgumentError(f"{where} features: expected at most {MAX_VIEW_FEATURES} features, got {count}")
         features = []
-        for position, feature in enumerate(item.get("features", [])):
+        for position, feature in enumerate(declared):
             feature_name = _name(feature, f"{where} features #{position + 1}")
             dtype = str(feature.get("dtype", "")).upper()
             if dtype not in DTYPES:
@@ -145,8 +161,10 @@ def parse_definitions(document: dict[str, Any], source: str, base: Path | None =
         if freshness not in FRESHNESS:
             raise InvalidArgumentError(f"{where} freshness: expected one of {sorted(FRESHNESS)}, got {freshness!r}")
         ttl = item.get("ttl_seconds", 0)
-        if not isinstance(ttl, (int, float)) or ttl < 0:
-            raise InvalidArgumentError(f"{where} ttl_seconds: expected 0 or more seconds, got {ttl!r}")
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 <= ttl <= MAX_TTL_SECONDS:
+            raise InvalidArgumentError(
+                f"{where} ttl_seconds: expected 0 to {MAX_TTL_SECONDS:.0f} seconds (100 years), got {ttl!r}"
+            )
         views[name] = FeatureView(
             name=name,
             entities=tuple(view_entities),
@@ -187,6 +205,14 @@ def parse_definitions(document: dict[str, Any], source: str, base: Path | None =
 
 def _name(item: Any, where: str) -> str:
     name = item.get("name") if isinstance(item, dict) else None
-    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise InvalidArgumentError(f"{where} name: expected letters, digits, '_' or '-', got {name!r}")
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > MAX_NAME_CHARS
+        or not name.replace("_", "").replace("-", "").isalnum()
+    ):
+        shown = name[:MAX_NAME_CHARS] + "..." if isinstance(name, str) and len(name) > MAX_NAME_CHARS else name
+        raise InvalidArgumentError(
+            f"{where} name: expected up to {MAX_NAME_CHARS} letters, digits, '_' or '-', got {shown!r}"
+        )
     return name

@@ -5,6 +5,7 @@ data, several views, input order kept, streaming."""
 from __future__ import annotations
 
 import datetime
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -170,3 +171,24 @@ def test_a_request_table_is_bounded_in_decoded_bytes() -> None:
     assert arrow_wire.decode(payload, "rows").equals(table)
     with pytest.raises(ResourceExhaustedError, match=r"^rows: expected at most 512 MiB"):
         arrow_wire.decode(payload, "rows", budget=500_000)
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"feature_view": [{"name": "v", "entities": ["e"], "source": "x", "ttl_seconds": math.nan}]}, "ttl_seconds"),
+        ({"feature_view": [{"name": "v", "entities": ["e"], "source": "x", "ttl_seconds": math.inf}]}, "ttl_seconds"),
+        ({"feature_view": [{"name": "v", "entities": ["e"], "source": "x", "ttl_seconds": True}]}, "ttl_seconds"),
+        ({"feature_view": [{"name": "v", "entities": ["e"], "source": "x", "features": [{}] * 1001}]}, "at most 1000"),
+        ({"feature_view": [{"name": f"v{index}"} for index in range(1001)]}, "at most 1000 \\[\\[feature_view\\]\\]"),
+        ({"entity": [{"name": "e" * 300}]}, "name: expected up to 256"),
+    ],
+)
+def test_definitions_numbers_counts_and_names_are_bounded(document: dict, message: str) -> None:
+    """A TOML document may say nan or inf; a TTL of NaN once reached DuckDB as INTERVAL nan (INTERNAL)."""
+    document = {"entity": [{"name": "e"}], **document}
+    features = [{"name": "a", "dtype": "INT64"}]
+    for view in document.get("feature_view", []):
+        view.setdefault("features", features)
+    with pytest.raises(InvalidArgumentError, match=message):
+        parse_definitions(document, "f.toml")
