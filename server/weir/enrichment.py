@@ -42,6 +42,7 @@ DEFAULT_PARAMETER = "weir_feature_default"
 DEFAULT_ENTITY_PARAMETER = "entity_key"
 CACHE_SECONDS = 1.0
 CACHE_ENTRIES = 100_000
+MAX_ENTITY_KEY_CHARS = 256  # an entity key is an id; the cache keeps up to CACHE_ENTRIES of them
 
 
 @dataclass(frozen=True)
@@ -149,12 +150,17 @@ class Enricher:
                 f"'{spec.service}', got none"
             )
         key = str(getattr(parameter, parameter.WhichOneof("parameter_choice")))
+        if len(key) > MAX_ENTITY_KEY_CHARS:
+            raise InvalidArgumentError(
+                f"parameters['{spec.entity_parameter}']: expected an entity key of at most {MAX_ENTITY_KEY_CHARS} "
+                f"characters, got '{clip(key)}'"
+            )
         values = await self._values(spec, key)
         tensor = request.inputs.add(name=spec.feature_input, datatype="FP32", shape=[1, values.size])
         if request.raw_input_contents:
             request.raw_input_contents.append(values.tobytes())
         else:
-            tensor.contents.fp32_contents.extend(values.tolist())
+            tensor.contents.fp32_contents.extend(values.reshape(-1).tolist())
 
     async def _values(self, spec: EnrichmentSpec, key: str) -> np.ndarray:
         now = time.monotonic()

@@ -35,7 +35,11 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import WeirProcess, inprocess_settings, serving, write_torchscript_model
+from weir.enrichment import MAX_ENTITY_KEY_CHARS, Enricher, EnrichmentSpec
+from weir.errors import InvalidArgumentError
 from weir.server import WeirServer
+from weir_proto.feature_definitions import parse_definitions
+from weir_proto.online_store import SqliteOnlineStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -301,3 +305,36 @@ def test_outputs_asked_as_typed_contents_are_refused(stub: service_pb2_grpc.GRPC
     assert "'binary_data'" in (caught.value.details() or "")
     request.outputs[0].parameters["binary_data"].bool_param = True  # what Weir does anyway: answered
     assert np.frombuffer(stub.ModelInfer(request, timeout=RPC_TIMEOUT).raw_output_contents[0], "<i8").tolist() == [3]
+
+
+# --- enrichment: an entity key is an id, not a buffer -----------------------------------------------
+
+
+async def test_an_entity_key_longer_than_an_id_is_refused_before_the_store_or_the_cache(tmp_path: Path) -> None:
+    """The enricher caches up to 100,000 keys: unbounded keys let one client pin gigabytes."""
+    definitions = parse_definitions(
+        {
+            "entity": [{"name": "user"}],
+            "feature_view": [
+                {"name": "stats", "entities": ["user"], "source": "x", "features": [{"name": "v", "dtype": "FLOAT32"}]}
+            ],
+            "feature_service": [{"name": "svc", "features": ["stats:v"]}],
+        },
+        "test",
+    )
+    store = SqliteOnlineStore(tmp_path / "online.db")
+    store.write("stats", [("u" * MAX_ENTITY_KEY_CHARS, time.time(), {"v": 1.5})])
+    enricher = Enricher(definitions, store, "SQLite")
+    spec = EnrichmentSpec("svc", "features", "user_id", None)
+    try:
+        request = service_pb2.ModelInferRequest(model_name="m")
+        request.parameters["user_id"].string_param = "u" * 100_000
+        with pytest.raises(InvalidArgumentError) as caught:
+            await enricher.enrich(request, spec)  # type: ignore[arg-type]
+        assert "parameters['user_id']" in caught.value.message and "(100000 characters)" in caught.value.message
+        request.parameters["user_id"].string_param = "u" * MAX_ENTITY_KEY_CHARS  # at the limit: enriched
+        await enricher.enrich(request, spec)  # type: ignore[arg-type]
+        # A request with typed contents gets typed features (they once went in as a nested list: INTERNAL).
+        assert list(request.inputs[0].contents.fp32_contents) == [1.5]
+    finally:
+        await enricher.aclose()
