@@ -127,6 +127,22 @@ def parent_of(pid: int) -> int:
     return int(stat[stat.rfind(")") + 2 :].split()[1])
 
 
+def job_workers(job_id: str, attempt: int = 1) -> dict[int, int]:
+    """rank -> pid of a job's torchrun workers, as this test sees them: found by their environment, since
+    the pids a job sees (and writes) are those of its own pid namespace."""
+    workers = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = (entry / "environ").read_bytes() if entry.name.isdigit() else b""
+        except OSError:
+            continue
+        variables = dict(item.split(b"=", 1) for item in environ.split(b"\0") if b"=" in item)
+        ours = (variables.get(b"WEIR_JOB_ID"), variables.get(b"WEIR_JOB_ATTEMPT")) == (job_id.encode(), b"%d" % attempt)
+        if ours and b"LOCAL_RANK" in variables:
+            workers[int(variables[b"RANK"])] = int(entry.name)
+    return workers
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -198,7 +214,7 @@ def test_a_worker_killed_mid_run_is_retried_and_resumes_from_its_checkpoint(cont
     submit(control, "resume", code, "--param", "epochs=8", "--param", "epoch_sleep=0.5", "--max-retries", "1")
     wait_until(lambda: control.job("resume").metrics.get("loss", 0) and control.job("resume").progress.epoch >= 3,
                60, "three epochs done")  # fmt: skip
-    worker = int((control.job_dir("resume") / "pid-1-0").read_text())
+    worker = job_workers("resume")[0]
     os.kill(worker, signal.SIGKILL)  # mid-epoch: torchrun sees a worker die and exits non-zero
     job = control.wait_state("resume", Job.SUCCEEDED, Job.FAILED)
     log = control.log("resume")
@@ -212,7 +228,8 @@ def test_cancel_ends_every_process_of_a_job(control: Control, code: Path) -> Non
     submit(control, "long", code, "--processes", "2", "--param", "epochs=100", "--param", "epoch_sleep=0.5")
     wait_until(lambda: len(list(control.job_dir("long").glob("pid-1-*"))) == 2 and control.job("long").metrics,
                60, "both workers started")  # fmt: skip
-    workers = [int(path.read_text()) for path in control.job_dir("long").glob("pid-1-*")]
+    workers = list(job_workers("long").values())
+    assert len(workers) == 2
     cancelled = cli(control.process, "train", "cancel", "long")
     assert cancelled["state"] == "CANCELLED" and "cancelled by ci" in cancelled["reason"]
     wait_until(lambda: not any(pid_alive(pid) for pid in workers), 20, "every worker gone")
@@ -226,7 +243,7 @@ def test_a_control_plane_restart_during_runs_leaves_no_job_in_a_wrong_state(cont
     submit(control, "vanishes", code, "--param", "epochs=100", "--param", "epoch_sleep=0.5")
     for job_id in ("outlives", "ends-meanwhile", "vanishes"):
         wait_until(lambda job_id=job_id: control.job(job_id).progress.epoch >= 1, 60, f"{job_id} running")
-    worker = int(control.job_dir("vanishes").joinpath("pid-1-0").read_text())
+    worker = job_workers("vanishes")[0]
     control.stop(kill=True)  # the control plane dies; its jobs run on in their own sessions
     torchrun = parent_of(worker)
     os.killpg(os.getpgid(torchrun), signal.SIGKILL)  # ... except this one: launcher and torchrun,
@@ -304,10 +321,12 @@ def test_bad_submissions_name_the_field(control: Control, code: Path) -> None:
         assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_the_built_in_trainer_registers_a_ready_version_with_lineage(control: Control, tmp_path: Path) -> None:
+def test_the_built_in_trainer_registers_a_ready_version_with_lineage(control: Control) -> None:
     from examples.training_data import build_training_data
 
-    definitions, entities = build_training_data(tmp_path / "data", rows=1500)
+    # in the feature root, which jobs may read (running as the job user, they see no other part of the
+    # control plane's state directory)
+    definitions, entities = build_training_data(control.state_dir / "features" / "data", rows=1500)
     cli(control.process, "features", "apply", str(definitions))
     cli(control.process, "train", "submit", "churn-1", "--builtin", "mlp", "--param", f"entities={entities}",
         "--param", "feature_service=churn", "--param", "label=churned", "--param", "epochs=6",

@@ -191,7 +191,8 @@ def prepare(job_user: str, jobs_dir: Path, hidden: list[Path], readable: list[Pa
     hidden_paths = tuple(sorted({str(path.resolve()) for path in [jobs_dir, *hidden] if path is not None}))
     if unshare and _can_unshare(unshare):
         log.info("training jobs run isolated", extra={"user": user, "uid": uid, "namespaces": "mount,pid"})
-        needed = sorted({*python_paths(), *(str(path.resolve()) for path in readable if path.is_dir())})
+        # readable paths may appear later (the feature root): each attempt binds those that exist by then
+        needed = sorted({*python_paths(), *(str(path.resolve()) for path in readable)})
         return JobSandbox(user, uid, gid, True, unshare, hidden_paths, tuple(needed))
     problem = _reaches(uid, gid, jobs_dir)
     if problem:
