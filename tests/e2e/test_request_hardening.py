@@ -330,10 +330,10 @@ async def test_an_entity_key_longer_than_an_id_is_refused_before_the_store_or_th
         request = service_pb2.ModelInferRequest(model_name="m")
         request.parameters["user_id"].string_param = "u" * 100_000
         with pytest.raises(InvalidArgumentError) as caught:
-            await enricher.enrich(request, spec)  # type: ignore[arg-type]
+            await enricher.enrich(request, spec)
         assert "parameters['user_id']" in caught.value.message and "(100000 characters)" in caught.value.message
         request.parameters["user_id"].string_param = "u" * MAX_ENTITY_KEY_CHARS  # at the limit: enriched
-        await enricher.enrich(request, spec)  # type: ignore[arg-type]
+        await enricher.enrich(request, spec)
         # A request with typed contents gets typed features (they once went in as a nested list: INTERNAL).
         assert list(request.inputs[0].contents.fp32_contents) == [1.5]
     finally:
