@@ -38,8 +38,12 @@ output [ { name: "STATS" data_type: TYPE_FP32 dims: [ -1, 2 ] }, { name: "UPPER"
 
 
 def chaos_repository(template: Path, target: Path) -> Path:
-    """The demo repository (mlp_classifier, mlp_export, text_stats) plus text_flat."""
+    """The demo repository (mlp_classifier, mlp_export, text_stats) plus text_flat, and scratch (a copy
+    of mlp_classifier that hostile RepositoryModelLoad configs are tried on)."""
     shutil.copytree(template, target, dirs_exist_ok=True)
+    shutil.copytree(target / "mlp_classifier", target / "scratch", dirs_exist_ok=True)
+    config = target / "scratch" / "config.pbtxt"
+    config.write_text(config.read_text().replace("mlp_classifier", "scratch"))
     (target / "text_flat" / "1").mkdir(parents=True, exist_ok=True)
     torch.jit.save(torch.jit.script(build_demo_repository.TextStats()), str(target / "text_flat" / "1" / "model.pt"))
     (target / "text_flat" / "config.pbtxt").write_text(TEXT_FLAT_CONFIG)

@@ -15,6 +15,7 @@ INTERNAL (an allocation refused under the cap) for the gzip bomb, RESOURCE_EXHAU
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,3 +147,33 @@ def test_a_100k_character_input_name(probe: WeirProcess) -> None:
         unary(channel, "ModelInfer", pb.ModelInferResponse)(request, timeout=RPC_TIMEOUT)
     assert_refused(raised.value, grpc.StatusCode.INVALID_ARGUMENT)
     assert len(raised.value.details()) < 4096
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"dynamic_batching": {"priority_levels": "18446744073709551615"}}, id="priority_levels-2^64-1"),
+        pytest.param({"dynamic_batching": {"priority_levels": "1000000"}}, id="priority_levels-1000000"),
+        pytest.param({"model_warmup": [{"name": "w", "batch_size": 64, "count": 4294967295, "inputs": {
+            "INPUT__0": {"data_type": "TYPE_FP32", "dims": ["256"], "zero_data": True}}}]}, id="warm-up-count-2^32-1"),
+    ],
+)  # fmt: skip
+def test_a_hostile_load_config_is_refused_within_the_memory_bound(probe: WeirProcess, change: dict) -> None:
+    """Finding 4: priority_levels 1000000 cost +1.5 GB and seconds; 2^64-1 never answered and grew
+    until killed. Refused at once now, with the field named."""
+    config = {
+        "name": "scratch", "backend": "pytorch", "max_batch_size": 64,
+        "input": [{"name": "INPUT__0", "data_type": "TYPE_FP32", "dims": ["256"]}],
+        "output": [{"name": "OUTPUT__0", "data_type": "TYPE_FP32", "dims": ["10"]}],
+        **change,
+    }  # fmt: skip
+    request = pb.RepositoryModelLoadRequest(model_name="scratch")
+    request.parameters["config"].string_param = json.dumps(config)
+    with (
+        grpc.insecure_channel(probe.grpc_url, options=channel_options()) as channel,
+        pytest.raises(grpc.RpcError) as raised,
+    ):
+        unary(channel, "RepositoryModelLoad", pb.RepositoryModelLoadResponse)(request, timeout=60)
+    assert_refused(raised.value, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+    field = next(iter(change))
+    assert field in raised.value.details(), raised.value.details()
