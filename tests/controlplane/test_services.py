@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import math
 import urllib.request
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,24 +39,23 @@ output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
 TOKENS = "root:admin:t-admin,ci:deployer:t-deployer,dashboard:viewer:t-viewer,node:replica:t-node"
 ADMIN, DEPLOYER, VIEWER = client_metadata("t-admin"), client_metadata("t-deployer"), client_metadata("t-viewer")
 REPLICA = client_metadata("t-node")
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+        self.register_buffer("padding", torch.arange(600_000, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
 def _torchscript_artifact() -> bytes:
     """A real TorchScript file (the registry checks what it stores), ~2.4 MB: several chunks."""
-    import io
-
-    import torch
-
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = torch.nn.Linear(4, 2)
-            self.register_buffer("padding", torch.arange(600_000, dtype=torch.float32))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.linear(x)
-
     torch.manual_seed(0)
     buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(Net()), buffer)
+    torch.jit.save(torch.jit.script(_Net()), buffer)
     return buffer.getvalue()
 
 
@@ -658,6 +659,15 @@ async def test_names_are_checked_and_searches_bounded_at_the_edge(control) -> No
         )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "name_contains: expected at most 256 characters, got 100000" in refused.value.details()
+    for call in (
+        client.registry.SearchModelVersions(
+            registry_pb2.SearchModelVersionsRequest(tags={"k" * 100_000: "v"}), metadata=VIEWER
+        ),
+        client.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(target_prefix="t" * 100_000), metadata=VIEWER),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_an_alias_that_endpoints_follow_cannot_be_deleted(control) -> None:
@@ -757,3 +767,25 @@ async def test_the_refusal_log_is_bounded_whatever_the_keys(tmp_path: Path) -> N
         assert sum(event.count for event in total) == 3 * MAX_REFUSAL_KEYS  # every refusal counted
     finally:
         store.close()
+
+
+def test_a_replicas_drift_records_are_bounded_per_message_and_per_second() -> None:
+    from weir_control.attach import MAX_RECORDS_PER_MESSAGE, MAX_RECORDS_PER_SECOND, _Replica
+    from weir_proto.control.v1 import monitoring_pb2
+
+    now = [100.0]
+    replica = _Replica(deployments_pb2.Hello(replica_id="r1"), "node", clock=lambda: now[0])
+    flood = monitoring_pb2.InferenceRecords(
+        records=[monitoring_pb2.InferenceRecord() for _ in range(MAX_RECORDS_PER_MESSAGE + 3000)], dropped=7
+    )
+    admitted = [len(replica.admit_records(flood).records) for _ in range(6)]
+    per_second = MAX_RECORDS_PER_SECOND // MAX_RECORDS_PER_MESSAGE
+    assert admitted == [MAX_RECORDS_PER_MESSAGE] * per_second + [0] * (6 - per_second)
+    assert replica.admit_records(flood).dropped == 7  # the replica's own drop count passes on
+    now[0] += 0.5  # half a second later: half a second's allowance
+    assert len(replica.admit_records(flood).records) == MAX_RECORDS_PER_MESSAGE
+    assert len(replica.admit_records(flood).records) == MAX_RECORDS_PER_SECOND // 2 - MAX_RECORDS_PER_MESSAGE
+    small = monitoring_pb2.InferenceRecords(records=[monitoring_pb2.InferenceRecord()] * 10)
+    now[0] += 10
+    assert replica.admit_records(small) is small  # within bounds: handed on as it came
+    assert replica.dropped_records > 0

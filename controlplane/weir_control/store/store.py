@@ -185,11 +185,7 @@ class Store:
             raise InvalidArgumentError(
                 f"name_contains: expected at most {MAX_SEARCH_TEXT} characters, got {len(name_contains)}"
             )
-        if len(tags) > 32 or any(len(key) > MAX_SEARCH_TEXT or len(value) > 1024 for key, value in tags.items()):
-            raise InvalidArgumentError(
-                f"tags: expected at most 32 tag filters, keys of at most {MAX_SEARCH_TEXT} characters and values of "
-                f"at most 1024, got {len(tags)} filter(s)"
-            )
+        _check_tag_filters(tags)
         query = select(REGISTERED_MODELS.c.name).order_by(REGISTERED_MODELS.c.name).limit(limit + 1)
         if name_contains:
             query = query.where(func.lower(REGISTERED_MODELS.c.name).contains(name_contains.lower(), autoescape=True))
@@ -327,6 +323,11 @@ class Store:
         page_token: str,
     ) -> tuple[list[registry_pb2.ModelVersion], str]:
         limit = _page_size(page_size)
+        _check_tag_filters(tags)
+        if len(model_name) > MAX_NAME_LENGTH:
+            raise InvalidArgumentError(
+                f"model_name: expected at most {MAX_NAME_LENGTH} characters, got {len(model_name)}"
+            )
         columns = MODEL_VERSIONS.c
         query = (
             select(columns.model_name, columns.version).order_by(columns.model_name, columns.version).limit(limit + 1)
@@ -970,6 +971,11 @@ class Store:
 
     def list_audit(self, request: audit_pb2.ListAuditEventsRequest) -> tuple[list[audit_pb2.AuditEvent], str]:
         limit = _page_size(request.page_size)
+        for field in ("actor", "action", "target_prefix", "outcome"):
+            if len(getattr(request, field)) > MAX_SEARCH_TEXT:
+                raise InvalidArgumentError(
+                    f"{field}: expected at most {MAX_SEARCH_TEXT} characters, got {len(getattr(request, field))}"
+                )
         columns = AUDIT_EVENTS.c
         query = select(AUDIT_EVENTS).order_by(columns.id.desc()).limit(limit + 1)
         if request.actor:
@@ -1039,6 +1045,14 @@ def _check_name(field: str, value: str) -> None:
         raise InvalidArgumentError(
             f"{field}: expected 1-{MAX_NAME_LENGTH} ASCII letters, digits, '_', '.' or '-', starting with a letter "
             f"or digit, without '..', got {_shown(value)}"
+        )
+
+
+def _check_tag_filters(tags: Mapping[str, str]) -> None:
+    if len(tags) > 32 or any(len(key) > MAX_SEARCH_TEXT or len(value) > 1024 for key, value in tags.items()):
+        raise InvalidArgumentError(
+            f"tags: expected at most 32 tag filters, keys of at most {MAX_SEARCH_TEXT} characters and values of "
+            f"at most 1024, got {len(tags)} filter(s)"
         )
 
 
