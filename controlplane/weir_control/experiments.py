@@ -17,7 +17,7 @@ import grpc
 from scipy import stats
 
 from weir_control.attach import DesiredStateHub
-from weir_control.services import Auditor, _read, abort_with, refuse_if_protected
+from weir_control.services import Auditor, _read, refuse_if_protected
 from weir_control.store import Store
 from weir_proto.control.v1 import deployments_pb2, experiments_pb2, experiments_pb2_grpc
 from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, WeirError
@@ -92,7 +92,7 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
         try:
             test = _new_test(request)
         except WeirError as error:
-            await abort_with(context, error)
+            await self._auditor.refuse(context, "Experiments/StartABTest", f"endpoint/{request.endpoint}", error)
         variants = [_variant(arm) for arm in request.arms]
         routing = deployments_pb2.RoutingPolicy(key_parameter=request.key_parameter, key_header=request.key_header)
         identity = self._auditor.identity(context)

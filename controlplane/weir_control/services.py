@@ -355,8 +355,11 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
     ) -> registry_pb2.ModelVersion:
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "header":
-            await abort_with(
-                context, InvalidArgumentError("part: expected the first message to be a header, got a chunk or nothing")
+            await self._auditor.refuse(
+                context,
+                "Registry/CreateModelVersion",
+                "",
+                InvalidArgumentError("part: expected the first message to be a header, got a chunk or nothing"),
             )
         header = first.header
         target = f"model/{header.model_name}"

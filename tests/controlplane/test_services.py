@@ -740,6 +740,17 @@ async def test_outcomes_are_finite_and_audited(control) -> None:
         )
     ).events
     assert [(event.outcome, event.result) for event in events] == [("ok", "OK"), ("refused", "INVALID_ARGUMENT")]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:  # a refusal before any change: audited too
+        await experiments.StartABTest(
+            experiments_pb2.StartABTestRequest(endpoint="web", metric="m", confidence=float("nan")), metadata=DEPLOYER
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    started = (
+        await client.audit.ListAuditEvents(
+            audit_pb2.ListAuditEventsRequest(action="Experiments/StartABTest", outcome="refused"), metadata=VIEWER
+        )
+    ).events
+    assert [(event.actor, event.result) for event in started] == [("ci", "INVALID_ARGUMENT")]
 
 
 async def test_the_refusal_log_is_bounded_whatever_the_keys(tmp_path: Path) -> None:
