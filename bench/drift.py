@@ -57,7 +57,7 @@ def bench_control_plane(records: int, features: int, directory: Path) -> dict[st
     pq.write_table(pa.table(columns), reference)
     store = open_store(str(directory / "control.db"))
     now = [1_800_000_000.0]
-    monitor = DriftMonitor(store, clock=lambda: now[0])
+    monitor = DriftMonitor(store, clock=lambda: now[0], reference_root=directory)
     window = 3600.0
     monitor.set_policy(monitoring_pb2.MonitoringPolicy(endpoint="bench", window_seconds=window, min_records=100))
     monitor.set_reference(monitoring_pb2.SetReferenceRequest(endpoint="bench", parquet_path=str(reference)))
