@@ -94,6 +94,8 @@ class _Replica:
                 named[key] = self._sent.get(key, now)
         self._sent = named
         self._sent_endpoints = {endpoint.endpoint for endpoint in state.endpoints}
+        for key in [key for key in self._accepted if key not in named]:  # gone: if it comes back, its
+            del self._accepted[key], self._accepted_at[key]  # counters may restart (reloaded) or carry on
         self._rebuild()
 
     def report(self, status: deployments_pb2.ReplicaStatus) -> None:

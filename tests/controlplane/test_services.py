@@ -513,6 +513,16 @@ async def test_a_replica_claims_only_plausible_counters_for_what_it_was_sent(con
     report(stats("web", "primary", 500, 2), revision=4)
     info = await _replica_status(client, "r1", lambda info: info.status.applied_revision == 4)
     assert variants(info) == {("web", "primary"): 500}
+    # deployed away and back: the version's counters may start again from zero (reloaded)
+    await client.push()
+    for version in (2, 1):
+        await client.deployments.Deploy(
+            deployments_pb2.DeployRequest(endpoint="web", model_name="mlp", version=version), metadata=DEPLOYER
+        )
+        await asyncio.wait_for(anext(states), 10)
+    report(stats("web", "primary", 5), revision=5)
+    info = await _replica_status(client, "r1", lambda info: info.status.applied_revision == 5)
+    assert variants(info) == {("web", "primary"): 5}
     stream.cancel()
 
 
