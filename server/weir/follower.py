@@ -79,7 +79,8 @@ class FollowerSettings:
     replica_id: str
     serving_address: str  # where this replica serves inference, reported to the control plane
     heartbeat_seconds: float = 5.0
-    max_backoff_seconds: float = 10.0
+    max_backoff_seconds: float = 2.0  # with jitter at most 3 s: a restarted control plane is followed again soon
+    refused_backoff_seconds: float = 30.0  # a refused token: retrying soon would not help
     tls: ClientTLS | None = None
 
 
@@ -165,7 +166,7 @@ class ControlPlaneFollower:
                     grpc.StatusCode.PERMISSION_DENIED,
                 )
                 if refused:  # retrying soon will not help: say what is wrong, and retry slowly
-                    delay = self._settings.max_backoff_seconds
+                    delay = self._settings.refused_backoff_seconds
                     log.error(
                         "the control plane refused this data plane's token: attaching needs a token of role "
                         "'replica' (WEIR_CONTROL_PLANE_TOKEN; `weir token --role replica` makes one)",
