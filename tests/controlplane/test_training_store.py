@@ -256,9 +256,61 @@ def test_a_crafted_checkpoint_is_not_unpickled(tmp_path, monkeypatch) -> None:  
 
     monkeypatch.setenv(tracking.ENV_JOB_DIR, str(tmp_path / "job"))
     run = tracking.init()
-    (run.checkpoint_dir / "checkpoint-000001.pt").write_bytes(pickle.dumps({"epoch": Payload()}))
+    (run.checkpoint_dir / "checkpoint-000001.pt").write_bytes(pickle.dumps({"epoch": Payload()}, protocol=2))
     with pytest.raises(pickle.UnpicklingError):
         run.load_checkpoint()
     assert not marker.exists()
     run.save_checkpoint({"epoch": 3, "weights": __import__("torch").ones(2), "best": {"loss": 0.5}})
     assert run.load_checkpoint()["epoch"] == 3  # type: ignore[index]
+
+
+# --- the control plane reads a job's directory without following what the job put there ----------------
+
+
+def test_files_in_a_job_directory_are_opened_without_following_links_or_blocking(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from weir_control.training.jobfiles import read_inside
+
+    secret = tmp_path / "tokens.toml"
+    secret.write_text("t-admin")
+    job_dir = tmp_path / "job"
+    (job_dir / "output").mkdir(parents=True)
+    (job_dir / "job.log").symlink_to(secret)
+    (job_dir / "linked").symlink_to(tmp_path)  # a directory link halfway down a path
+    os.mkfifo(job_dir / "output" / "metrics.json")  # opening it for reading would block
+    (job_dir / "output" / "model.pt").write_bytes(b"weights")
+    for relative in ("job.log", "linked/tokens.toml", "output/metrics.json", "../tokens.toml"):
+        with pytest.raises(OSError):
+            read_inside(job_dir, relative, 100)
+    assert read_inside(job_dir, "output/model.pt", 100) == b"weights"
+
+
+def test_packing_a_jobs_code_again_leaves_links_out_and_registration_refuses_a_linked_model(
+    store: Store, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import io
+    import tarfile
+
+    from weir_control.artifacts import ArtifactStore
+    from weir_control.training.registration import register_job_output
+    from weir_control.training.runner import archive_directory
+    from weir_proto.errors import FailedPreconditionError
+
+    secret = tmp_path / "control.db"
+    secret.write_text("the control plane's database")
+    code = tmp_path / "job" / "code"
+    code.mkdir(parents=True)
+    (code / "train.py").write_text("print(1)\n")
+    (code / "data.db").symlink_to(secret)
+    with tarfile.open(fileobj=io.BytesIO(archive_directory(code, follow_links=False))) as tar:
+        assert tar.getnames() == ["train.py"]
+    output = tmp_path / "job" / "output"
+    output.mkdir()
+    (output / "model.pt").symlink_to(secret)
+    (output / "config.pbtxt").write_text('name: "m"\n')
+    job = Job(id="linked", kind="job", state=Job.SUCCEEDED)
+    job.spec.register.model_name = "m"
+    with pytest.raises(FailedPreconditionError) as refused:
+        register_job_output(store, ArtifactStore(tmp_path / "artifacts"), job, tmp_path / "job")
+    assert "output/model.pt" in refused.value.message and "regular file" in refused.value.message

@@ -230,7 +230,9 @@ def enter(spec: dict, command: list[str]) -> None:  # type: ignore[type-arg]
     execute ``command``; never returns."""
     uid, gid, job_dir = int(spec["uid"]), int(spec["gid"]), str(spec["job_dir"])
     os.umask(0o022)
-    keep = [*spec["needed"], job_dir]  # opened now: the covers below hide their paths
+    # opened now (the covers below hide their paths); a directory the job user could not enter itself
+    # is left out: bound back it would only shadow what it needs further down (Python under /root)
+    keep = [path for path in spec["needed"] if traversable(Path(path), uid, gid)] + [job_dir]
     handles = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in keep if os.path.isdir(path)}
     for hidden in spec["hidden"]:
         if os.path.isdir(hidden) and not os.path.islink(hidden):
