@@ -57,10 +57,11 @@ def set_torch_threads(count: int) -> None:
 HEALTH_SERVICE_NAMES = ("", pool.SERVICE_NAME)
 COMPUTE_THREAD_PREFIX = "weir-compute"
 RETIRED_STORE_SECONDS = 10.0  # a replaced online store stays open this long for reads in flight
-# After the grace period: how long calls cut short get to send their UNAVAILABLE, and how long each
-# clean-up step (shadows, feature stores, models, caches) may take. Exit is bounded by grace + these.
+# After the grace period: how long calls cut short get to send their UNAVAILABLE, and how long the
+# clean-up steps (shadows, feature stores, models, caches) may take together. Exit is bounded by the
+# grace period + these (+ 1 s the CLI gives idle compute threads to end).
 CUT_SHORT_FLUSH_SECONDS = 1.0
-CLEANUP_STEP_SECONDS = 1.0
+CLEANUP_SECONDS = 2.0
 
 # glibc keeps the memory of freed large buffers (a 64 MiB request's copies) for reuse: measured, 4
 # concurrent 64 MiB requests left ~280 MiB resident that malloc_trim(0) gave back. So once large bodies
@@ -374,7 +375,9 @@ class WeirServer:
         await self._health.enter_graceful_shutdown()
         if self._follower_task is not None:
             self._follower_task.cancel()
-            await _bounded("control-plane follower", asyncio.gather(self._follower_task, return_exceptions=True))
+            await _bounded(
+                "control-plane follower", asyncio.gather(self._follower_task, return_exceptions=True), grace_ends
+            )
             self._follower_task = None
         if self._servicer is not None and not await self._servicer.gate.drained(grace_ends - time.monotonic()):
             cut_short = self._servicer.gate.expire()
@@ -384,12 +387,13 @@ class WeirServer:
             await self._server.stop(0)
             self._server = None
         await self._trimmer.aclose()
-        await _bounded("shadow mirrors", self.shadows.drain())
+        cleanup_ends = time.monotonic() + CLEANUP_SECONDS
+        await _bounded("shadow mirrors", self.shadows.drain(), cleanup_ends)
         for enricher in [*self._retired_enrichers, *([self.enricher] if self.enricher else [])]:
-            await _bounded("feature store", enricher.aclose())
+            await _bounded("feature store", enricher.aclose(), cleanup_ends)
         self._retired_enrichers.clear()
-        await _bounded("models", self.repository.aclose())
-        await _bounded("response cache", self.response_cache.aclose())
+        await _bounded("models", self.repository.aclose(), cleanup_ends)
+        await _bounded("response cache", self.response_cache.aclose(), cleanup_ends)
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -454,13 +458,13 @@ def _malloc_trim() -> Callable[[], object] | None:
     return functools.partial(trim, 0)
 
 
-async def _bounded(step: str, work: Awaitable[object]) -> None:
-    """One clean-up step of shutdown, given ``CLEANUP_STEP_SECONDS``: a step waiting on a computation
-    must not hold the exit."""
+async def _bounded(step: str, work: Awaitable[object], until: float) -> None:
+    """One step of shutdown, given until the monotonic time ``until`` (at least a moment, so a quick
+    step still runs): a step waiting on a computation must not hold the exit."""
     try:
-        await asyncio.wait_for(work, CLEANUP_STEP_SECONDS)
+        await asyncio.wait_for(work, max(until - time.monotonic(), 0.1))
     except TimeoutError:
-        log.warning("shutdown step left unfinished", extra={"step": step, "seconds": CLEANUP_STEP_SECONDS})
+        log.warning("shutdown step left unfinished", extra={"step": step})
 
 
 def _response_cache(settings: ServerSettings, registry: CollectorRegistry) -> ResponseCache:

@@ -287,7 +287,7 @@ def test_shutdown_is_bounded_by_the_grace_period_and_refuses_new_calls_unavailab
         exited_after = time.monotonic() - signalled
         caller.join(timeout=30)
         assert outcome.get("status") == "StatusCode.UNAVAILABLE", outcome
-        assert exited_after < 60, f"exit took {exited_after:.1f} s with a grace period of {grace} s"
+        assert exited_after < grace + 15, f"exit took {exited_after:.1f} s with a grace period of {grace} s"
         messages = [record.get("msg") for record in server.log_records()]
         assert "exiting with computations still running" in messages
     finally:
