@@ -146,8 +146,13 @@ def inspect_stream(handle: IO[bytes], where: str) -> ArtifactKind:
     try:
         with zipfile.ZipFile(handle) as archive:
             return _inspect_archive(archive, where)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as error:
-        raise NotAnArchiveError(f"{where}: not a TorchScript/torch.export archive (a broken zip: {error})") from error
+    except InvalidArgumentError:
+        raise
+    except Exception as error:  # zipfile, zlib, lzma, bz2 or json on a damaged archive: refused, never loaded
+        raise NotAnArchiveError(
+            f"{where}: not a TorchScript/torch.export archive (a broken zip: {type(error).__name__}: "
+            f"{str(error)[:200]})"
+        ) from error
 
 
 def check_expected_kind(kind: ArtifactKind, filename: str, where: str) -> None:
@@ -207,7 +212,7 @@ def _inspect_archive(archive: zipfile.ZipFile, where: str) -> ArtifactKind:
     for name, rel in zip(names, relative, strict=True):
         if rel.endswith(".pkl") and rel not in TORCHSCRIPT_PICKLES:
             raise UnsafeArtifactError(
-                f"{where}: refusing a TorchScript archive with the extra pickle member {name!r} (only "
+                f"{where}: refusing a TorchScript archive with the extra pickle member {_shown(name)} (only "
                 f"{', '.join(TORCHSCRIPT_PICKLES)} at its root, read by TorchScript's own unpickler, are allowed)"
             )
     return ArtifactKind.TORCHSCRIPT
@@ -219,16 +224,16 @@ def _check_export(archive: zipfile.ZipFile, where: str) -> None:
         name, rel = info.filename, _relative(info.filename)
         if "/" not in name:
             raise UnsafeArtifactError(
-                f"{where}: refusing a torch.export archive with the top-level member {name!r} (the older format, "
+                f"{where}: refusing a torch.export archive with the top-level member {_shown(name)} (the older format, "
                 f"whose files torch.export.load unpickles). Save it again with torch.export.save."
             )
         if rel.startswith("data/aotinductor/") or rel.endswith((".so", ".dll", ".dylib")):
             raise UnsafeArtifactError(
-                f"{where}: refusing a torch.export archive with compiled code ({name!r}, AOTInductor): loading it "
-                "runs native code. Upload the torch.export.save archive instead."
+                f"{where}: refusing a torch.export archive with compiled code ({_shown(name)}, AOTInductor): "
+                "loading it runs native code. Upload the torch.export.save archive instead."
             )
         if rel.endswith(".pkl"):
-            raise UnsafeArtifactError(f"{where}: refusing a torch.export archive with the pickle member {name!r}")
+            raise UnsafeArtifactError(f"{where}: refusing a torch.export archive with the pickle member {_shown(name)}")
         if rel.startswith(("data/weights/", "data/constants/")) and rel.endswith("_config.json"):
             raw_payloads |= _check_payload_config(archive, info, where)
     for info in archive.infolist():
@@ -236,8 +241,8 @@ def _check_export(archive: zipfile.ZipFile, where: str) -> None:
         if rel.startswith(("data/weights/", "data/constants/")) and not rel.endswith("_config.json"):
             if rel not in raw_payloads:
                 raise UnsafeArtifactError(
-                    f"{where}: refusing a torch.export archive with the payload {name!r} that its weights/constants "
-                    "config does not list as raw tensor bytes (a legacy pickled state dict)"
+                    f"{where}: refusing a torch.export archive with the payload {_shown(name)} that its "
+                    "weights/constants config does not list as raw tensor bytes (a legacy pickled state dict)"
                 )
         elif rel.startswith("data/sample_inputs/"):
             _check_sample_inputs(archive, info, where)
@@ -253,7 +258,9 @@ def _check_payload_config(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where
         if not isinstance(entries, dict):
             raise TypeError("'config' is not an object")
     except (ValueError, KeyError, TypeError) as error:
-        raise NotAnArchiveError(f"{where}: {name!r}: expected torch.export's payload config JSON ({error})") from error
+        raise NotAnArchiveError(
+            f"{where}: {_shown(name)}: expected torch.export's payload config JSON ({str(error)[:200]})"
+        ) from error
     raw: set[str] = set()
     for fqn, entry in entries.items():
         entry = entry if isinstance(entry, dict) else {}
@@ -283,7 +290,7 @@ def _check_sample_inputs(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where:
     data = _read_bounded(archive, info, MAX_SAMPLE_INPUTS_BYTES, where)
     if not data.startswith(_ZIP_PREFIX):
         raise UnsafeArtifactError(
-            f"{where}: refusing a torch.export archive whose sample inputs {name!r} are not a torch.save zip "
+            f"{where}: refusing a torch.export archive whose sample inputs {_shown(name)} are not a torch.save zip "
             "(a legacy pickle would be unpickled on load)"
         )
     try:
@@ -291,10 +298,14 @@ def _check_sample_inputs(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where:
             for member in inner.infolist():
                 if member.filename.endswith(".pkl"):
                     pickle_bytes = _read_bounded(inner, member, MAX_PICKLE_BYTES, f"{where}: {name}")
-                    what = f"sample inputs ({member.filename!r} in {name!r})"
+                    what = f"sample inputs ({_shown(member.filename)} in {_shown(name)})"
                     _check_tensor_pickle(pickle_bytes, f"{where}: refusing a torch.export archive whose {what}")
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as error:
-        raise NotAnArchiveError(f"{where}: sample inputs {name!r}: a broken zip ({error})") from error
+    except InvalidArgumentError:
+        raise
+    except Exception as error:  # a damaged inner zip: refused, never loaded
+        raise NotAnArchiveError(
+            f"{where}: sample inputs {_shown(name)}: a broken zip ({type(error).__name__})"
+        ) from error
 
 
 def _check_tensor_pickle(data: bytes, where: str) -> None:
@@ -343,10 +354,17 @@ def _check_global(module: str, attribute: str, where: str) -> None:
         )
 
 
+def _shown(name: str) -> str:
+    """A member name as messages show it: quoted and clipped (zip names may be 64 KiB long)."""
+    return repr(name) if len(name) <= 200 else repr(name[:200]) + "..."
+
+
 def _read_bounded(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, where: str) -> bytes:
     """A member's bytes, refusing more than ``limit`` whatever its header claims (a zip bomb stops here)."""
     with archive.open(info) as member:
         data = member.read(limit + 1)
     if len(data) > limit:
-        raise UnsafeArtifactError(f"{where}: member {info.filename!r} is larger than {limit} bytes (Weir's limit)")
+        raise UnsafeArtifactError(
+            f"{where}: member {_shown(info.filename)} is larger than {limit} bytes (Weir's limit)"
+        )
     return data

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.server.test_torch_backend import CreatesMarker, Scale, exported_members, hostile_export, zip_members
 from weir_control.artifacts import ArtifactStore
@@ -19,6 +21,7 @@ from weir_proto.artifact_safety import ArtifactKind, UnsafeArtifactError, inspec
 from weir_proto.errors import InternalError, InvalidArgumentError, NotFoundError
 
 DATA = os.urandom(3 << 20)
+GENUINE_EXPORT = zip_members(exported_members())
 SHA = hashlib.sha256(DATA).hexdigest()
 
 
@@ -171,3 +174,19 @@ def test_an_export_program_must_take_every_input_the_config_declares(tmp_path: P
     writer = store.writer(hashlib.sha256(data).hexdigest(), len(data), "model.pt2", one)
     writer.write(data)
     assert writer.commit().size == len(data)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 255)), min_size=1, max_size=8))
+def test_a_damaged_archive_is_judged_or_refused_never_an_unexpected_error(
+    tmp_path: Path, edits: list[tuple[int, int]]
+) -> None:
+    data = bytearray(GENUINE_EXPORT)
+    for position, value in edits:
+        data[position % len(data)] = value
+    path = tmp_path / "damaged.pt2"
+    path.write_bytes(bytes(data))
+    try:
+        inspect_artifact(path)
+    except InvalidArgumentError as error:
+        assert len(error.message) < 2000
