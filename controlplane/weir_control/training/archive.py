@@ -50,7 +50,7 @@ def _echo(name: str) -> str:
 class _Bounded(io.RawIOBase):
     """The decompressed stream, refusing to yield more than ``limit`` bytes in all."""
 
-    def __init__(self, stream: IO[bytes], limit: int) -> None:
+    def __init__(self, stream: io.BufferedIOBase, limit: int) -> None:
         self._stream = stream
         self._limit = limit
         self.count = 0
@@ -69,7 +69,7 @@ class _Bounded(io.RawIOBase):
         return len(data)
 
 
-def _decompressed(archive: bytes) -> IO[bytes]:
+def _decompressed(archive: bytes) -> io.BufferedIOBase:
     raw = io.BytesIO(archive)
     if archive[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=raw, mode="rb")
@@ -96,6 +96,11 @@ def _member_name(member: tarfile.TarInfo) -> str:
             f"{FIELD}: member {_echo(name)}: expected a name inside the code directory, got '..'"
         )
     return "/".join(parts)
+
+
+def _forget(tar: tarfile.TarFile) -> None:
+    """Nothing needs the members already read (a stream is read once): keep memory flat."""
+    tar.members = []  # type: ignore[attr-defined]
 
 
 def _kind(member: tarfile.TarInfo) -> str:
@@ -157,7 +162,7 @@ def _walk(archive: bytes, limits: Limits, on_member: Unpacker | None = None) -> 
                 if member.isdir():
                     if name:
                         directories.add(name)
-                    tar.members = []  # nothing needs the members already read: keep memory flat
+                    _forget(tar)
                     continue
                 digest = hashlib.sha256()
                 extracted = tar.extractfile(member)
@@ -167,7 +172,7 @@ def _walk(archive: bytes, limits: Limits, on_member: Unpacker | None = None) -> 
                     while chunk := extracted.read(CHUNK):
                         digest.update(chunk)
                 files[name] = "" if on_member is not None else digest.hexdigest()
-                tar.members = []
+                _forget(tar)
     except InvalidArgumentError:
         raise
     except (tarfile.TarError, OSError, EOFError, lzma.LZMAError, zlib.error) as error:

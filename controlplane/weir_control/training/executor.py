@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from weir_control.training.jobfiles import open_inside, read_inside
 from weir_control.training.sandbox import JobSandbox
@@ -57,7 +57,7 @@ class LocalExecutor:
     def launch(self, job_id: str, job_dir: Path, attempt: int, command: list[str], env: dict[str, str]) -> int:
         log = open_inside(job_dir, "job.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         launcher = [sys.executable, "-m", "weir_control.training.launcher", str(exit_file(job_dir, attempt)), "--"]
-        argv, cwd, identity = [*launcher, *command], job_dir, {}
+        argv, cwd, identity = [*launcher, *command], job_dir, dict[str, Any]()
         if self.sandbox.namespaces:  # the sandbox enters the job directory once it is the job user
             argv, cwd = self.sandbox.wrap(job_dir, argv), Path("/")
         elif self.sandbox.isolated:
@@ -71,7 +71,7 @@ class LocalExecutor:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # not in the control plane's group: a Ctrl-C there does not reach it
-                **identity,  # type: ignore[arg-type]
+                **identity,
             )
         finally:
             os.close(log)

@@ -36,6 +36,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from weir_proto.errors import InvalidArgumentError
 
@@ -225,7 +226,7 @@ def _under(path: str, roots: list[str]) -> bool:
     return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
 
 
-def enter(spec: dict, command: list[str]) -> None:  # type: ignore[type-arg]
+def enter(spec: dict[str, Any], command: list[str]) -> None:
     """Cover the control plane's state, make what the job needs reachable, drop to the job user and
     execute ``command``; never returns."""
     uid, gid, job_dir = int(spec["uid"]), int(spec["gid"]), str(spec["job_dir"])
