@@ -122,7 +122,9 @@ class TrainingServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def StreamLogs(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A job's log holds whatever its code printed: readable by its submitter (Job.submitted_by) and by
+        admins only (PERMISSION_DENIED for anyone else).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -135,7 +137,8 @@ class TrainingServicer(object):
 
     def LogParams(self, request, context):
         """Called by the training code itself (weir_control.tracking), authenticated by the job's own
-        secret (metadata x-weir-job-secret), not by a bearer token: a job writes only its own record.
+        secret (metadata x-weir-job-secret), not by a bearer token: a job writes only its own record. An
+        unknown job id answers the same UNAUTHENTICATED as a wrong secret.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
