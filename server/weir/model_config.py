@@ -248,8 +248,11 @@ def resolve_inside(directory: Path, relative: str, field: str, within: Path | No
     except InvalidArgumentError as error:
         raise ModelConfigError(error.message) from error
     path = directory / relative
-    root = (within or directory).resolve()
-    if not path.resolve().is_relative_to(root):
+    try:
+        inside = path.resolve().is_relative_to((within or directory).resolve())
+    except (OSError, RuntimeError) as error:  # a symlink loop (RuntimeError before Python 3.13)
+        raise ModelConfigError(f"{field}: cannot resolve {relative!r}: {error}") from error
+    if not inside:
         raise ModelConfigError(
             f"{field}: expected a file inside the model's directory {within or directory}, got {relative!r}, "
             "which resolves outside it (a symlink out of the directory)"

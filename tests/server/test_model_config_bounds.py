@@ -188,6 +188,12 @@ def test_a_warmup_file_symlinked_out_of_the_model_directory_is_refused_when_read
     with pytest.raises(ModelConfigError) as caught:
         warmup_samples(config, signature_of(config), model_dir)
     assert "resolves outside" in caught.value.message
+    (model_dir / "warmup" / "loop_a").symlink_to(model_dir / "warmup" / "loop_b")
+    (model_dir / "warmup" / "loop_b").symlink_to(model_dir / "warmup" / "loop_a")
+    config.model_warmup[0].inputs["INPUT__0"].input_data_file = "loop_a"
+    with pytest.raises(ModelConfigError) as loop:
+        warmup_samples(config, signature_of(config), model_dir)
+    assert "cannot resolve" in loop.value.message
     config.model_warmup[0].inputs["INPUT__0"].input_data_file = "long"
     with pytest.raises(ModelConfigError) as too_long:
         warmup_samples(config, signature_of(config), model_dir)
