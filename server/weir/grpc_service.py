@@ -294,6 +294,7 @@ class InferenceServicer:
             self._require_explicit_control("unload", request.model_name)
             if request.repository_name:
                 raise NotFoundError(_unknown_repository(request.repository_name))
+            _check_unload_parameters(request)
             await self._repository.unload(request.model_name)
         except WeirError as error:
             await _abort(context, error)
@@ -375,6 +376,18 @@ def _config_override(request: pb.RepositoryModelLoadRequest) -> pb.ModelConfig |
     if request.repository_name:
         raise NotFoundError(_unknown_repository(request.repository_name))
     return override
+
+
+def _check_unload_parameters(request: pb.RepositoryModelUnloadRequest) -> None:
+    """Triton's one unload parameter, ``unload_dependents`` (tritonclient always sends it): Weir models
+    have no dependents, so either value means the same. Anything else is refused, not ignored."""
+    for key, parameter in request.parameters.items():
+        if key != "unload_dependents":
+            raise InvalidArgumentError(
+                f"parameters: expected only 'unload_dependents', got unsupported parameter '{_clip(key)}'"
+            )
+        if parameter.WhichOneof("parameter_choice") != "bool_param":
+            raise InvalidArgumentError("parameters['unload_dependents']: expected a bool, got another type")
 
 
 def _unknown_repository(name: str) -> str:
@@ -488,7 +501,8 @@ class CallGate:
 
     def leave(self) -> None:
         task = asyncio.current_task()
-        self._in_flight.discard(task)  # type: ignore[arg-type]
+        if task is not None:
+            self._in_flight.discard(task)
         if not self._in_flight:
             self._idle.set()
 

@@ -481,6 +481,18 @@ def test_repository_rpcs_refuse_a_repository_name_this_server_does_not_have(
     assert "text_stats" in {model.name for model in index.models}
 
 
+def test_unload_refuses_parameters_it_does_not_support(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+    for key, value in (("force", "bool_param"), ("unload_dependents", "string_param")):
+        request = service_pb2.RepositoryModelUnloadRequest(model_name="text_stats")
+        setattr(request.parameters[key], value, True if value == "bool_param" else "yes")
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.RepositoryModelUnload(request, timeout=RPC_TIMEOUT)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "parameters" in (caught.value.details() or "")
+    ready = stub.ModelReady(service_pb2.ModelReadyRequest(name="text_stats"), timeout=RPC_TIMEOUT)
+    assert ready.ready
+
+
 def test_unload_and_load_in_explicit_mode(client: grpcclient.InferenceServerClient) -> None:
     client.unload_model("text_stats", client_timeout=RPC_TIMEOUT)
     try:
