@@ -181,3 +181,17 @@ def test_a_job_hunting_for_secrets_finds_none_of_the_control_planes(world: Path,
     finally:
         control.process.send_signal(signal.SIGTERM)
         control.process.wait(timeout=30)
+
+
+def test_the_control_plane_marks_itself_non_dumpable() -> None:
+    """Whatever the mode, processes of the control plane's own user (jobs, when it is not root) cannot read
+    its /proc/PID/environ or memory: it is non-dumpable (checked in a process that does what it does)."""
+    import sys
+
+    script = (
+        "import ctypes; from weir_control.training.sandbox import mark_non_dumpable; "
+        "assert ctypes.CDLL(None).prctl(3, 0, 0, 0, 0) == 1; "
+        "print(mark_non_dumpable(), ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["True", "0"], result.stderr
