@@ -22,6 +22,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import json_format
+from hypothesis import HealthCheck, given, settings
 
 from tests.chaos.helpers import (
     NEVER,
@@ -39,6 +41,8 @@ from tests.chaos.helpers import (
     unary,
 )
 from tests.conftest import WeirProcess, start_weir
+from tests.fuzz.budget import examples
+from tests.fuzz.test_model_config_fuzz import configs
 from weir_proto.inference import messages as pb
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
@@ -177,3 +181,22 @@ def test_a_hostile_load_config_is_refused_within_the_memory_bound(probe: WeirPro
     assert_refused(raised.value, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
     field = next(iter(change))
     assert field in raised.value.details(), raised.value.details()
+
+
+@settings(
+    max_examples=examples(60), deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)  # fmt: skip
+@given(config=configs())
+def test_generated_load_configs_never_answer_unknown_or_internal(probe: WeirProcess, config: pb.ModelConfig) -> None:
+    """RepositoryModelLoad with any config (hostile numbers, paths, warm-ups): a client error or a
+    load, within the RPC timeout and the memory bound, and the server goes on (checked by ``probe``)."""
+    config.name = "scratch" if config.name == "m" else config.name
+    request = pb.RepositoryModelLoadRequest(model_name="scratch")
+    request.parameters["config"].string_param = json_format.MessageToJson(config)
+    with grpc.insecure_channel(probe.grpc_url, options=channel_options()) as channel:
+        try:
+            unary(channel, "RepositoryModelLoad", pb.RepositoryModelLoadResponse)(request, timeout=60)
+        except grpc.RpcError as error:
+            assert error.code() not in (*NEVER, grpc.StatusCode.DEADLINE_EXCEEDED), f"{error.code()}: {error.details()}"
+            assert len(error.details()) < 4096
