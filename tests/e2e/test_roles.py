@@ -386,3 +386,21 @@ def test_weir_up_upgrades_an_older_viewer_data_plane_token(tmp_path: Path) -> No
     table = TokenTable.from_file(tokens_file)
     assert table.identify("d-token") == Identity("data-plane", Role.REPLICA)
     assert table.identify("a-token") == Identity("admin", Role.ADMIN)
+
+
+def test_weir_token_makes_a_token_and_its_entry(tmp_path: Path) -> None:
+    from weir_proto.auth import Identity, Role, TokenTable
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[[token]]\nname = "root"\nrole = "admin"\ntoken = "t-admin"\n')
+    made = subprocess.run(
+        [sys.executable, "-m", "weir.cli", "token", "--name", "replica-eu-1", "--role", "replica", "--append",
+         str(tokens)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    table = TokenTable.from_file(tokens)
+    assert table.identify(token) == Identity("replica-eu-1", Role.REPLICA)
+    assert table.identify("t-admin") == Identity("root", Role.ADMIN)
+    assert token not in tokens.read_text()  # only its digest is kept
