@@ -29,8 +29,9 @@ from weir.errors import (
     NotFoundError,
     ResourceExhaustedError,
     WeirError,
+    clip,
 )
-from weir.grpc_status import status_code_for
+from weir.grpc_status import status_of
 from weir.logs import RateLimitedLog, request_id_var
 from weir.metrics import TransportMetrics
 from weir.repository import LoadedVersion, ModelRepository
@@ -57,10 +58,10 @@ def _deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
     if isinstance(error, WeirError):
-        await context.abort(status_code_for(error.kind), error.message)
+        await context.abort(*status_of(error))
     log.exception("unexpected error in an RPC", exc_info=error)
     await context.abort(
-        grpc.StatusCode.INTERNAL, f"internal error (request id '{request_id_var.get()}'); see the server log"
+        grpc.StatusCode.INTERNAL, f"internal error (request id '{clip(request_id_var.get())}'); see the server log"
     )
     raise AssertionError("unreachable: context.abort raises")
 
@@ -223,7 +224,9 @@ class InferenceServicer:
                 message = _stream_error(error.message, request)
             except Exception:
                 log.exception("unexpected error in a stream request")
-                message = _stream_error(f"internal error (request id '{request.id}'); see the server log", request)
+                message = _stream_error(
+                    f"internal error (request id '{clip(request.id)}'); see the server log", request
+                )
             backlog.resize(size, len(message))
             await answers.put((message, len(message)))
 
@@ -309,7 +312,7 @@ class InferenceServicer:
             )
         if self._managed_by_control_plane(model):
             raise FailedPreconditionError(
-                f"model_name: '{_clip(model)}' is managed by the control plane this server follows; "
+                f"model_name: '{clip(model)}' is managed by the control plane this server follows; "
                 "deploy or undeploy it there"
             )
 
@@ -323,7 +326,7 @@ class InferenceServicer:
     async def refuse(self, refused: Refused, context: grpc.aio.ServicerContext) -> NoReturn:
         """Answer a body that did not decode: its status, and a log line at most once per interval."""
         self._note_refusal(refused, context)
-        await context.abort(status_code_for(refused.error.kind), refused.error.message)
+        await context.abort(*status_of(refused.error))
         raise AssertionError("unreachable: context.abort raises")
 
     async def refuse_while_stopping(self, context: grpc.aio.ServicerContext) -> NoReturn:
@@ -384,19 +387,14 @@ def _check_unload_parameters(request: pb.RepositoryModelUnloadRequest) -> None:
     for key, parameter in request.parameters.items():
         if key != "unload_dependents":
             raise InvalidArgumentError(
-                f"parameters: expected only 'unload_dependents', got unsupported parameter '{_clip(key)}'"
+                f"parameters: expected only 'unload_dependents', got unsupported parameter '{clip(key)}'"
             )
         if parameter.WhichOneof("parameter_choice") != "bool_param":
             raise InvalidArgumentError("parameters['unload_dependents']: expected a bool, got another type")
 
 
 def _unknown_repository(name: str) -> str:
-    return f"repository_name: expected '' (this server has one unnamed repository), got '{_clip(name)}'"
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    """A client's string as echoed in a message: bounded, so an error never outgrows its metadata."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    return f"repository_name: expected '' (this server has one unnamed repository), got '{clip(name)}'"
 
 
 def _stream_answer(answer: InferAnswer) -> bytes:

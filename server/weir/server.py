@@ -142,7 +142,9 @@ class WeirServer:
         )
         self.repository = ModelRepository(settings.model_repository, self._executor, self.metrics)
         self.response_cache = _response_cache(settings, self.registry)
-        self.shadows = ShadowMirror(self.repository, settings.max_tensor_elements)
+        self.shadows = ShadowMirror(
+            self.repository, settings.max_tensor_elements, max_bytes_elements=settings.max_bytes_elements
+        )
         self.registry.register(ShadowCollector(self.shadows))
         self.registry.register(AccuracyCollector(self.repository.accuracy_reports))
         self.enricher = _enricher(settings)
@@ -161,6 +163,7 @@ class WeirServer:
             shadows=self.shadows,
             enricher=self.enricher,
             records=self.records,
+            max_bytes_elements=settings.max_bytes_elements,
         )
         self._health = health.aio.HealthServicer()
         self.tokens = TokenTable.load(Path(settings.tokens_file) if settings.tokens_file else None)

@@ -75,6 +75,12 @@ class ServerSettings:
     max_tensor_elements: int = field(
         default=64 * 1024 * 1024, metadata=_doc("Largest element count accepted for one input tensor.")
     )
+    max_bytes_elements: int = field(
+        default=1024 * 1024,
+        metadata=_doc(
+            "Largest element count accepted for one BYTES input tensor (each element becomes a Python object)."
+        ),
+    )
     response_cache_bytes: int = field(
         default=256 * 1024 * 1024,
         metadata=_doc("In-process response cache size in bytes, for models with response_cache { enable: true }."),
@@ -155,6 +161,7 @@ class ServerSettings:
             self.stream_backlog_bytes,
         )
         _require(self.max_tensor_elements >= 1, "max_tensor_elements", "at least 1", self.max_tensor_elements)
+        _require(self.max_bytes_elements >= 1, "max_bytes_elements", "at least 1", self.max_bytes_elements)
         _require(self.response_cache_bytes >= 0, "response_cache_bytes", "0 or more", self.response_cache_bytes)
         _require(self.redis_ttl_seconds > 0, "redis_ttl_seconds", "more than 0", self.redis_ttl_seconds)
         _require(self.redis_timeout_ms > 0, "redis_timeout_ms", "more than 0", self.redis_timeout_ms)

@@ -23,7 +23,7 @@ from weir_control.server import ControlPlaneServer, ControlSettings
 from weir_proto.auth import TokenTable, client_metadata
 from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc, registry_pb2, registry_pb2_grpc
 
-TOKENS = "ci:deployer:t-deployer,replica:viewer:t-replica"
+TOKENS = "ci:deployer:t-deployer,replica:replica:t-replica"
 
 
 def openssl(*args: str) -> None:

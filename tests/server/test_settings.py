@@ -29,6 +29,7 @@ EXPECTED_FIELDS = [
     "max_message_bytes",
     "stream_backlog_bytes",
     "max_tensor_elements",
+    "max_bytes_elements",
     "response_cache_bytes",
     "redis_url",
     "redis_ttl_seconds",
@@ -288,3 +289,9 @@ def test_serve_help_lists_every_flag_with_its_environment_variable_and_default()
         assert f"default: {expected_defaults[name]}]" in entry, entry
     assert "comma-separated" in entries["--load-model"]
     assert "{none,explicit}" in entries["--model-control-mode"]
+
+
+def test_max_bytes_elements_flag_reaches_the_settings_and_is_checked() -> None:
+    assert settings(["--max-bytes-elements", "4096"]).max_bytes_elements == 4096
+    assert settings([]).max_bytes_elements == 1024 * 1024
+    assert "--max-bytes-elements" in exit_message(["--max-bytes-elements", "0"])
