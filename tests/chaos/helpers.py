@@ -26,6 +26,7 @@ RPC_TIMEOUT = 30
 NEVER = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 SERVICE_PATH = f"/{SERVICE.full_name}"
 MiB = 1 << 20
+PHASE_ANSWERS = 100  # answers a load must get through each phase of a fault
 
 # The model for finding 2: one BYTES input of dims [-1], max_batch_size 0 (TextStats
 # counts characters and upper-cases: its UPPER output is as large as its input).
@@ -179,3 +180,16 @@ class Load:
 def free_disk_bytes(path: Path) -> int:
     stats = os.statvfs(path)
     return stats.f_bavail * stats.f_frsize
+
+
+def scale_request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="scale")
+    request.inputs.add(name="INPUT__0", datatype="FP32", shape=[1, 3])
+    request.raw_input_contents.append(np.ones((1, 3), np.float32).tobytes())
+    return request
+
+
+def serves_factor(address: str, factor: float) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        response = unary(channel, "ModelInfer", pb.ModelInferResponse)(scale_request(), timeout=RPC_TIMEOUT)
+    return bool(np.allclose(np.frombuffer(response.raw_output_contents[0], "<f4"), factor))

@@ -15,9 +15,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 
-from tests.chaos.helpers import RPC_TIMEOUT, Load, channel_options, unary, wait_until
+from tests.chaos.helpers import (
+    PHASE_ANSWERS,
+    RPC_TIMEOUT,
+    Load,
+    channel_options,
+    scale_request,
+    serves_factor,
+    unary,
+    wait_until,
+)
 from tests.conftest import free_port, start_redis_server, start_weir, stop_redis_server
 from tests.e2e import test_control_plane as control_plane
 from tests.e2e.test_lifecycle import write_slow_version
@@ -25,8 +33,6 @@ from tests.e2e.test_response_cache import write_version
 from weir_proto.inference import messages as pb
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
-
-PHASE_ANSWERS = 100  # answers the load must get through each phase of a fault
 
 
 def cached_request() -> pb.ModelInferRequest:
@@ -136,28 +142,6 @@ def test_sigkill_under_load_then_a_restart_serves_again(demo_repository: Path) -
         assert load.failures == []
     finally:
         assert restarted.terminate_and_wait() == 0
-
-
-class Scale(torch.nn.Module):
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
-
-
-def scale_request() -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="scale")
-    request.inputs.add(name="INPUT__0", datatype="FP32", shape=[1, 3])
-    request.raw_input_contents.append(np.ones((1, 3), np.float32).tobytes())
-    return request
-
-
-def serves_factor(address: str, factor: float) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        response = unary(channel, "ModelInfer", pb.ModelInferResponse)(scale_request(), timeout=RPC_TIMEOUT)
-    return bool(np.allclose(np.frombuffer(response.raw_output_contents[0], "<f4"), factor))
 
 
 def test_control_plane_sigkilled_while_a_data_plane_follows_it(tmp_path: Path) -> None:
