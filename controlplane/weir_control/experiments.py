@@ -19,6 +19,7 @@ from scipy import stats
 from weir_control.attach import DesiredStateHub
 from weir_control.services import Auditor, _read, refuse_if_protected
 from weir_control.store import Store
+from weir_control.store.store import MAX_NAME_LENGTH, check_name
 from weir_proto.control.v1 import deployments_pb2, experiments_pb2, experiments_pb2_grpc
 from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, WeirError
 from weir_proto.routing import variant_for_key
@@ -182,6 +183,13 @@ def _new_test(request: experiments_pb2.StartABTestRequest) -> experiments_pb2.AB
         raise InvalidArgumentError("kind: expected RATE or MEAN, got neither")
     if not request.metric:
         raise InvalidArgumentError("metric: expected a name for the outcome, got none")
+    check_name("metric", request.metric)
+    check_name("endpoint", request.endpoint)
+    for field in ("key_parameter", "key_header"):
+        if len(getattr(request, field)) > MAX_NAME_LENGTH:
+            raise InvalidArgumentError(
+                f"{field}: expected at most {MAX_NAME_LENGTH} characters, got {len(getattr(request, field))}"
+            )
     confidence = request.confidence or 0.95
     if not math.isfinite(confidence) or not 0.5 <= confidence < 1:
         raise InvalidArgumentError(f"confidence: expected 0.5 <= confidence < 1, got {confidence}")
