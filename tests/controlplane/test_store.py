@@ -341,3 +341,13 @@ def test_schema_step_9_keeps_refusal_outcomes_and_counts(store: Store) -> None:
     ]  # fmt: skip
     refused, _ = store.list_audit(audit_pb2.ListAuditEventsRequest(outcome="refused"))
     assert [e.actor for e in refused] == ["c", "b"]
+
+
+def test_tags_are_bounded(store: Store) -> None:
+    with pytest.raises(InvalidArgumentError, match="tags 'k' value: expected at most 4096 characters"):
+        store.create_model("mlp", "", {"k": "v" * 5000})
+    with pytest.raises(InvalidArgumentError, match="tags: expected at most 64 per call"):
+        store.create_model("mlp", "", {f"k{index}": "v" for index in range(65)})
+    with pytest.raises(InvalidArgumentError, match="tags key: expected 1-128"):
+        store.create_model("mlp", "", {"k" * 200: "v"})
+    assert store.create_model("mlp", "", {"k": "v" * 4096}).tags["k"] == "v" * 4096

@@ -1037,6 +1037,8 @@ MAX_NAME_LENGTH = 128
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_SEARCH_TEXT = 256  # name_contains and similar search strings
 MAX_VARIANTS = 16  # per endpoint
+MAX_TAGS = 64  # set in one call
+MAX_TAG_VALUE = 4096
 MAX_WEIGHT = 1_000_000  # a variant's traffic weight
 
 
@@ -1107,8 +1109,14 @@ def _tags(connection: Connection, table: Any, condition: Any) -> dict[str, str]:
 
 
 def _put_tags(connection: Connection, table: Any, key: dict[str, Any], tags: Mapping[str, str]) -> None:
+    if len(tags) > MAX_TAGS:
+        raise InvalidArgumentError(f"tags: expected at most {MAX_TAGS} per call, got {len(tags)}")
     for name, value in tags.items():
         _check_name("tags key", name)
+        if len(value) > MAX_TAG_VALUE:
+            raise InvalidArgumentError(
+                f"tags '{name}' value: expected at most {MAX_TAG_VALUE} characters, got {len(value)}"
+            )
         condition = and_(*(table.c[column] == wanted for column, wanted in key.items()), table.c.key == name)
         if not connection.execute(update(table).where(condition).values(value=value)).rowcount:
             connection.execute(insert(table).values(**key, key=name, value=value))
