@@ -351,3 +351,20 @@ def test_tags_are_bounded(store: Store) -> None:
     with pytest.raises(InvalidArgumentError, match="tags key: expected 1-128"):
         store.create_model("mlp", "", {"k" * 200: "v"})
     assert store.create_model("mlp", "", {"k": "v" * 4096}).tags["k"] == "v" * 4096
+
+
+def test_version_metrics_are_finite_and_descriptions_bounded(store: Store) -> None:
+    store.create_model("mlp", "", {})
+    header = registry_pb2.CreateModelVersionRequest.Header(
+        model_name="mlp", config_pbtxt=CONFIG, artifact_filename="model.pt", artifact_sha256=SHA
+    )
+    header.metrics["loss"] = float("nan")
+    with pytest.raises(InvalidArgumentError, match="metrics 'loss': expected a finite number, got nan"):
+        store.begin_version(header, signature_from_config(CONFIG))
+    del header.metrics["loss"]
+    version = store.begin_version(header, signature_from_config(CONFIG))
+    with pytest.raises(InvalidArgumentError, match="metrics 'auc': expected a finite number, got inf"):
+        store.update_version("mlp", version, None, {}, [], {"auc": float("inf")})
+    with pytest.raises(InvalidArgumentError, match="description: expected at most 65536 characters"):
+        store.update_model("mlp", "d" * 70_000, {}, [])
+    assert store.update_version("mlp", version, None, {}, [], {"auc": 0.9}).metrics == {"auc": pytest.approx(0.9)}

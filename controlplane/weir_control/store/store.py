@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -149,6 +150,7 @@ class Store:
 
     def create_model(self, name: str, description: str, tags: Mapping[str, str]) -> registry_pb2.RegisteredModel:
         _check_name("name", name)
+        _check_description(description)
         at = now()
         try:
             with self._transaction() as connection:
@@ -167,6 +169,7 @@ class Store:
     def update_model(
         self, name: str, description: str | None, set_tags: Mapping[str, str], delete_tags: Sequence[str]
     ) -> registry_pb2.RegisteredModel:
+        _check_description(description)
         with self._transaction() as connection:
             self._model(connection, name)
             values: dict[str, Any] = {"updated_at": now()}
@@ -232,6 +235,8 @@ class Store:
         self, header: registry_pb2.CreateModelVersionRequest.Header, signature: types_pb2.ModelSignature
     ) -> int:
         """Register a PENDING version (the next number for the model) before its bytes arrive."""
+        _check_metrics(header.metrics)
+        _check_description(header.description)
         for _ in range(5):  # two uploads racing for the same number: the loser takes the next one
             try:
                 with self._transaction() as connection:
@@ -369,6 +374,8 @@ class Store:
         delete_tags: Sequence[str],
         set_metrics: Mapping[str, float],
     ) -> registry_pb2.ModelVersion:
+        _check_metrics(set_metrics)
+        _check_description(description)
         with self._transaction() as connection:
             current = self._version(connection, model_name, version)
             values: dict[str, Any] = {"updated_at": now()}
@@ -1039,6 +1046,7 @@ MAX_SEARCH_TEXT = 256  # name_contains and similar search strings
 MAX_VARIANTS = 16  # per endpoint
 MAX_TAGS = 64  # set in one call
 MAX_TAG_VALUE = 4096
+MAX_DESCRIPTION = 65_536  # a model's or version's description
 MAX_WEIGHT = 1_000_000  # a variant's traffic weight
 
 
@@ -1047,6 +1055,25 @@ def _check_name(field: str, value: str) -> None:
         raise InvalidArgumentError(
             f"{field}: expected 1-{MAX_NAME_LENGTH} ASCII letters, digits, '_', '.' or '-', starting with a letter "
             f"or digit, without '..', got {_shown(value)}"
+        )
+
+
+def _check_metrics(metrics: Mapping[str, float]) -> None:
+    if len(metrics) > MAX_TAGS:
+        raise InvalidArgumentError(f"metrics: expected at most {MAX_TAGS}, got {len(metrics)}")
+    for name, value in metrics.items():
+        if not name or len(name) > MAX_SEARCH_TEXT or any(ord(c) < 32 for c in name):
+            raise InvalidArgumentError(
+                f"metrics name: expected 1-{MAX_SEARCH_TEXT} characters without control characters, got {_shown(name)}"
+            )
+        if not math.isfinite(value):
+            raise InvalidArgumentError(f"metrics '{name}': expected a finite number, got {value}")
+
+
+def _check_description(description: str | None) -> None:
+    if description is not None and len(description) > MAX_DESCRIPTION:
+        raise InvalidArgumentError(
+            f"description: expected at most {MAX_DESCRIPTION} characters, got {len(description)}"
         )
 
 
