@@ -23,7 +23,7 @@ from weir.enrichment import Enricher
 from weir.errors import FailedPreconditionError, NotFoundError, PermissionDeniedError, WeirError, clip
 from weir.metrics import UNKNOWN_MODEL_LABEL, Metrics
 from weir.monitoring import RecordBuffer, Sample
-from weir.repository import LoadedVersion, ModelRepository
+from weir.repository import MAX_MODEL_NAME_CHARS, LoadedVersion, ModelRepository
 from weir.routing import PIN_PARAMETER, EndpointRoute, Router, VariantRoute, routing_key
 from weir.shadow import ShadowMirror
 from weir_proto.inference import messages as pb
@@ -32,11 +32,6 @@ log = logging.getLogger(__name__)
 
 # A response message, or (a cache hit) the serialized bytes of one.
 InferAnswer = pb.ModelInferResponse | bytes
-
-# A model is a directory of the repository and an endpoint's variants are models: no name of
-# either is longer than a file name (255 bytes). A longer one is refused before it is looked up
-# (and before a message can quote it whole).
-MAX_MODEL_NAME_CHARS = 255
 
 
 class Caller(Protocol):

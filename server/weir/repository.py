@@ -36,6 +36,7 @@ from weir.errors import (
     NotFoundError,
     UnavailableError,
     WeirError,
+    clip,
 )
 from weir.metrics import Metrics, VersionMetrics
 from weir.model_config import (
@@ -51,6 +52,11 @@ from weir.monitoring import MonitoringSpec
 from weir.statistics import VersionStatistics
 from weir.warmup import warmup_samples
 from weir_proto.inference import messages as pb
+
+# A model is a directory of the repository and an endpoint's variants are models: no name of
+# either is longer than a file name (255 bytes). A longer one is refused before it is looked up
+# (and before a message can quote it whole).
+MAX_MODEL_NAME_CHARS = 255
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +152,7 @@ class ModelRepository:
             if status is not None or name in self._version_status:
                 reason = status.reason if status else "no version is ready"
                 raise UnavailableError(f"model '{name}' is not ready: {reason}")
-            raise NotFoundError(f"model_name: unknown model '{name}'")
+            raise NotFoundError(f"model_name: unknown model '{clip(name)}'")
         if not version:
             return served.latest
         if not _is_version_number(version):
@@ -232,8 +238,15 @@ class ModelRepository:
     async def load(self, name: str, config_override: pb.ModelConfig | None = None) -> None:
         """Load (or reload) ``name``: the versions its policy selects, warmed up, swapped in at once."""
         model_dir = self._root / name
-        if not name or "/" in name or name.startswith(".") or not model_dir.is_dir():
-            raise NotFoundError(f"model_name: no model directory '{name}' in the repository {self._root}")
+        # a name longer than a file name can be is no directory (and is_dir would raise ENAMETOOLONG)
+        if (
+            not name
+            or len(name) > MAX_MODEL_NAME_CHARS
+            or "/" in name
+            or name.startswith(".")
+            or not model_dir.is_dir()
+        ):
+            raise NotFoundError(f"model_name: no model directory '{clip(name)}' in the repository {self._root}")
         async with self._locks.setdefault(name, asyncio.Lock()):
             try:
                 config = await asyncio.get_running_loop().run_in_executor(
@@ -242,9 +255,9 @@ class ModelRepository:
             except WeirError as error:
                 if config_override is not None:
                     # The caller's config is refused; the model keeps its state (and serving versions).
-                    raise InvalidArgumentError(f"failed to load model '{name}': {error.message}") from error
+                    raise InvalidArgumentError(f"failed to load model '{clip(name)}': {error.message}") from error
                 self._model_status[name] = Status(VersionState.UNAVAILABLE, error.message)
-                raise FailedPreconditionError(f"failed to load model '{name}': {error.message}") from error
+                raise FailedPreconditionError(f"failed to load model '{clip(name)}': {error.message}") from error
             reported = unsupported_fields(config)
             if reported:
                 log.warning("config fields Weir does not act on", extra={"model": name, "fields": reported})
@@ -286,10 +299,13 @@ class ModelRepository:
             log.info("model ready", extra={"model": name, "versions": sorted(loaded)})
 
     async def unload(self, name: str) -> None:
+        if name not in self._served and name not in self._version_status:
+            # answered before a lock is made for it: unloads of invented names must not grow _locks
+            raise NotFoundError(f"model_name: model '{clip(name)}' is not loaded")
         async with self._locks.setdefault(name, asyncio.Lock()):
             served = self._served.pop(name, None)
             if served is None and name not in self._version_status:
-                raise NotFoundError(f"model_name: model '{name}' is not loaded")
+                raise NotFoundError(f"model_name: model '{clip(name)}' is not loaded")
             self._version_status.pop(name, None)
             self._model_status[name] = Status(VersionState.UNAVAILABLE, "unloaded")
             self._retire(served, keep={})

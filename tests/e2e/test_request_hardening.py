@@ -38,6 +38,7 @@ from tests.conftest import WeirProcess, inprocess_settings, serving, write_torch
 from weir.enrichment import MAX_ENTITY_KEY_CHARS, Enricher, EnrichmentSpec
 from weir.errors import InvalidArgumentError
 from weir.server import WeirServer
+from weir.settings import ControlMode
 from weir_proto.feature_definitions import parse_definitions
 from weir_proto.online_store import SqliteOnlineStore
 
@@ -338,3 +339,56 @@ async def test_an_entity_key_longer_than_an_id_is_refused_before_the_store_or_th
         assert list(request.inputs[0].contents.fp32_contents) == [1.5]
     finally:
         await enricher.aclose()
+
+
+def test_every_rpc_naming_a_100k_character_model_answers_not_found_clipped(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """Finding 8 beyond ModelInfer: metadata, config and statistics quote the name they looked up."""
+    name = "m" * 100_000
+    calls = {
+        "ModelMetadata": lambda: stub.ModelMetadata(service_pb2.ModelMetadataRequest(name=name), timeout=RPC_TIMEOUT),
+        "ModelConfig": lambda: stub.ModelConfig(service_pb2.ModelConfigRequest(name=name), timeout=RPC_TIMEOUT),
+        "ModelReady": lambda: stub.ModelReady(service_pb2.ModelReadyRequest(name=name), timeout=RPC_TIMEOUT),
+        "ModelStatistics": lambda: stub.ModelStatistics(
+            service_pb2.ModelStatisticsRequest(name=name), timeout=RPC_TIMEOUT
+        ),
+    }
+    for method, call in calls.items():
+        try:
+            answer = call()
+        except grpc.RpcError as error:
+            details = error.details() or ""
+            assert error.code() == grpc.StatusCode.NOT_FOUND, (method, error.code(), details[:200])
+            assert "(100000 characters)" in details and len(details) < 1000, (method, details[:300])
+        else:
+            assert method == "ModelReady" and not answer.ready, (method, answer)
+    assert_still_serving(stub)
+
+
+async def test_load_and_unload_of_a_100k_character_name_answer_not_found_and_keep_nothing(tmp_path: Path) -> None:
+    """In explicit control mode a 100k-character name answered UNKNOWN (the file name is too long to
+    look up), and each unload of an invented name kept a lock for it."""
+    repository = tmp_path / "repository"
+    write_torchscript_model(repository, "claims", FlatLengths(), UNBATCHED_CONFIG)
+    server = WeirServer(inprocess_settings(repository, model_control_mode=ControlMode.EXPLICIT, load_model=("*",)))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for index in range(50):
+                name = f"{index:03d}" + "m" * 100_000
+                for call in (
+                    stub.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name=name)),
+                    stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name=name)),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await call
+                    details = caught.value.details() or ""
+                    assert caught.value.code() == grpc.StatusCode.NOT_FOUND, (caught.value.code(), details[:200])
+                    assert "(100003 characters)" in details and len(details) < 1000
+            assert len(server.repository._locks) <= 1  # only the real model's
+            ready = await stub.ModelReady(service_pb2.ModelReadyRequest(name="claims"))
+            assert ready.ready
+    finally:
+        await server.stop(0)
