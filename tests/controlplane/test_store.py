@@ -332,7 +332,9 @@ def test_schema_step_9_keeps_refusal_outcomes_and_counts(store: Store) -> None:
     store.append_audit(audit_pb2.AuditEvent(actor="a", action="Deployments/Deploy", result="OK"))
     store.append_audit(audit_pb2.AuditEvent(actor="b", action="Deployments/Deploy", result="NOT_FOUND"))
     store.append_audit(
-        audit_pb2.AuditEvent(actor="c", action="Registry/SetAlias", result="UNAUTHENTICATED", outcome="refused", count=7)
+        audit_pb2.AuditEvent(
+            actor="c", action="Registry/SetAlias", result="UNAUTHENTICATED", outcome="refused", count=7
+        )
     )
     store.append_audit(audit_pb2.AuditEvent(actor="d", action="Registry/SetAlias", result="INTERNAL"))
     events, _ = store.list_audit(audit_pb2.ListAuditEventsRequest())
