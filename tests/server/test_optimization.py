@@ -73,7 +73,8 @@ async def test_int8_dynamic_serves_an_export_model_with_its_gate_figures(
     repository: ModelRepository, demo_repository_template: Path, tmp_path: Path
 ) -> None:
     # the demo MLP is untrained: its logits sit close together and tiny quantization noise flips some
-    # argmaxes, so this test accepts 80% agreement (bench/quantization.py measures a trained MLP)
+    # argmaxes, so this test accepts 80% agreement (bench/quantization.py measures a trained MLP); its
+    # largest logit error depends on the CPU's int8 kernels (0.047 on one VM, 0.057 on another): 0.1 bounds it
     demo_model(
         demo_repository_template, tmp_path, "mlp_export", "mlp_int8", weir_precision="int8_dynamic",
         weir_accuracy_min_top1_agreement="0.8",
@@ -84,7 +85,7 @@ async def test_int8_dynamic_serves_an_export_model_with_its_gate_figures(
     quantized, full = repository.resolve("mlp_int8", ""), repository.resolve("mlp_fp32", "")
     figures = {key: value.string_value for key, value in quantized.config.parameters.items()}
     assert float(figures["weir_accuracy_measured_top1_agreement"]) >= 0.8
-    assert 0 < float(figures["weir_accuracy_measured_max_abs_diff"]) <= 0.05
+    assert 0 < float(figures["weir_accuracy_measured_max_abs_diff"]) <= 0.1
     # an absolute limit applies when configured: the same model with a tiny one is refused
     demo_model(
         demo_repository_template, tmp_path, "mlp_export", "mlp_strict", weir_precision="int8_dynamic",
@@ -96,7 +97,7 @@ async def test_int8_dynamic_serves_an_export_model_with_its_gate_figures(
     x = np.random.default_rng(5).standard_normal((32, 256)).astype(np.float32)
     got = quantized.backend.infer({"features": x}, ["logits"])["logits"]
     expected = full.backend.infer({"features": x}, ["logits"])["logits"]
-    assert np.max(np.abs(got - expected)) < 0.05
+    assert np.max(np.abs(got - expected)) < 0.1
     registry = CollectorRegistry()
     registry.register(AccuracyCollector(repository.accuracy_reports))
     text = generate_latest(registry).decode()
