@@ -41,14 +41,14 @@ MAX_RECORDS_PER_SECOND = 20_000  # per replica (token bucket, burst of one secon
 Key = tuple[str, str, int]  # (endpoint, variant, version): a variant's counters restart with a new version
 
 
-class _Replica:
+class ReplicaStream:
     """One attach stream: what it was sent, and what it reported, bounded (clock: monotonic)."""
 
     _serial = 0
 
     def __init__(self, hello: deployments_pb2.Hello, identity: str = "", clock: Callable[[], float] = time.monotonic):
-        _Replica._serial += 1
-        self.stream = f"{hello.replica_id}#{_Replica._serial}"  # unique per attach, for rollouts' looks
+        ReplicaStream._serial += 1
+        self.stream = f"{hello.replica_id}#{ReplicaStream._serial}"  # unique per attach, for rollouts' looks
         self.identity = identity
         self._clock = clock
         self.info = deployments_pb2.ReplicaInfo(replica_id=hello.replica_id, address=hello.address, identity=identity)
@@ -191,7 +191,7 @@ class DesiredStateHub:
         self._metrics = metrics
         self._online_store = online_store  # told to data planes with the feature definitions
         self._state: deployments_pb2.DesiredState | None = None
-        self._replicas: dict[int, _Replica] = {}
+        self._replicas: dict[int, ReplicaStream] = {}
         self._lock = asyncio.Lock()
 
     async def current(self) -> deployments_pb2.DesiredState:
@@ -214,16 +214,16 @@ class DesiredStateHub:
             for replica in self._replicas.values():
                 replica.offer(self._state)
 
-    def register(self, replica: _Replica) -> None:
+    def register(self, replica: ReplicaStream) -> None:
         self._replicas[id(replica)] = replica
 
-    def unregister(self, replica: _Replica) -> None:
+    def unregister(self, replica: ReplicaStream) -> None:
         self._replicas.pop(id(replica), None)
 
     def replicas(self) -> list[deployments_pb2.ReplicaInfo]:
         return sorted((replica.info for replica in self._replicas.values()), key=lambda info: info.replica_id)
 
-    def attached(self) -> list[_Replica]:
+    def attached(self) -> list[ReplicaStream]:
         """The attach streams (rollouts weigh their reports per stream and identity)."""
         return list(self._replicas.values())
 
@@ -248,7 +248,9 @@ class DataPlaneSyncService(deployments_pb2_grpc.DataPlaneSyncServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "body: expected the first message to be a hello, got something else"
             )
         assert first is not None  # abort raised otherwise
-        replica = _Replica(first.hello, identity_of(context, self._tokens).name if self._tokens is not None else "")
+        replica = ReplicaStream(
+            first.hello, identity_of(context, self._tokens).name if self._tokens is not None else ""
+        )
         self._hub.register(replica)
         log.info(
             "data plane attached",
@@ -276,7 +278,9 @@ class DataPlaneSyncService(deployments_pb2_grpc.DataPlaneSyncServicer):
                 await reader
             log.info("data plane detached", extra={"replica": replica.info.replica_id})
 
-    async def _read(self, replica: _Replica, request_iterator: AsyncIterator[deployments_pb2.DataPlaneMessage]) -> None:
+    async def _read(
+        self, replica: ReplicaStream, request_iterator: AsyncIterator[deployments_pb2.DataPlaneMessage]
+    ) -> None:
         async for message in request_iterator:
             replica.info.last_heartbeat.FromDatetime(datetime.datetime.now(datetime.UTC))
             body = message.WhichOneof("body")

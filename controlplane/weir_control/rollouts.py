@@ -7,7 +7,9 @@ the previous look, and compares canary with baseline over that interval:
 
 - FAIL when the canary's error rate exceeds the baseline's by more than ``max_error_rate_increase``,
   or its p99 exceeds ``max_p99_ratio`` x the baseline's + ``max_p99_slack_ms``;
-- INCONCLUSIVE when the canary served fewer than ``min_requests`` (the step waits);
+- INCONCLUSIVE when the canary served fewer than ``min_requests`` (the step waits), or when the
+  verdict would differ with any one replica identity's reports left out (``robust_verdict``: no
+  single replica decides alone while others are attached);
 - PASS otherwise: the next step's weights, or at the last step (100%) promotion: the canary's version
   becomes the endpoint's only variant (``primary``).
 
@@ -26,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from weir_control.attach import DesiredStateHub, _Replica
+from weir_control.attach import DesiredStateHub, ReplicaStream
 from weir_control.store import Store
 from weir_control.store.store import check_name
 from weir_proto.control.v1 import audit_pb2, deployments_pb2, rollouts_pb2
@@ -127,7 +129,7 @@ class Look:
     identities: dict[str, str] = field(default_factory=dict)  # stream -> identity
 
 
-def collect(replicas: list[_Replica], endpoint: str) -> Look:
+def collect(replicas: list[ReplicaStream], endpoint: str) -> Look:
     look = Look()
     for replica in replicas:
         look.identities[replica.stream] = replica.identity

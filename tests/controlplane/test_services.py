@@ -799,11 +799,11 @@ async def test_the_refusal_log_is_bounded_whatever_the_keys(tmp_path: Path) -> N
 
 
 def test_a_replicas_drift_records_are_bounded_per_message_and_per_second() -> None:
-    from weir_control.attach import MAX_RECORDS_PER_MESSAGE, MAX_RECORDS_PER_SECOND, _Replica
+    from weir_control.attach import MAX_RECORDS_PER_MESSAGE, MAX_RECORDS_PER_SECOND, ReplicaStream
     from weir_proto.control.v1 import monitoring_pb2
 
     now = [100.0]
-    replica = _Replica(deployments_pb2.Hello(replica_id="r1"), "node", clock=lambda: now[0])
+    replica = ReplicaStream(deployments_pb2.Hello(replica_id="r1"), "node", clock=lambda: now[0])
     flood = monitoring_pb2.InferenceRecords(
         records=[monitoring_pb2.InferenceRecord() for _ in range(MAX_RECORDS_PER_MESSAGE + 3000)], dropped=7
     )
