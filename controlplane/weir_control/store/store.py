@@ -1013,7 +1013,7 @@ class Store:
                 result=row.result,
                 detail=row.detail,
                 outcome=row.outcome or _outcome_of(row.result),
-                count=row.count,
+                count=row._mapping["count"],  # not row.count: a Row is a tuple (tuple.count)
             )
             event.at.FromDatetime(_utc(row.at))
             events.append(event)
