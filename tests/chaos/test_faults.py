@@ -6,6 +6,7 @@ waits for a number of answers, not for a time; every failure of the load is kept
 
 from __future__ import annotations
 
+import collections
 import signal
 import subprocess
 import time
@@ -115,8 +116,12 @@ def test_sigterm_under_load_drains_in_flight_and_refuses_new_calls_unavailable(t
             np.testing.assert_allclose(np.frombuffer(result.raw_output_contents[0], "<f4"), [6.0])
         assert code == 0
         assert load.answered >= answered_before
-        # After SIGTERM every new call is refused UNAVAILABLE, never failed another way.
-        assert {failure.split(":")[0] for failure in load.failures} <= {"StatusCode.UNAVAILABLE"}, load.failures[:5]
+        # After SIGTERM every new call is refused UNAVAILABLE, never failed another way; except that
+        # when the transport finally closes, gRPC may cancel the one call a connection has on the wire
+        # (a closed-loop client has at most one): at most one CANCELLED per client.
+        codes = collections.Counter(failure.split(":")[0] for failure in load.failures)
+        assert set(codes) <= {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}, load.failures[:5]
+        assert codes["StatusCode.CANCELLED"] <= load.clients, codes
 
 
 def pending(metrics_port: int | None) -> float:
