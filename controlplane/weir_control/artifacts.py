@@ -14,6 +14,7 @@ match their name (disk corruption).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -26,7 +27,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from weir_proto.artifact_safety import ArtifactKind, check_expected_kind, export_user_input_count, inspect_artifact
-from weir_proto.errors import InternalError, InvalidArgumentError, NotFoundError
+from weir_proto.errors import InternalError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from weir_proto.inference import messages as inference
 
 CHUNK_BYTES = 1 << 20  # streamed in 1 MiB pieces: large models never sit in memory whole
@@ -68,6 +69,21 @@ class StoredBlob:
     size: int
 
 
+@contextlib.contextmanager
+def _out_of_space_is_resource_exhausted(writer: BlobWriter) -> Iterator[None]:
+    """A full (or over-quota) artifact directory is the operator's to fix, not an UNKNOWN for the
+    client: RESOURCE_EXHAUSTED naming the directory, and the partial file goes at once."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        writer.discard()
+        raise ResourceExhaustedError(
+            f"artifact store: no space left in {writer.directory} ({error.strerror}); the upload was dropped"
+        ) from error
+
+
 class BlobWriter:
     """Receives an upload's bytes; ``commit`` verifies and publishes them, ``discard`` drops them.
     With ``artifact_filename``, the bytes are a model file and must pass ``check_model_artifact``."""
@@ -85,6 +101,7 @@ class BlobWriter:
         self._expected_size = expected_size
         self._artifact_filename = artifact_filename
         self._config_pbtxt = config_pbtxt
+        self.directory = store.incoming
         descriptor, name = tempfile.mkstemp(dir=store.incoming, prefix="upload-")
         self._path = Path(name)
         self._file = os.fdopen(descriptor, "wb")
@@ -98,12 +115,14 @@ class BlobWriter:
                 f"artifact: expected {self._expected_size} bytes (artifact_size), got more ({self.size} so far)"
             )
         self._digest.update(chunk)
-        self._file.write(chunk)
+        with _out_of_space_is_resource_exhausted(self):
+            self._file.write(chunk)
 
     def commit(self) -> StoredBlob:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        with _out_of_space_is_resource_exhausted(self):
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         digest = self._digest.hexdigest()
         if self._expected_size and self.size != self._expected_size:
             self.discard()
