@@ -46,6 +46,7 @@ DEFAULT_KEEP_PREVIOUS_SECONDS = 300.0
 BLUE_GREEN = "blue_green"
 GREEN, BLUE = "green", "blue"
 PROTECTED = "protected"  # the flag that puts an endpoint under approval
+UNAPPROVED_MAX_PERCENT = 50  # a protected endpoint's canary takes more only once approved
 
 
 MIN_INTERVAL_SECONDS = 0.01
@@ -273,10 +274,10 @@ class RolloutController:
                 canary.version = request.version
             if baseline.name == CANARY:
                 raise FailedPreconditionError(f"endpoint '{request.endpoint}': its baseline is named '{CANARY}'")
-            if deployment.flags.get(PROTECTED) == "true" and steps[0] >= 100:
+            if deployment.flags.get(PROTECTED) == "true" and steps[0] > UNAPPROVED_MAX_PERCENT:
                 raise PermissionDeniedError(
-                    f"endpoint '{request.endpoint}' is protected: a canary's first step must be below 100% (only "
-                    f"the step to 100% waits for an approver), got steps {steps}"
+                    f"endpoint '{request.endpoint}' is protected: a canary's first step must be at most "
+                    f"{UNAPPROVED_MAX_PERCENT}% (the steps above wait for an approver), got steps {steps}"
                 )
             rollout = Rollout(
                 endpoint=request.endpoint,
@@ -499,8 +500,9 @@ class RolloutController:
                 return
         elif verdict == "PASS":
             rollout.failed_intervals = 0
-            reaching_all = rollout.step + 1 >= len(rollout.steps) or rollout.steps[rollout.step + 1] >= 100
-            if reaching_all and await self._needs_approval(rollout):
+            # a protected endpoint's canary goes beyond UNAPPROVED_MAX_PERCENT only once approved
+            gated = rollout.step + 1 >= len(rollout.steps) or rollout.steps[rollout.step + 1] > UNAPPROVED_MAX_PERCENT
+            if gated and await self._needs_approval(rollout):
                 self._schedule(rollout)
                 return
             if rollout.step + 1 >= len(rollout.steps):

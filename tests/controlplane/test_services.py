@@ -818,3 +818,51 @@ def test_a_replicas_drift_records_are_bounded_per_message_and_per_second() -> No
     now[0] += 10
     assert replica.admit_records(small) is small  # within bounds: handed on as it came
     assert replica.dropped_records > 0
+
+
+async def test_a_protected_canary_waits_for_approval_before_taking_more_than_half(control) -> None:
+    _, client = control
+    rollouts = rollouts_pb2_grpc.RolloutsStub(client.channel)
+    await client.registry.CreateRegisteredModel(
+        registry_pb2.CreateRegisteredModelRequest(name="mlp"), metadata=DEPLOYER
+    )
+    await client.push()
+    await client.push()
+    await client.deployments.Deploy(
+        deployments_pb2.DeployRequest(endpoint="web", model_name="mlp", version=1), metadata=DEPLOYER
+    )
+    await client.deployments.SetFlag(
+        deployments_pb2.SetFlagRequest(endpoint="web", name="protected", value="true"), metadata=ADMIN
+    )
+    stream, states, outgoing = await _attach(client, REPLICA)
+    await asyncio.wait_for(anext(states), 10)
+    await rollouts.StartRollout(
+        rollouts_pb2.StartRolloutRequest(
+            endpoint="web", model_name="mlp", version=2, steps=[25, 75, 100], interval_seconds=0.2,
+            thresholds=rollouts_pb2.AnalysisThresholds(min_requests=20),
+        ),
+        metadata=DEPLOYER,
+    )  # fmt: skip
+    await asyncio.wait_for(anext(states), 10)  # the canary at 25%
+    served = 0
+    for _ in range(100):
+        served += 40
+        lines = [
+            deployments_pb2.VariantStats(
+                endpoint="web", variant=variant, version=version, succeeded=served,
+                latency_bounds_seconds=[0.01], latency_counts=[served, 0],
+            )
+            for variant, version in (("primary", 1), ("canary", 2))
+        ]  # fmt: skip
+        outgoing.put_nowait(deployments_pb2.DataPlaneMessage(status=deployments_pb2.ReplicaStatus(variants=lines)))
+        rollout = await rollouts.GetRollout(rollouts_pb2.GetRolloutRequest(endpoint="web"), metadata=VIEWER)
+        if rollout.awaiting_approval:
+            break
+        await asyncio.sleep(0.1)
+    assert rollout.awaiting_approval and rollout.step == 0  # passed, but 75% needs an approval
+    assert [analysis.verdict for analysis in rollout.analyses][-1] == "PASS"
+    deployment = await client.deployments.GetDeployment(
+        deployments_pb2.GetDeploymentRequest(endpoint="web"), metadata=VIEWER
+    )
+    assert [(v.name, v.weight) for v in deployment.variants] == [("primary", 75), ("canary", 25)]
+    stream.cancel()

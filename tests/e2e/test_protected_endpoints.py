@@ -6,7 +6,7 @@ following it, driven by the `weir` CLI:
 - move the alias the endpoint follows,
 - set a kill switch (to the canary) while a rollout is in progress,
 - delete the alias the endpoint follows (refused for everyone while an endpoint follows it),
-- an A/B test over it, a canary that starts at 100%;
+- an A/B test over it, a canary that starts above 50% (steps above wait for the approval);
 
 each refused with PERMISSION_DENIED naming the protection, audited as a refusal, and nothing changed:
 the endpoint keeps serving the same version.
@@ -87,8 +87,9 @@ def test_every_way_around_a_protected_endpoint_is_refused(protected) -> None:
     for action, args in attempts.items():
         text = refused(control, *args)
         assert "PERMISSION_DENIED" in text and "'scale' is protected" in text, (action, text)
-    text = refused(control, "rollout", "start", "scale", "scale:2", "--steps", "100")
-    assert "PERMISSION_DENIED" in text and "first step must be below 100%" in text
+    for steps in ("100", "60,100"):  # more than half the traffic without an approval
+        text = refused(control, "rollout", "start", "scale", "scale:2", "--steps", steps)
+        assert "PERMISSION_DENIED" in text and "first step must be at most 50%" in text
 
     # nothing changed: same variants, same alias target, the replica still serves version 1
     assert variants(control) == before
