@@ -18,9 +18,11 @@ import logging
 import os
 import secrets
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
+from weir.errors import WeirError
 from weir.logs import configure_logging
 from weir.settings import ControlMode, ServerSettings
 
@@ -37,6 +39,19 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", default="json", choices=("json", "text"))
     parser.add_argument(
         "--ready-file", type=Path, help="write the ports and token file here (JSON) once both planes are up"
+    )
+    parser.add_argument(
+        "--feature-root",
+        type=Path,
+        default=Path("."),
+        help="the only directory feature sources and Parquet references may lie in (default: this directory)",
+    )
+    parser.add_argument(
+        "--webhook-allow",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]|ADDRESS[:PORT]|CIDR",
+        help="a destination drift webhooks may reach (repeatable; none by default)",
     )
 
 
@@ -75,11 +90,14 @@ def _write_tokens(tokens_file: Path, admin: str, data_plane: str) -> None:
 def run_up(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     try:
-        import uvloop
-
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(_up(args))
         return uvloop.run(_up(args))
-    except ImportError:
-        return asyncio.run(_up(args))
+    except WeirError as error:  # a bad flag or state found at start: say which, no traceback
+        print(f"weir up: {error.message}", file=sys.stderr)
+        return 2
 
 
 async def _up(args: argparse.Namespace) -> int:
@@ -96,6 +114,8 @@ async def _up(args: argparse.Namespace) -> int:
             port=args.control_port,
             tokens_file=tokens_file,
             online_store=str(state_dir / "online.db"),  # shared with the data plane and `weir features`
+            feature_root=args.feature_root,
+            webhook_allow=tuple(args.webhook_allow),
         ),
         tokens=TokenTable.from_file(tokens_file),
     )
