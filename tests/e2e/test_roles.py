@@ -38,7 +38,7 @@ from tests.e2e.test_control_plane import (
     start_control,
     wait_until,
 )
-from tests.role_matrix import CONTROL_PLANE, DATA_PLANE, ROLES, allowed
+from tests.role_matrix import CONTROL_PLANE, DATA_PLANE, ROLES, allowed, markdown
 from weir_control.server import SERVICE_NAMES  # registers every control service's descriptors
 from weir_proto.auth import client_metadata
 from weir_proto.control.v1 import audit_pb2, audit_pb2_grpc, deployments_pb2, deployments_pb2_grpc
@@ -404,3 +404,12 @@ def test_weir_token_makes_a_token_and_its_entry(tmp_path: Path) -> None:
     assert table.identify(token) == Identity("replica-eu-1", Role.REPLICA)
     assert table.identify("t-admin") == Identity("root", Role.ADMIN)
     assert token not in tokens.read_text()  # only its digest is kept
+
+
+def test_the_readme_shows_the_role_table_this_test_checks() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    for table, title in (
+        (CONTROL_PLANE, "Control plane (weir control)"),
+        (DATA_PLANE, "Data plane (weir serve with tokens; yes / -: open / with --require-inference-token)"),
+    ):
+        assert markdown(table, title) in readme, f"README.md: the {title!r} role table differs from role_matrix"
