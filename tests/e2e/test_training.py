@@ -295,6 +295,9 @@ def test_bad_submissions_name_the_field(control: Control, code: Path) -> None:
     assert error["code"] == "INVALID_ARGUMENT" and error["message"].startswith("id:")
     error = refused("train", "status", "ghost")
     assert error["code"] == "NOT_FOUND"
+    # a name the registry would refuse only once the job has run is refused at submission
+    error = refused("train", "submit", "bad-name", "--builtin", "mlp", "--register", "../escape")
+    assert error["code"] == "INVALID_ARGUMENT" and "spec.register.model_name" in error["message"], error
     error = refused("sweep", "submit", "s", "--builtin", "mlp", "--space", "lr=range:1:0", "--metric", "loss",
                     "--method", "random", "--trials", "2")  # fmt: skip
     assert error["code"] == "INVALID_ARGUMENT" and "low < high" in error["message"]

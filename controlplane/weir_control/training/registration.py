@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import BinaryIO
@@ -71,7 +72,9 @@ def register_job_output(
         artifact_size=size,
         description=f"trained by job {job.id}",
         tags={"weir.training_job": job.id},
-        metrics=dict(job.metrics),
+        metrics={
+            name: value for name, value in job.metrics.items() if math.isfinite(value)
+        },  # the registry refuses NaN/inf
         lineage=registry_pb2.Lineage(
             source_job=job.id,
             parameters=dict(job.logged_params) or {key: _text(value) for key, value in job.spec.parameters.items()},

@@ -32,6 +32,7 @@ from typing import Any
 
 from weir_control.artifacts import ArtifactStore
 from weir_control.store import Store
+from weir_control.store.store import check_name
 from weir_control.training import sandbox, sweeps
 from weir_control.training.archive import check_archive, unpack
 from weir_control.training.executor import Executor, LocalExecutor
@@ -602,6 +603,11 @@ def _check_spec(spec: training_pb2.JobSpec) -> str:
             raise InvalidArgumentError(f"spec.{field}: expected 0 or more, got {getattr(spec, field)}")
     if spec.timeout_seconds < 0:
         raise InvalidArgumentError(f"spec.timeout_seconds: expected 0 (none) or more, got {spec.timeout_seconds}")
+    if spec.HasField("register") and spec.register.model_name:
+        # the registry would refuse these only when the job ends, after all its compute
+        check_name("spec.register.model_name", spec.register.model_name)
+        for alias in spec.register.aliases:
+            check_name("spec.register.aliases", alias)
     return code_hash(spec.code_archive)
 
 
