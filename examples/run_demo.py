@@ -93,11 +93,13 @@ def wait_until_served(url: str) -> None:
     client.close()
 
 
-def run_requests(url: str) -> None:
+def run_requests(url: str, token: str) -> None:
     client = triton.InferenceServerClient(url)
     metadata = client.get_server_metadata()
     print(f"\nserver: {metadata.name} {metadata.version}, ready={client.is_server_ready()}")
-    for entry in client.get_model_repository_index().models:
+    # inference is open; the repository index lists every model directory, so it needs a token (viewer)
+    index = client.get_model_repository_index(headers={"authorization": f"Bearer {token}"})
+    for entry in index.models:
         print(f"  model {entry.name} v{entry.version}: {entry.state} {entry.reason}")
 
     features = np.random.default_rng(0).standard_normal((4, build_demo_repository.FEATURES)).astype(np.float32)
@@ -146,7 +148,7 @@ def main() -> int:
         print(f"\ncontrol plane {ready['control_plane']}, data plane {ready['data_plane']}\n")
         push_and_deploy(ready, args.repository)
         wait_until_served(ready["data_plane"])
-        run_requests(ready["data_plane"])
+        run_requests(ready["data_plane"], Path(ready["admin_token_file"]).read_text().strip())
         print()
         show_state(ready)
     finally:
