@@ -606,41 +606,38 @@ def _serializer(response_class: Any) -> Callable[[Any], bytes]:
     return serialize_or_pass
 
 
-def _unary(servicer: InferenceServicer, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+@contextlib.asynccontextmanager
+async def _admitted(servicer: InferenceServicer, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """A call through the shutdown gate: refused UNAVAILABLE once stopping, and UNAVAILABLE (not
+    CANCELLED) when the grace period cuts it short."""
     gate = servicer.gate
+    if not gate.enter():
+        await servicer.refuse_while_stopping(context)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if gate.expired:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _CUT_SHORT)
+        raise
+    finally:
+        gate.leave()
 
+
+def _unary(servicer: InferenceServicer, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if not gate.enter():
-            await servicer.refuse_while_stopping(context)
-        try:
+        async with _admitted(servicer, context):
             if isinstance(request, Refused):
                 await servicer.refuse(request, context)
             return await behaviour(request, context)
-        except asyncio.CancelledError:
-            if gate.expired:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, _CUT_SHORT)
-            raise
-        finally:
-            gate.leave()
 
     return handle
 
 
 def _streaming(servicer: InferenceServicer, behaviour: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
-    gate = servicer.gate
-
     async def handle(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        if not gate.enter():
-            await servicer.refuse_while_stopping(context)
-        try:
+        async with _admitted(servicer, context):
             async for message in behaviour(request_iterator, context):
                 yield message
-        except asyncio.CancelledError:
-            if gate.expired:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, _CUT_SHORT)
-            raise
-        finally:
-            gate.leave()
 
     return handle
 
