@@ -151,6 +151,19 @@ def test_exported_model_takes_raw_features(trained: Result, data: Data) -> None:
         assert torch.allclose(program(torch.from_numpy(features[:5])), probabilities[:5], atol=1e-5)
 
 
+def test_the_drift_reference_holds_the_models_predictions_not_the_labels(trained: Result) -> None:
+    """Issue 15, item 2: the reference's PROBABILITIES.argmax held the training labels, whose class
+    shares differ from the model's predictions, so unshifted traffic raised prediction drift."""
+    succeeded(trained)
+    reference = pq.read_table(trained.directory / "output" / "reference.parquet")
+    feature_columns = [name for name in reference.column_names if name != "PROBABILITIES.argmax"]
+    features = np.stack([reference.column(name).to_numpy() for name in feature_columns], axis=1).astype(np.float32)
+    model = torch.jit.load(str(trained.directory / "output" / "model.pt"))
+    with torch.no_grad():
+        predicted = [str(index) for index in model(torch.from_numpy(features)).argmax(dim=1).tolist()]
+    assert reference.column("PROBABILITIES.argmax").to_pylist() == predicted
+
+
 def test_config_enriches_by_entity_key(trained: Result) -> None:
     succeeded(trained)
     text = (trained.directory / "output" / "config.pbtxt").read_text()

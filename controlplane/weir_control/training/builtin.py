@@ -624,13 +624,21 @@ def config_text(settings: Settings, data: Dataset) -> str:
 REFERENCE_FILE = "reference.parquet"  # drift monitoring's reference when the version's lineage is asked for
 
 
-def write_reference(path: Path, settings: Settings, data: Dataset) -> None:
+def write_reference(path: Path, settings: Settings, data: Dataset, serving: nn.Module) -> None:
     """The training data as drift monitoring sees traffic: one column per feature (named as the data
-    plane names an enriched input's elements) and, for a classifier, the class index the labels
-    imply as ``<OUTPUT>.argmax`` (the predictions' reference share)."""
+    plane names an enriched input's elements) and, for a classifier, the class the exported model
+    predicts for each row as ``<OUTPUT>.argmax``. Predictions, not labels: prediction drift compares
+    what the model answers with what it answered on its training data (the labels' shares differ
+    from the predictions' and raised a false alarm on unshifted traffic)."""
     columns: dict[str, Any] = {name: data.features[:, index] for index, name in enumerate(data.feature_names)}
     if settings.task == "classification":
-        columns[f"{OUTPUT_NAMES[settings.task]}.argmax"] = [str(int(index)) for index in data.targets]
+        predicted: list[np.ndarray] = []
+        with torch.no_grad():
+            for start in range(0, len(data.features), 65_536):
+                rows = torch.from_numpy(np.ascontiguousarray(data.features[start : start + 65_536]))
+                predicted.append(serving(rows).argmax(dim=1).numpy())
+        classes = np.concatenate(predicted) if predicted else np.zeros(0, dtype=np.int64)
+        columns[f"{OUTPUT_NAMES[settings.task]}.argmax"] = [str(int(index)) for index in classes]
     pq.write_table(pa.table(columns), path)
 
 
@@ -642,7 +650,7 @@ def export(run: tracking.Run, settings: Settings, data: Dataset, serving: nn.Mod
     scripted.save(str(staged))
     staged.replace(run.output_dir / "model.pt")
     (run.output_dir / "config.pbtxt").write_text(config_text(settings, data), encoding="utf-8")
-    write_reference(run.output_dir / REFERENCE_FILE, settings, data)
+    write_reference(run.output_dir / REFERENCE_FILE, settings, data, serving)
     try:
         example = (torch.zeros(2, len(data.feature_names)),)
         batch = torch.export.Dim("batch", min=1, max=1 << 20)
