@@ -7,6 +7,7 @@ waits for a number of answers, not for a time; every failure of the load is kept
 from __future__ import annotations
 
 import collections
+import shutil
 import signal
 import subprocess
 import time
@@ -83,9 +84,9 @@ def with_signal(process: subprocess.Popen[bytes], signum: int) -> None:
         process.send_signal(signum)
 
 
-def slow_request(x: float, iterations: int) -> pb.ModelInferRequest:
+def slow_request(x: float, iterations: int, model: str = "slow") -> pb.ModelInferRequest:
     """A request to test_lifecycle's slow model: x * factor after ``iterations`` matmuls."""
-    request = pb.ModelInferRequest(model_name="slow")
+    request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name="x", datatype="FP32", shape=[1, 1])
     request.raw_input_contents.append(np.array([[x]], np.float32).tobytes())
     request.inputs.add(name="iterations", datatype="INT64", shape=[1, 1])
@@ -96,6 +97,11 @@ def slow_request(x: float, iterations: int) -> pb.ModelInferRequest:
 def test_sigterm_under_load_drains_in_flight_and_refuses_new_calls_unavailable(tmp_path: Path) -> None:
     grace = 20.0
     write_slow_version(tmp_path, 1, factor=3.0, instances=2)
+    # the requests that must drain go to a copy of the model, so its pending count is theirs alone
+    # (the load's requests on "slow" made "one pending" true before both had arrived)
+    shutil.copytree(tmp_path / "slow", tmp_path / "drain")
+    config = tmp_path / "drain" / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "slow"', 'name: "drain"'))
     server = start_weir(tmp_path, "--shutdown-grace-seconds", str(grace))
     with grpc.insecure_channel(server.grpc_url, options=channel_options()) as channel:
         infer = unary(channel, "ModelInfer", pb.ModelInferResponse)
@@ -106,8 +112,8 @@ def test_sigterm_under_load_drains_in_flight_and_refuses_new_calls_unavailable(t
         iterations = int(2.0 / per_iteration)  # about two seconds each: in flight when SIGTERM lands
         with Load(server.grpc_url, lambda: slow_request(1.0, 1), clients=3) as load:
             load.wait_for(PHASE_ANSWERS)
-            in_flight = [infer.future(slow_request(2.0, iterations), timeout=60) for _ in range(2)]
-            wait_until(lambda: pending(server.metrics_port) >= 1, message="the slow requests to be in flight")
+            in_flight = [infer.future(slow_request(2.0, iterations, "drain"), timeout=60) for _ in range(2)]
+            wait_until(lambda: pending(server.metrics_port, "drain") >= 2, message="both slow requests to be in flight")
             answered_before = load.answered
             server.process.send_signal(signal.SIGTERM)
             results = [future.result() for future in in_flight]  # they complete
@@ -124,12 +130,12 @@ def test_sigterm_under_load_drains_in_flight_and_refuses_new_calls_unavailable(t
         assert codes["StatusCode.CANCELLED"] <= load.clients, codes
 
 
-def pending(metrics_port: int | None) -> float:
+def pending(metrics_port: int | None, model: str = "") -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith("weir_inference_pending_request_count")
+        if line.startswith("weir_inference_pending_request_count") and (not model or f'model="{model}"' in line)
     )
 
 
