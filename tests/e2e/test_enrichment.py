@@ -188,3 +188,59 @@ def test_definitions_applied_on_the_control_plane_reach_the_data_plane(tmp_path:
             replica.terminate_and_wait()
         control.process.terminate()
         control.process.wait(timeout=30)
+
+
+def test_a_built_in_trained_model_is_served_by_entity_key_alone(tmp_path: Path) -> None:
+    """Issue 15, item 1: the built-in trainer's model has one input, FEATURES, filled from the online
+    store; tritonclient's typed path with no inputs at all and only parameters={"entity_key": ...}
+    answered INTERNAL (the [1, n] lookup's nested list into fp32_contents: "must be real number, not
+    list"). Several keys answer the model's own output on the key's features; a missing key is
+    NOT_FOUND naming it."""
+    import shutil
+
+    from training_data import build_training_data  # examples/ (on the path: tests/conftest.py)
+
+    from tests.controlplane.test_builtin_trainer import succeeded, train
+
+    definitions_file, entities = build_training_data(tmp_path / "churn", rows=300)
+    params = {"entities": str(entities), "definitions": str(definitions_file), "feature_service": "churn",
+              "label": "churned", "epochs": 2, "hidden": "8"}  # fmt: skip
+    run = succeeded(train(tmp_path / "job", params))
+    repository = tmp_path / "repository"
+    (repository / "churn" / "1").mkdir(parents=True)
+    shutil.copy(run.directory / "output" / "model.pt", repository / "churn" / "1" / "model.pt")
+    shutil.copy(run.directory / "output" / "config.pbtxt", repository / "churn" / "config.pbtxt")
+    definitions = load_definitions(definitions_file)
+    online = SqliteOnlineStore(tmp_path / "online.db")
+    materialize(
+        definitions, online, datetime.datetime(2023, 1, 1, tzinfo=UTC), datetime.datetime(2025, 1, 1, tzinfo=UTC)
+    )
+    features = {}
+    for key in ("1", "17", "250"):
+        found = online.read(key, {"customer_stats": {name: "FLOAT64" for name in FEATURE_NAMES}})
+        features[key] = [float(found["customer_stats"][1][name]) for name in FEATURE_NAMES]
+    online.close()
+    assert list(definitions.services["churn"].features) == [("customer_stats", name) for name in FEATURE_NAMES]
+    model = torch.jit.load(str(repository / "churn" / "1" / "model.pt"))
+    server = start_weir(repository, "--feature-definitions", str(definitions_file), "--online-store",
+                        str(tmp_path / "online.db"))  # fmt: skip
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        for key, values in features.items():
+            result = client.infer("churn", [], parameters={"entity_key": key}, client_timeout=30)
+            with torch.no_grad():
+                expected = model(torch.tensor([values], dtype=torch.float32)).numpy()
+            np.testing.assert_allclose(result.as_numpy("PROBABILITIES"), expected, rtol=1e-5, atol=1e-6)
+        with pytest.raises(InferenceServerException) as missing:
+            client.infer("churn", [], parameters={"entity_key": "99999"}, client_timeout=30)
+        assert "NOT_FOUND" in str(missing.value) and "entity '99999'" in str(missing.value), str(missing.value)
+        assert "INTERNAL" not in str(missing.value)
+        with pytest.raises(InferenceServerException) as keyless:
+            client.infer("churn", [], client_timeout=30)
+        assert "INVALID_ARGUMENT" in str(keyless.value) and "parameters['entity_key']" in str(keyless.value)
+        client.close()
+    finally:
+        assert server.terminate_and_wait() == 0
+
+
+FEATURE_NAMES = ["orders_30d", "spend_30d", "days_since_last_order", "support_tickets"]
