@@ -1,7 +1,8 @@
 """End to end: `python -m weir.cli bench` as a subprocess against a real `weir serve` (demo
 repository, mlp_classifier only), with two worker processes and the server's metrics: closed and
 Poisson levels, results.json/results.md/plots, SLO exit statuses 0 and 1, and exit status 2 for a
-target that is not on loopback or a model that does not exist.
+target that is not on loopback or a model that does not exist; the stage budget of an endpoint's
+name on a data plane that follows a control plane (its series are labelled endpoint@variant).
 
 One server serves the module; it only reads the repository, so it serves the session's template copy.
 Levels are 1.5 s after 0.5 s of warm-up, so the module stays well under a minute.
@@ -17,7 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, WeirProcess, start_weir
+from tests.conftest import ROOT, WeirProcess, free_port, start_weir
+from tests.e2e.test_control_plane import (
+    CONFIG,
+    REPLICA_TOKEN,
+    TOKENS,
+    cli,
+    scripted,
+    serves_factor,
+    start_control,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -111,3 +122,42 @@ def test_an_unknown_model_exits_2(weir: WeirProcess, tmp_path: Path) -> None:
     result = bench("--url", weir.grpc_url, "--model", "no_such_model", "--out", str(tmp_path / "unknown"))
     assert result.returncode == 2
     assert "NOT_FOUND" in result.stderr and "no_such_model" in result.stderr
+
+
+def test_the_stage_budget_of_an_endpoint_behind_a_control_plane_sums_its_variants(tmp_path: Path) -> None:
+    """Issue 15, item 8: a data plane following a control plane labels an endpoint's series
+    ``endpoint@variant``; `--model ENDPOINT` found no series of that name and skipped the budget."""
+    control = start_control(tmp_path / "control", "", free_port())
+    data_plane = start_weir(
+        tmp_path / "replica", "--model-control-mode", "explicit", "--control-plane", control.address,
+        "--replica-id", "bench", "--heartbeat-seconds", "0.5",
+        env={"WEIR_TOKENS": TOKENS, "WEIR_CONTROL_PLANE_TOKEN": REPLICA_TOKEN},
+    )  # fmt: skip
+    try:
+        config = tmp_path / "config.pbtxt"
+        config.write_text(CONFIG)
+        for factor in (2.0, 3.0):
+            cli(control, "models", "push", "scale", str(scripted(tmp_path, factor)), "--config", str(config))
+        cli(control, "deploy", "scale", "scale", "1")
+        wait_until(lambda: serves_factor(data_plane.grpc_url, 2.0), message="version 1 served")
+        cli(control, "traffic", "scale", "--variant", "one=scale:1:50", "--variant", "two=scale:2:50")
+        wait_until(lambda: serves_factor(data_plane.grpc_url, 3.0), message="version 2 answering too")
+
+        out = tmp_path / "endpoint"
+        result = bench(
+            "--url", data_plane.grpc_url, "--model", "scale", "--concurrency", "1", *SHORT_LEVELS,
+            "--metrics-url", metrics_url(data_plane), "--out", str(out),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr + result.stdout
+        (level,) = json.loads((out / "results.json").read_text())["levels"]
+        budget = level["stage_budget"]
+        assert budget is not None, "no stage budget for the endpoint's name"
+        assert all(stage is not None for stage in budget["stages"].values())
+        # Both variants' requests are counted: the server's count of the window matches the client's,
+        # to within the requests in flight at its two edges (2 processes x 1 slot each).
+        assert abs(budget["end_to_end"]["count"] - level["succeeded"]) <= 4, (budget, level["succeeded"])
+        assert "## Server latency budget" in (out / "results.md").read_text()
+    finally:
+        data_plane.terminate_and_wait()
+        control.process.terminate()
+        control.process.wait(timeout=30)

@@ -5,6 +5,10 @@ encode) and ``weir_inference_request_duration_seconds{model,version}`` (end to e
 difference of ``_sum`` and ``_count`` between a scrape before and one after a level gives the mean time
 per stage for the requests of that level alone. Servers without these metrics (Triton, MLServer) give
 no totals, and the budget is skipped.
+
+A data plane following a control plane serves an endpoint through one repository model per variant,
+``endpoint@variant``, and labels its series so: the endpoint's name matches those too (summed over
+the variants: the traffic the bench sends to the endpoint, whichever variant answered it).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from weir.routing import SEPARATOR as VARIANT_SEPARATOR  # the model serving variant V of endpoint E is E@V
 
 STAGE_METRIC = "weir_inference_stage_duration_seconds"
 REQUEST_METRIC = "weir_inference_request_duration_seconds"
@@ -28,8 +34,9 @@ class Totals:
 
 
 def latency_totals(text: str, model: str, version: str = "") -> dict[str, Totals]:
-    """``{stage: Totals, "end_to_end": Totals}`` for ``model`` (every version, or only ``version``).
-    Empty when the text holds none of Weir's latency metrics."""
+    """``{stage: Totals, "end_to_end": Totals}`` for ``model`` (every version, or only ``version``), or for
+    the endpoint ``model`` (its ``model@variant`` series, summed). Empty when the text holds none of
+    Weir's latency metrics."""
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -37,7 +44,7 @@ def latency_totals(text: str, model: str, version: str = "") -> dict[str, Totals
             continue
         for sample in family.samples:
             labels = sample.labels
-            if labels.get("model") != model or (version and labels.get("version") != version):
+            if not _serves(labels.get("model", ""), model) or (version and labels.get("version") != version):
                 continue
             key = labels.get("stage", "") if family.name == STAGE_METRIC else END_TO_END
             if not key:
@@ -47,6 +54,12 @@ def latency_totals(text: str, model: str, version: str = "") -> dict[str, Totals
             elif sample.name == family.name + "_count":
                 counts[key] = counts.get(key, 0.0) + sample.value
     return {key: Totals(sums.get(key, 0.0), counts[key]) for key in counts}
+
+
+def _serves(label: str, model: str) -> bool:
+    """Whether a series labelled ``label`` counts for ``model``: the model itself, or a variant of the
+    endpoint of that name (``model@variant``; not another endpoint's variant that serves ``model``)."""
+    return label == model or (VARIANT_SEPARATOR not in model and label.startswith(model + VARIANT_SEPARATOR))
 
 
 def stage_budget(before: Mapping[str, Totals], after: Mapping[str, Totals]) -> dict[str, Any] | None:
