@@ -16,6 +16,7 @@ import grpc
 class ErrorKind(enum.Enum):
     INVALID_ARGUMENT = "invalid_argument"
     NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"
     FAILED_PRECONDITION = "failed_precondition"
     RESOURCE_EXHAUSTED = "resource_exhausted"
     DEADLINE_EXCEEDED = "deadline_exceeded"
@@ -43,6 +44,12 @@ class InvalidArgumentError(WeirError):
 
 class NotFoundError(WeirError):
     kind = ErrorKind.NOT_FOUND
+
+
+class AlreadyExistsError(WeirError):
+    """A create whose name is taken by something different (an identical repeat returns the first)."""
+
+    kind = ErrorKind.ALREADY_EXISTS
 
 
 class FailedPreconditionError(WeirError):
@@ -76,6 +83,7 @@ class PermissionDeniedError(WeirError):
 STATUS_CODE_BY_KIND: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
