@@ -43,7 +43,7 @@ def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
     submitted: list[str] = []
 
     class Links:
-        def submit_retraining(self, endpoint: str, policy: monitoring_pb2.MonitoringPolicy) -> str:
+        def submit_retraining(self, endpoint: str, policy: monitoring_pb2.MonitoringPolicy, trigger: object) -> str:
             submitted.append(endpoint)
             return f"job-{len(submitted)}"
 

@@ -47,7 +47,7 @@ class Links:
     def deployed_endpoints(self) -> set[str]:
         return set(self.deployed)
 
-    def submit_retraining(self, endpoint: str, policy: Policy) -> str:
+    def submit_retraining(self, endpoint: str, policy: Policy, trigger: object) -> str:
         return "job"
 
     def reference_for_serving(self, endpoint: str) -> tuple[str, Path]:
@@ -244,6 +244,60 @@ def test_feedback_with_nan_or_infinite_labels_is_refused(store, tmp_path: Path) 
     good = monitoring_pb2.RecordFeedbackRequest(endpoint="ep")
     good.labels.add(request_id="q", number=0)
     assert monitor.feedback(good).matched == 1
+
+
+def predicted(request_ids: list[str]) -> monitoring_pb2.InferenceRecords:
+    records = monitoring_pb2.InferenceRecords()
+    for request_id in request_ids:
+        row = records.records.add(endpoint="ep", request_id=request_id)
+        row.outputs.add(name="P[0]", number=0.9)
+        row.outputs.add(name="P[1]", number=0.1)
+    return records
+
+
+def test_labels_waiting_for_their_records_are_bounded_in_number_and_time(  # type: ignore[no-untyped-def]
+    store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(monitor_module, "MAX_HELD_LABELS", 100)
+    monkeypatch.setattr(monitor_module, "MAX_HELD_LABELS_TOTAL", 150)
+    clock = Clock()
+    monitor = make(store, tmp_path, deployed={"ep", "other", "third"}, clock=clock)
+    monitor.ingest("replica", predicted(["seen"]))
+    other = predicted(["other-seen"])
+    other.records[0].endpoint = "other"
+    monitor.ingest("replica", other)
+
+    # a flood of labels for requests never sent: at most 100 held for the endpoint, the oldest give way
+    flood = monitoring_pb2.RecordFeedbackRequest(endpoint="ep")
+    for index in range(1000):
+        flood.labels.add(request_id=f"never-{index}", number=0)
+    answer = monitor.feedback(flood)
+    assert (answer.matched, answer.held, answer.unmatched) == (0, 1000, 0)
+    state = monitor._endpoints["ep"]
+    assert len(state.held) == 100 and next(iter(state.held)) == "never-900"
+    assert monitor.report("ep").labels_unmatched == 900 and monitor.report("ep").labels_held == 100
+    # the bound over all endpoints (150): the other endpoint holds the 50 left, its own oldest give way
+    flood.endpoint = "other"
+    monitor.feedback(flood)
+    assert len(monitor._endpoints["other"].held) == 50 and monitor._held_total == 150
+    assert monitor.report("other").labels_unmatched == 950
+    # an endpoint holding none while the bound is full: its labels are unmatched at once
+    third = predicted(["third-seen"])
+    third.records[0].endpoint = "third"
+    monitor.ingest("replica", third)
+    flood.endpoint = "third"
+    answer = monitor.feedback(flood)
+    assert (answer.held, answer.unmatched) == (0, 1000) and monitor._held_total == 150
+
+    # a held label is matched when its record arrives; the others expire after the hold
+    clock.now += monitor_module.LABEL_HOLD_SECONDS / 2
+    monitor.ingest("replica", predicted(["never-950"]))
+    assert "never-950" not in state.held and state.window_labels == [1, 1]  # P[0] is the larger: class 0
+    clock.now += monitor_module.LABEL_HOLD_SECONDS / 2
+    monitor.tick()
+    assert not state.held and monitor._held_total == 0
+    report = monitor.report("ep")
+    assert (report.labels_held, report.labels_unmatched) == (0, 999)
 
 
 # --- webhooks ---------------------------------------------------------------------------------------

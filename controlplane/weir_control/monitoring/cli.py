@@ -172,7 +172,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.json or command != "feedback":
             print(json.dumps(json_format.MessageToDict(result, preserving_proto_field_name=True), indent=2))
         else:
-            print(f"matched {result.matched}, unmatched {result.unmatched}")
+            held = f", held {result.held} (until their requests' records arrive)" if result.held else ""
+            print(f"matched {result.matched}, unmatched {result.unmatched}{held}")
         return 0
     finally:
         channel.close()

@@ -41,7 +41,7 @@ from weir_control.monitoring.policy import (
 from weir_control.monitoring.profiles import MAX_FEATURES, ReferenceProfile, WindowProfile
 from weir_control.monitoring.webhook import WebhookAllowList, WebhookRefused
 from weir_control.store import Store
-from weir_proto.control.v1 import monitoring_pb2
+from weir_proto.control.v1 import monitoring_pb2, registry_pb2
 from weir_proto.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -53,8 +53,14 @@ from weir_proto.errors import (
 log = logging.getLogger(__name__)
 
 Severity = monitoring_pb2.Severity
+DriftTrigger = registry_pb2.Lineage.DriftTrigger
 ARGMAX = ".argmax"
-PREDICTIONS_REMEMBERED = 200_000  # request id -> predicted class, for feedback labels (per endpoint)
+PREDICTIONS_REMEMBERED = 200_000  # request id -> predicted class and window, for feedback labels (per endpoint)
+# A label may reach the control plane before its request's record (data planes send records about twice a
+# second): it is held, this long and within these bounds, then counted unmatched.
+LABEL_HOLD_SECONDS = 30.0
+MAX_HELD_LABELS = 10_000  # per endpoint; beyond, the oldest held label is counted unmatched
+MAX_HELD_LABELS_TOTAL = 100_000  # over all endpoints
 REFERENCE_ACCURACY_LABELS = 200  # without a registered accuracy, the first labels set the reference
 WEBHOOK_ATTEMPTS = 3
 WEBHOOK_TIMEOUT_SECONDS = 5.0
@@ -77,7 +83,11 @@ class EndpointMonitor:
     window: WindowProfile | None = None
     window_start: float = 0.0
     outputs: set[str] = field(default_factory=set)  # feature names that are outputs (role)
-    predictions: collections.OrderedDict[str, str] = field(default_factory=collections.OrderedDict)
+    # request id -> (predicted class, start of the window its record was counted in)
+    predictions: collections.OrderedDict[str, tuple[str, float]] = field(default_factory=collections.OrderedDict)
+    # request id -> (label, when it came): labels whose record has not arrived yet, oldest first
+    held: collections.OrderedDict[str, tuple[str, float]] = field(default_factory=collections.OrderedDict)
+    labels_unmatched: int = 0  # held labels whose record never came
     ddm: statistics.DDM = field(default_factory=statistics.DDM)
     window_labels: list[int] = field(default_factory=lambda: [0, 0])  # correct, labelled
     window_ddm_state: str = "stable"
@@ -95,6 +105,7 @@ class EndpointMonitor:
             "records_received": self.records_received,
             "last_action_at": self.last_action_at,
             "outputs": sorted(self.outputs),
+            "labels_unmatched": self.labels_unmatched,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -104,13 +115,14 @@ class EndpointMonitor:
         self.records_received = int(state.get("records_received", 0))
         self.last_action_at = float(state.get("last_action_at", 0.0))
         self.outputs = set(state.get("outputs") or [])
+        self.labels_unmatched = int(state.get("labels_unmatched", 0))
 
 
 class DriftMonitor:
     def __init__(
         self,
         store: Store,
-        submit_retraining: Callable[[str, monitoring_pb2.MonitoringPolicy], str] | None = None,
+        submit_retraining: Callable[[str, monitoring_pb2.MonitoringPolicy, DriftTrigger], str] | None = None,
         reference_for_serving: Callable[[str], tuple[str, Path]] | None = None,
         serving_accuracy: Callable[[str], float | None] | None = None,
         clock: Callable[[], float] = time.time,
@@ -132,7 +144,8 @@ class DriftMonitor:
         self.records_dropped: collections.Counter[str] = collections.Counter()
         self.ingest_errors: collections.Counter[str] = collections.Counter()
         self._error_logged_at: dict[str, float] = {}
-        self._submit_retraining = submit_retraining  # (endpoint, policy) -> job id
+        self._submit_retraining = submit_retraining  # (endpoint, policy, the window that caused it) -> job id
+        self._held_total = 0  # feedback labels held over all endpoints
         self._reference_for_serving = reference_for_serving  # endpoint -> (description, reference.parquet)
         self._serving_accuracy = serving_accuracy  # endpoint -> the serving version's registered accuracy
         self._clock = clock
@@ -207,6 +220,8 @@ class DriftMonitor:
                     if window.ignored_values != ignored:
                         self.values_dropped[endpoint, "features"] += window.ignored_values - ignored
                     monitor.records_received += 1
+                    if monitor.held and record.request_id in monitor.held:
+                        self._match_held(monitor, record.request_id, now)
                 except Exception:
                     self._ingest_failed(endpoint)
             # a replica's buffer serves all its endpoints: its drops are counted per replica (cumulative)
@@ -277,7 +292,8 @@ class DriftMonitor:
                 if len(monitor.outputs) < MAX_FEATURES:
                     monitor.outputs.add(base + ARGMAX)
                 if record.request_id and len(record.request_id) <= MAX_REQUEST_ID_CHARS:
-                    monitor.predictions[record.request_id] = predicted
+                    monitor.predictions[record.request_id] = (predicted, monitor.window_start)
+                    monitor.predictions.move_to_end(record.request_id)
                     if len(monitor.predictions) > PREDICTIONS_REMEMBERED:
                         monitor.predictions.popitem(last=False)
         return numeric, categorical
@@ -285,6 +301,9 @@ class DriftMonitor:
     # --- feedback: concept drift -----------------------------------------------------------------
 
     def feedback(self, request: monitoring_pb2.RecordFeedbackRequest) -> monitoring_pb2.RecordFeedbackResponse:
+        """Labels count in the window their request's record was counted in: the open one, or a closed
+        one whose stored concept drift is updated at once. A label whose record has not arrived yet is
+        held (bounded in time and number) and matched when the record comes."""
         check_endpoint(request.endpoint)
         if len(request.labels) > MAX_FEEDBACK_LABELS:
             raise InvalidArgumentError(
@@ -293,34 +312,124 @@ class DriftMonitor:
         for index, label in enumerate(request.labels):  # all checked before any is counted
             if label.WhichOneof("value") == "number" and not math.isfinite(label.number):
                 raise InvalidArgumentError(f"labels[{index}].number: expected a finite number, got {label.number}")
-        matched = unmatched = 0
+        matched = unmatched = held = 0
+        now = self._clock()
         with self._lock:
             monitor = self._endpoints.get(request.endpoint)
             if monitor is None:
                 raise NotFoundError(f"endpoint: no inference records seen for '{request.endpoint}'")
+            closed: dict[float, list[tuple[bool, str]]] = {}  # window start -> (correct, detector state)
             for label in request.labels:
-                predicted = monitor.predictions.get(label.request_id)
                 kind = label.WhichOneof("value")
-                if predicted is None or kind is None:
+                request_id = label.request_id
+                if kind is None or not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
                     unmatched += 1
                     continue
-                matched += 1
                 actual = (
                     str(int(label.number))
                     if kind == "number" and float(label.number).is_integer()
-                    else str(getattr(label, kind))
+                    else str(getattr(label, kind))[:MAX_CATEGORY_CHARS]
                 )
-                correct = actual == predicted
-                monitor.window_labels[0] += int(correct)
-                monitor.window_labels[1] += 1
-                if monitor.first_labels[1] < REFERENCE_ACCURACY_LABELS:
-                    monitor.first_labels[0] += int(correct)
-                    monitor.first_labels[1] += 1
-                state = monitor.ddm.update(not correct)
-                if _ddm_rank(state) > _ddm_rank(monitor.window_ddm_state):
-                    monitor.window_ddm_state = state
+                remembered = monitor.predictions.get(request_id)
+                if remembered is not None:
+                    matched += 1
+                    self._count_label(monitor, remembered, actual, closed)
+                elif self._hold(monitor, request_id, actual, now):
+                    held += 1
+                else:
+                    unmatched += 1
+            self._update_closed(monitor, closed, now)
             self._store.save_monitoring_state(monitor.endpoint, monitor.state())
-        return monitoring_pb2.RecordFeedbackResponse(matched=matched, unmatched=unmatched)
+        return monitoring_pb2.RecordFeedbackResponse(matched=matched, unmatched=unmatched, held=held)
+
+    def _count_label(
+        self,
+        monitor: EndpointMonitor,
+        remembered: tuple[str, float],
+        actual: str,
+        closed: dict[float, list[tuple[bool, str]]],
+    ) -> None:
+        """One matched label: the detector, and the figures of the window its request was counted in
+        (the open window's now; a closed window's gathered in ``closed`` for ``_update_closed``)."""
+        predicted, window_start = remembered
+        correct = actual == predicted
+        if monitor.first_labels[1] < REFERENCE_ACCURACY_LABELS:
+            monitor.first_labels[0] += int(correct)
+            monitor.first_labels[1] += 1
+        state = monitor.ddm.update(not correct)
+        if monitor.window is not None and window_start == monitor.window_start:
+            monitor.window_labels[0] += int(correct)
+            monitor.window_labels[1] += 1
+            if _ddm_rank(state) > _ddm_rank(monitor.window_ddm_state):
+                monitor.window_ddm_state = state
+        else:
+            closed.setdefault(window_start, []).append((correct, state))
+
+    def _update_closed(self, monitor: EndpointMonitor, closed: dict[float, list[tuple[bool, str]]], now: float) -> None:
+        """Late labels: each closed window's stored concept drift (and severity) recomputed with them;
+        a window they make CRITICAL acts like one that closed CRITICAL (within the cool-down)."""
+        for start, outcomes in sorted(closed.items()):
+            moment = monitoring_pb2.TimeRange()
+            moment.start.FromNanoseconds(int(start * 1e9))  # as the window was stored
+            window = self._store.drift_window_at(monitor.endpoint, moment.start.ToDatetime(datetime.UTC))
+            if window is None:
+                continue  # no longer kept: the detector has the labels, no window shows them
+            concept = window.concept
+            labelled = concept.labelled + len(outcomes)
+            correct = round(concept.accuracy * concept.labelled) + sum(correct for correct, _ in outcomes)
+            state = max([concept.detector_state or "stable", *(state for _, state in outcomes)], key=_ddm_rank)
+            before = window.severity
+            window.concept.CopyFrom(self._concept_figures(monitor, correct, labelled, state))
+            scored = [feature.severity for feature in window.features]
+            worst = max([Severity.NONE, *scored]) if scored else Severity.SEVERITY_UNSPECIFIED
+            window.severity = max(worst, window.concept.severity)
+            self._store.replace_drift_window(monitor.endpoint, window)
+            if monitor.latest is not None and monitor.latest.start == window.start:
+                monitor.latest = window
+            if window.severity == Severity.CRITICAL and before != Severity.CRITICAL:
+                self._act(monitor, window, now)
+
+    def _hold(self, monitor: EndpointMonitor, request_id: str, actual: str, now: float) -> bool:
+        """Hold a label until its record comes; False when it cannot be held (the bounds are full of
+        other endpoints' labels)."""
+        if request_id in monitor.held:
+            monitor.held[request_id] = (actual, now)  # the newer label wins, held afresh
+            monitor.held.move_to_end(request_id)
+            return True
+        if len(monitor.held) >= MAX_HELD_LABELS or (self._held_total >= MAX_HELD_LABELS_TOTAL and monitor.held):
+            monitor.held.popitem(last=False)  # the oldest of this endpoint's gives way
+            monitor.labels_unmatched += 1
+            self._held_total -= 1
+        if self._held_total >= MAX_HELD_LABELS_TOTAL:
+            return False
+        monitor.held[request_id] = (actual, now)
+        self._held_total += 1
+        return True
+
+    def _match_held(self, monitor: EndpointMonitor, request_id: str, now: float) -> None:
+        """A record came for a held label: counted in the record's window (the open one)."""
+        actual, _ = monitor.held.pop(request_id)
+        self._held_total -= 1
+        remembered = monitor.predictions.get(request_id)
+        if remembered is None:  # the record carried no predicted class: the label cannot be judged
+            monitor.labels_unmatched += 1
+            return
+        closed: dict[float, list[tuple[bool, str]]] = {}
+        self._count_label(monitor, remembered, actual, closed)
+        self._update_closed(monitor, closed, now)  # empty unless the window changed meanwhile
+
+    def _expire_held(self, monitor: EndpointMonitor, now: float) -> None:
+        expired = 0
+        while monitor.held:
+            _, (_, held_at) = next(iter(monitor.held.items()))
+            if now - held_at < LABEL_HOLD_SECONDS:
+                break
+            monitor.held.popitem(last=False)
+            expired += 1
+        if expired:
+            self._held_total -= expired
+            monitor.labels_unmatched += expired
+            self._store.save_monitoring_state(monitor.endpoint, monitor.state())
 
     # --- policy and reference --------------------------------------------------------------------
 
@@ -416,6 +525,8 @@ class DriftMonitor:
         with self._lock:
             for monitor in list(self._endpoints.values()):
                 try:
+                    if monitor.held:
+                        self._expire_held(monitor, now)
                     report = self._close_if_due(monitor, now)
                 except Exception:  # one endpoint's failure must not keep the others' windows open
                     self._ingest_failed(monitor.endpoint)
@@ -506,6 +617,13 @@ class DriftMonitor:
 
     def _concept(self, monitor: EndpointMonitor) -> monitoring_pb2.ConceptDrift:
         correct, labelled = monitor.window_labels
+        return self._concept_figures(monitor, correct, labelled, monitor.window_ddm_state)
+
+    def _concept_figures(
+        self, monitor: EndpointMonitor, correct: int, labelled: int, detector_state: str
+    ) -> monitoring_pb2.ConceptDrift:
+        """A window's concept drift from its labels' count, the correct ones and the detector's worst
+        state while they were counted."""
         if monitor.reference_accuracy is None:
             registered = self._serving_accuracy(monitor.endpoint) if self._serving_accuracy else None
             if registered is not None:
@@ -516,13 +634,13 @@ class DriftMonitor:
             labelled=labelled,
             accuracy=correct / labelled if labelled else 0.0,
             reference_accuracy=monitor.reference_accuracy or 0.0,
-            detector_state=monitor.window_ddm_state,
+            detector_state=detector_state,
         )
         if not labelled:
             concept.severity = Severity.SEVERITY_UNSPECIFIED
-        elif monitor.window_ddm_state == "drift" and _accuracy_dropped(correct, labelled, monitor.reference_accuracy):
+        elif detector_state == "drift" and _accuracy_dropped(correct, labelled, monitor.reference_accuracy):
             concept.severity = Severity.CRITICAL  # confirmed: the detector and the window's own accuracy agree
-        elif monitor.window_ddm_state in ("drift", "warning"):
+        elif detector_state in ("drift", "warning"):
             concept.severity = Severity.WARNING  # detected, not (yet) confirmed
         else:
             concept.severity = Severity.NONE
@@ -541,12 +659,16 @@ class DriftMonitor:
         critical = [feature.name for feature in report.features if feature.severity == Severity.CRITICAL]
         if report.concept.severity == Severity.CRITICAL:
             critical.append("concept drift")
+        trigger = DriftTrigger(endpoint=monitor.endpoint, features=critical)
+        trigger.window_start.CopyFrom(report.start)
+        trigger.window_end.CopyFrom(report.end)
         if policy.retrain and self._submit_retraining is not None:
+            job_id = ""
             try:
-                detail = self._submit_retraining(monitor.endpoint, policy)
+                job_id = detail = self._submit_retraining(monitor.endpoint, policy, trigger)
             except WeirError as error:
                 detail = f"not submitted: {error.message}"
-            self._record_action(monitor.endpoint, "retrain", detail, now)
+            self._record_action(monitor.endpoint, "retrain", detail, now, trigger, job_id)
         if policy.webhook_url:
             alert = {
                 "endpoint": monitor.endpoint,
@@ -558,10 +680,10 @@ class DriftMonitor:
             }
             # off the lock and off the caller's thread: a slow webhook must not hold up ingestion
             threading.Thread(
-                target=self._alert, args=(monitor.endpoint, policy.webhook_url, alert, now), daemon=True
+                target=self._alert, args=(monitor.endpoint, policy.webhook_url, alert, now, trigger), daemon=True
             ).start()
 
-    def _alert(self, endpoint: str, url: str, alert: dict[str, Any], now: float) -> None:
+    def _alert(self, endpoint: str, url: str, alert: dict[str, Any], now: float, trigger: DriftTrigger) -> None:
         """POST the alert where the allow-list lets it go. The recorded detail (viewers read it in
         reports) is the HTTP status only: never the receiver's answer or a connection error's text."""
         body = json.dumps(alert).encode()
@@ -582,11 +704,15 @@ class DriftMonitor:
             if status < 500:
                 break
             time.sleep(0.5 * 2**attempt)  # a 5xx: the receiver may recover
-        self._record_action(endpoint, "alert", detail, now)
+        self._record_action(endpoint, "alert", detail, now, trigger)
 
-    def _record_action(self, endpoint: str, kind: str, detail: str, now: float) -> None:
-        action = monitoring_pb2.Action(kind=kind, detail=detail)
+    def _record_action(
+        self, endpoint: str, kind: str, detail: str, now: float, trigger: DriftTrigger, job_id: str = ""
+    ) -> None:
+        action = monitoring_pb2.Action(kind=kind, detail=detail, job_id=job_id, features=trigger.features)
         action.at.FromNanoseconds(int(now * 1e9))
+        action.window.start.CopyFrom(trigger.window_start)
+        action.window.end.CopyFrom(trigger.window_end)
         self._store.append_drift_action(endpoint, action)
         log.warning("drift action", extra={"endpoint": endpoint, "kind": kind, "detail": detail})
 
@@ -605,6 +731,8 @@ class DriftMonitor:
                 policy=monitor.policy,
                 records_received=monitor.records_received,
                 records_dropped=sum(self._dropped_by_replica.values()),
+                labels_held=len(monitor.held),
+                labels_unmatched=monitor.labels_unmatched,
             )
             if monitor.reference_summary is not None:
                 report.reference.CopyFrom(monitor.reference_summary)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from pathlib import Path
@@ -14,11 +15,12 @@ import grpc
 
 from weir_control.features.paths import inside
 from weir_control.monitoring.monitor import DriftMonitor
-from weir_control.services import Auditor, _read
+from weir_control.services import Auditor, _read, summary
 from weir_control.store import Store
+from weir_control.training.registration import RETRAINING_ACTION, RETRAINING_ACTOR
 from weir_control.training.runner import JobRunner
-from weir_proto.control.v1 import deployments_pb2, monitoring_pb2, monitoring_pb2_grpc, registry_pb2
-from weir_proto.errors import FailedPreconditionError, NotFoundError
+from weir_proto.control.v1 import audit_pb2, deployments_pb2, monitoring_pb2, monitoring_pb2_grpc, registry_pb2
+from weir_proto.errors import FailedPreconditionError, NotFoundError, WeirError, status_code_for
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +77,39 @@ class MonitoringLinks:
                 return float(metrics[name])
         return None
 
-    def submit_retraining(self, endpoint: str, policy: monitoring_pb2.MonitoringPolicy) -> str:
-        """A job like the one that trained the serving version (or the policy's own spec)."""
+    def submit_retraining(
+        self, endpoint: str, policy: monitoring_pb2.MonitoringPolicy, trigger: registry_pb2.Lineage.DriftTrigger
+    ) -> str:
+        """A job like the one that trained the serving version (or the policy's own spec), audited with
+        the drift window that caused it (actor ``drift-monitor``); the version the job registers names
+        that window in its lineage (``weir_control.training.registration``)."""
         job_id = f"retrain-{endpoint}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-        if policy.HasField("retrain_spec"):
-            spec = policy.retrain_spec
-        else:
-            version = self.serving_version(endpoint)
-            if not version.lineage.source_job:
-                raise FailedPreconditionError(
-                    f"retrain: {version.model_name} version {version.version} has no training job in its lineage "
-                    "and the policy has no retrain_spec"
-                )
-            spec = self._runner.spec_like(version.lineage.source_job)
-        job = self._runner.submit(job_id, spec, "drift-monitor")
+        event = audit_pb2.AuditEvent(
+            actor=RETRAINING_ACTOR, role="system", action=RETRAINING_ACTION, target=f"job/{job_id}",
+            detail=f"drift window {trigger.window_start.ToJsonString()} .. {trigger.window_end.ToJsonString()} of "
+            f"endpoint '{endpoint}' CRITICAL on {', '.join(trigger.features) or 'no feature'}"[:2000],
+        )  # fmt: skip
+        event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
+        try:
+            if policy.HasField("retrain_spec"):
+                spec = policy.retrain_spec
+            else:
+                version = self.serving_version(endpoint)
+                if not version.lineage.source_job:
+                    raise FailedPreconditionError(
+                        f"retrain: {version.model_name} version {version.version} has no training job in its "
+                        "lineage and the policy has no retrain_spec"
+                    )
+                spec = self._runner.spec_like(version.lineage.source_job)
+            job = self._runner.submit(job_id, spec, RETRAINING_ACTOR)
+        except WeirError as error:
+            event.result, event.outcome = status_code_for(error.kind).name, "failed"
+            event.detail = f"{event.detail}: not submitted: {error.message}"[:2000]
+            self._store.append_audit(event)
+            raise
+        event.result, event.outcome = "OK", "ok"
+        event.after = summary(trigger)  # read back by registration for the new version's lineage
+        self._store.append_audit(event)
         return job.id
 
 

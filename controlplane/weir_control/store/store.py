@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import json_format
 from sqlalchemy import (
     Connection,
     Engine,
@@ -869,6 +870,24 @@ class Store:
         with self._transaction() as connection:
             return [row.profile for row in connection.execute(query)]
 
+    def drift_window_at(self, endpoint: str, start: datetime.datetime) -> monitoring_pb2.DriftWindow | None:
+        """The kept window of the endpoint that starts at ``start`` (None: none, or no longer kept)."""
+        columns = DRIFT_WINDOWS.c
+        query = select(columns.report).where(columns.endpoint == endpoint, columns.start == start)
+        with self._transaction() as connection:
+            row = connection.execute(query.order_by(columns.id.desc()).limit(1)).first()
+        return None if row is None else monitoring_pb2.DriftWindow.FromString(row.report)
+
+    def replace_drift_window(self, endpoint: str, window: monitoring_pb2.DriftWindow) -> None:
+        """Rewrite a kept window's report (late feedback labels update its concept drift)."""
+        columns = DRIFT_WINDOWS.c
+        start = window.start.ToDatetime(datetime.UTC)
+        query = select(columns.id).where(columns.endpoint == endpoint, columns.start == start)
+        with self._transaction() as connection:
+            newest = connection.execute(query.order_by(columns.id.desc()).limit(1)).scalar()
+            report = window.SerializeToString()
+            connection.execute(update(DRIFT_WINDOWS).where(columns.id == newest).values(report=report))
+
     def append_drift_action(self, endpoint: str, action: monitoring_pb2.Action) -> None:
         with self._transaction() as connection:
             connection.execute(insert(DRIFT_ACTIONS).values(endpoint=endpoint, action=action.SerializeToString()))
@@ -1156,12 +1175,15 @@ def _delete_tags(connection: Connection, table: Any, key: dict[str, Any], names:
 
 
 def _lineage_json(lineage: registry_pb2.Lineage) -> dict[str, Any]:
-    return {
+    stored = {
         "source_job": lineage.source_job,
         "parameters": dict(lineage.parameters),
         "dataset_hash": lineage.dataset_hash,
         "code_version": lineage.code_version,
     }
+    if lineage.HasField("drift_trigger"):  # a retraining's cause (weir_control.training.registration)
+        stored["drift_trigger"] = json_format.MessageToDict(lineage.drift_trigger)
+    return stored
 
 
 def _fill_lineage(target: registry_pb2.Lineage, stored: dict[str, Any]) -> None:
@@ -1169,6 +1191,8 @@ def _fill_lineage(target: registry_pb2.Lineage, stored: dict[str, Any]) -> None:
     target.parameters.update(stored.get("parameters", {}))
     target.dataset_hash = stored.get("dataset_hash", "")
     target.code_version = stored.get("code_version", "")
+    if stored.get("drift_trigger"):
+        json_format.ParseDict(stored["drift_trigger"], target.drift_trigger, ignore_unknown_fields=True)
 
 
 def _resolve_alias(connection: Connection, model_name: str, alias: str) -> int:

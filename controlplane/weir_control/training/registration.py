@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
+from google.protobuf import json_format
+
 from weir_control.artifacts import ArtifactStore
 from weir_control.services import _Upload, summary
 from weir_control.store import Store
@@ -18,6 +20,8 @@ from weir_proto.control.v1 import audit_pb2, registry_pb2, training_pb2
 from weir_proto.errors import FailedPreconditionError, NotFoundError
 
 ACTOR = "training-runner"
+RETRAINING_ACTOR = "drift-monitor"  # weir_control.monitoring.service's audit of the jobs it submits
+RETRAINING_ACTION = "Monitoring/SubmitRetraining"
 CHUNK = 1 << 20
 MAX_CONFIG_BYTES = 1024 * 1024
 
@@ -80,6 +84,7 @@ def register_job_output(
             parameters=dict(job.logged_params) or {key: _text(value) for key, value in job.spec.parameters.items()},
             dataset_hash=job.dataset_hash,
             code_version=job.code_hash,
+            drift_trigger=drift_trigger(store, job),
         ),
     )
     upload = _Upload(store, artifacts, header)
@@ -103,6 +108,28 @@ def register_job_output(
     event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
     store.append_audit(event)
     return version
+
+
+def drift_trigger(store: Store, job: training_pb2.Job) -> registry_pb2.Lineage.DriftTrigger | None:
+    """The drift window that made the drift monitor submit ``job``, from the audit event of its
+    submission (weir_control.monitoring.service); None for any other job. A trial's (a sweep's) is its
+    sweep's."""
+    job_id = job.parent_id or job.id
+    if job.submitted_by != RETRAINING_ACTOR:
+        return None
+    request = audit_pb2.ListAuditEventsRequest(
+        actor=RETRAINING_ACTOR, action=RETRAINING_ACTION, target_prefix=f"job/{job_id}", outcome="ok", page_size=20
+    )
+    events, _ = store.list_audit(request)
+    for event in events:  # newest first; the prefix also finds longer ids
+        if event.target == f"job/{job_id}" and event.after:
+            trigger = registry_pb2.Lineage.DriftTrigger()
+            try:
+                json_format.Parse(event.after, trigger, ignore_unknown_fields=True)
+            except json_format.ParseError:
+                return None
+            return trigger
+    return None
 
 
 def _text(value: training_pb2.ParamValue) -> str:

@@ -230,17 +230,23 @@ class DriftWindow(_message.Message):
     def __init__(self, start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., records: _Optional[int] = ..., severity: _Optional[_Union[Severity, str]] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., predictions: _Optional[_Iterable[_Union[PredictionDrift, _Mapping]]] = ..., concept: _Optional[_Union[ConceptDrift, _Mapping]] = ...) -> None: ...
 
 class Action(_message.Message):
-    __slots__ = ("at", "kind", "detail")
+    __slots__ = ("at", "kind", "detail", "job_id", "window", "features")
     AT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     at: _timestamp_pb2.Timestamp
     kind: str
     detail: str
-    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    job_id: str
+    window: TimeRange
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[str] = ..., detail: _Optional[str] = ..., job_id: _Optional[str] = ..., window: _Optional[_Union[TimeRange, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DriftReport(_message.Message):
-    __slots__ = ("endpoint", "reference", "policy", "windows", "actions", "records_received", "records_dropped")
+    __slots__ = ("endpoint", "reference", "policy", "windows", "actions", "records_received", "records_dropped", "labels_held", "labels_unmatched")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +254,8 @@ class DriftReport(_message.Message):
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     RECORDS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     RECORDS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    LABELS_HELD_FIELD_NUMBER: _ClassVar[int]
+    LABELS_UNMATCHED_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     reference: ReferenceSummary
     policy: MonitoringPolicy
@@ -255,7 +263,9 @@ class DriftReport(_message.Message):
     actions: _containers.RepeatedCompositeFieldContainer[Action]
     records_received: int
     records_dropped: int
-    def __init__(self, endpoint: _Optional[str] = ..., reference: _Optional[_Union[ReferenceSummary, _Mapping]] = ..., policy: _Optional[_Union[MonitoringPolicy, _Mapping]] = ..., windows: _Optional[_Iterable[_Union[DriftWindow, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., records_received: _Optional[int] = ..., records_dropped: _Optional[int] = ...) -> None: ...
+    labels_held: int
+    labels_unmatched: int
+    def __init__(self, endpoint: _Optional[str] = ..., reference: _Optional[_Union[ReferenceSummary, _Mapping]] = ..., policy: _Optional[_Union[MonitoringPolicy, _Mapping]] = ..., windows: _Optional[_Iterable[_Union[DriftWindow, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., records_received: _Optional[int] = ..., records_dropped: _Optional[int] = ..., labels_held: _Optional[int] = ..., labels_unmatched: _Optional[int] = ...) -> None: ...
 
 class GetDriftReportRequest(_message.Message):
     __slots__ = ("endpoint", "windows")
@@ -283,9 +293,11 @@ class RecordFeedbackRequest(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[RecordFeedbackRequest.Label, _Mapping]]] = ...) -> None: ...
 
 class RecordFeedbackResponse(_message.Message):
-    __slots__ = ("matched", "unmatched")
+    __slots__ = ("matched", "unmatched", "held")
     MATCHED_FIELD_NUMBER: _ClassVar[int]
     UNMATCHED_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     matched: int
     unmatched: int
-    def __init__(self, matched: _Optional[int] = ..., unmatched: _Optional[int] = ...) -> None: ...
+    held: int
+    def __init__(self, matched: _Optional[int] = ..., unmatched: _Optional[int] = ..., held: _Optional[int] = ...) -> None: ...

@@ -44,7 +44,7 @@ class RegisteredModel(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latest_version: _Optional[int] = ..., aliases: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class Lineage(_message.Message):
-    __slots__ = ("source_job", "parameters", "dataset_hash", "code_version")
+    __slots__ = ("source_job", "parameters", "dataset_hash", "code_version", "drift_trigger")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,15 +52,28 @@ class Lineage(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class DriftTrigger(_message.Message):
+        __slots__ = ("endpoint", "window_start", "window_end", "features")
+        ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+        WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+        WINDOW_END_FIELD_NUMBER: _ClassVar[int]
+        FEATURES_FIELD_NUMBER: _ClassVar[int]
+        endpoint: str
+        window_start: _timestamp_pb2.Timestamp
+        window_end: _timestamp_pb2.Timestamp
+        features: _containers.RepeatedScalarFieldContainer[str]
+        def __init__(self, endpoint: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
     SOURCE_JOB_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     DATASET_HASH_FIELD_NUMBER: _ClassVar[int]
     CODE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_TRIGGER_FIELD_NUMBER: _ClassVar[int]
     source_job: str
     parameters: _containers.ScalarMap[str, str]
     dataset_hash: str
     code_version: str
-    def __init__(self, source_job: _Optional[str] = ..., parameters: _Optional[_Mapping[str, str]] = ..., dataset_hash: _Optional[str] = ..., code_version: _Optional[str] = ...) -> None: ...
+    drift_trigger: Lineage.DriftTrigger
+    def __init__(self, source_job: _Optional[str] = ..., parameters: _Optional[_Mapping[str, str]] = ..., dataset_hash: _Optional[str] = ..., code_version: _Optional[str] = ..., drift_trigger: _Optional[_Union[Lineage.DriftTrigger, _Mapping]] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
     __slots__ = ("model_name", "version", "state", "failure_reason", "artifact_sha256", "artifact_size", "artifact_filename", "config_pbtxt", "signature", "metrics", "tags", "description", "lineage", "aliases", "created_at", "updated_at")
