@@ -298,6 +298,11 @@ def test_labels_waiting_for_their_records_are_bounded_in_number_and_time(  # typ
     assert not state.held and monitor._held_total == 0
     report = monitor.report("ep")
     assert (report.labels_held, report.labels_unmatched) == (0, 999)
+    families = {family.name: family for family in DriftCollector(monitor).collect()}
+    unmatched = {
+        sample.labels["endpoint"]: sample.value for sample in families["weir_monitoring_labels_unmatched"].samples
+    }
+    assert unmatched["ep"] == 999 and unmatched["other"] == 1000  # 950 pushed out, 50 expired
 
 
 # --- webhooks ---------------------------------------------------------------------------------------

@@ -186,6 +186,11 @@ def _status_text(report: Any) -> str:
         f"endpoint {report.endpoint}: {report.records_received} records received, {report.records_dropped} dropped"
     ]
     lines.append(f"reference: {report.reference.source or 'none set (weir drift reference)'}")
+    if report.labels_held or report.labels_unmatched:
+        lines.append(
+            f"feedback: {report.labels_held} labels waiting for their requests' records, "
+            f"{report.labels_unmatched} never matched"
+        )
     if not report.windows:
         return "\n".join([*lines, "no window closed yet"])
     window = report.windows[-1]

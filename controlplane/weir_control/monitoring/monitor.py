@@ -740,6 +740,15 @@ class DriftMonitor:
         report.actions.extend(self._store.drift_actions(endpoint))
         return report
 
+    def labels(self) -> list[tuple[str, int, int]]:
+        """Per endpoint: feedback labels held for their records, and those that never matched."""
+        with self._lock:
+            return [
+                (name, len(monitor.held), monitor.labels_unmatched)
+                for name, monitor in sorted(self._endpoints.items())
+                if monitor.held or monitor.labels_unmatched
+            ]
+
     def dropped(self) -> tuple[dict[tuple[str, str], int], dict[str, int], dict[str, int]]:
         """Copies of what the bounds dropped: values per (endpoint, reason), records per reason, and
         ingest errors per endpoint."""
@@ -859,7 +868,28 @@ class DriftCollector(Collector):
         )  # fmt: skip
         for endpoint, count in sorted(errors.items()):
             ingest_errors.add_metric([endpoint], count)
-        yield from (score, severity, accuracy, received, values_dropped, records_refused, ingest_errors)
+        held = GaugeMetricFamily(
+            "weir_monitoring_labels_held", "Feedback labels waiting for their request's record.", labels=["endpoint"]
+        )
+        unmatched = CounterMetricFamily(
+            "weir_monitoring_labels_unmatched",
+            "Held feedback labels whose request's record never came (or that the hold's bounds pushed out).",
+            labels=["endpoint"],
+        )
+        for endpoint, waiting, never in self._monitor.labels():
+            held.add_metric([endpoint], waiting)
+            unmatched.add_metric([endpoint], never)
+        yield from (
+            score,
+            severity,
+            accuracy,
+            received,
+            values_dropped,
+            records_refused,
+            ingest_errors,
+            held,
+            unmatched,
+        )
 
 
 def _level(severity: int) -> float:
