@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.weir-installed
 DEMO_REPOSITORY := build/demo-repository
 
-.PHONY: setup demo test lint format typecheck protos check-protos bench compare perf-analyzer-setup fuzz clean
+.PHONY: setup demo loop test lint format typecheck protos check-protos bench compare perf-analyzer-setup fuzz clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(PY) examples/run_demo.py --repository $(DEMO_REPOSITORY)
+
+# The whole MLOps loop on embedded defaults (features -> training -> canary -> drift -> retraining ->
+# canary), a few minutes: examples/mlops_loop.py; the report goes to build/loop/report.html.
+loop: setup
+	$(PY) examples/mlops_loop.py --out build/loop
 
 test: setup
 	$(PY) -m pytest
