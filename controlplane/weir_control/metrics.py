@@ -10,6 +10,10 @@ from prometheus_client.registry import Collector
 
 from weir_proto.control.v1 import deployments_pb2
 
+REPORTED_STATES = tuple(
+    name.lower() for name, _ in deployments_pb2.EndpointStatus.State.items() if name != "STATE_UNSPECIFIED"
+)
+
 
 class ControlMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -39,7 +43,8 @@ class ReplicaCollector(Collector):
             "weir_control_replica_endpoints", "Endpoints per replica by state.", labels=["replica", "state"]
         )
         for replica in replicas:
-            counts: dict[str, int] = {}
+            # every state, 0 included: a failure that is over reads 0, not a series that just stops
+            counts = dict.fromkeys(REPORTED_STATES, 0)
             for status in replica.status.endpoints:
                 name = deployments_pb2.EndpointStatus.State.Name(status.state).lower()
                 counts[name] = counts.get(name, 0) + 1

@@ -307,6 +307,11 @@ class ControlPlaneFollower:
         """Load the variant's version under ``model`` unless it is already what serves there."""
         served = self._served.get(model)
         if served is not None and served.model == variant.model and served.sha256 == variant.artifact_sha256:
+            # what serves is what is desired: a failure of a version desired before is over
+            self._statuses[model] = EndpointState(
+                endpoint=endpoint, variant=variant.name, state=EndpointState.READY, desired=variant.model,
+                serving=variant.model,
+            )  # fmt: skip
             return
         previous = served.model if served else None
         status = EndpointState(

@@ -1,0 +1,209 @@
+"""Rollouts and replica states recover from what a user does by hand (issue 15, items 3 and 4), end to
+end: `weir control` and two `weir serve --control-plane`, driven with the `weir` CLI.
+
+- A hand deploy after a blue-green switch (before blue retires) or during a canary, or an undeploy
+  and deploy while a canary is paused, ends the rollout SUPERSEDED with a reason, audited as the
+  rollout controller's; what the hand change set serves, and the endpoint can be rolled out again.
+- A version that failed to load, then the serving version desired again: every replica reports the
+  endpoint READY again (`weir deployments`, `weir_control_replica_endpoints{state="failed"}` 0).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import WeirProcess, free_port
+from tests.e2e.test_control_plane import (
+    CONFIG,
+    ControlProcess,
+    cli,
+    replica_states,
+    scripted,
+    serves_factor,
+    start_control,
+    start_replicas,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture
+def planes(tmp_path: Path) -> Iterator[tuple[ControlProcess, list[WeirProcess], Path]]:
+    control = start_control(
+        tmp_path / "control", f"sqlite:///{tmp_path / 'control.db'}", free_port(), "--metrics-port", "0"
+    )
+    replicas = start_replicas(control, tmp_path, heartbeat="0.3")
+    try:
+        yield control, replicas, tmp_path
+    finally:
+        for replica in replicas:
+            replica.terminate_and_wait()
+        control.process.terminate()
+        control.process.wait(timeout=30)
+
+
+def push(control: ControlProcess, tmp_path: Path, factor: float) -> str:
+    config = tmp_path / "config.pbtxt"
+    config.write_text(CONFIG)
+    pushed = cli(control, "models", "push", "scale", str(scripted(tmp_path, factor)), "--config", str(config))
+    return str(pushed["version"])
+
+
+def serve_everywhere(replicas: list[WeirProcess], factor: float) -> None:
+    for replica in replicas:
+        wait_until(lambda url=replica.grpc_url: serves_factor(url, factor), message=f"every replica to serve x{factor}")
+
+
+def status(control: ControlProcess) -> dict:
+    return cli(control, "rollout", "status", "scale", token="t-replica")
+
+
+def ended(control: ControlProcess) -> dict:
+    holder: dict = {}
+
+    def done() -> bool:
+        holder.update(status(control))
+        return holder["state"] not in ("RUNNING", "PAUSED")
+
+    wait_until(done, message="the rollout to end")
+    return holder
+
+
+def superseded_events(control: ControlProcess) -> list[dict]:
+    events = cli(control, "audit", "--action", "Rollouts/Step", token="t-replica")
+    return [event for event in events if "SUPERSEDED" in event.get("detail", "")]
+
+
+def green_ready(control: ControlProcess) -> bool:
+    return bool(status(control).get("green_ready"))
+
+
+def test_a_hand_deploy_after_a_blue_green_switch_supersedes_the_rollout(planes) -> None:
+    control, replicas, tmp_path = planes
+    blue, green, by_hand = push(control, tmp_path, 2.0), push(control, tmp_path, 3.0), push(control, tmp_path, 5.0)
+    cli(control, "deploy", "scale", "scale", blue)
+    serve_everywhere(replicas, 2.0)
+
+    # blue-green, approved, switched; blue would stay loaded for an hour
+    cli(control, "rollout", "blue-green", "scale", f"scale:{green}", "--keep-previous-seconds", "3600")
+    wait_until(lambda: green_ready(control), message="green READY on both data planes")
+    assert cli(control, "rollout", "approve", "scale", token="t-approver")["approved_by"] == "release"
+    switched = cli(control, "rollout", "switch", "scale")
+    assert switched["state"] == "RUNNING" and "blue stays loaded for 3600 s" in switched["reason"]
+    serve_everywhere(replicas, 3.0)
+
+    # a hand deploy before blue retires: the rollout ends, the hand deploy serves
+    cli(control, "deploy", "scale", "scale", by_hand)
+    result = ended(control)
+    assert result["state"] == "SUPERSEDED", result
+    assert "changed by hand (by ci" in result["reason"] and "ended_at" in result
+    serve_everywhere(replicas, 5.0)
+    events = superseded_events(control)
+    assert [(event["actor"], event["result"]) for event in events] == [("rollout-controller", "OK")], events
+    for action in ("rollback", "promote", "switch", "pause"):
+        with pytest.raises(AssertionError, match=r"the rollout already ended \(SUPERSEDED: superseded: "):
+            cli(control, "rollout", action, "scale")
+
+    # the endpoint rolls out again: a new blue-green from the hand-deployed version, to its end
+    again = cli(control, "rollout", "blue-green", "scale", f"scale:{green}", "--keep-previous-seconds", "0.5")
+    assert again["state"] == "RUNNING" and again["baseline_variant"] == "primary"
+    wait_until(lambda: green_ready(control), message="green READY again")
+    cli(control, "rollout", "switch", "scale")
+    assert ended(control)["state"] == "SUCCEEDED"
+    serve_everywhere(replicas, 3.0)
+    assert len(superseded_events(control)) == 1
+
+
+def test_a_hand_deploy_during_a_canary_and_an_undeploy_while_paused_supersede_it(planes) -> None:
+    control, replicas, tmp_path = planes
+    baseline, canary, by_hand = push(control, tmp_path, 2.0), push(control, tmp_path, 3.0), push(control, tmp_path, 5.0)
+    cli(control, "deploy", "scale", "scale", baseline)
+    serve_everywhere(replicas, 2.0)
+
+    def start_canary() -> dict:
+        # never enough requests to advance: the canary stays at 20% until something ends it
+        return cli(control, "rollout", "start", "scale", f"scale:{canary}", "--steps", "20,100",
+                   "--interval", "0.5", "--min-requests", "1000000")  # fmt: skip
+
+    # a hand deploy during the canary
+    assert start_canary()["state"] == "RUNNING"
+    cli(control, "deploy", "scale", "scale", by_hand)
+    result = ended(control)
+    assert result["state"] == "SUPERSEDED", result
+    assert "changed by hand" in result["reason"] and f"canary=scale:{canary}@20" in result["reason"]
+    serve_everywhere(replicas, 5.0)
+
+    # paused, then undeployed and deployed again: superseded too, and a new canary starts
+    assert start_canary()["state"] == "RUNNING"
+    assert cli(control, "rollout", "pause", "scale")["state"] == "PAUSED"
+    cli(control, "undeploy", "scale")
+    cli(control, "deploy", "scale", "scale", baseline)
+    result = ended(control)
+    assert result["state"] == "SUPERSEDED", result
+    serve_everywhere(replicas, 2.0)
+    assert start_canary()["state"] == "RUNNING"
+    rolled_back = cli(control, "rollout", "rollback", "scale")
+    assert rolled_back["state"] == "ROLLED_BACK"
+    deployment = cli(control, "deployments", token="t-replica")["deployments"][0]
+    assert [(v["name"], v.get("weight"), v["version"]) for v in deployment["variants"]] == [("primary", 100, baseline)]
+    events = superseded_events(control)
+    assert len(events) == 2 and {event["actor"] for event in events} == {"rollout-controller"}
+
+
+def _metrics_port(control: ControlProcess) -> int:
+    for line in control.lines:
+        if '"control plane started"' in line:
+            return int(json.loads(line)["metrics_port"])
+    raise AssertionError("no start line")
+
+
+def _failed_gauges(control: ControlProcess) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{_metrics_port(control)}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    gauges = {}
+    for line in text.splitlines():
+        if line.startswith("weir_control_replica_endpoints{") and 'state="failed"' in line:
+            replica = line.split('replica="', 1)[1].split('"', 1)[0]
+            gauges[replica] = float(line.rsplit(" ", 1)[1])
+    return gauges
+
+
+def test_a_failed_version_is_cleared_once_the_serving_version_is_desired_again(planes) -> None:
+    control, replicas, tmp_path = planes
+    good = push(control, tmp_path, 2.0)
+    cli(control, "deploy", "scale", "scale", good)
+    serve_everywhere(replicas, 2.0)
+
+    # a version whose stored artifact is corrupt: FAILED on both replicas, the good one keeps serving
+    pushed = cli(
+        control, "models", "push", "scale", str(scripted(tmp_path, 4.0)), "--config", str(tmp_path / "config.pbtxt")
+    )
+    blob = tmp_path / "control" / "artifacts" / "blobs" / pushed["artifact_sha256"][:2] / pushed["artifact_sha256"]
+    blob.write_bytes(blob.read_bytes()[:-10] + b"corrupted!")
+    cli(control, "deploy", "scale", "scale", pushed["version"])
+    wait_until(
+        lambda: [states for states in replica_states(control).values()] == [[("scale", "FAILED", int(good))]] * 2,
+        message="both replicas to report the corrupt version FAILED",
+    )
+    assert _failed_gauges(control) == {"replica-0": 1.0, "replica-1": 1.0}
+
+    # the good version desired again: READY everywhere, no failure left in the CLI or the metrics
+    cli(control, "deploy", "scale", "scale", good)
+    wait_until(
+        lambda: [states for states in replica_states(control).values()] == [[("scale", "READY", int(good))]] * 2,
+        message="both replicas to report the good version READY again",
+    )
+    listed = cli(control, "deployments", token="t-replica")["replicas"]
+    lines = [status for replica in listed for status in replica["status"]["endpoints"]]
+    assert [(line["state"], line["desired"]["version"], line.get("message", "")) for line in lines] == [
+        ("READY", good, "")
+    ] * 2
+    assert _failed_gauges(control) == {"replica-0": 0.0, "replica-1": 0.0}
+    for replica in replicas:
+        assert serves_factor(replica.grpc_url, 2.0)
