@@ -16,6 +16,11 @@ the previous look, and compares canary with baseline over that interval:
 ``failure_limit`` failed intervals in a row roll back: the baseline takes all traffic again. Every
 transition is pushed to the data planes at once and written to the audit log. State lives in the
 store, so a restarted control plane carries on (its first look after a restart starts a new interval).
+
+A rollout owns the endpoint's serving variants while it runs: it records them as it sets them, and
+writes only over the revision it read. A hand change (Deploy, SetTraffic, Undeploy) found on the
+endpoint ends the rollout SUPERSEDED (audited, actor ``rollout-controller``), at the controller's next
+look or at the next call about it: what the hand change set serves, and a new rollout can start.
 """
 
 from __future__ import annotations
@@ -32,11 +37,18 @@ from weir_control.attach import DesiredStateHub, ReplicaStream
 from weir_control.store import Store
 from weir_control.store.store import check_name
 from weir_proto.control.v1 import audit_pb2, deployments_pb2, rollouts_pb2
-from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError, WeirError
+from weir_proto.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    WeirError,
+)
 
 log = logging.getLogger(__name__)
 
 Rollout = rollouts_pb2.Rollout
+ACTIVE = (Rollout.RUNNING, Rollout.PAUSED)
 CANARY = "canary"
 PRIMARY = "primary"
 CONTROLLER = "rollout-controller"  # the audit log's actor for automatic transitions
@@ -293,7 +305,7 @@ class RolloutController:
             )
             rollout.started_at.FromDatetime(datetime.datetime.now(datetime.UTC))
             self._schedule(rollout)  # before any change: nothing below can fail on the request's numbers
-            await self._set_weights(deployment, baseline, canary, steps[0], actor)
+            await self._set_weights(rollout, deployment, baseline, canary, steps[0], actor)
             self._looks[request.endpoint] = collect(self._hub.attached(), request.endpoint)
             await asyncio.to_thread(self._store.save_rollout, rollout)
             return rollout
@@ -319,14 +331,17 @@ class RolloutController:
             )  # fmt: skip
             rollout.started_at.FromDatetime(datetime.datetime.now(datetime.UTC))
             shadows = _shadows(deployment)
-            await self._change(request.endpoint, [_copy(blue, 100), green, *shadows], actor, "green loading")
+            await self._change(rollout, deployment, [_copy(blue, 100), green, *shadows], actor, "green loading")
             await asyncio.to_thread(self._store.save_rollout, rollout)
             return rollout
 
     async def _single_serving(self, endpoint: str) -> tuple[deployments_pb2.Deployment, deployments_pb2.Variant]:
         existing = await asyncio.to_thread(self._existing, endpoint)
-        if existing is not None and existing.state in (Rollout.RUNNING, Rollout.PAUSED):
-            raise FailedPreconditionError(f"endpoint '{endpoint}': a rollout is already in progress")
+        if existing is not None and existing.state in ACTIVE and not await self._superseded(existing):
+            raise FailedPreconditionError(
+                f"endpoint '{endpoint}': a rollout is already in progress ({Rollout.State.Name(existing.state)}; "
+                "abort or promote it first)"
+            )
         deployment = await asyncio.to_thread(self._store.get_deployment, endpoint)
         serving = [variant for variant in deployment.variants if not variant.shadow_percent]
         if len(serving) != 1:
@@ -349,8 +364,10 @@ class RolloutController:
     async def approve(self, endpoint: str, approver: str) -> Rollout:
         async with self._lock:
             rollout = await asyncio.to_thread(self._store.get_rollout, endpoint)
-            if rollout.state not in (Rollout.RUNNING, Rollout.PAUSED):
-                raise FailedPreconditionError(f"endpoint '{endpoint}': the rollout already ended")
+            if rollout.state not in ACTIVE or await self._superseded(rollout):
+                raise FailedPreconditionError(
+                    f"endpoint '{endpoint}': the rollout already ended ({Rollout.State.Name(rollout.state)})"
+                )
             if approver == rollout.started_by:
                 raise PermissionDeniedError(
                     f"approval of '{endpoint}': expected a principal other than the requester '{rollout.started_by}'"
@@ -371,7 +388,9 @@ class RolloutController:
         deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
         blue, green = self._pair(deployment, rollout)
         shadows = _shadows(deployment)
-        await self._change(rollout.endpoint, [_copy(blue, 0), _copy(green, 100), *shadows], actor, "switched to green")
+        await self._change(
+            rollout, deployment, [_copy(blue, 0), _copy(green, 100), *shadows], actor, "switched to green"
+        )
         rollout.step = 1
         rollout.reason = f"switched; blue stays loaded for {rollout.keep_previous_seconds:g} s"
         rollout.retire_previous_at.FromDatetime(
@@ -400,17 +419,18 @@ class RolloutController:
             deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
             _, green = self._pair(deployment, rollout)
             shadows = _shadows(deployment)
-            await self._change(rollout.endpoint, [_copy(green, 100), *shadows], CONTROLLER, "blue retired")
-            rollout.state, rollout.reason = Rollout.SUCCEEDED, "switched to green; blue retired"
+            await self._change(rollout, deployment, [_copy(green, 100), *shadows], CONTROLLER, "blue retired")
+            _end(rollout, Rollout.SUCCEEDED, "switched to green; blue retired")
             return True
         return False
 
     async def act(self, action: str, endpoint: str, actor: str) -> Rollout:
         async with self._lock:
             rollout = await asyncio.to_thread(self._store.get_rollout, endpoint)
-            if rollout.state not in (Rollout.RUNNING, Rollout.PAUSED):
+            if rollout.state not in ACTIVE or await self._superseded(rollout):
                 raise FailedPreconditionError(
-                    f"endpoint '{endpoint}': the rollout already ended ({Rollout.State.Name(rollout.state)})"
+                    f"endpoint '{endpoint}': the rollout already ended ({Rollout.State.Name(rollout.state)}: "
+                    f"{rollout.reason})"
                 )
             if action == "pause":
                 rollout.state, rollout.reason = Rollout.PAUSED, f"paused by {actor}"
@@ -445,7 +465,8 @@ class RolloutController:
         async with self._lock:
             for rollout in await asyncio.to_thread(self._store.active_rollouts):
                 try:
-                    await self._step(rollout)
+                    if not await self._superseded(rollout):
+                        await self._step(rollout)
                 except Exception as error:  # one rollout's failure must not stop the others' steps
                     log.exception("rollout step failed", extra={"endpoint": rollout.endpoint})
                     await self._step_failed(rollout, error)
@@ -512,7 +533,7 @@ class RolloutController:
             deployment = await asyncio.to_thread(self._store.get_deployment, endpoint)
             baseline_variant, canary_variant = self._pair(deployment, rollout)
             await self._set_weights(
-                deployment, baseline_variant, canary_variant, rollout.steps[rollout.step], CONTROLLER
+                rollout, deployment, baseline_variant, canary_variant, rollout.steps[rollout.step], CONTROLLER
             )
         self._schedule(rollout)
 
@@ -520,6 +541,7 @@ class RolloutController:
 
     async def _set_weights(
         self,
+        rollout: Rollout,
         deployment: deployments_pb2.Deployment,
         baseline: deployments_pb2.Variant,
         canary: deployments_pb2.Variant,
@@ -530,14 +552,16 @@ class RolloutController:
         canary = _copy(canary, weight=canary_weight)
         shadows = _shadows(deployment)
         variants = [baseline, canary, *shadows]
-        await self._change(deployment.endpoint, variants, actor, f"canary at {canary_weight}%")
+        await self._change(rollout, deployment, variants, actor, f"canary at {canary_weight}%")
 
     async def _roll_back(self, rollout: Rollout, reason: str, actor: str) -> None:
         deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
         baseline, _ = self._pair(deployment, rollout)
         shadows = _shadows(deployment)
-        await self._change(rollout.endpoint, [_copy(baseline, weight=100), *shadows], actor, f"rolled back: {reason}")
-        rollout.state, rollout.reason = Rollout.ROLLED_BACK, reason
+        await self._change(
+            rollout, deployment, [_copy(baseline, weight=100), *shadows], actor, f"rolled back: {reason}"
+        )
+        _end(rollout, Rollout.ROLLED_BACK, reason)
 
     async def _promote(self, rollout: Rollout, reason: str, actor: str) -> None:
         deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
@@ -545,24 +569,63 @@ class RolloutController:
         shadows = _shadows(deployment)
         promoted = _copy(canary, weight=100)
         promoted.name = PRIMARY if rollout.baseline_variant != PRIMARY else rollout.baseline_variant
-        await self._change(rollout.endpoint, [promoted, *shadows], actor, f"promoted: {reason}")
-        rollout.state, rollout.reason = Rollout.SUCCEEDED, reason
+        await self._change(rollout, deployment, [promoted, *shadows], actor, f"promoted: {reason}")
+        _end(rollout, Rollout.SUCCEEDED, reason)
 
-    async def _change(self, endpoint: str, variants: list[deployments_pb2.Variant], actor: str, summary: str) -> None:
-        before = await asyncio.to_thread(self._store.get_deployment, endpoint)
+    async def _change(
+        self,
+        rollout: Rollout,
+        before: deployments_pb2.Deployment,
+        variants: list[deployments_pb2.Variant],
+        actor: str,
+        summary: str,
+    ) -> None:
+        """Set the endpoint's variants, only over ``before`` (the revision the transition was decided
+        on: a hand change made since is never overwritten), and record them in the rollout."""
+        endpoint = rollout.endpoint
         event = audit_pb2.AuditEvent(actor=actor, role="system" if actor == CONTROLLER else "", action="Rollouts/Step",
                                      target=f"endpoint/{endpoint}", detail=summary)  # fmt: skip
         event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
         event.before = _weights(before)
         try:
-            after = await asyncio.to_thread(self._store.deploy, endpoint, variants, actor)
+            after = await asyncio.to_thread(self._store.deploy, endpoint, variants, actor, None, before.revision)
         except WeirError as error:
             event.result, event.detail = error.kind.name, f"{summary}: {error.message}"
             await asyncio.to_thread(self._store.append_audit, event)
             raise
+        del rollout.variants[:]
+        rollout.variants.extend(serving_variants(after))
         event.after, event.result = _weights(after), "OK"
         await asyncio.to_thread(self._store.append_audit, event)
         await self._hub.changed()
+
+    async def _superseded(self, rollout: Rollout) -> bool:
+        """End an active rollout whose endpoint was changed by hand (SUPERSEDED, saved and audited as
+        the controller's); True when it did. Nothing is pushed: what the hand change set serves."""
+        try:
+            deployment: deployments_pb2.Deployment | None = await asyncio.to_thread(
+                self._store.get_deployment, rollout.endpoint
+            )
+        except NotFoundError:
+            deployment = None
+        why = hand_change(rollout, deployment)
+        if why is None:
+            return False
+        was = Rollout.State.Name(rollout.state)
+        _end(rollout, Rollout.SUPERSEDED, f"superseded: {why}; what it set serves, the rollout changes nothing more")
+        rollout.awaiting_approval = False
+        self._looks.pop(rollout.endpoint, None)
+        event = audit_pb2.AuditEvent(
+            actor=CONTROLLER, role="system", action="Rollouts/Step", target=f"endpoint/{rollout.endpoint}",
+            detail=f"rollout ended ({was} -> SUPERSEDED): {rollout.reason}"[:2000], result="OK",
+            before=",".join(_describe(variant) for variant in rollout.variants),
+            after=_weights(deployment) if deployment is not None else "undeployed",
+        )  # fmt: skip
+        event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
+        await asyncio.to_thread(self._store.save_rollout, rollout)
+        await asyncio.to_thread(self._store.append_audit, event)
+        log.warning("rollout superseded by a hand change", extra={"endpoint": rollout.endpoint, "reason": why})
+        return True
 
     # --- helpers ----------------------------------------------------------------------------------
 
@@ -587,6 +650,53 @@ class RolloutController:
             return self._store.get_rollout(endpoint)
         except WeirError:
             return None
+
+
+def serving_variants(deployment: deployments_pb2.Deployment) -> list[rollouts_pb2.RolloutVariant]:
+    """The endpoint's serving variants (shadows aside), by name, as a rollout records them."""
+    return sorted(
+        (
+            rollouts_pb2.RolloutVariant(
+                name=variant.name, model_name=variant.model_name, version=variant.version, alias=variant.alias,
+                weight=variant.weight,
+            )
+            for variant in deployment.variants
+            if not variant.shadow_percent
+        ),
+        key=lambda variant: variant.name,
+    )  # fmt: skip
+
+
+def hand_change(rollout: Rollout, deployment: deployments_pb2.Deployment | None) -> str | None:
+    """Why the endpoint is no longer what the rollout set (None: it is): undeployed, or other
+    serving variants (names, targets or weights; a rollout recorded before it kept its variants:
+    either of its two variants gone)."""
+    if deployment is None:
+        return "the endpoint was undeployed"
+    found = serving_variants(deployment)
+    names = {variant.name for variant in found}
+    if rollout.variants:
+        changed = found != sorted(rollout.variants, key=lambda variant: variant.name)
+        expected = ",".join(_describe(variant) for variant in rollout.variants)
+    else:
+        changed = not {rollout.baseline_variant, rollout.canary_variant} <= names
+        expected = f"{rollout.baseline_variant} and {rollout.canary_variant}"
+    if not changed:
+        return None
+    return (
+        f"the endpoint's variants were changed by hand (by {deployment.updated_by or 'someone'}, revision "
+        f"{deployment.revision}): the rollout set {expected}, found {','.join(_describe(v) for v in found) or 'none'}"
+    )
+
+
+def _describe(variant: rollouts_pb2.RolloutVariant) -> str:
+    target = variant.alias or str(variant.version)
+    return f"{variant.name}={variant.model_name}:{target}@{variant.weight}"
+
+
+def _end(rollout: Rollout, state: rollouts_pb2.Rollout.State, reason: str) -> None:
+    rollout.state, rollout.reason = state, reason
+    rollout.ended_at.FromDatetime(datetime.datetime.now(datetime.UTC))
 
 
 def _shadows(deployment: deployments_pb2.Deployment) -> list[deployments_pb2.Variant]:

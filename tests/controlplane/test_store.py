@@ -206,6 +206,31 @@ def test_deployments_resolve_versions_and_aliases_into_the_desired_state(store: 
     assert [deployment.endpoint for deployment in page] == ["live"] and token == ""
 
 
+def test_a_deploy_if_revision_never_overwrites_a_change_made_since(store: Store) -> None:
+    """A rollout's step writes only over the revision it read (issue 15, item 3): a hand deploy or an
+    undeploy in between is kept, and the step is refused naming what it found."""
+    store.create_model("mlp", "", {})
+    first, second = ready_version(store), ready_version(store)
+    read = store.deploy(
+        "e", [deployments_pb2.Variant(name="primary", model_name="mlp", version=first, weight=100)], "a"
+    )
+    by_hand = store.deploy(
+        "e", [deployments_pb2.Variant(name="primary", model_name="mlp", version=second, weight=100)], "b"
+    )
+    step = [deployments_pb2.Variant(name="primary", model_name="mlp", version=first, weight=100)]
+    with pytest.raises(
+        FailedPreconditionError, match=rf"expected revision {read.revision}, it is at revision {by_hand.revision}"
+    ):
+        store.deploy("e", step, "rollout-controller", None, read.revision)
+    assert store.get_deployment("e").resolved[0].version == second
+    assert store.deploy("e", step, "rollout-controller", None, by_hand.revision).resolved[0].version == first
+    store.undeploy("e")
+    with pytest.raises(FailedPreconditionError, match="it is undeployed"):
+        store.deploy("e", step, "rollout-controller", None, by_hand.revision)
+    with pytest.raises(NotFoundError):
+        store.get_deployment("e")
+
+
 def test_the_audit_log_filters_and_pages_newest_first(store: Store) -> None:
     for index in range(5):
         event = audit_pb2.AuditEvent(

@@ -502,9 +502,11 @@ class Store:
         variants: Sequence[deployments_pb2.Variant],
         actor: str,
         routing: deployments_pb2.RoutingPolicy | None = None,
+        if_revision: int | None = None,
     ) -> deployments_pb2.Deployment:
         """Create or replace the endpoint's variants (flags stay); every target must resolve to a
-        READY version."""
+        READY version. ``if_revision``: only while the endpoint is still at that revision (a
+        rollout's change never overwrites a change made since it read the endpoint)."""
         _check_name("endpoint", endpoint)
         _check_variants(variants)
         with self._transaction() as connection:
@@ -516,9 +518,18 @@ class Store:
             values: dict[str, Any] = {"variants": encoded, "revision": revision, "updated_by": actor, "updated_at": at}
             if routing is not None:
                 values["routing"] = _routing_json(routing)
-            changed = connection.execute(
-                update(DEPLOYMENTS).where(DEPLOYMENTS.c.endpoint == endpoint).values(**values)
-            ).rowcount
+            condition = DEPLOYMENTS.c.endpoint == endpoint
+            if if_revision is not None:
+                condition = and_(condition, DEPLOYMENTS.c.revision == if_revision)
+            changed = connection.execute(update(DEPLOYMENTS).where(condition).values(**values)).rowcount
+            if not changed and if_revision is not None:
+                current = connection.execute(
+                    select(DEPLOYMENTS.c.revision).where(DEPLOYMENTS.c.endpoint == endpoint)
+                ).scalar()
+                raise FailedPreconditionError(
+                    f"endpoint '{endpoint}': changed meanwhile (expected revision {if_revision}, "
+                    + ("it is undeployed)" if current is None else f"it is at revision {current})")
+                )
             if not changed:
                 connection.execute(
                     insert(DEPLOYMENTS).values(

@@ -94,8 +94,22 @@ class Analysis(_message.Message):
     reason: str
     def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step: _Optional[int] = ..., canary_weight: _Optional[int] = ..., canary_requests: _Optional[int] = ..., canary_errors: _Optional[int] = ..., baseline_requests: _Optional[int] = ..., baseline_errors: _Optional[int] = ..., canary_p99_ms: _Optional[float] = ..., baseline_p99_ms: _Optional[float] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class RolloutVariant(_message.Message):
+    __slots__ = ("name", "model_name", "version", "alias", "weight")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_name: str
+    version: int
+    alias: str
+    weight: int
+    def __init__(self, name: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+
 class Rollout(_message.Message):
-    __slots__ = ("endpoint", "state", "baseline_variant", "canary_variant", "steps", "step", "interval_seconds", "thresholds", "failed_intervals", "analyses", "started_by", "started_at", "next_analysis_at", "reason", "strategy", "keep_previous_seconds", "retire_previous_at", "green_ready", "approved_by", "awaiting_approval")
+    __slots__ = ("endpoint", "state", "baseline_variant", "canary_variant", "steps", "step", "interval_seconds", "thresholds", "failed_intervals", "analyses", "started_by", "started_at", "next_analysis_at", "reason", "strategy", "keep_previous_seconds", "retire_previous_at", "green_ready", "approved_by", "awaiting_approval", "variants", "ended_at")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Rollout.State]
@@ -103,11 +117,13 @@ class Rollout(_message.Message):
         PAUSED: _ClassVar[Rollout.State]
         SUCCEEDED: _ClassVar[Rollout.State]
         ROLLED_BACK: _ClassVar[Rollout.State]
+        SUPERSEDED: _ClassVar[Rollout.State]
     STATE_UNSPECIFIED: Rollout.State
     RUNNING: Rollout.State
     PAUSED: Rollout.State
     SUCCEEDED: Rollout.State
     ROLLED_BACK: Rollout.State
+    SUPERSEDED: Rollout.State
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BASELINE_VARIANT_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +144,8 @@ class Rollout(_message.Message):
     GREEN_READY_FIELD_NUMBER: _ClassVar[int]
     APPROVED_BY_FIELD_NUMBER: _ClassVar[int]
     AWAITING_APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     state: Rollout.State
     baseline_variant: str
@@ -148,4 +166,6 @@ class Rollout(_message.Message):
     green_ready: bool
     approved_by: str
     awaiting_approval: bool
-    def __init__(self, endpoint: _Optional[str] = ..., state: _Optional[_Union[Rollout.State, str]] = ..., baseline_variant: _Optional[str] = ..., canary_variant: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., interval_seconds: _Optional[float] = ..., thresholds: _Optional[_Union[AnalysisThresholds, _Mapping]] = ..., failed_intervals: _Optional[int] = ..., analyses: _Optional[_Iterable[_Union[Analysis, _Mapping]]] = ..., started_by: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_analysis_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., strategy: _Optional[str] = ..., keep_previous_seconds: _Optional[float] = ..., retire_previous_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., green_ready: bool = ..., approved_by: _Optional[str] = ..., awaiting_approval: bool = ...) -> None: ...
+    variants: _containers.RepeatedCompositeFieldContainer[RolloutVariant]
+    ended_at: _timestamp_pb2.Timestamp
+    def __init__(self, endpoint: _Optional[str] = ..., state: _Optional[_Union[Rollout.State, str]] = ..., baseline_variant: _Optional[str] = ..., canary_variant: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., interval_seconds: _Optional[float] = ..., thresholds: _Optional[_Union[AnalysisThresholds, _Mapping]] = ..., failed_intervals: _Optional[int] = ..., analyses: _Optional[_Iterable[_Union[Analysis, _Mapping]]] = ..., started_by: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_analysis_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., strategy: _Optional[str] = ..., keep_previous_seconds: _Optional[float] = ..., retire_previous_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., green_ready: bool = ..., approved_by: _Optional[str] = ..., awaiting_approval: bool = ..., variants: _Optional[_Iterable[_Union[RolloutVariant, _Mapping]]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
