@@ -2,7 +2,8 @@
 a shifted feature makes windows CRITICAL; the policy's retraining job is in the audit log (actor
 drift-monitor, naming the job and the window), exactly once per cool-down, also across a restart of the
 control plane; the version the job registers names, in its lineage, the job and the drift window
-(endpoint, start, end, the CRITICAL features), as `weir models show` prints it."""
+(endpoint, start, end, the CRITICAL features), as `weir models show` prints it; the alias it moves is
+audited too."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def retrain_spec(model: Path) -> training_pb2.JobSpec:
             tar.addfile(info, io.BytesIO(data))
     spec = training_pb2.JobSpec(entrypoint="script:train.py", code_archive=buffer.getvalue())
     spec.register.model_name = "scorer"
+    spec.register.aliases.append("candidate")
     return spec
 
 
@@ -154,6 +156,9 @@ def test_the_retraining_is_audited_once_per_cool_down_across_restarts_and_its_ve
     assert trigger["endpoint"] == "scorer", trigger
     assert (trigger["window_start"], trigger["window_end"]) == (cause.start.ToJsonString(), cause.end.ToJsonString())
     assert "FEATURES[2]" in trigger["features"] and "FEATURES[1]" not in trigger["features"], trigger
+    # the alias the job moved is in the audit log too (not silently)
+    (moved,) = cli(control, "audit", "--actor", "training-runner", "--action", "Registry/SetAlias")
+    assert moved["target"] == "model/scorer/alias/candidate" and action.job_id in moved["detail"], moved
 
     # a restart of the control plane: more CRITICAL windows within the cool-down retrain nothing
     control.process.terminate()

@@ -98,16 +98,31 @@ def register_job_output(
         if not upload.finished:
             upload.fail("registration from a training job did not complete")
         raise
-    for alias in spec.aliases:
+    _audit(store, "Training/RegisterModelVersion", f"model/{spec.model_name}/version/{version.version}", job, version)
+    for alias in spec.aliases:  # each move in the audit log, like a Registry/SetAlias call
+        try:
+            before: registry_pb2.ModelVersion | None = store.get_version_by_alias(spec.model_name, alias)
+        except NotFoundError:
+            before = None
         version = store.set_alias(spec.model_name, alias, version.version)
+        _audit(store, "Registry/SetAlias", f"model/{spec.model_name}/alias/{alias}", job, version, before)
+    return version
+
+
+def _audit(
+    store: Store,
+    action: str,
+    target: str,
+    job: training_pb2.Job,
+    after: registry_pb2.ModelVersion,
+    before: registry_pb2.ModelVersion | None = None,
+) -> None:
     event = audit_pb2.AuditEvent(
-        actor=ACTOR, role="system", action="Training/RegisterModelVersion",
-        target=f"model/{spec.model_name}/version/{version.version}", after=summary(version), result="OK",
-        detail=f"job {job.id}",
+        actor=ACTOR, role="system", action=action, target=target, before=summary(before), after=summary(after),
+        result="OK", outcome="ok", detail=f"job {job.id}",
     )  # fmt: skip
     event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
     store.append_audit(event)
-    return version
 
 
 def drift_trigger(store: Store, job: training_pb2.Job) -> registry_pb2.Lineage.DriftTrigger | None:
