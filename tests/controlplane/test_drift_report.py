@@ -108,7 +108,15 @@ def full_report(endpoint: str = "fraud/scorer v2") -> monitoring_pb2.DriftReport
             webhook_url="https://hooks.example.com/secret-token",
         ),
         windows=[window(index, last=index == 3) for index in range(4)],
-        actions=[monitoring_pb2.Action(at=START + 4 * WINDOW, kind="alert", detail="webhook answered 200")],
+        actions=[
+            monitoring_pb2.Action(
+                at=START + 4 * WINDOW,
+                kind="alert",
+                detail="webhook answered 200",
+                features=["amount"],
+                window=monitoring_pb2.TimeRange(start=START + 3 * WINDOW, end=START + 4 * WINDOW),
+            )
+        ],
         records_received=1_930,
         records_dropped=12,
     )
@@ -169,6 +177,8 @@ def test_full_report_files_tables_and_images(tmp_path: Path) -> None:
     assert "1,930 received, 12 dropped" in markdown
     assert "4 kept (4 scored)" in markdown
     assert "webhook answered 200" in markdown
+    (action,) = table_after(markdown, "## Actions")
+    assert action["Caused by"] == "window 2025-03-01 12:15:00 UTC .. 2025-03-01 12:20:00 UTC: amount", action
     assert "secret-token" not in markdown  # the webhook's address is not printed
 
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)

@@ -476,8 +476,16 @@ def actions_blocks(actions: Sequence[monitoring_pb2.Action]) -> list[Block]:
     shown = actions[-MAX_ACTIONS:]
     if len(actions) > len(shown):
         blocks.append(Paragraph(f"The latest {len(shown)} of {len(actions)} actions:"))
-    rows = tuple((fmt_time(a.at), a.kind, a.detail or "—") for a in reversed(shown))
-    return [*blocks, Table(("Time", "Kind", "Detail"), rows)]
+    rows = tuple((fmt_time(a.at), a.kind, a.detail or "—", _cause(a)) for a in reversed(shown))
+    return [*blocks, Table(("Time", "Kind", "Detail", "Caused by"), rows)]
+
+
+def _cause(action: monitoring_pb2.Action) -> str:
+    """The CRITICAL window that caused the action, and its CRITICAL features."""
+    if not action.HasField("window"):
+        return "—"
+    features = ", ".join(action.features[:20]) + (", ..." if len(action.features) > 20 else "")
+    return f"window {fmt_time(action.window.start)} .. {fmt_time(action.window.end)}: {features or 'CRITICAL'}"
 
 
 # --- plots -------------------------------------------------------------------------------------------
