@@ -114,6 +114,15 @@ def submit(control: Control, job_id: str, code: Path, *extra: str) -> dict:
     return cli(control.process, "train", "submit", job_id, "--script", "train.py", "--code", str(code), *extra)
 
 
+def run_cli(control: Control, *args: str, json_output: bool = True, cwd: Path | None = None,
+            token: str = "t-deployer") -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """The real CLI, its exit status and output as they are (for refusals and text output)."""
+    return subprocess.run(
+        [sys.executable, "-m", "weir.cli", *args, "--control-plane", control.process.address, "--token", token,
+         *(["--json"] if json_output else [])], capture_output=True, text=True, timeout=120, cwd=cwd,
+    )  # fmt: skip
+
+
 def metric_events(control: Control, job_id: str) -> list:
     with grpc.insecure_channel(control.process.address) as channel:
         events = training_pb2_grpc.TrainingStub(channel).StreamMetrics(
@@ -154,7 +163,7 @@ def pid_alive(pid: int) -> bool:
 def test_a_job_runs_reports_and_a_duplicate_submit_returns_the_first(control: Control, code: Path) -> None:
     first = submit(control, "job-1", code, "--param", "epochs=3", "--param", "lr=0.25")
     assert first["state"] in ("QUEUED", "RUNNING") and first["code_hash"]
-    again = submit(control, "job-1", code, "--param", "epochs=9")  # same id: the first job, unchanged
+    again = submit(control, "job-1", code, "--param", "epochs=3", "--param", "lr=0.25")  # the same: the first
     assert again["created_at"] == first["created_at"] and again["spec"]["parameters"]["epochs"] == {"integer": "3"}
     job = control.wait_state("job-1", Job.SUCCEEDED, Job.FAILED)
     assert job.state == Job.SUCCEEDED and job.exit_code == 0 and job.attempt == 1
@@ -191,6 +200,18 @@ def test_a_job_runs_reports_and_a_duplicate_submit_returns_the_first(control: Co
         "--param", "epochs=1", "--param", "exit_code=3")  # fmt: skip
     failed = control.wait_state("job-2", Job.FAILED, Job.SUCCEEDED)
     assert failed.state == Job.FAILED and failed.exit_code == 3 and "exited with code 3" in failed.reason
+    # issue 15, item 6: the same id with a fixed spec answered the old FAILED job as if submitted
+    fixed = run_cli(control, "train", "submit", "job-2", "--script", "train.py", "--code", str(code),
+                    "--param", "epochs=1")  # fmt: skip
+    assert fixed.returncode == 1, fixed.stdout + fixed.stderr
+    error = json.loads(fixed.stdout)["error"]
+    assert error["code"] == "ALREADY_EXISTS", error
+    assert "job 'job-2' already exists (FAILED" in error["message"] and "different spec" in error["message"]
+    same = run_cli(control, "train", "submit", "job-2", "--script", "train.py", "--code", str(code),
+                   "--param", "epochs=1", "--param", "exit_code=3", json_output=False)  # fmt: skip
+    assert same.returncode == 0, same.stderr
+    assert "job 'job-2' already exists (FAILED) with this spec: this is that job" in same.stderr
+    assert "job job-2: FAILED" in same.stdout
     assert cli(control.process, "train", "cancel", "job-2")["state"] == "FAILED"
     listed = cli(control.process, "train", "list", "--state", "SUCCEEDED")
     assert [job["id"] for job in listed] == ["job-1"]
@@ -270,13 +291,17 @@ def test_a_sweep_picks_its_best_trial_and_stops_poor_ones(control: Control, code
     assert sweep.best_value == pytest.approx(1 / 3)
     status = cli(control.process, "sweep", "status", "lr-sweep")
     assert {trial["state"] for trial in status["trial_jobs"]} == {"SUCCEEDED"}
+    # issue 15, item 6: each trial's hyperparameters, in the JSON and the text
+    assert [trial["hyperparameters"] for trial in status["trial_jobs"]] == [{"lr": lr} for lr in (0.1, 0.3, 0.9, 0.5)]
+    text = run_cli(control, "sweep", "status", "lr-sweep", json_output=False).stdout
+    assert "trial lr-sweep.trial-002: SUCCEEDED (attempt 1)\n    hyperparameters: lr=0.9\n" in text, text
     # the median rule: a trial worse than the others' median at a step is stopped
     cli(control.process, "sweep", "submit", "median", "--script", "train.py", "--code", str(code),
         "--param", "epochs=4", "--param", "epoch_sleep=0.3", "--space", "lr=0.3,0.25,0.35,3.0",
         "--metric", "loss", "--parallelism", "4", "--median-stopping")  # fmt: skip
     stopped = control.wait_state("median", Job.SUCCEEDED, Job.FAILED, timeout=180)
     poor = control.job("median.trial-003")
-    assert poor.state == Job.CANCELLED and "median rule" in poor.reason, poor.reason
+    assert poor.state == Job.CANCELLED and poor.reason.startswith("stopped by the median rule at step "), poor.reason
     assert stopped.best_trial == "median.trial-000"
 
 
@@ -393,3 +418,131 @@ def test_hostile_code_archives_are_refused_before_anything_is_stored(control: Co
             assert missing.value.code() is grpc.StatusCode.NOT_FOUND
     assert not list((control.state_dir / "jobs").glob("hostile-*"))
     assert peak_rss_kib() - before < 64 * 1024, "the bomb grew the control plane's memory"  # KiB
+
+
+def test_built_in_job_inputs_are_checked_at_submission_and_followed_as_they_run(
+    control: Control, tmp_path: Path
+) -> None:
+    """Issue 15, item 6: a relative entities= path (as the README writes it) resolved against the job's
+    directory on the control plane and the job "exited with code 2"; an unknown feature service the
+    same. Now a relative path is the user's (the CLI sends it absolute), and a bad input is refused at
+    submission naming the parameter, with no job stored. --follow prints each epoch while the job
+    runs; `train status` shows every epoch's metrics."""
+    from training_data import build_training_data  # examples/ (on the path: tests/conftest.py)
+
+    project = control.state_dir / "features"  # the feature root
+    definitions, entities = build_training_data(project / "data", rows=400)
+    cli(control.process, "features", "apply", str(definitions))
+    outside, _ = build_training_data(tmp_path / "outside", rows=50)
+
+    def refused(job_id: str, *params: str, cwd: Path = project) -> str:
+        args = [item for param in params for item in ("--param", param)]
+        result = run_cli(control, "train", "submit", job_id, "--builtin", "mlp", *args, cwd=cwd)
+        assert result.returncode == 1, result.stdout + result.stderr
+        error = json.loads(result.stdout)["error"]
+        assert error["code"] == "INVALID_ARGUMENT", error
+        assert run_cli(control, "train", "status", job_id).returncode == 1  # nothing was stored
+        return str(error["message"])
+
+    good = ("feature_service=churn", "label=churned")
+    message = refused("outside", f"entities={outside.parent / 'entities.parquet'}", *good)
+    assert message.startswith("spec.parameters['entities']: ") and "inside the feature root" in message, message
+    message = refused("missing", "entities=data/nothing.parquet", *good)
+    assert message.startswith("spec.parameters['entities']: ") and str(project / "data/nothing.parquet") in message
+    message = refused("service", "entities=data/entities.parquet", "feature_service=nope", "label=churned")
+    assert message.startswith("spec.parameters['feature_service']: ") and "'nope'" in message and "churn" in message
+    message = refused("label", "entities=data/entities.parquet", "feature_service=churn", "label=churn")
+    assert message.startswith("spec.parameters['label']: ") and "'churn'" in message and "churned" in message
+    message = refused("epochs", "entities=data/entities.parquet", *good, "epochs=0")
+    assert message.startswith("spec.parameters['epochs']: "), message
+    # the API itself: a relative path cannot mean anything on the control plane
+    with grpc.insecure_channel(control.process.address) as channel:
+        spec = training_pb2.JobSpec(entrypoint="builtin:mlp")
+        for key, value in (("entities", "data/entities.parquet"), ("feature_service", "churn"), ("label", "churned")):
+            spec.parameters[key].text = value
+        with pytest.raises(grpc.RpcError) as caught:
+            training_pb2_grpc.TrainingStub(channel).SubmitJob(
+                training_pb2.SubmitJobRequest(id="relative", spec=spec), metadata=client_metadata("t-deployer"),
+                timeout=30,
+            )  # fmt: skip
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert str(caught.value.details()).startswith("spec.parameters['entities']: expected an absolute path")
+
+    # the README's relative path, from the project directory, followed as it runs
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "weir.cli", "train", "submit", "churn-rel", "--builtin", "mlp", "--param",
+         "entities=data/entities.parquet", "--param", "feature_service=churn", "--param", "label=churned",
+         "--param", "epochs=3", "--param", "patience=10", "--param", "epoch_sleep=1", "--follow",
+         "--control-plane", control.process.address, "--token", "t-deployer"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=project,
+    )  # fmt: skip
+    assert follow.stdout is not None
+    lines = []
+    for line in follow.stdout:
+        lines.append(line.rstrip("\n"))
+        if line.startswith("churn-rel: epoch 1/3: "):
+            # printed as it happens: the job still has two epochs (and a second's sleep each) to go
+            assert control.job("churn-rel").state == Job.RUNNING
+    assert follow.wait(timeout=300) == 0, "\n".join(lines) + follow.stderr.read()  # type: ignore[union-attr]
+    epochs = [line for line in lines if line.startswith("churn-rel: epoch ")]
+    assert [line.split(":")[1].strip() for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"], lines
+    assert all("val_accuracy=" in line and "loss=" in line for line in epochs)
+    assert "churn-rel: RUNNING" in lines and "churn-rel: SUCCEEDED" in lines
+    assert lines.index("churn-rel: RUNNING") < lines.index(epochs[0]) < lines.index("churn-rel: SUCCEEDED")
+    job = control.job("churn-rel")
+    assert job.spec.parameters["entities"].text == str(entities)
+    # every epoch's metrics through the API and the CLI, not only in a file on the control plane's disk
+    status = cli(control.process, "train", "status", "churn-rel")
+    assert [point["step"] for point in status["metric_history"]] == [0, 1, 2]
+    assert all({"loss", "val_loss", "val_accuracy"} <= point.keys() for point in status["metric_history"])
+    text = run_cli(control, "train", "status", "churn-rel", json_output=False).stdout
+    assert "metric history:" in text and "step\tloss\tval_accuracy\tval_loss" in text, text
+    assert len([line for line in text.splitlines() if line.startswith(("  0\t", "  1\t", "  2\t"))]) == 3, text
+
+
+IDLE_SCRIPT = """
+import time
+from weir_control import tracking
+
+run = tracking.init()
+for _ in range(600):  # the test reports for it; ended by the median rule or a cancel
+    time.sleep(0.2)
+"""
+
+
+def test_a_median_stopped_trial_is_stopped_on_the_value_its_metrics_show(control: Control, tmp_path: Path) -> None:
+    """Issue 15, item 6: a trial was stopped for its value at an old step although it had reported a
+    better later one, so it showed CANCELLED with metrics contradicting its reason. The test reports for
+    the trials itself, through the real LogMetrics RPC with each trial's own secret, in a chosen order."""
+    code = tmp_path / "idle"
+    code.mkdir()
+    (code / "idle.py").write_text(IDLE_SCRIPT)
+    cli(control.process, "sweep", "submit", "median", "--script", "idle.py", "--code", str(code),
+        "--space", "lr=1,2,3,4", "--metric", "loss", "--parallelism", "4", "--median-stopping")  # fmt: skip
+    trials = [f"median.trial-00{index}" for index in range(4)]
+    for trial in trials:
+        control.wait_state(trial, Job.RUNNING)
+    with grpc.insecure_channel(control.process.address) as channel:
+        stub = training_pb2_grpc.TrainingStub(channel)
+
+        def report(trial: str, step: int, loss: float) -> bool:
+            secret = (control.job_dir(trial) / ".secret").read_text().strip()
+            ack = stub.LogMetrics(
+                training_pb2.LogMetricsRequest(job_id=trial, points=[training_pb2.MetricPoint(key="loss", step=step,
+                                               value=loss)]), metadata=(("x-weir-job-secret", secret),), timeout=30,
+            )  # fmt: skip
+            return bool(ack.stop)
+
+        fast, steady, other, poor = trials
+        assert not report(fast, 1, 5.0) and not report(fast, 2, 1.0)  # a poor start, then as good as any
+        for trial in (steady, other, poor):
+            assert not report(trial, 1, 1.0)  # step 1: 'fast' was worse there, but its metrics show 1.0 now
+        assert control.job(fast).state == Job.RUNNING, control.job(fast).reason
+        assert not report(steady, 2, 1.0) and not report(other, 2, 1.0)
+        assert report(poor, 2, 9.0)  # worse than the others' median at its latest step: stopped
+    stopped = control.job(poor)
+    assert stopped.state == Job.CANCELLED
+    assert stopped.reason == "stopped by the median rule at step 2: loss 9 worse than the other trials' median 1"
+    assert stopped.metrics["loss"] == 9.0  # the value the reason names
+    assert control.job(fast).state == Job.RUNNING and control.job(fast).metrics["loss"] == 1.0
+    cli(control.process, "train", "cancel", "median")

@@ -3,7 +3,8 @@
     weir train submit ID (--builtin mlp | --module pkg.train | --script train.py) [--code DIR]
         [--param KEY=VALUE ...] [--processes N] [--max-retries N] [--timeout S] [--checkpoint-every N]
         [--register MODEL [--alias A ...] [--canary-endpoint E]] [--follow]
-    weir train status ID [--follow]          # --follow: a live progress bar until the job ends
+    weir train status ID [--follow]          # state, latest metrics and every step's metrics;
+                                             # --follow: progress lines (state, epoch metrics) until the end
     weir train logs ID [--follow]
     weir train cancel ID
     weir train list [--state S] [--kind K] [--parent ID]
@@ -11,8 +12,13 @@
         [--method grid|random] [--trials N] [--parallelism N] --metric M [--maximize] [--median-stopping]
     weir sweep status ID
 
-A VALUE is typed as it reads: true/false, an integer, a number, else text. The code directory is
-sent as a tar.gz and hashed by the control plane. Every command prints JSON with --json.
+A VALUE is typed as it reads: true/false, an integer, a number, else text. The built-in trainer's
+``entities`` and ``definitions`` are files: a relative path is taken from the directory the command runs
+in and sent as an absolute one (the control plane checks it at submission: inside its feature root,
+readable, with the label and join-key columns). Submitting a known ID with the same spec answers that
+job (and says so on stderr); with another spec it is refused (ALREADY_EXISTS, naming the job and its
+state). The code directory is sent as a tar.gz and hashed by the control plane. Every command prints
+JSON with --json (--follow's progress lines then go to stderr).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from weir_control.cli_common import channel_of, report_error, token_of
 from weir_proto.errors import InvalidArgumentError, WeirError, error_for_status
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+PATH_PARAMETERS = ("entities", "definitions")  # the built-in trainer's files: sent as absolute paths
+HISTORY_STEPS = 50  # `train status` prints at most this many of the latest steps' metrics
 
 
 def _connection(parser: argparse.ArgumentParser) -> None:
@@ -59,10 +67,12 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
 def add_commands(subcommands: Any) -> None:
     train = subcommands.add_parser("train", help="training jobs: submit, status, logs, cancel, list")
     actions = train.add_subparsers(dest="train_command", required=True)
-    submit = actions.add_parser("submit", help="submit a job (a known ID returns that job)")
+    submit = actions.add_parser("submit", help="submit a job (a known ID with the same spec returns that job)")
     submit.add_argument("id")
     _job_options(submit)
-    submit.add_argument("--follow", action="store_true", help="show progress until the job ends")
+    submit.add_argument(
+        "--follow", action="store_true", help="print progress as it happens (state changes, each epoch's metrics)"
+    )
     _connection(submit)
     for name, text in (
         ("status", "a job's state, metrics and lineage"),
@@ -150,6 +160,9 @@ def job_spec(args: argparse.Namespace) -> Any:
         key, separator, value = item.partition("=")
         if not separator or not key:
             raise InvalidArgumentError(f"--param: expected KEY=VALUE, got {item!r}")
+        if args.builtin and key in PATH_PARAMETERS and value.strip():
+            # the control plane runs the job elsewhere: a relative path means one from here
+            value = str(Path(value.strip()).expanduser().absolute())
         spec.parameters[key].CopyFrom(typed_value(value))
     if args.register:
         spec.register.model_name = args.register
@@ -217,28 +230,85 @@ def _summary(job: Any) -> str:
     return "\n".join(lines)
 
 
-def _follow(client: _Client, job_id: str, quiet: bool) -> Any:
-    """A live progress bar (epoch, last metric) until the job ends; returns the final job."""
-    from tqdm import tqdm
+def _metrics_line(step: int, values: dict[str, float], progress: Any) -> str:
+    where = f"epoch {progress.epoch}/{progress.total_epochs}" if progress is not None else f"step {step}"
+    return f"{where}: " + " ".join(f"{key}={value:.4g}" for key, value in sorted(values.items()))
 
+
+def _follow(client: _Client, job_id: str, out: Any) -> Any:
+    """Progress as it happens, one line each (state changes, and every step's metrics once its epoch's
+    progress arrives or the next step begins), until the job ends; returns the final job."""
     from weir_proto.control.v1 import training_pb2
 
     request = training_pb2.StreamMetricsRequest(id=job_id, follow=True)
-    with tqdm(desc=job_id, unit=" epoch", disable=quiet or None, file=sys.stderr) as bar:
-        try:
-            for event in client.stub.StreamMetrics(request, metadata=client.metadata):
-                kind = event.WhichOneof("event")
-                if kind == "progress" and event.progress.total_epochs:
-                    bar.total = event.progress.total_epochs
-                    bar.n = event.progress.epoch
-                    bar.refresh()
-                elif kind == "metric":
-                    bar.set_postfix({event.metric.key: f"{event.metric.value:.4g}"}, refresh=True)
-                elif kind == "state":
-                    bar.set_description(f"{job_id} {training_pb2.Job.State.Name(event.state)}")
-        except grpc.RpcError as error:
-            raise error_for_status(error.code(), error.details() or "") from error
+    step: int | None = None
+    values: dict[str, float] = {}
+
+    def flush(progress: Any = None) -> None:
+        nonlocal step
+        if step is not None and values:
+            print(f"{job_id}: " + _metrics_line(step, values, progress), file=out, flush=True)
+        values.clear()
+        step = None
+
+    try:
+        for event in client.stub.StreamMetrics(request, metadata=client.metadata):
+            kind = event.WhichOneof("event")
+            if kind == "metric":
+                if step is not None and event.metric.step != step:
+                    flush()
+                step = event.metric.step
+                values[event.metric.key] = event.metric.value
+            elif kind == "progress":
+                flush(event.progress if event.progress.total_epochs else None)
+            elif kind == "state":
+                flush()
+                print(f"{job_id}: {training_pb2.Job.State.Name(event.state)}", file=out, flush=True)
+    except grpc.RpcError as error:
+        raise error_for_status(error.code(), error.details() or "") from error
+    flush()
     return client.call("GetJob", training_pb2.GetJobRequest(id=job_id))
+
+
+def _history(client: _Client, job_id: str) -> list[dict[str, Any]]:
+    """Every reported step's metrics, oldest first: [{"step": 0, "loss": ...}, ...]."""
+    from weir_proto.control.v1 import training_pb2
+
+    steps: dict[int, dict[str, Any]] = {}
+    try:
+        events = client.stub.StreamMetrics(
+            training_pb2.StreamMetricsRequest(id=job_id), metadata=client.metadata, timeout=60
+        )
+        for event in events:
+            if event.WhichOneof("event") == "metric":
+                steps.setdefault(event.metric.step, {"step": event.metric.step})[event.metric.key] = event.metric.value
+    except grpc.RpcError as error:
+        raise error_for_status(error.code(), error.details() or "") from error
+    return [steps[step] for step in sorted(steps)]
+
+
+def _history_lines(history: list[dict[str, Any]]) -> list[str]:
+    if not history:
+        return []
+    keys = sorted({key for point in history for key in point if key != "step"})
+    shown = history[-HISTORY_STEPS:]
+    clipped = f" (the last {len(shown)} of {len(history)} steps)" if len(shown) < len(history) else ""
+    lines = [f"metric history{clipped}:"]
+    lines.append("  " + "\t".join(["step", *keys]))
+    for point in shown:
+        cells = [f"{point[key]:.4g}" if key in point else "-" for key in keys]
+        lines.append("  " + "\t".join([str(point["step"]), *cells]))
+    return lines
+
+
+def param_value(value: Any) -> Any:
+    kind = value.WhichOneof("kind")
+    return None if kind is None else getattr(value, kind)
+
+
+def _hyperparameters(trial: Any, names: list[str]) -> str:
+    shown = [f"{name}={param_value(trial.spec.parameters[name])}" for name in names if name in trial.spec.parameters]
+    return ", ".join(shown)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -274,6 +344,13 @@ def _run(args: argparse.Namespace) -> int:
                 for job in jobs:
                     print(f"{job.id}\t{job.kind}\t{training_pb2.Job.State.Name(job.state)}\t{job.reason}")
             return 0
+        existing = None
+        if action in ("submit", "sweep-submit"):
+            try:  # to tell the user when the answer is a job submitted before (same id, same spec)
+                existing = client.call("GetJob", training_pb2.GetJobRequest(id=args.id))
+            except WeirError as error:
+                if error.kind.name != "NOT_FOUND":
+                    raise
         if action == "submit":
             job = client.call("SubmitJob", training_pb2.SubmitJobRequest(id=args.id, spec=job_spec(args)))
         elif action == "sweep-submit":
@@ -289,21 +366,44 @@ def _run(args: argparse.Namespace) -> int:
             job = client.call("CancelJob", training_pb2.GetJobRequest(id=args.id))
         else:  # status, sweep-status
             job = client.call("GetJob", training_pb2.GetJobRequest(id=args.id))
+        if existing is not None:
+            state = training_pb2.Job.State.Name(job.state)
+            print(
+                f"weir {args.command}: {job.kind} '{job.id}' already exists ({state}) with this spec: this is "
+                "that job, not a new submission",
+                file=sys.stderr,
+            )
         if getattr(args, "follow", False) and training_pb2.Job.State.Name(job.state) not in TERMINAL:
-            job = _follow(client, job.id, quiet=args.json)
+            job = _follow(client, job.id, sys.stderr if args.json else sys.stdout)
         if action == "sweep-status" or (job.kind == "sweep" and not args.json):
             trials = [client.call("GetJob", training_pb2.GetJobRequest(id=trial_id)) for trial_id in job.trials]
         else:
             trials = []
+        history = _history(client, job.id) if action == "status" and job.kind != "sweep" else []
+        space = sorted(job.sweep.space) if job.kind == "sweep" else []
         if args.json:
             document = _document(job)
             if trials:
                 document["trial_jobs"] = [_document(trial) for trial in trials]
+                for trial_document, trial in zip(document["trial_jobs"], trials, strict=True):
+                    trial_document["hyperparameters"] = {
+                        name: param_value(trial.spec.parameters[name])
+                        for name in space
+                        if name in trial.spec.parameters
+                    }
+            if action == "status":
+                document["metric_history"] = history
             print(json.dumps(document, indent=2))
         else:
             print(_summary(job))
+            for line in _history_lines(history):
+                print(line)
             for trial in trials:
-                print("  " + _summary(trial).replace("\n", "\n    "))
+                summary = _summary(trial).split("\n")
+                hyperparameters = _hyperparameters(trial, space)
+                if hyperparameters:
+                    summary.insert(1, f"hyperparameters: {hyperparameters}")
+                print("  " + "\n    ".join(summary))
         # following a job to its end makes the command's status the job's (for scripts and CI)
         failed = training_pb2.Job.State.Name(job.state) in ("FAILED", "CANCELLED")
         return 1 if getattr(args, "follow", False) and failed else 0

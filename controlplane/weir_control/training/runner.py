@@ -32,19 +32,27 @@ from typing import Any
 
 from weir_control.artifacts import ArtifactStore
 from weir_control.store import Store
-from weir_control.store.store import check_name
+from weir_control.store.store import _check_job_id, check_name
 from weir_control.training import sandbox, sweeps
 from weir_control.training.archive import check_archive, unpack
 from weir_control.training.executor import Executor, LocalExecutor
 from weir_control.training.jobfiles import open_inside, read_inside
+from weir_control.training.preflight import check_builtin_job
 from weir_control.training.registration import register_job_output
 from weir_proto.control.v1 import training_pb2
-from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, WeirError
+from weir_proto.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    WeirError,
+)
 
 log = logging.getLogger(__name__)
 
 Job = training_pb2.Job
 TICK_SECONDS = 0.25
+MEDIAN_STOPPED = "stopped by the median rule"  # a CANCELLED trial's reason starts so (not cancelled by hand)
 STOP_GRACE_SECONDS = 5.0
 BUILTIN = {"builtin:mlp": "weir_control.training.builtin"}
 # What a job inherits from the control plane's environment (besides LC_*): nothing secret.
@@ -53,6 +61,10 @@ INHERITED = frozenset(
      "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
      "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"}
 )  # fmt: skip
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -207,7 +219,44 @@ class JobRunner:
     # --- submission ------------------------------------------------------------------------------
 
     def submit(self, job_id: str, spec: training_pb2.JobSpec, actor: str) -> Job:
-        return self._submit(job_id, spec, actor, _check_spec(spec))
+        digest = _check_spec(spec)
+        existing = self._existing(job_id, "job", spec, digest)
+        if existing is not None:
+            return existing  # an identical resubmission: the first job, whatever its state
+        self.preflight(spec)
+        return self._submit(job_id, spec, actor, digest)
+
+    def preflight(self, spec: training_pb2.JobSpec) -> None:
+        """A built-in job's data parameters, checked now rather than when it runs (see ``preflight``)."""
+        if spec.entrypoint in BUILTIN:
+            check_builtin_job(spec, self._readable, self._store.feature_definitions()[1])
+
+    def _existing(self, job_id: str, kind: str, spec: Any, digest: str) -> Job | None:
+        """The stored job of that id when ``spec`` is the one it was submitted with (its code by hash),
+        None when there is none; ALREADY_EXISTS naming it and its state when it differs: a resubmission
+        must not silently answer with another job (e.g. the failed first try of a fixed spec)."""
+        _check_job_id(job_id)  # the id first: its error names it before any parameter's
+        try:
+            stored = self._store.get_job(job_id)
+        except NotFoundError:
+            return None
+        submitted = type(spec)()
+        submitted.CopyFrom(spec)
+        if kind == "sweep":
+            submitted.template.ClearField("code_archive")
+            same = stored.kind == "sweep" and stored.sweep == submitted
+        else:
+            submitted.ClearField("code_archive")
+            same = stored.kind == kind and stored.spec == submitted
+        if same and stored.code_hash == digest:
+            return stored
+        state = Job.State.Name(stored.state)
+        raise AlreadyExistsError(
+            f"id: {stored.kind} '{job_id}' already exists ({state}"
+            + (f": {clip(stored.reason, 200)}" if stored.reason else "")
+            + f") with a different {'sweep' if kind == 'sweep' else 'spec'}; submit under a new id "
+            "(the same spec again returns the existing job)"
+        )
 
     def _submit(
         self, job_id: str, spec: training_pb2.JobSpec, actor: str, digest: str, parent: Job | None = None
@@ -233,7 +282,16 @@ class JobRunner:
 
     def submit_sweep(self, sweep_id: str, sweep: training_pb2.SweepSpec, actor: str) -> Job:
         digest = _check_spec(sweep.template)  # the trials differ from it only in their parameters
+        existing = self._existing(sweep_id, "sweep", sweep, digest)
+        if existing is not None:
+            return existing
         overrides = sweeps.trial_parameters(sweep)
+        for values in overrides:  # each trial's parameters, as it will run
+            trial = training_pb2.JobSpec()
+            trial.CopyFrom(sweep.template)
+            for name, value in values.items():
+                trial.parameters[name].CopyFrom(value)
+            self.preflight(trial)
         parent = Job(id=sweep_id, kind="sweep", state=Job.RUNNING, submitted_by=actor)
         parent.sweep.CopyFrom(sweep)
         parent.sweep.template.ClearField("code_archive")
@@ -325,12 +383,17 @@ class JobRunner:
                 others = [other for other_id, other in values.items() if other_id != trial_id]
                 if not sweeps.worse_than_median(value, others, sweep.maximize):
                     continue
-                if trial_id != job.id and self._store.get_job(trial_id).state != Job.RUNNING:
+                trial = job if trial_id == job.id else self._store.get_job(trial_id)
+                if trial_id != job.id and trial.state != Job.RUNNING:
                     continue  # already ended (or not started): nothing to stop
+                if trial.metrics.get(sweep.metric) != value:
+                    # it has reported a later step since: judged on that one (once the others reach it),
+                    # never stopped for an old value its metrics no longer show
+                    continue
                 self.cancel(
                     trial_id,
-                    f"stopped early by the median rule at step {point.step}: {sweep.metric} {value:.6g} "
-                    f"is worse than the other trials' median {statistics.median(others):.6g}",
+                    f"{MEDIAN_STOPPED} at step {point.step}: {sweep.metric} {value:.6g} worse than the "
+                    f"other trials' median {statistics.median(others):.6g}",
                 )
                 stopped_self = stopped_self or trial_id == job.id
         return stopped_self
