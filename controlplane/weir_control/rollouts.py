@@ -366,7 +366,8 @@ class RolloutController:
             rollout = await asyncio.to_thread(self._store.get_rollout, endpoint)
             if rollout.state not in ACTIVE or await self._superseded(rollout):
                 raise FailedPreconditionError(
-                    f"endpoint '{endpoint}': the rollout already ended ({Rollout.State.Name(rollout.state)})"
+                    f"endpoint '{endpoint}': the rollout already ended ({Rollout.State.Name(rollout.state)}: "
+                    f"{rollout.reason})"
                 )
             if approver == rollout.started_by:
                 raise PermissionDeniedError(

@@ -106,9 +106,10 @@ def test_a_hand_deploy_after_a_blue_green_switch_supersedes_the_rollout(planes) 
     serve_everywhere(replicas, 5.0)
     events = superseded_events(control)
     assert [(event["actor"], event["result"]) for event in events] == [("rollout-controller", "OK")], events
-    for action in ("rollback", "promote", "switch", "pause"):
+    for action, token in (("rollback", "t-deployer"), ("promote", "t-deployer"), ("switch", "t-deployer"),
+                          ("pause", "t-deployer"), ("approve", "t-approver")):  # fmt: skip
         with pytest.raises(AssertionError, match=r"the rollout already ended \(SUPERSEDED: superseded: "):
-            cli(control, "rollout", action, "scale")
+            cli(control, "rollout", action, "scale", token=token)
 
     # the endpoint rolls out again: a new blue-green from the hand-deployed version, to its end
     again = cli(control, "rollout", "blue-green", "scale", f"scale:{green}", "--keep-previous-seconds", "0.5")
