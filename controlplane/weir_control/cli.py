@@ -256,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
         _fail(args, f"{code.name}: {details}", code.name)
     except WeirError as error:
         _fail(args, error.message, error.kind.name)
+    except BrokenPipeError:
+        raise  # stdout's reader went away (`| head`): `weir`'s entry point ends quietly
     except OSError as error:
         _fail(args, str(error), "OS_ERROR")
     return 1
@@ -306,7 +308,7 @@ def _run_control(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(serve())
     except WeirError as error:
-        print(f"weir control: {error.message}", file=sys.stderr)
+        print(f"weir: error: {error.message}", file=sys.stderr)
         return 2
 
 

@@ -56,7 +56,8 @@ from weir_proto.control.v1 import (
     training_pb2,
     training_pb2_grpc,
 )
-from weir_proto.errors import InvalidArgumentError
+from weir_proto.errors import InvalidArgumentError, WeirError
+from weir_proto.listen import bind_grpc, listen_http
 from weir_proto.tls import server_tls
 
 log = logging.getLogger(__name__)
@@ -255,9 +256,15 @@ class ControlPlaneServer:
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
-        address = f"{settings.listen_address}:{settings.port}"
         tls = server_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-        self.port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+        try:
+            self.port = bind_grpc(
+                server, settings.listen_address, settings.port, tls.credentials() if tls else None,
+                "the control plane's gRPC port",
+            )  # fmt: skip
+        except WeirError:
+            await self.stop()  # the store, the refusal log and the feature service opened above
+            raise
         await server.start()
         self._server = server
         host = "127.0.0.1" if settings.listen_address in ("0.0.0.0", "::", "[::]", "") else settings.listen_address
@@ -268,7 +275,14 @@ class ControlPlaneServer:
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if settings.metrics_port >= 0:
-            self._metrics_http, _ = start_http_server(settings.metrics_port, settings.listen_address, self.registry)
+            try:
+                self._metrics_http, _ = listen_http(
+                    lambda: start_http_server(settings.metrics_port, settings.listen_address, self.registry),
+                    settings.listen_address, settings.metrics_port, "the control plane's /metrics port",
+                )  # fmt: skip
+            except WeirError:
+                await self.stop()
+                raise
             self.metrics_port = self._metrics_http.server_port
         log.info(
             "control plane started",

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -20,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from weir import __version__
+from weir.errors import WeirError
 from weir.loadtest.options import add_bench_arguments
 from weir.logs import configure_logging
 from weir.settings import ControlMode, ServerSettings, environment_variable, settings_fields
 from weir.up import add_up_arguments
 from weir_control.cli import CLIENT_COMMANDS
+from weir_proto.listen import listen_failure
 
 log = logging.getLogger("weir.cli")
 
@@ -183,7 +187,10 @@ async def _serve(settings: ServerSettings, reuse_port: bool) -> int:
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop_requested.set)
     try:
-        await server.start()
+        try:
+            await server.start()
+        except WeirError as error:  # a port in use, say: one line, no traceback
+            raise SystemExit(f"weir: error: {error.message}") from None
         await stop_requested.wait()
         log.info(
             "stop requested: draining in-flight requests", extra={"grace_seconds": settings.shutdown_grace_seconds}
@@ -201,7 +208,36 @@ def _event_loop_factory() -> Any:
     return uvloop.new_event_loop
 
 
+EXIT_READER_GONE = 128 + signal.SIGPIPE  # what a shell shows for a command its pipe's reader ended
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Every command; one whose output is piped into a reader that stops early (`weir ... | head`)
+    exits quietly, as a Unix tool ended by SIGPIPE would, instead of a "Broken pipe" traceback or line.
+    (Python ignores SIGPIPE, so a write to such a pipe raises BrokenPipeError wherever it happens.)"""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # output still buffered meets a gone reader here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # a broken pipe of some other connection: not this case
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush at exit must not fail again
+        os.close(devnull)
+        return EXIT_READER_GONE
+
+
+def _stdout_reader_gone() -> bool:
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no stdout, or not a file descriptor
+        return False
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         from weir.loadtest.command import run  # lazy: numpy, grpc, tritonclient, matplotlib
@@ -235,7 +271,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings.workers > 1:
             from weir.workers import serve_with_workers
 
-            return serve_with_workers(settings, lambda worker: _serve_in_process(worker, reuse_port=True))
+            try:
+                return serve_with_workers(settings, lambda worker: _serve_in_process(worker, reuse_port=True))
+            except OSError as error:  # the shared port, reserved before the workers start
+                if error.errno != errno.EADDRINUSE:
+                    raise
+                failure = listen_failure(
+                    settings.listen_address, settings.grpc_port, "the data plane's gRPC port, --grpc-port", error
+                )
+                raise SystemExit(f"weir: error: {failure.message}") from None
         return _serve_in_process(settings, reuse_port=False)
     return 2
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -19,32 +20,63 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("weir_reque
 _STANDARD_ATTRIBUTES = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
+def _timestamp(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+def structured_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """What a line carries beyond its time, level, logger and message: the process, the current
+    request's id and every ``extra=`` field (the model's name, say). Both formats write all of them."""
+    fields: dict[str, Any] = {"pid": record.process}  # tells the workers of `weir serve --workers N` apart
+    request_id = request_id_var.get()
+    if request_id:
+        fields["request_id"] = request_id
+    for key, value in vars(record).items():
+        if key not in _STANDARD_ATTRIBUTES and not key.startswith("_"):
+            fields[key] = value
+    return fields
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "pid": record.process,  # tells the workers of `weir serve --workers N` apart
             "msg": record.getMessage(),
+            **structured_fields(record),
         }
-        request_id = request_id_var.get()
-        if request_id:
-            entry["request_id"] = request_id
-        for key, value in vars(record).items():
-            if key not in _STANDARD_ATTRIBUTES and not key.startswith("_"):
-                entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
+_BARE_VALUE = re.compile(r"[^\s\"=\\]+")
+
+
+def _text_value(value: Any) -> str:
+    """A field's value as ``key=value`` shows it: bare when that is unambiguous, else JSON-quoted (so a
+    value with spaces, quotes or a newline stays on its line and reads back)."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if _BARE_VALUE.fullmatch(text) else json.dumps(text)
+
+
+class TextFormatter(logging.Formatter):
+    """One line for people: time, level, logger, message, then the same structured fields the JSON
+    format carries, as ``key=value`` (``request_id=... model=...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{key}={_text_value(value)}" for key, value in structured_fields(record).items())
+        line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        line = f"{line} {fields}" if fields else line
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
 def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -38,6 +38,7 @@ from weir.shadow import ShadowCollector, ShadowMirror
 from weir_proto.auth import AuthInterceptor, Role, TokenTable
 from weir_proto.feature_definitions import load_definitions
 from weir_proto.inference import pool
+from weir_proto.listen import bind_grpc, listen_http
 from weir_proto.online_store import open_online_store
 from weir_proto.tls import ClientTLS, server_tls
 
@@ -237,17 +238,15 @@ class WeirServer:
         pool.add_file_to_pool(reflection_pb2.DESCRIPTOR)
         reflection_names = (pool.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(reflection_names, server, pool=pool.POOL)
-        address = f"{_host(settings.listen_address)}:{settings.grpc_port}"
         tls = server_tls(
             Path(settings.tls_cert) if settings.tls_cert else None,
             Path(settings.tls_key) if settings.tls_key else None,
             Path(settings.tls_client_ca) if settings.tls_client_ca else None,
         )
-        self.grpc_port = (
-            server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
-        )
-        if self.grpc_port == 0:
-            raise OSError(f"cannot bind gRPC on {settings.listen_address}:{settings.grpc_port}")
+        self.grpc_port = bind_grpc(
+            server, settings.listen_address, settings.grpc_port, tls.credentials() if tls else None,
+            "the data plane's gRPC port, --grpc-port", reuse_port=self._reuse_port,
+        )  # fmt: skip
         await server.start()
         self._server = server
         self._trimmer.start()
@@ -255,7 +254,10 @@ class WeirServer:
         for name in HEALTH_SERVICE_NAMES:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if settings.metrics_port >= 0:
-            self._metrics_http, _ = start_http_server(settings.metrics_port, settings.listen_address, self.registry)
+            self._metrics_http, _ = listen_http(
+                lambda: start_http_server(settings.metrics_port, settings.listen_address, self.registry),
+                settings.listen_address, settings.metrics_port, "the data plane's /metrics port, --metrics-port",
+            )  # fmt: skip
             self.metrics_port = self._metrics_http.server_port
         log.info(
             "listening",

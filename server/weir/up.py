@@ -96,7 +96,7 @@ def run_up(args: argparse.Namespace) -> int:
             return asyncio.run(_up(args))
         return uvloop.run(_up(args))
     except WeirError as error:  # a bad flag or state found at start: say which, no traceback
-        print(f"weir up: {error.message}", file=sys.stderr)
+        print(f"weir: error: {error.message}", file=sys.stderr)
         return 2
 
 
