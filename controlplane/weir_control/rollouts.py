@@ -589,7 +589,7 @@ class RolloutController:
         event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
         event.before = _weights(before)
         try:
-            after = await asyncio.to_thread(self._store.deploy, endpoint, variants, actor, None, before.revision)
+            after = await asyncio.to_thread(self._store.deploy, endpoint, variants, actor, if_revision=before.revision)
         except WeirError as error:
             event.result, event.detail = error.kind.name, f"{summary}: {error.message}"
             await asyncio.to_thread(self._store.append_audit, event)
