@@ -103,9 +103,20 @@ def _write_parquet(batches: Any, out: Path) -> int:
     return rows
 
 
-def _run_remote(args: argparse.Namespace) -> dict[str, Any]:
+def read_rows(path: Path, flag: str) -> Any:
+    """A Parquet file the user named, or one clear error naming the flag (never a traceback)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if not path.is_file():
+        raise InvalidArgumentError(f"{flag}: expected a Parquet file, {path} does not exist or is not a file")
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as error:
+        raise InvalidArgumentError(f"{flag}: expected a Parquet file, cannot read {path}: {error}") from None
+
+
+def _run_remote(args: argparse.Namespace) -> dict[str, Any]:
     from weir_control.features.client import FeatureStoreClient
 
     token = token_of(args)
@@ -117,14 +128,14 @@ def _run_remote(args: argparse.Namespace) -> dict[str, Any]:
             return {"revision": applied.revision, "feature_services": list(applied.feature_services)}
         if command == "historical":
             rows = _write_parquet(
-                client.stream_historical_features(args.service, pq.read_table(args.entities)), args.out
+                client.stream_historical_features(args.service, read_rows(args.entities, "--entities")), args.out
             )
             return {"rows": rows, "out": str(args.out)}
         if command == "materialize":
             return {"written": client.materialize(_time(args.start, "start"), _time(args.end, "end"), args.view)}
         if command == "materialize-incremental":
             return {"written": client.materialize_incremental(views=args.view)}
-        return {"written": {args.view: client.push(args.view, pq.read_table(args.rows))}}
+        return {"written": {args.view: client.push(args.view, read_rows(args.rows, "--rows"))}}
 
 
 def _run_local(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,17 +144,19 @@ def _run_local(args: argparse.Namespace) -> dict[str, Any]:
     definitions = load_definitions(args.definitions)
     command = args.features_command
     if command == "validate":
+        from weir_control.features.offline import check_view_columns
+
+        for view in definitions.views.values():  # the sources' columns too, not only the TOML
+            check_view_columns(definitions, view)
         return {
             "entities": sorted(definitions.entities),
             "feature_views": sorted(definitions.views),
             "feature_services": sorted(definitions.services),
         }
-    import pyarrow.parquet as pq
-
     if command == "historical":
         from weir_control.features.offline import stream_historical_features
 
-        batches = stream_historical_features(definitions, args.service, pq.read_table(args.entities))
+        batches = stream_historical_features(definitions, args.service, read_rows(args.entities, "--entities"))
         return {"rows": _write_parquet(batches, args.out), "out": str(args.out)}
     from weir_control.features import materialize as operations
     from weir_proto.online_store import open_online_store
@@ -157,7 +170,7 @@ def _run_local(args: argparse.Namespace) -> dict[str, Any]:
         elif command == "materialize-incremental":
             written = operations.materialize_incremental(definitions, store, views=args.view)
         else:
-            written = {args.view: operations.push(definitions, store, args.view, pq.read_table(args.rows))}
+            written = {args.view: operations.push(definitions, store, args.view, read_rows(args.rows, "--rows"))}
     finally:
         store.close()
     return {"written": written}

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from weir_control.features.definitions import Definitions, FeatureView
-from weir_control.features.offline import parquet_source, quote
+from weir_control.features.offline import check_view_columns, first_line, parquet_source, quote
 from weir_control.features.paths import push_directory
-from weir_proto.errors import InvalidArgumentError, NotFoundError
+from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from weir_proto.online_store import OnlineStore, entity_key
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
@@ -35,6 +35,7 @@ def latest_rows(
         f", {quote(view.created_timestamp_field)} DESC NULLS LAST" if view.created_timestamp_field else ""
     )
     features = ", ".join(quote(feature.name) for feature in view.features)
+    check_view_columns(definitions, view, feature_root)
     connection = duckdb.connect()
     try:
         connection.execute("SET TimeZone = 'UTC'")
@@ -46,6 +47,8 @@ def latest_rows(
             f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1",
             params=[start, end],
         ).to_arrow_table()
+    except duckdb.Error as error:
+        raise FailedPreconditionError(f"feature_view '{view.name}': {first_line(error)}") from None
     finally:
         connection.close()
 

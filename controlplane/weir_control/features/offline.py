@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from weir_control.features.definitions import Definitions, FeatureView
 from weir_control.features.paths import parquet_files
-from weir_proto.errors import InvalidArgumentError, NotFoundError
+from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 
 ENTITY_TIMESTAMP = "event_timestamp"
 _ROW = "__weir_row"
@@ -119,6 +119,50 @@ def historical_query(
     return f"SELECT {columns} FROM {relation} ORDER BY {_ROW}"
 
 
+def first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:500] if lines else type(error).__name__
+
+
+def source_columns(view: FeatureView, feature_root: Path | None = None) -> list[str]:
+    """The columns DuckDB sees in a view's source (its Parquet files' footers only)."""
+    source = parquet_source(view, feature_root)
+    connection = _connect()
+    try:
+        return [row[0] for row in connection.sql(f"DESCRIBE SELECT * FROM {source}").fetchall()]
+    except duckdb.Error as error:
+        raise FailedPreconditionError(
+            f"feature_view '{view.name}' source {view.source!r}: cannot read its Parquet files: {first_line(error)}"
+        ) from None
+    finally:
+        connection.close()
+
+
+def check_view_columns(definitions: Definitions, view: FeatureView, feature_root: Path | None = None) -> None:
+    """Every column the definitions name for ``view`` (join keys, timestamps, features) is in its source:
+    a wrong name is one clear error naming the view and the column, not DuckDB's BinderException."""
+    wanted = [(key, "join key") for key in definitions.join_keys(view)]
+    wanted.append((view.timestamp_field, "timestamp_field"))
+    if view.created_timestamp_field:
+        wanted.append((view.created_timestamp_field, "created_timestamp_field"))
+    wanted += [(feature.name, "feature") for feature in view.features]
+    columns = source_columns(view, feature_root)
+    missing = [f"'{name}' ({role})" for name, role in wanted if name not in columns]
+    if missing:
+        raise FailedPreconditionError(
+            f"feature_view '{view.name}': expected the column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"in its source {view.source!r}, got columns {columns}"
+        )
+
+
+def check_service_columns(definitions: Definitions, service_name: str, feature_root: Path | None = None) -> None:
+    service = definitions.services.get(service_name)
+    if service is None:
+        return  # historical_query names it
+    for view_name in dict.fromkeys(view for view, _ in service.features):
+        check_view_columns(definitions, definitions.views[view_name], feature_root)
+
+
 def _connect() -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect()
     connection.execute("SET TimeZone = 'UTC'")
@@ -128,12 +172,15 @@ def _connect() -> duckdb.DuckDBPyConnection:
 def get_historical_features(
     definitions: Definitions, service_name: str, entity_rows: pa.Table, feature_root: Path | None = None
 ) -> pa.Table:
+    query = historical_query(definitions, service_name, entity_rows.column_names, feature_root)
+    check_service_columns(definitions, service_name, feature_root)
     connection = _connect()
     try:
         connection.register("entity_rows", entity_rows)
-        query = historical_query(definitions, service_name, entity_rows.column_names, feature_root)
         # .sql(): a relation streams into Arrow without the extra copy a DB-API cursor makes
         return connection.sql(query).to_arrow_table()
+    except duckdb.Error as error:
+        raise FailedPreconditionError(f"feature service '{service_name}': {first_line(error)}") from None
     finally:
         connection.close()
 
@@ -146,11 +193,15 @@ def stream_historical_features(
     feature_root: Path | None = None,
 ) -> Generator[pa.RecordBatch]:
     """The same, in record batches: large outputs never sit in memory whole."""
+    query = historical_query(definitions, service_name, entity_rows.column_names, feature_root)
+    check_service_columns(definitions, service_name, feature_root)
     connection = _connect()
     try:
         connection.register("entity_rows", entity_rows)
-        query = historical_query(definitions, service_name, entity_rows.column_names, feature_root)
-        relation = connection.sql(query)
-        yield from relation.to_arrow_reader(batch_rows)
+        try:
+            relation = connection.sql(query)
+            yield from relation.to_arrow_reader(batch_rows)
+        except duckdb.Error as error:
+            raise FailedPreconditionError(f"feature service '{service_name}': {first_line(error)}") from None
     finally:
         connection.close()
