@@ -167,9 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser(
         "up",
         help="run a control plane and one data plane together on embedded defaults (SQLite, local artifacts)",
-        description="Start `weir control` and `weir serve --control-plane` together under .weir/ (or --state-dir), "
-        "with a generated admin token in STATE_DIR/admin.token; --demo also pushes and deploys the demo model and "
-        "sends requests through the data plane with tritonclient.",
+        description="Start `weir control` and `weir serve --control-plane` together in one process, state under "
+        ".weir/ (or --state-dir): the control plane's SQLite store (or --database-url), its artifacts, the feature "
+        "online store (or --online-store) and a generated admin token in STATE_DIR/admin.token, which the other "
+        "`weir` commands read. Then push a model (`weir models push`) and deploy it (`weir deploy`).",
     )
     add_up_arguments(up)
     return parser

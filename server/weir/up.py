@@ -1,6 +1,8 @@
 """``weir up``: a control plane and one data plane that follows it, in one process, on embedded
-defaults: SQLite and the artifact store under ``--state-dir`` (``.weir``), the data plane's managed
-repository beside them, and bearer tokens generated on first start:
+defaults: SQLite and the artifact store under ``--state-dir`` (``.weir``), the feature online store
+(a SQLite file there), the data plane's managed repository beside them, and bearer tokens generated on
+first start. ``--database-url`` (PostgreSQL) and ``--online-store`` (Redis) replace the embedded
+stores; ``--control-metrics-port`` serves the control plane's /metrics. The tokens:
 
     .weir/tokens.toml     digests of an admin token and of the data plane's (replica) token
     .weir/admin.token     the admin token itself, mode 0600: `weir models ...` and `weir deploy` read it
@@ -30,11 +32,27 @@ log = logging.getLogger(__name__)
 
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", type=Path, default=Path(".weir"))
-    parser.add_argument("--listen-address", default="127.0.0.1")
+    parser.add_argument(
+        "--state-dir", type=Path, default=Path(".weir"), help="tokens, stores and artifacts (default: .weir)"
+    )
+    parser.add_argument("--listen-address", default="127.0.0.1", help="both planes listen here (127.0.0.1)")
     parser.add_argument("--control-port", type=int, default=8011, help="control plane gRPC port (0: any free)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="data plane gRPC port (0: any free)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="data plane /metrics port (-1: none)")
+    parser.add_argument(
+        "--control-metrics-port", type=int, default=-1,
+        help="control plane /metrics port (-1: none, the default; 0: any free)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--database-url", default=os.environ.get("WEIR_DATABASE_URL", ""),
+        help="the control plane's store: a SQLite file or postgresql+psycopg://USER:PASSWORD@HOST/DB "
+        "[env WEIR_DATABASE_URL; default: SQLite at STATE_DIR/control/control.db]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--online-store", default="",
+        help="the feature online store both planes use: redis://HOST:PORT/DB or a SQLite file "
+        "(default: STATE_DIR/online.db)",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", default="json", choices=("json", "text"))
     parser.add_argument(
@@ -113,7 +131,9 @@ async def _up(args: argparse.Namespace) -> int:
             listen_address=args.listen_address,
             port=args.control_port,
             tokens_file=tokens_file,
-            online_store=str(state_dir / "online.db"),  # shared with the data plane and `weir features`
+            database_url=args.database_url,
+            metrics_port=args.control_metrics_port,
+            online_store=args.online_store or str(state_dir / "online.db"),  # told to the data plane too
             feature_root=args.feature_root,
             webhook_allow=tuple(args.webhook_allow),
         ),
@@ -145,6 +165,7 @@ async def _up(args: argparse.Namespace) -> int:
             "control_plane": f"{_connectable(args.listen_address)}:{control.port}",
             "data_plane": f"{_connectable(args.listen_address)}:{data_plane.grpc_port}",
             "metrics_port": data_plane.metrics_port,
+            "control_metrics_port": control.metrics_port,
             "admin_token_file": str(state_dir / "admin.token"),
             "pid": os.getpid(),
         }
