@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from weir_control.monitoring.monitor import WINDOW_GRACE_SECONDS as GRACE
 from weir_control.monitoring.monitor import DriftMonitor
 from weir_control.store import open_store
 from weir_proto.control.v1 import monitoring_pb2
@@ -74,13 +75,13 @@ def test_windows_close_on_time_and_a_shifted_feature_turns_critical(setup) -> No
     rng = np.random.default_rng(1)
     monitor.ingest("replica-a", records(rng.normal(size=(50, 3)), dropped=4))
     assert monitor.tick() == []  # the window's time is not up
-    clock.now += 60
+    clock.now += 60 + GRACE
     ((_, small),) = monitor.tick()
     assert small.records == 50 and small.severity == Severity.SEVERITY_UNSPECIFIED and not small.features
     shifted = rng.normal(size=(1000, 3))
     shifted[:, 1] += 2.0
     monitor.ingest("replica-a", records(shifted, dropped=9))
-    clock.now += 60
+    clock.now += 60 + GRACE
     ((_, window),) = monitor.tick()
     severity = {feature.name: feature.severity for feature in window.features}
     assert severity == {"x0": Severity.NONE, "x1": Severity.CRITICAL, "x2": Severity.NONE}
@@ -92,7 +93,7 @@ def test_windows_close_on_time_and_a_shifted_feature_turns_critical(setup) -> No
     # a restart keeps the policy, the reference and the cool-down: another critical window, no new job
     restarted = make()
     restarted.ingest("replica-a", records(shifted))
-    clock.now += 60
+    clock.now += 60 + GRACE
     ((_, again),) = restarted.tick()
     assert again.severity == Severity.CRITICAL and submitted == ["ep"]
     assert restarted.policy("ep").window_seconds == 60 and restarted.report("ep").reference.rows == 2000
@@ -105,7 +106,7 @@ def test_a_traffic_window_can_become_the_reference(setup) -> None:  # type: igno
     start = clock.now
     traffic = np.random.default_rng(2).normal(size=(800, 3))
     monitor.ingest("replica-a", records(traffic))
-    clock.now += 61
+    clock.now += 61 + GRACE
     monitor.tick()
     request = monitoring_pb2.SetReferenceRequest(endpoint="ep")
     request.window.start.FromSeconds(int(start - 60))
@@ -114,7 +115,7 @@ def test_a_traffic_window_can_become_the_reference(setup) -> None:  # type: igno
     # the same values in another order: any difference left is the sketches' own (a fresh sample of the
     # same distribution would cross the KS gate in a few percent of runs, as it should)
     monitor.ingest("replica-a", records(np.random.default_rng(3).permutation(traffic)))
-    clock.now += 60
+    clock.now += 60 + GRACE
     ((_, window),) = monitor.tick()
     assert window.severity == Severity.NONE, [(f.name, list(f.reasons)) for f in window.features]
 
@@ -173,6 +174,44 @@ def test_concept_drift_is_critical_only_when_the_windows_accuracy_confirms_the_d
     for index in range(400):  # 90% right, all along: the reference (first 200) and the window agree
         labels.labels.add(request_id=f"q{index}", number=1 if index % 10 == 0 else 0)
     monitor.feedback(labels)
-    clock.now += 60
+    clock.now += 60 + GRACE
     ((_, window),) = monitor.tick()
     assert window.concept.detector_state == "drift" and window.concept.severity == Severity.WARNING
+
+
+def stamped(request_id: str, at: float) -> monitoring_pb2.InferenceRecords:
+    """One record of a two-class prediction (class 0), stamped by its data plane at ``at``."""
+    batch = monitoring_pb2.InferenceRecords()
+    record = batch.records.add(endpoint="ep", request_id=request_id)
+    record.at.FromNanoseconds(int(at * 1e9))
+    record.inputs.add(name="x0", number=0.5)
+    record.outputs.add(name="P[0]", number=0.8)
+    record.outputs.add(name="P[1]", number=0.2)
+    return batch
+
+
+def test_records_land_in_their_requests_window_and_labels_follow_them(setup) -> None:  # type: ignore[no-untyped-def]
+    make, clock, _, _, store = setup
+    monitor = make()
+    monitor.set_policy(monitoring_pb2.MonitoringPolicy(endpoint="ep", window_seconds=60, min_records=1))
+    start = clock.now  # a window boundary
+    clock.now = start + 60.4  # the first window has ended; its grace period has not
+    monitor.ingest("replica", stamped("shipped-late", start + 59.8))  # a request of the first window
+    monitor.ingest("replica", stamped("on-time", start + 60.3))
+    monitor.ingest("replica", stamped("stale", start - 3600))  # its window long closed: counts at arrival
+    monitor.ingest("replica", stamped("ahead", start + 3600))  # a clock far ahead: counts at arrival
+    assert monitor.tick() == []  # still within the grace period
+    clock.now = start + 60 + GRACE
+    ((_, first),) = monitor.tick()
+    assert first.start.ToSeconds() == start and first.records == 1 and not first.concept.labelled
+
+    # its label, after the window closed: that window's concept drift, stored at once
+    labels = monitoring_pb2.RecordFeedbackRequest(endpoint="ep")
+    labels.labels.add(request_id="shipped-late", number=1)  # the model said 0
+    labels.labels.add(request_id="on-time", number=0)
+    assert monitor.feedback(labels).matched == 2
+    (stored, *_) = store.drift_windows("ep")
+    assert stored.start == first.start and (stored.concept.labelled, stored.concept.accuracy) == (1, 0.0)
+    clock.now = start + 120 + GRACE
+    ((_, second),) = monitor.tick()
+    assert second.records == 3 and (second.concept.labelled, second.concept.accuracy) == (1, 1.0)

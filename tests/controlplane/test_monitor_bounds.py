@@ -124,7 +124,7 @@ def test_a_bad_stored_policy_or_an_endpoint_in_trouble_never_ends_a_batch(store,
     # errors, the other endpoint's records in the same batch are taken, and ingest does not raise
     monitor.set_policy(Policy(endpoint="other", window_seconds=60))
     monitor._endpoints["ep"].policy.window_seconds = math.nan  # the state finding 16 reached through the API
-    monitor._endpoints["ep"].window = None
+    monitor._endpoints["ep"].open.clear()
     mixed = batch("ep", 5, x=1.0)
     mixed.records.extend(batch("other", 4, x=2.0).records)
     monitor.ingest("replica", mixed)
@@ -191,8 +191,8 @@ def test_features_categories_and_names_are_bounded_and_drops_counted(store, tmp_
         for column in range(500):
             row.inputs.add(name=f"later-{round_number}-{column}", text="v")
         monitor.ingest("replica", later)
-    window = monitor._endpoints["ep"].window
-    assert window is not None
+    (opened,) = monitor._endpoints["ep"].open.values()
+    window = opened.profile
     assert len(window.numeric_names()) + len(window.categorical_names()) == MAX_FEATURES
     dropped = monitor.values_dropped["ep", "features"]
     assert dropped == 2 * MAX_FEATURES + 1 + 5 * 500
@@ -207,8 +207,8 @@ def test_features_categories_and_names_are_bounded_and_drops_counted(store, tmp_
         for name in names:
             row.inputs.add(name=name, text=f"{index}-" + "y" * 5000)
     monitor.ingest("replica", many)
-    window = monitor._endpoints["cat"].window
-    assert window is not None
+    (opened,) = monitor._endpoints["cat"].open.values()
+    window = opened.profile
     counts = [window.category_counts(name) for name in names]
     assert all(len(text) <= MAX_CATEGORY_CHARS for per_feature in counts for text in per_feature)
     admitted = sum(len([text for text in per_feature if text != OTHER]) for per_feature in counts)
@@ -240,7 +240,8 @@ def test_feedback_with_nan_or_infinite_labels_is_refused(store, tmp_path: Path) 
         labels.labels.add(request_id="q", number=bad)
         with pytest.raises(InvalidArgumentError, match=r"^labels\[1\]\.number: expected a finite number"):
             monitor.feedback(labels)
-    assert monitor._endpoints["ep"].window_labels == [0, 0]  # nothing of a refused call was counted
+    (opened,) = monitor._endpoints["ep"].open.values()
+    assert opened.labels == [0, 0]  # nothing of a refused call was counted
     good = monitoring_pb2.RecordFeedbackRequest(endpoint="ep")
     good.labels.add(request_id="q", number=0)
     assert monitor.feedback(good).matched == 1
@@ -292,7 +293,8 @@ def test_labels_waiting_for_their_records_are_bounded_in_number_and_time(  # typ
     # a held label is matched when its record arrives; the others expire after the hold
     clock.now += monitor_module.LABEL_HOLD_SECONDS / 2
     monitor.ingest("replica", predicted(["never-950"]))
-    assert "never-950" not in state.held and state.window_labels == [1, 1]  # P[0] is the larger: class 0
+    (opened,) = state.open.values()
+    assert "never-950" not in state.held and opened.labels == [1, 1]  # P[0] is the larger: class 0
     clock.now += monitor_module.LABEL_HOLD_SECONDS / 2
     monitor.tick()
     assert not state.held and monitor._held_total == 0
@@ -377,7 +379,7 @@ def _critical_window(monitor: DriftMonitor, clock: Clock, tmp_path: Path, endpoi
     for value in np.random.default_rng(1).normal(size=500) + 5.0:
         shifted.records.add(endpoint=endpoint).inputs.add(name="x", number=float(value))
     monitor.ingest("replica", shifted)
-    clock.now += monitor.policy(endpoint).window_seconds
+    clock.now += monitor.policy(endpoint).window_seconds + monitor_module.WINDOW_GRACE_SECONDS
     ((_, window),) = monitor.tick()
     assert window.severity == monitoring_pb2.Severity.CRITICAL
 

@@ -1,5 +1,6 @@
-"""The drift monitor: inference records from the data planes go into each endpoint's current tumbling
-window; a closed window is scored against the endpoint's reference (per feature PSI, KS, Jensen-Shannon,
+"""The drift monitor: inference records from the data planes go into each endpoint's tumbling windows,
+by their request's time (a window closes a grace period after its end, for records shipped late); a
+closed window is scored against the endpoint's reference (per feature PSI, KS, Jensen-Shannon,
 Wasserstein, chi-square; prediction drift on outputs; concept drift from feedback labels), stored with
 its mergeable profile, exported as gauges, and may trigger the endpoint's actions (a webhook alert,
 a retraining job) at most once per cool-down.
@@ -56,6 +57,11 @@ Severity = monitoring_pb2.Severity
 DriftTrigger = registry_pb2.Lineage.DriftTrigger
 ARGMAX = ".argmax"
 PREDICTIONS_REMEMBERED = 200_000  # request id -> predicted class and window, for feedback labels (per endpoint)
+# Records are windowed by their request's time (the data plane's stamp), and a window closes this long after
+# its end, so records shipped late (data planes send them about twice a second) still land in it. A record
+# whose window has closed, or stamped further ahead than MAX_CLOCK_AHEAD_SECONDS, counts at its arrival.
+WINDOW_GRACE_SECONDS = 2.0
+MAX_CLOCK_AHEAD_SECONDS = 2.0
 # A label may reach the control plane before its request's record (data planes send records about twice a
 # second): it is held, this long and within these bounds, then counted unmatched.
 LABEL_HOLD_SECONDS = 30.0
@@ -75,13 +81,20 @@ ERROR_LOG_SECONDS = 60.0  # an endpoint's ingest errors are logged at most once 
 
 
 @dataclass
+class OpenWindow:
+    profile: WindowProfile
+    labels: list[int] = field(default_factory=lambda: [0, 0])  # correct, labelled
+    ddm_state: str = "stable"  # the concept-drift detector's worst state while its labels were counted
+
+
+@dataclass
 class EndpointMonitor:
     endpoint: str
     policy: monitoring_pb2.MonitoringPolicy
     reference: ReferenceProfile | None = None
     reference_summary: monitoring_pb2.ReferenceSummary | None = None
-    window: WindowProfile | None = None
-    window_start: float = 0.0
+    # window start -> the windows still open (the current one, and the previous while in its grace period)
+    open: dict[float, OpenWindow] = field(default_factory=dict)
     outputs: set[str] = field(default_factory=set)  # feature names that are outputs (role)
     # request id -> (predicted class, start of the window its record was counted in)
     predictions: collections.OrderedDict[str, tuple[str, float]] = field(default_factory=collections.OrderedDict)
@@ -89,8 +102,6 @@ class EndpointMonitor:
     held: collections.OrderedDict[str, tuple[str, float]] = field(default_factory=collections.OrderedDict)
     labels_unmatched: int = 0  # held labels whose record never came
     ddm: statistics.DDM = field(default_factory=statistics.DDM)
-    window_labels: list[int] = field(default_factory=lambda: [0, 0])  # correct, labelled
-    window_ddm_state: str = "stable"
     reference_accuracy: float | None = None
     first_labels: list[int] = field(default_factory=lambda: [0, 0])
     records_received: int = 0
@@ -191,12 +202,24 @@ class DriftMonitor:
             self._endpoints[endpoint] = monitor
         return monitor
 
-    def _open_window(self, monitor: EndpointMonitor, now: float) -> WindowProfile:
-        if monitor.window is None:
-            size = monitor.policy.window_seconds
-            monitor.window_start = math.floor(now / size) * size  # aligned: replicas' windows agree
-            monitor.window = WindowProfile(monitor.reference)
-        return monitor.window
+    def _window_of(self, monitor: EndpointMonitor, record: monitoring_pb2.InferenceRecord, now: float) -> float:
+        """The start of the window the record counts in: its request's (aligned, so replicas' windows
+        agree), or its arrival's when that window has closed or the stamp lies ahead of this clock."""
+        size = monitor.policy.window_seconds
+        at = record.at.seconds + record.at.nanos / 1e9 if record.HasField("at") else now
+        if at > now + MAX_CLOCK_AHEAD_SECONDS:
+            at = now
+        start = math.floor(at / size) * size
+        if start + size + WINDOW_GRACE_SECONDS <= now:
+            start = math.floor(now / size) * size
+        return start
+
+    def _open_window(self, monitor: EndpointMonitor, start: float) -> OpenWindow:
+        window = monitor.open.get(start)
+        if window is None:
+            state = monitor.ddm.state if monitor.ddm.state != "drift" else "stable"
+            window = monitor.open[start] = OpenWindow(WindowProfile(monitor.reference), ddm_state=state)
+        return window
 
     # --- ingest ----------------------------------------------------------------------------------
 
@@ -212,9 +235,10 @@ class DriftMonitor:
                     monitor = self._admitted(endpoint)
                     if monitor is None:
                         continue
-                    self._close_if_due(monitor, now)  # records of a new window never land in the previous one
-                    window = self._open_window(monitor, now)
-                    numeric, categorical = self._features(monitor, record)
+                    self._close_due(monitor, now)  # a record never lands in a window that is due
+                    start = self._window_of(monitor, record, now)
+                    window = self._open_window(monitor, start).profile
+                    numeric, categorical = self._features(monitor, record, start)
                     ignored = window.ignored_values
                     window.add(numeric, categorical)
                     if window.ignored_values != ignored:
@@ -258,7 +282,7 @@ class DriftMonitor:
             )
 
     def _features(
-        self, monitor: EndpointMonitor, record: monitoring_pb2.InferenceRecord
+        self, monitor: EndpointMonitor, record: monitoring_pb2.InferenceRecord, window_start: float
     ) -> tuple[dict[str, float], dict[str, str]]:
         numeric: dict[str, float] = {}
         categorical: dict[str, str] = {}
@@ -292,7 +316,7 @@ class DriftMonitor:
                 if len(monitor.outputs) < MAX_FEATURES:
                     monitor.outputs.add(base + ARGMAX)
                 if record.request_id and len(record.request_id) <= MAX_REQUEST_ID_CHARS:
-                    monitor.predictions[record.request_id] = (predicted, monitor.window_start)
+                    monitor.predictions[record.request_id] = (predicted, window_start)
                     monitor.predictions.move_to_end(record.request_id)
                     if len(monitor.predictions) > PREDICTIONS_REMEMBERED:
                         monitor.predictions.popitem(last=False)
@@ -357,11 +381,12 @@ class DriftMonitor:
             monitor.first_labels[0] += int(correct)
             monitor.first_labels[1] += 1
         state = monitor.ddm.update(not correct)
-        if monitor.window is not None and window_start == monitor.window_start:
-            monitor.window_labels[0] += int(correct)
-            monitor.window_labels[1] += 1
-            if _ddm_rank(state) > _ddm_rank(monitor.window_ddm_state):
-                monitor.window_ddm_state = state
+        window = monitor.open.get(window_start)
+        if window is not None:
+            window.labels[0] += int(correct)
+            window.labels[1] += 1
+            if _ddm_rank(state) > _ddm_rank(window.ddm_state):
+                window.ddm_state = state
         else:
             closed.setdefault(window_start, []).append((correct, state))
 
@@ -441,7 +466,7 @@ class DriftMonitor:
             resized = resolved_policy(policy).window_seconds != monitor.policy.window_seconds
             monitor.policy = resolved_policy(policy)
             if resized:
-                monitor.window = None  # the next record opens a window of the new size
+                monitor.open.clear()  # the next record opens a window of the new size
             return monitor.policy
 
     def policy(self, endpoint: str) -> monitoring_pb2.MonitoringPolicy:
@@ -494,7 +519,7 @@ class DriftMonitor:
             self._store.save_drift_reference(summary, profile.to_bytes())
             monitor = self._monitor(request.endpoint)
             monitor.reference, monitor.reference_summary = profile, summary
-            monitor.window = None  # windows bin on the reference: start a fresh one
+            monitor.open.clear()  # windows bin on the reference: start a fresh one
         return summary
 
     def _reference_path(self, parquet_path: str) -> Path:
@@ -527,35 +552,40 @@ class DriftMonitor:
                 try:
                     if monitor.held:
                         self._expire_held(monitor, now)
-                    report = self._close_if_due(monitor, now)
+                    reports = self._close_due(monitor, now)
                 except Exception:  # one endpoint's failure must not keep the others' windows open
                     self._ingest_failed(monitor.endpoint)
-                    monitor.window = None  # a window that cannot close would fail every tick
+                    monitor.open.clear()  # a window that cannot close would fail every tick
                     continue
-                if report is not None:
-                    closed.append((monitor.endpoint, report))
+                closed += [(monitor.endpoint, report) for report in reports]
         return closed
 
-    def _close_if_due(self, monitor: EndpointMonitor, now: float) -> monitoring_pb2.DriftWindow | None:
-        window = monitor.window
-        if window is None or now < monitor.window_start + monitor.policy.window_seconds:
-            return None
-        report = self._score(monitor, window)
-        self._store.append_drift_window(monitor.endpoint, report, window.to_bytes(), monitor.policy.max_windows)
+    def _close_due(self, monitor: EndpointMonitor, now: float) -> list[monitoring_pb2.DriftWindow]:
+        """Close, oldest first, the windows whose grace period is over."""
+        size = monitor.policy.window_seconds
+        return [
+            self._close(monitor, start, now)
+            for start in sorted(monitor.open)
+            if start + size + WINDOW_GRACE_SECONDS <= now
+        ]
+
+    def _close(self, monitor: EndpointMonitor, start: float, now: float) -> monitoring_pb2.DriftWindow:
+        window = monitor.open.pop(start)
+        report = self._score(monitor, start, window)
+        self._store.append_drift_window(monitor.endpoint, report, window.profile.to_bytes(), monitor.policy.max_windows)
         monitor.latest = report
-        monitor.window = None
-        monitor.window_labels = [0, 0]
-        monitor.window_ddm_state = monitor.ddm.state if monitor.ddm.state != "drift" else "stable"
         self._store.save_monitoring_state(monitor.endpoint, monitor.state())
         if report.severity == Severity.CRITICAL:
             self._act(monitor, report, now)
         return report
 
-    def _score(self, monitor: EndpointMonitor, window: WindowProfile) -> monitoring_pb2.DriftWindow:
+    def _score(self, monitor: EndpointMonitor, start: float, open_window: OpenWindow) -> monitoring_pb2.DriftWindow:
+        window = open_window.profile
         report = monitoring_pb2.DriftWindow(records=window.count)
-        report.start.FromNanoseconds(int(monitor.window_start * 1e9))
-        report.end.FromNanoseconds(int((monitor.window_start + monitor.policy.window_seconds) * 1e9))
-        report.concept.CopyFrom(self._concept(monitor))
+        report.start.FromNanoseconds(int(start * 1e9))
+        report.end.FromNanoseconds(int((start + monitor.policy.window_seconds) * 1e9))
+        correct, labelled = open_window.labels
+        report.concept.CopyFrom(self._concept_figures(monitor, correct, labelled, open_window.ddm_state))
         reference = monitor.reference
         if reference is None or window.count < monitor.policy.min_records:
             report.severity = report.concept.severity
@@ -614,10 +644,6 @@ class DriftMonitor:
         feature.histogram.reference.extend(histogram.reference)
         feature.histogram.current.extend(histogram.current)
         return level
-
-    def _concept(self, monitor: EndpointMonitor) -> monitoring_pb2.ConceptDrift:
-        correct, labelled = monitor.window_labels
-        return self._concept_figures(monitor, correct, labelled, monitor.window_ddm_state)
 
     def _concept_figures(
         self, monitor: EndpointMonitor, correct: int, labelled: int, detector_state: str
