@@ -56,6 +56,7 @@ CONTROL_PLANE: dict[str, str] = {
     # Experiments
     "weir.control.v1.Experiments/StartABTest": "deployer",
     "weir.control.v1.Experiments/RecordOutcome": "deployer",
+    "weir.control.v1.Experiments/RecordOutcomes": "deployer",
     "weir.control.v1.Experiments/GetABTest": "viewer",
     "weir.control.v1.Experiments/StopABTest": "deployer",
     # Features
@@ -64,6 +65,7 @@ CONTROL_PLANE: dict[str, str] = {
     "weir.control.v1.Features/GetHistoricalFeatures": "viewer",
     "weir.control.v1.Features/Materialize": "deployer",
     "weir.control.v1.Features/PushFeatures": "deployer",
+    "weir.control.v1.Features/GetOnlineFeatures": "viewer",  # feature values: read like historical ones
     # Training
     "weir.control.v1.Training/SubmitJob": "deployer",
     "weir.control.v1.Training/SubmitSweep": "deployer",

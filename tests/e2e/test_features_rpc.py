@@ -137,6 +137,70 @@ def test_materialize_incremental_and_push_through_the_control_plane(control, tmp
     assert ("Features/MaterializeIncremental", "ci", "OK") in actions
 
 
+def test_online_values_and_the_applied_definitions_through_the_cli(control, tmp_path: Path) -> None:
+    """Issue 15, item 9: no command read online feature values (Feast's get-online-features) or
+    listed the applied definitions. `weir features get` reads a service's or a view's values for
+    entity keys (a viewer may: a read like historical retrieval); `weir features list` shows them."""
+    process, _ = control
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    cli(process, "features", "apply", str(write_driver_repo(repo)))
+    cli(process, "features", "materialize", "2026-11-01T00:00", "2026-11-01T04:00")
+    rows = cli(process, "features", "get", "ranking", "--entity", "1", "--entity", "2", "--entity", "9",
+               token="t-replica")  # fmt: skip
+    assert [row["entity_key"] for row in rows] == ["1", "2", "9"]
+    assert rows[0]["features"] == {"driver_stats:trips": 31, "driver_stats:rating": 4.4, "driver_profile:city": "Oslo"}
+    assert rows[0]["event_times"] == {"driver_profile": "2026-11-01T00:00:00Z", "driver_stats": "2026-11-01T03:00:00Z"}
+    assert rows[1]["features"] == {"driver_stats:trips": 200, "driver_stats:rating": 3.9, "driver_profile:city": "Lima"}
+    assert rows[2]["features"] == dict.fromkeys(rows[0]["features"]) and rows[2]["event_times"] == {}  # none online
+    view = cli(process, "features", "get", "driver_profile", "--entity", "2")
+    assert view == [{"entity_key": "2", "features": {"driver_profile:city": "Lima"},
+                     "event_times": {"driver_profile": "2026-11-01T00:00:00Z"}}]  # fmt: skip
+    text = subprocess.run(
+        [sys.executable, "-m", "weir.cli", "features", "get", "ranking", "--entity", "1", "--entity", "9",
+         "--control-plane", process.address, "--token", "t-replica"], capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.splitlines() == [
+        "entity_key\tdriver_stats:trips\tdriver_stats:rating\tdriver_profile:city",
+        "1\t31\t4.4\tOslo",
+        "9\t-\t-\t-",
+    ]
+    unknown = subprocess.run(
+        [sys.executable, "-m", "weir.cli", "features", "get", "rankings", "--entity", "1", "--control-plane",
+         process.address, "--token", "t-replica"], capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert unknown.returncode == 1 and unknown.stderr.startswith("weir features: NOT_FOUND: name: expected a feature")
+    assert "'rankings'" in unknown.stderr and "Traceback" not in unknown.stderr
+    with grpc.insecure_channel(process.address) as channel:  # values are not for anyone without a token
+        with pytest.raises(grpc.RpcError) as caught:
+            features_pb2_grpc.FeaturesStub(channel).GetOnlineFeatures(
+                features_pb2.OnlineFeaturesRequest(name="ranking", entity_keys=["1"]), timeout=10
+            )
+        assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+    listed = cli(process, "features", "list", token="t-replica")
+    assert listed["revision"] >= 1
+    assert listed["entities"] == [{"name": "driver", "join_keys": ["driver_id"], "value_type": "INT64"}]
+    stats = next(view for view in listed["feature_views"] if view["name"] == "driver_stats")
+    assert stats["features"] == [{"name": "trips", "dtype": "INT64"}, {"name": "rating", "dtype": "FLOAT64"}]
+    assert stats["ttl_seconds"] == 7200 and stats["freshness"] == "batch" and stats["source"] == str(repo / "stats")
+    assert listed["feature_services"] == [
+        {"name": "ranking", "features": ["driver_stats:trips", "driver_stats:rating", "driver_profile:city"]}
+    ]
+    text = subprocess.run(
+        [sys.executable, "-m", "weir.cli", "features", "list", "--control-plane", process.address, "--token",
+         "t-replica"], capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert "feature_view driver_stats: entities driver; freshness batch; ttl 7200 s;" in text, text
+    assert "  rating\tFLOAT64" in text and "feature_service ranking: driver_stats:trips, " in text
+    local = subprocess.run(
+        [sys.executable, "-m", "weir.cli", "features", "list", str(repo / "features.toml"), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert json.loads(local.stdout)["feature_services"] == listed["feature_services"]
+
+
 def rpc_error(call) -> WeirError:  # type: ignore[no-untyped-def]
     with pytest.raises(WeirError) as caught:
         call()

@@ -8,6 +8,7 @@ definitions file is given)::
         features.materialize(start, end)
         features.materialize_incremental()
         features.push("driver_stats", rows)
+        features.online_features("driver_ranking", ["1001", "1002"])   # OnlineFeaturesResponse
 
 Failures raise ``WeirError`` subclasses carrying the server's message (a NOT_FOUND is a
 ``NotFoundError``, and so on).
@@ -101,6 +102,11 @@ class FeatureStoreClient:
         if end is not None:
             request.end.FromDatetime(end)
         return dict(self._call(self._stub.Materialize, request).written)
+
+    def online_features(self, name: str, entity_keys: list[str]) -> features_pb2.OnlineFeaturesResponse:
+        """The online values of a feature service's (or a view's) features for each entity key."""
+        request = features_pb2.OnlineFeaturesRequest(name=name, entity_keys=entity_keys)
+        return self._call(self._stub.GetOnlineFeatures, request)
 
     def push(self, view: str, rows: pa.Table) -> int:
         requests = _table_requests(features_pb2.PushFeaturesRequest, "view", view, rows)

@@ -27,7 +27,7 @@ from weir_control.features.paths import check_base_directory, check_definitions
 from weir_control.services import Auditor, _read, abort_with
 from weir_control.store import Store
 from weir_proto.control.v1 import features_pb2, features_pb2_grpc
-from weir_proto.errors import FailedPreconditionError, InvalidArgumentError
+from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from weir_proto.online_store import OnlineStore, open_online_store
 
 
@@ -196,6 +196,62 @@ class FeaturesService(features_pb2_grpc.FeaturesServicer):
             return features_pb2.MaterializeResponse(written={view: written})
 
         return await self._auditor.run(context, "Features/PushFeatures", view or "features", lambda: None, push)
+
+    async def GetOnlineFeatures(
+        self, request: features_pb2.OnlineFeaturesRequest, context: grpc.aio.ServicerContext
+    ) -> features_pb2.OnlineFeaturesResponse:
+        return await _read(context, lambda: online_features(self._current(), self._online_store(), request))
+
+
+MAX_ONLINE_KEYS = 1000
+
+
+def online_features(
+    definitions: Definitions, store: OnlineStore, request: features_pb2.OnlineFeaturesRequest
+) -> features_pb2.OnlineFeaturesResponse:
+    """The online values of a service's (or a view's) features for each entity key, in order."""
+    name = _checked_name(request.name, "name")
+    if name in definitions.services:
+        features = list(definitions.services[name].features)
+    elif name in definitions.views:
+        features = [(name, feature.name) for feature in definitions.views[name].features]
+    else:
+        raise NotFoundError(
+            f"name: expected a feature service {sorted(definitions.services)} or view {sorted(definitions.views)}, "
+            f"got '{name}'"
+        )
+    keys = list(request.entity_keys)
+    if not 1 <= len(keys) <= MAX_ONLINE_KEYS:
+        raise InvalidArgumentError(f"entity_keys: expected 1 to {MAX_ONLINE_KEYS} keys, got {len(keys):,}")
+    for key in keys:
+        _checked_name(key, "entity_keys")
+    views: dict[str, dict[str, str]] = {}
+    for view_name, feature in features:
+        views.setdefault(view_name, {})[feature] = definitions.views[view_name].feature(feature).dtype  # type: ignore[union-attr]
+    response = features_pb2.OnlineFeaturesResponse(feature_names=[f"{view}:{feature}" for view, feature in features])
+    for key in keys:
+        found = store.read(key, views)
+        row = response.rows.add(entity_key=key)
+        for view_name, feature in features:
+            value = row.values.add()
+            _set_value(value, found[view_name][1].get(feature))
+        for view_name, (event_ts, _) in found.items():
+            if event_ts is not None:
+                row.event_times[view_name].FromDatetime(datetime.datetime.fromtimestamp(event_ts, datetime.UTC))
+    return response
+
+
+def _set_value(message: features_pb2.OnlineValue, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool):
+        message.flag = value
+    elif isinstance(value, int):
+        message.integer = value
+    elif isinstance(value, float):
+        message.number = value
+    else:
+        message.text = str(value)
 
 
 async def _receive_table(requests: AsyncIterator[Any], name_field: str, rows_field: str) -> tuple[str, pa.Table]:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$weir_proto/control/v1/features.proto\x12\x0fweir.control.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x14\x41pplyFeaturesRequest\x12\x18\n\x10\x64\x65\x66initions_toml\x18\x01 \x01(\t\x12\x16\n\x0e\x62\x61se_directory\x18\x02 \x01(\t\"\x14\n\x12GetFeaturesRequest\"\x83\x01\n\x12\x46\x65\x61tureDefinitions\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x18\n\x10\x64\x65\x66initions_toml\x18\x02 \x01(\t\x12\x10\n\x08\x65ntities\x18\x03 \x03(\t\x12\x15\n\rfeature_views\x18\x04 \x03(\t\x12\x18\n\x10\x66\x65\x61ture_services\x18\x05 \x03(\t\"G\n\x19HistoricalFeaturesRequest\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x01 \x01(\t\x12\x11\n\tarrow_ipc\x18\x02 \x01(\x0c\"-\n\nArrowChunk\x12\x11\n\tarrow_ipc\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\x03\"\x8c\x01\n\x12MaterializeRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05views\x18\x03 \x03(\t\x12\x13\n\x0bincremental\x18\x04 \x01(\x08\"\x89\x01\n\x13MaterializeResponse\x12\x42\n\x07written\x18\x01 \x03(\x0b\x32\x31.weir.control.v1.MaterializeResponse.WrittenEntry\x1a.\n\x0cWrittenEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"6\n\x13PushFeaturesRequest\x12\x0c\n\x04view\x18\x01 \x01(\t\x12\x11\n\tarrow_ipc\x18\x02 \x01(\x0c\x32\xde\x03\n\x08\x46\x65\x61tures\x12[\n\rApplyFeatures\x12%.weir.control.v1.ApplyFeaturesRequest\x1a#.weir.control.v1.FeatureDefinitions\x12W\n\x0bGetFeatures\x12#.weir.control.v1.GetFeaturesRequest\x1a#.weir.control.v1.FeatureDefinitions\x12\x64\n\x15GetHistoricalFeatures\x12*.weir.control.v1.HistoricalFeaturesRequest\x1a\x1b.weir.control.v1.ArrowChunk(\x01\x30\x01\x12X\n\x0bMaterialize\x12#.weir.control.v1.MaterializeRequest\x1a$.weir.control.v1.MaterializeResponse\x12\\\n\x0cPushFeatures\x12$.weir.control.v1.PushFeaturesRequest\x1a$.weir.control.v1.MaterializeResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$weir_proto/control/v1/features.proto\x12\x0fweir.control.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x14\x41pplyFeaturesRequest\x12\x18\n\x10\x64\x65\x66initions_toml\x18\x01 \x01(\t\x12\x16\n\x0e\x62\x61se_directory\x18\x02 \x01(\t\"\x14\n\x12GetFeaturesRequest\"\x83\x01\n\x12\x46\x65\x61tureDefinitions\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x18\n\x10\x64\x65\x66initions_toml\x18\x02 \x01(\t\x12\x10\n\x08\x65ntities\x18\x03 \x03(\t\x12\x15\n\rfeature_views\x18\x04 \x03(\t\x12\x18\n\x10\x66\x65\x61ture_services\x18\x05 \x03(\t\"G\n\x19HistoricalFeaturesRequest\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x01 \x01(\t\x12\x11\n\tarrow_ipc\x18\x02 \x01(\x0c\"-\n\nArrowChunk\x12\x11\n\tarrow_ipc\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\x03\"\x8c\x01\n\x12MaterializeRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05views\x18\x03 \x03(\t\x12\x13\n\x0bincremental\x18\x04 \x01(\x08\"\x89\x01\n\x13MaterializeResponse\x12\x42\n\x07written\x18\x01 \x03(\x0b\x32\x31.weir.control.v1.MaterializeResponse.WrittenEntry\x1a.\n\x0cWrittenEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"6\n\x13PushFeaturesRequest\x12\x0c\n\x04view\x18\x01 \x01(\t\x12\x11\n\tarrow_ipc\x18\x02 \x01(\x0c\":\n\x15OnlineFeaturesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x65ntity_keys\x18\x02 \x03(\t\"Z\n\x0bOnlineValue\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x11\n\x07integer\x18\x02 \x01(\x03H\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x0e\n\x04\x66lag\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\xeb\x01\n\x10OnlineFeatureRow\x12\x12\n\nentity_key\x18\x01 \x01(\t\x12,\n\x06values\x18\x02 \x03(\x0b\x32\x1c.weir.control.v1.OnlineValue\x12\x46\n\x0b\x65vent_times\x18\x03 \x03(\x0b\x32\x31.weir.control.v1.OnlineFeatureRow.EventTimesEntry\x1aM\n\x0f\x45ventTimesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp:\x02\x38\x01\"`\n\x16OnlineFeaturesResponse\x12\x15\n\rfeature_names\x18\x01 \x03(\t\x12/\n\x04rows\x18\x02 \x03(\x0b\x32!.weir.control.v1.OnlineFeatureRow2\xc4\x04\n\x08\x46\x65\x61tures\x12[\n\rApplyFeatures\x12%.weir.control.v1.ApplyFeaturesRequest\x1a#.weir.control.v1.FeatureDefinitions\x12W\n\x0bGetFeatures\x12#.weir.control.v1.GetFeaturesRequest\x1a#.weir.control.v1.FeatureDefinitions\x12\x64\n\x15GetHistoricalFeatures\x12*.weir.control.v1.HistoricalFeaturesRequest\x1a\x1b.weir.control.v1.ArrowChunk(\x01\x30\x01\x12X\n\x0bMaterialize\x12#.weir.control.v1.MaterializeRequest\x1a$.weir.control.v1.MaterializeResponse\x12\\\n\x0cPushFeatures\x12$.weir.control.v1.PushFeaturesRequest\x1a$.weir.control.v1.MaterializeResponse(\x01\x12\x64\n\x11GetOnlineFeatures\x12&.weir.control.v1.OnlineFeaturesRequest\x1a\'.weir.control.v1.OnlineFeaturesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MATERIALIZERESPONSE_WRITTENENTRY']._loaded_options = None
   _globals['_MATERIALIZERESPONSE_WRITTENENTRY']._serialized_options = b'8\001'
+  _globals['_ONLINEFEATUREROW_EVENTTIMESENTRY']._loaded_options = None
+  _globals['_ONLINEFEATUREROW_EVENTTIMESENTRY']._serialized_options = b'8\001'
   _globals['_APPLYFEATURESREQUEST']._serialized_start=90
   _globals['_APPLYFEATURESREQUEST']._serialized_end=162
   _globals['_GETFEATURESREQUEST']._serialized_start=164
@@ -52,6 +54,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MATERIALIZERESPONSE_WRITTENENTRY']._serialized_end=721
   _globals['_PUSHFEATURESREQUEST']._serialized_start=723
   _globals['_PUSHFEATURESREQUEST']._serialized_end=777
-  _globals['_FEATURES']._serialized_start=780
-  _globals['_FEATURES']._serialized_end=1258
+  _globals['_ONLINEFEATURESREQUEST']._serialized_start=779
+  _globals['_ONLINEFEATURESREQUEST']._serialized_end=837
+  _globals['_ONLINEVALUE']._serialized_start=839
+  _globals['_ONLINEVALUE']._serialized_end=929
+  _globals['_ONLINEFEATUREROW']._serialized_start=932
+  _globals['_ONLINEFEATUREROW']._serialized_end=1167
+  _globals['_ONLINEFEATUREROW_EVENTTIMESENTRY']._serialized_start=1090
+  _globals['_ONLINEFEATUREROW_EVENTTIMESENTRY']._serialized_end=1167
+  _globals['_ONLINEFEATURESRESPONSE']._serialized_start=1169
+  _globals['_ONLINEFEATURESRESPONSE']._serialized_end=1265
+  _globals['_FEATURES']._serialized_start=1268
+  _globals['_FEATURES']._serialized_end=1848
 # @@protoc_insertion_point(module_scope)

@@ -83,3 +83,48 @@ class PushFeaturesRequest(_message.Message):
     view: str
     arrow_ipc: bytes
     def __init__(self, view: _Optional[str] = ..., arrow_ipc: _Optional[bytes] = ...) -> None: ...
+
+class OnlineFeaturesRequest(_message.Message):
+    __slots__ = ("name", "entity_keys")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENTITY_KEYS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    entity_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., entity_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class OnlineValue(_message.Message):
+    __slots__ = ("number", "integer", "text", "flag")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    INTEGER_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FLAG_FIELD_NUMBER: _ClassVar[int]
+    number: float
+    integer: int
+    text: str
+    flag: bool
+    def __init__(self, number: _Optional[float] = ..., integer: _Optional[int] = ..., text: _Optional[str] = ..., flag: bool = ...) -> None: ...
+
+class OnlineFeatureRow(_message.Message):
+    __slots__ = ("entity_key", "values", "event_times")
+    class EventTimesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _timestamp_pb2.Timestamp
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    ENTITY_KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TIMES_FIELD_NUMBER: _ClassVar[int]
+    entity_key: str
+    values: _containers.RepeatedCompositeFieldContainer[OnlineValue]
+    event_times: _containers.MessageMap[str, _timestamp_pb2.Timestamp]
+    def __init__(self, entity_key: _Optional[str] = ..., values: _Optional[_Iterable[_Union[OnlineValue, _Mapping]]] = ..., event_times: _Optional[_Mapping[str, _timestamp_pb2.Timestamp]] = ...) -> None: ...
+
+class OnlineFeaturesResponse(_message.Message):
+    __slots__ = ("feature_names", "rows")
+    FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    feature_names: _containers.RepeatedScalarFieldContainer[str]
+    rows: _containers.RepeatedCompositeFieldContainer[OnlineFeatureRow]
+    def __init__(self, feature_names: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[OnlineFeatureRow, _Mapping]]] = ...) -> None: ...

@@ -59,6 +59,11 @@ class FeaturesStub(object):
                 request_serializer=weir__proto_dot_control_dot_v1_dot_features__pb2.PushFeaturesRequest.SerializeToString,
                 response_deserializer=weir__proto_dot_control_dot_v1_dot_features__pb2.MaterializeResponse.FromString,
                 _registered_method=True)
+        self.GetOnlineFeatures = channel.unary_unary(
+                '/weir.control.v1.Features/GetOnlineFeatures',
+                request_serializer=weir__proto_dot_control_dot_v1_dot_features__pb2.OnlineFeaturesRequest.SerializeToString,
+                response_deserializer=weir__proto_dot_control_dot_v1_dot_features__pb2.OnlineFeaturesResponse.FromString,
+                _registered_method=True)
 
 
 class FeaturesServicer(object):
@@ -98,6 +103,14 @@ class FeaturesServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOnlineFeatures(self, request, context):
+        """The online values of a feature service's (or one view's) features for some entities, as a data
+        plane enriches a request with them (Feast's get-online-features). A read: viewers may.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeaturesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +138,11 @@ def add_FeaturesServicer_to_server(servicer, server):
                     servicer.PushFeatures,
                     request_deserializer=weir__proto_dot_control_dot_v1_dot_features__pb2.PushFeaturesRequest.FromString,
                     response_serializer=weir__proto_dot_control_dot_v1_dot_features__pb2.MaterializeResponse.SerializeToString,
+            ),
+            'GetOnlineFeatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOnlineFeatures,
+                    request_deserializer=weir__proto_dot_control_dot_v1_dot_features__pb2.OnlineFeaturesRequest.FromString,
+                    response_serializer=weir__proto_dot_control_dot_v1_dot_features__pb2.OnlineFeaturesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +280,33 @@ class Features(object):
             '/weir.control.v1.Features/PushFeatures',
             weir__proto_dot_control_dot_v1_dot_features__pb2.PushFeaturesRequest.SerializeToString,
             weir__proto_dot_control_dot_v1_dot_features__pb2.MaterializeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOnlineFeatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.control.v1.Features/GetOnlineFeatures',
+            weir__proto_dot_control_dot_v1_dot_features__pb2.OnlineFeaturesRequest.SerializeToString,
+            weir__proto_dot_control_dot_v1_dot_features__pb2.OnlineFeaturesResponse.FromString,
             options,
             channel_credentials,
             insecure,
