@@ -18,6 +18,11 @@ SEVERITY_COLOURS = {"NONE": "#2e7d32", "WARNING": "#ef6c00", "CRITICAL": "#c6282
 ACTORS = ("drift-monitor", "training-runner", "rollout-controller")
 
 
+def _system(actor: str) -> bool:
+    """One of Weir's controllers (a training job starts its canary under its own name)."""
+    return actor in ACTORS or actor.startswith("training-job:")
+
+
 def _seconds(stamp: str) -> float:
     return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
@@ -44,9 +49,9 @@ def _markers(result: Any) -> list[tuple[float, str, str]]:
     """(time, label, colour) of the transitions the charts mark."""
     marks = [(result.shift_at, "shift", "#6a1b9a")]
     for event in result.events:
-        if event.actor == "drift-monitor" and "retraining job" in event.what:
+        if event.actor == "drift-monitor" and "SubmitRetraining" in event.what:
             marks.append((event.at, "retrain", "#c62828"))
-        elif event.actor == "rollout-controller":
+        elif event.actor == "rollout-controller" and ("promoted" in event.what or "rolled back" in event.what):
             marks.append((event.at, "promoted" if "promoted" in event.what else "rolled back", "#1565c0"))
     return marks
 
@@ -191,7 +196,7 @@ def _audit(result: Any) -> str:
             event.get("at", "")[11:19], event.get("actor", ""), event.get("action", ""), event.get("target", ""),
             event.get("outcome", ""), (event.get("detail") or "")[:120],
         ])  # fmt: skip
-    classes = ["system" if row[1] in ACTORS or str(row[1]).startswith("training-job:") else "" for row in rows]
+    classes = ["system" if _system(str(row[1])) else "" for row in rows]
     note = f"<p>Plus {feedback} <code>Monitoring/RecordFeedback</code> calls (the labels), left out here.</p>"
     return _table(["at (UTC)", "actor", "action", "target", "outcome", "detail"], rows, classes) + note
 
@@ -202,7 +207,7 @@ def render(result: Any) -> str:
     timeline = _table(
         ["t (s)", "actor", "what"],
         [[f"{event.at - result.started:.1f}", event.actor, event.what] for event in result.events],
-        ["system" if event.actor in ACTORS else "" for event in result.events],
+        ["system" if _system(event.actor) else "" for event in result.events],
     )
     accuracy = _table(
         ["version", "training job", "outcome", "held-out accuracy before the shift", "after the shift"],

@@ -64,7 +64,7 @@ class LoopSettings:
     out: Path = Path("build/loop")
     customers: int = 2000
     window_seconds: float = 8.0  # drift windows
-    min_records: int = 80  # a window with fewer sampled records is not judged
+    min_records: int = 100  # a window with fewer sampled records is not judged
     quiet_windows: int = 3  # unshifted windows without an alarm before the shift
     after_windows: int = 2  # windows after the retrained version's reference
     canary_steps: tuple[int, ...] = (25, 50, 100)
@@ -72,7 +72,7 @@ class LoopSettings:
     canary_p99_slack_ms: float = 0.0  # 0: Weir's default (5 ms)
     cooldown: float = 900.0  # one retraining per cool-down
     epochs: int = 25
-    rate: float = 250.0  # requests per second (the built-in model samples 1 in 10 for drift)
+    rate: float = 320.0  # requests per second (the built-in model samples 1 in 10 for drift)
     clients: int = 2
     heartbeat: float = 1.0
     bad_retrain: bool = False  # the retrained model is worse: the canary rolls it back
@@ -84,7 +84,7 @@ class LoopSettings:
     def fast(cls, out: Path) -> LoopSettings:
         """A quicker setting (the end-to-end test): shorter windows and canary intervals."""
         return cls(
-            out=out, customers=1500, window_seconds=4.0, min_records=60, after_windows=1, canary_steps=(50, 100),
+            out=out, customers=1500, window_seconds=6.0, min_records=80, after_windows=1, canary_steps=(50, 100),
             canary_interval=3.0, epochs=20, deadline=200.0,
         )  # fmt: skip
 
@@ -224,7 +224,10 @@ class Loop:
             print(f"[{time.time() - self.started:6.1f}s] {text}", flush=True)
 
     def note(self, actor: str, what: str, at: float | None = None) -> None:
-        self.events.append(Event(time.time() if at is None else at, actor, what))
+        """Progress; the loop's own steps also go to the timeline (the others come from the audit log
+        and the drift report, where Weir recorded them)."""
+        if actor == "loop":
+            self.events.append(Event(time.time() if at is None else at, actor, what))
         self.say(f"{actor}: {what}")
 
     def note_window(self, window: Any) -> None:
@@ -443,10 +446,11 @@ class Loop:
         self.weir("models", "download", MODEL, str(version), "--out", str(target))
         model = torch.jit.load(str(target))
         held_out = ~data.training
+        extra = loop_data.EXTRA_SERVICE in str(self.describe(version).get("config_pbtxt", ""))
         scores = []
         for when in ("before", "after"):
             with torch.no_grad():
-                predicted = model(torch.from_numpy(data.matrix(when, held_out))).argmax(dim=1).numpy()
+                predicted = model(torch.from_numpy(data.matrix(when, held_out, extra))).argmax(dim=1).numpy()
             scores.append(float((predicted == data.labels(when, held_out)).mean()))
         return scores[0], scores[1]
 
@@ -477,8 +481,8 @@ class Loop:
         self.note("loop", f"data set: {settings.customers} customers, {int(data.training.sum())} labelled for training")
         applied = self.weir("features", "apply", str(data.definitions))
         self.note("user", f"features applied: services {applied.get('feature_services')}")
-        self.weir("features", "materialize", "2024-01-01T00:00", "2024-03-01T00:00")
-        self.note("user", "features materialized into the online store")
+        self.weir("features", "materialize", "2024-01-01T00:00", "2024-03-01T00:00", "--view", loop_data.VIEW)
+        self.note("user", f"features of {loop_data.VIEW} materialized into the online store")
         self.weir(
             "drift", "policy", ENDPOINT, "--window-seconds", str(settings.window_seconds),
             "--min-records", str(settings.min_records), "--cooldown", str(settings.cooldown),
@@ -503,8 +507,24 @@ class Loop:
         traffic.start()
         try:
             return self._loop(data, traffic, monitoring_pb2, training_pb2)
+        except LoopError:
+            self.dump_state()
+            raise
         finally:
             traffic.stop()
+
+    def dump_state(self) -> None:
+        """What the control plane saw, for a failed run (OUT/failure.json)."""
+        from google.protobuf import json_format
+
+        with contextlib.suppress(Exception):
+            state = {
+                "drift": json_format.MessageToDict(self.drift_report(), preserving_proto_field_name=True),
+                "rollouts": self.rollouts,
+                "events": [vars(event) for event in self.events],
+            }
+            (self.out / "failure.json").write_text(json.dumps(state, indent=1, default=str))
+            self.say(f"state at the failure: {self.out / 'failure.json'}")
 
     def _loop(self, data: loop_data.LoopData, traffic: Traffic, monitoring_pb2: Any, training_pb2: Any) -> LoopResult:
         settings = self.settings
@@ -532,10 +552,13 @@ class Loop:
             retrain=True, cooldown_seconds=settings.cooldown,
         )  # fmt: skip
         if settings.bad_retrain:
-            # a retraining spec of the policy's own: a much wider network trained for one epoch at a
-            # learning rate far too high (worse answers, and far slower ones)
+            # a retraining spec of the policy's own that is worse: one epoch at a small learning rate, and a
+            # feature service with a view nobody materialized online (training reads it offline; serving
+            # cannot find it: the canary's requests fail)
             policy.retrain_spec.CopyFrom(
-                self.builtin_spec(data.entities, canary=True, hidden="2048,2048,2048", epochs=1, lr=0.5)
+                self.builtin_spec(
+                    data.entities, canary=True, feature_service=loop_data.EXTRA_SERVICE, epochs=1, lr=0.002
+                )
             )
             self.rpc("Monitoring", "SetMonitoringPolicy", policy)
         else:
@@ -640,7 +663,7 @@ class Loop:
         retrain_jobs = [job["id"] for job in jobs_list if str(job.get("id", "")).startswith(f"retrain-{ENDPOINT}-")]
         result = LoopResult(
             settings=self.settings, started=self.started, finished=time.time(),
-            events=sorted(self.events, key=lambda event: event.at),
+            events=timeline(self.events, events, report.windows),
             versions=dict(sorted(self.versions.items())), windows=[as_dict(w) for w in report.windows],
             actions=[as_dict(a) for a in report.actions], rollouts=self.rollouts, audit=events, jobs=jobs_list,
             retrain_jobs=retrain_jobs, quiet=[as_dict(w) for w in quiet], shift_at=shift_at,
@@ -651,6 +674,38 @@ class Loop:
         )  # fmt: skip
         loop_report.write(result, result.report)
         return result
+
+
+def timeline(notes: list[Event], audit: list[dict[str, Any]], windows: Any) -> list[Event]:
+    """The loop's own steps, every audited call (who made it: the loop's token, or one of Weir's
+    controllers) but the labels, and every judged drift window, in time order."""
+    from weir_proto.control.v1 import monitoring_pb2
+
+    events = list(notes)
+    for record in audit:
+        if record.get("action") == "Monitoring/RecordFeedback":
+            continue
+        what = f"{record.get('action')} {record.get('target')}"
+        if record.get("detail"):
+            what += f": {record['detail']}"
+        if record.get("outcome", "ok") != "ok":
+            what += f" ({record.get('outcome')}: {record.get('result')})"
+        events.append(Event(_stamp_seconds(record.get("at", "")), str(record.get("actor")), what))
+    for window in windows:
+        if not window.features:
+            continue
+        critical = [feature.name for feature in window.features if feature.severity == monitoring_pb2.CRITICAL]
+        what = f"window {_clock(window.start)}: {window.records} records, {_severity(window.severity)}"
+        if critical:
+            what += f" on {', '.join(critical)}"
+        events.append(Event(window.end.ToNanoseconds() / 1e9, "drift-monitor", what))
+    return sorted(events, key=lambda event: event.at)
+
+
+def _stamp_seconds(text: str) -> float:
+    import datetime
+
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() if text else 0.0
 
 
 def _severity(value: int) -> str:
@@ -749,16 +804,21 @@ class Traffic:
                     next_at = time.monotonic()
 
     def _feedback(self) -> None:
-        """Labels arrive a little after their requests, in batches."""
-        path = self.loop.out / "labels.jsonl"
+        """Labels arrive a little after their requests, in batches (Monitoring/RecordFeedback, what
+        `weir drift feedback --file` sends; in-process: a CLI process every 2 s would take a good share of
+        this machine's two cores)."""
+        from weir_proto.control.v1 import monitoring_pb2
+
         while not self._stop.wait(2.0):
             with self._lock:
                 batch, self._labels = self._labels, []
             if not batch:
                 continue
-            path.write_text("".join(json.dumps({"request_id": rid, "label": label}) + "\n" for rid, label in batch))
+            request = monitoring_pb2.RecordFeedbackRequest(endpoint=ENDPOINT)
+            for request_id, label in batch:
+                request.labels.add(request_id=request_id, number=float(label))
             try:
-                self.loop.weir("drift", "feedback", ENDPOINT, "--file", str(path))
+                self.loop.rpc("Monitoring", "RecordFeedback", request)
             except LoopError as error:
                 self.loop.say(f"  feedback not recorded: {error}")
 
