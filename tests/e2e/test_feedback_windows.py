@@ -95,3 +95,44 @@ def test_labels_count_in_their_requests_window_late_ones_without_new_traffic_ear
     concept = window_starting(control, second).concept  # type: ignore[union-attr]
     assert concept.labelled == 20 and concept.accuracy == pytest.approx(np.mean(np.array(predicted) == 1)), concept
     assert window_starting(control, start).concept.labelled == 40  # type: ignore[union-attr]
+
+
+def test_the_concept_baseline_follows_the_serving_version(planes: tuple[ControlProcess, str], tmp_path: Path) -> None:
+    """A promotion (here a deploy) of a version with another registered accuracy: the windows' reference
+    accuracy is the serving version's (it stayed the first version's for ever)."""
+    control, url = planes
+    model = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(TwoClass()), str(model))
+    config = tmp_path / "config.pbtxt"
+    config.write_text(CONFIG)
+    for accuracy in ("0.9", "0.6"):
+        cli(
+            control,
+            "models",
+            "push",
+            "scorer",
+            str(model),
+            "--config",
+            str(config),
+            "--metric",
+            f"val_accuracy={accuracy}",
+        )
+    cli(control, "deploy", "scorer", "scorer", "1")
+    wait_until(lambda: _ready(url), 60, "the endpoint served")
+    policy = monitoring_pb2.MonitoringPolicy(endpoint="scorer", window_seconds=WINDOW_SECONDS, min_records=10)
+    monitoring(control, "SetMonitoringPolicy", policy)
+
+    def labelled_window(prefix: str, seed: int) -> monitoring_pb2.ConceptDrift:
+        start = _next_window()
+        predicted = send(url, rows(30, seed=seed), prefix)
+        wait_until(lambda: (w := window_starting(control, start)) is not None and w.records == 30, 30, "closed")
+        answer = feedback(control, tmp_path, prefix, {f"{prefix}-{i}": label for i, label in enumerate(predicted)})
+        assert counts(answer) == (30, 0, 0), answer
+        wait_until(lambda: window_starting(control, start).concept.labelled == 30, 30, "labelled")  # type: ignore[union-attr]
+        return window_starting(control, start).concept  # type: ignore[union-attr]
+
+    first = labelled_window("first", 5)
+    assert first.reference_accuracy == pytest.approx(0.9) and first.accuracy == 1.0, first
+    cli(control, "deploy", "scorer", "scorer", "2")
+    second = labelled_window("second", 6)
+    assert second.reference_accuracy == pytest.approx(0.6), second

@@ -104,6 +104,7 @@ class EndpointMonitor:
     ddm: statistics.DDM = field(default_factory=statistics.DDM)
     reference_accuracy: float | None = None
     first_labels: list[int] = field(default_factory=lambda: [0, 0])
+    accuracy_of: str = ""  # the serving version ("model:version") the detector and reference accuracy are for
     records_received: int = 0
     last_action_at: float = 0.0
     latest: monitoring_pb2.DriftWindow | None = None
@@ -113,6 +114,7 @@ class EndpointMonitor:
             "ddm": self.ddm.to_dict(),
             "reference_accuracy": self.reference_accuracy,
             "first_labels": self.first_labels,
+            "accuracy_of": self.accuracy_of,
             "records_received": self.records_received,
             "last_action_at": self.last_action_at,
             "outputs": sorted(self.outputs),
@@ -123,6 +125,7 @@ class EndpointMonitor:
         self.ddm = statistics.DDM.from_dict(state.get("ddm") or {})
         self.reference_accuracy = state.get("reference_accuracy")
         self.first_labels = list(state.get("first_labels") or [0, 0])
+        self.accuracy_of = str(state.get("accuracy_of", ""))
         self.records_received = int(state.get("records_received", 0))
         self.last_action_at = float(state.get("last_action_at", 0.0))
         self.outputs = set(state.get("outputs") or [])
@@ -159,6 +162,7 @@ class DriftMonitor:
         self._held_total = 0  # feedback labels held over all endpoints
         self._reference_for_serving = reference_for_serving  # endpoint -> (description, reference.parquet)
         self._serving_accuracy = serving_accuracy  # endpoint -> the serving version's registered accuracy
+        self._serving_key: Callable[[str], str] | None = None  # endpoint -> "model:version" serving ("" none)
         self._clock = clock
         self._lock = threading.RLock()
         self._endpoints: dict[str, EndpointMonitor] = {}
@@ -170,6 +174,7 @@ class DriftMonitor:
         self._submit_retraining = links.submit_retraining
         self._reference_for_serving = links.reference_for_serving
         self._serving_accuracy = links.serving_accuracy
+        self._serving_key = getattr(links, "serving_key", None)
         self._deployed_endpoints = getattr(links, "deployed_endpoints", None)
 
     def _load(self) -> None:
@@ -342,6 +347,7 @@ class DriftMonitor:
             monitor = self._endpoints.get(request.endpoint)
             if monitor is None:
                 raise NotFoundError(f"endpoint: no inference records seen for '{request.endpoint}'")
+            self._follow_serving(monitor)
             closed: dict[float, list[tuple[bool, str]]] = {}  # window start -> (correct, detector state)
             for label in request.labels:
                 kind = label.WhichOneof("value")
@@ -413,6 +419,24 @@ class DriftMonitor:
                 monitor.latest = window
             if window.severity == Severity.CRITICAL and before != Severity.CRITICAL:
                 self._act(monitor, window, now)
+
+    def _follow_serving(self, monitor: EndpointMonitor) -> None:
+        """The concept-drift baseline belongs to the version serving: when another version serves (a
+        promotion, a rollback), its reference accuracy is taken afresh (its registered accuracy, or its
+        first labels') and the detector restarts on its errors."""
+        if self._serving_key is None:
+            return
+        try:
+            key = self._serving_key(monitor.endpoint)
+        except WeirError:
+            return
+        if key != monitor.accuracy_of:
+            log.info(
+                "concept drift follows the serving version",
+                extra={"endpoint": monitor.endpoint, "before": monitor.accuracy_of, "after": key},
+            )
+            _restart_concept(monitor)
+            monitor.accuracy_of = key
 
     def _hold(self, monitor: EndpointMonitor, request_id: str, actual: str, now: float) -> bool:
         """Hold a label until its record comes; False when it cannot be held (the bounds are full of
@@ -520,6 +544,8 @@ class DriftMonitor:
             monitor = self._monitor(request.endpoint)
             monitor.reference, monitor.reference_summary = profile, summary
             monitor.open.clear()  # windows bin on the reference: start a fresh one
+            _restart_concept(monitor)  # a new baseline for concept drift too
+            self._store.save_monitoring_state(monitor.endpoint, monitor.state())
         return summary
 
     def _reference_path(self, parquet_path: str) -> Path:
@@ -571,6 +597,7 @@ class DriftMonitor:
 
     def _close(self, monitor: EndpointMonitor, start: float, now: float) -> monitoring_pb2.DriftWindow:
         window = monitor.open.pop(start)
+        self._follow_serving(monitor)
         report = self._score(monitor, start, window)
         self._store.append_drift_window(monitor.endpoint, report, window.profile.to_bytes(), monitor.policy.max_windows)
         monitor.latest = report
@@ -789,6 +816,12 @@ class DriftMonitor:
 
 
 CONFIRMATION_Z = 2.33  # one-sided, p < 0.01
+
+
+def _restart_concept(monitor: EndpointMonitor) -> None:
+    monitor.reference_accuracy = None
+    monitor.first_labels = [0, 0]
+    monitor.ddm = statistics.DDM()
 
 
 def _accuracy_dropped(correct: int, labelled: int, reference: float | None) -> bool:

@@ -67,6 +67,14 @@ class MonitoringLinks:
         reference) whose records the monitor takes."""
         return {entry.endpoint for entry in self._store.desired_state().endpoints}
 
+    def serving_key(self, endpoint: str) -> str:
+        """Which version serves the endpoint ("model:version"; "" when it is not deployed)."""
+        try:
+            version = self.serving_version(endpoint)
+        except NotFoundError:
+            return ""
+        return f"{version.model_name}:{version.version}"
+
     def serving_accuracy(self, endpoint: str) -> float | None:
         try:
             metrics = self.serving_version(endpoint).metrics
