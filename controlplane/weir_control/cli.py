@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ from weir_proto.control.v1 import (
     rollouts_pb2,
     rollouts_pb2_grpc,
 )
-from weir_proto.errors import WeirError
+from weir_proto.errors import WeirError, error_for_status
 
 DEFAULT_CONTROL_PLANE = "127.0.0.1:8011"
 DEFAULT_TOKEN_FILE = Path(".weir") / "admin.token"
@@ -190,10 +191,18 @@ def add_commands(subcommands: Any) -> None:
     ab_start.add_argument("--confidence", type=float, default=0.95)
     ab_start.add_argument("--key-parameter", default="")
     ab_start.add_argument("--key-header", default="")
-    ab_outcome = ab_actions.add_parser("outcome", help="record one outcome for a routing key")
+    ab_outcome = ab_actions.add_parser(
+        "outcome",
+        help="record an outcome for a routing key, or many from a file",
+        description="Record one outcome (ROUTING_KEY VALUE), or many with --file: JSON Lines, one "
+        '{"routing_key": "...", "value": 1} a line, sent in batches of 1,000 (each recorded all or nothing).',
+    )
     ab_outcome.add_argument("endpoint")
-    ab_outcome.add_argument("routing_key")
-    ab_outcome.add_argument("value", type=float)
+    ab_outcome.add_argument("routing_key", nargs="?")
+    ab_outcome.add_argument("value", nargs="?", type=float)
+    ab_outcome.add_argument(
+        "--file", metavar="PATH", help="JSON Lines of outcomes ('-': standard input) instead of one outcome"
+    )
     ab_status = ab_actions.add_parser("status", help="per-arm results against the control")
     ab_status.add_argument("endpoint")
     ab_stop = ab_actions.add_parser("stop", help="stop attributing outcomes")
@@ -575,7 +584,11 @@ class _Client:
 
     def ab(self) -> int:
         args = self.args
+        if args.ab_command == "outcome" and args.file is not None:
+            return self.ab_outcomes()
         if args.ab_command == "outcome":
+            if args.routing_key is None or args.value is None:
+                raise WeirError("outcome: expected ROUTING_KEY VALUE, or --file PATH (JSON Lines; '-': stdin)")
             reply = self._experiments.RecordOutcome(
                 experiments_pb2.RecordOutcomeRequest(endpoint=args.endpoint, routing_key=args.routing_key,
                                                      value=args.value),
@@ -609,13 +622,50 @@ class _Client:
                 experiments_pb2.GetABTestRequest(endpoint=args.endpoint), metadata=self._metadata
             )
         lines = [f"{test.endpoint}: {test.metric} ({test.test}), {'running' if test.running else 'stopped'}"]
-        for result in test.results:
+        for index, result in enumerate(test.results):
+            if index == 0:  # the control: what the others are compared with, no test of its own
+                lines.append(f"  {result.variant}: n={result.count} mean={result.mean:.4g} (control)")
+                continue
             lines.append(
                 f"  {result.variant}: n={result.count} mean={result.mean:.4g} diff={result.difference:+.4g} "
                 f"CI [{result.ci_low:+.4g}, {result.ci_high:+.4g}] p={result.p_value:.4g}"
                 + (" SIGNIFICANT" if result.significant else "")
             )
         self._print(test, "\n".join(lines))
+        return 0
+
+    def ab_outcomes(self) -> int:
+        """`weir ab outcome E --file PATH|-`: outcomes in batches, each one RecordOutcomes call."""
+        args = self.args
+        recorded, per_variant = 0, dict[str, int]()
+        try:
+            handle = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+        except OSError as error:
+            raise WeirError(f"--file: cannot read {args.file}: {error.strerror or error}") from None
+        try:
+            for batch, line_numbers in _outcome_batches(handle):
+                request = experiments_pb2.RecordOutcomesRequest(endpoint=args.endpoint, outcomes=batch)
+                try:
+                    reply = self._experiments.RecordOutcomes(request, metadata=self._metadata)
+                except grpc.RpcError as error:
+                    raise error_for_status(
+                        error.code(),
+                        f"{_outcome_error(error, line_numbers)} ({recorded} outcomes before line "
+                        f"{line_numbers[0]} were recorded, none from there on)",
+                    ) from None
+                recorded += reply.recorded
+                for variant, count in reply.per_variant.items():
+                    per_variant[variant] = per_variant.get(variant, 0) + count
+        except UnicodeDecodeError:
+            raise WeirError(f"--file: expected UTF-8 JSON Lines, {args.file} is not text") from None
+        finally:
+            if handle is not sys.stdin:
+                handle.close()
+        if args.json:
+            print(json.dumps({"recorded": recorded, "per_variant": per_variant}))
+        else:
+            split = ", ".join(f"{variant} {count}" for variant, count in sorted(per_variant.items()))
+            print(f"{args.endpoint}: {recorded} outcomes recorded" + (f" ({split})" if split else ""))
         return 0
 
     def rollout(self) -> int:
@@ -859,6 +909,56 @@ def _make_token(args: argparse.Namespace) -> int:
         print(entry, file=sys.stderr)
     print(value)
     return 0
+
+
+OUTCOMES_PER_CALL = 1000  # the control plane takes up to 10,000 a call
+MAX_OUTCOME_LINE = 64 * 1024  # a routing key is at most 1,024 characters: a longer line is not an outcome
+
+
+def _outcome_batches(handle: Any) -> Iterator[tuple[list[experiments_pb2.Outcome], list[int]]]:
+    """Outcomes from JSON Lines, ``OUTCOMES_PER_CALL`` at a time, with their line numbers. Read a
+    line at a time (bounded): a file of any length streams through."""
+    batch: list[experiments_pb2.Outcome] = []
+    numbers: list[int] = []
+    number = 0
+    while line := handle.readline(MAX_OUTCOME_LINE + 1):
+        number += 1
+        if len(line) > MAX_OUTCOME_LINE:
+            raise WeirError(f"--file line {number}: expected at most {MAX_OUTCOME_LINE} characters, got more")
+        if not line.strip():
+            continue
+        batch.append(_outcome(line, number))
+        numbers.append(number)
+        if len(batch) == OUTCOMES_PER_CALL:
+            yield batch, numbers
+            batch, numbers = [], []
+    if batch:
+        yield batch, numbers
+    elif not number:
+        raise WeirError("--file: expected JSON Lines of outcomes, got an empty file")
+
+
+def _outcome(line: str, number: int) -> experiments_pb2.Outcome:
+    expected = '{"routing_key": "...", "value": NUMBER}'
+    try:
+        item = json.loads(line)
+    except ValueError:
+        raise WeirError(f"--file line {number}: expected {expected}, got {line.strip()[:80]!r}") from None
+    if not isinstance(item, dict) or set(item) != {"routing_key", "value"}:
+        raise WeirError(f"--file line {number}: expected {expected}, got {line.strip()[:80]!r}")
+    key, value = item["routing_key"], item["value"]
+    if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, int | float):
+        raise WeirError(f"--file line {number}: expected {expected}, got {line.strip()[:80]!r}")
+    return experiments_pb2.Outcome(routing_key=key, value=float(value))
+
+
+def _outcome_error(error: grpc.RpcError, line_numbers: list[int]) -> str:
+    """The control plane names a refused outcome by its index in the call: name its line instead."""
+    details = error.details() or ""
+    match = re.match(r"outcomes\[(\d+)\]\.(.*)", details, re.DOTALL)
+    if match and int(match.group(1)) < len(line_numbers):
+        details = f"--file line {line_numbers[int(match.group(1))]}: {match.group(2)}"
+    return f"{error.code().name}: {details}"  # the form every other failed call is shown in
 
 
 def _upload_messages(

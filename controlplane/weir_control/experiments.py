@@ -27,6 +27,7 @@ from weir_proto.routing import variant_for_key
 Kind = experiments_pb2.StartABTestRequest.Kind
 MAX_OUTCOME_MAGNITUDE = 1e12  # |value| of a MEAN outcome: squares stay far inside float range
 MAX_ROUTING_KEY = 1024
+MAX_OUTCOMES_PER_CALL = 10_000  # RecordOutcomes: at most ~10 MiB of keys per call, one transaction
 
 
 def arm_results(
@@ -121,23 +122,9 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
         self, request: experiments_pb2.RecordOutcomeRequest, context: grpc.aio.ServicerContext
     ) -> experiments_pb2.RecordOutcomeResponse:
         def record() -> str:
-            if not math.isfinite(request.value) or abs(request.value) > MAX_OUTCOME_MAGNITUDE:
-                raise InvalidArgumentError(
-                    f"value: expected a finite number within +-{MAX_OUTCOME_MAGNITUDE:g}, got {request.value}"
-                )
-            if len(request.routing_key) > MAX_ROUTING_KEY:
-                raise InvalidArgumentError(
-                    f"routing_key: expected at most {MAX_ROUTING_KEY} characters, got {len(request.routing_key)}"
-                )
-            test = self._store.get_ab_test(request.endpoint)
-            if not test.running:
-                raise FailedPreconditionError(f"endpoint '{request.endpoint}': the A/B test was stopped")
-            if request.metric and request.metric != test.metric:
-                raise InvalidArgumentError(f"metric: expected '{test.metric}', got '{request.metric}'")
-            if not request.routing_key:
-                raise InvalidArgumentError("routing_key: expected the key the request was routed by, got none")
-            if test.kind == Kind.RATE and request.value not in (0.0, 1.0):
-                raise InvalidArgumentError(f"value: expected 0 or 1 for a rate, got {request.value}")
+            _check_outcome(request.routing_key, request.value, Kind.MEAN, "")  # bounds before the lookup
+            test = self._running_test(request.endpoint, request.metric)
+            _check_outcome(request.routing_key, request.value, test.kind, "")
             variant = variant_for_key(request.routing_key, [(arm.variant, arm.weight) for arm in test.arms])
             self._store.record_outcome(request.endpoint, variant, test.metric, request.routing_key, request.value)
             return variant
@@ -151,6 +138,41 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
             lambda chosen: experiments_pb2.RecordOutcomeResponse(variant=chosen),
         )
         return experiments_pb2.RecordOutcomeResponse(variant=variant)
+
+    async def RecordOutcomes(
+        self, request: experiments_pb2.RecordOutcomesRequest, context: grpc.aio.ServicerContext
+    ) -> experiments_pb2.RecordOutcomesResponse:
+        """Outcomes in bulk (`weir ab outcome E --file`): each checked as RecordOutcome checks one, then
+        all recorded in one transaction; one refused outcome (named by its index) refuses the call."""
+
+        def record() -> experiments_pb2.RecordOutcomesResponse:
+            if not request.outcomes or len(request.outcomes) > MAX_OUTCOMES_PER_CALL:
+                raise InvalidArgumentError(
+                    f"outcomes: expected 1 to {MAX_OUTCOMES_PER_CALL} per call, got {len(request.outcomes)}"
+                )
+            test = self._running_test(request.endpoint, request.metric)
+            arms = [(arm.variant, arm.weight) for arm in test.arms]
+            rows = []
+            for index, outcome in enumerate(request.outcomes):
+                _check_outcome(outcome.routing_key, outcome.value, test.kind, f"outcomes[{index}].")
+                rows.append((variant_for_key(outcome.routing_key, arms), outcome.routing_key, outcome.value))
+            self._store.record_outcomes(request.endpoint, test.metric, rows)
+            response = experiments_pb2.RecordOutcomesResponse(recorded=len(rows))
+            for variant, _, _ in rows:
+                response.per_variant[variant] = response.per_variant.get(variant, 0) + 1
+            return response
+
+        return await self._auditor.run(
+            context, "Experiments/RecordOutcomes", f"endpoint/{request.endpoint}", lambda: None, record
+        )
+
+    def _running_test(self, endpoint: str, metric: str) -> experiments_pb2.ABTest:
+        test = self._store.get_ab_test(endpoint)
+        if not test.running:
+            raise FailedPreconditionError(f"endpoint '{endpoint}': the A/B test was stopped")
+        if metric and metric != test.metric:
+            raise InvalidArgumentError(f"metric: expected '{test.metric}', got '{metric}'")
+        return test
 
     async def GetABTest(
         self, request: experiments_pb2.GetABTestRequest, context: grpc.aio.ServicerContext
@@ -174,6 +196,22 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
         return await self._auditor.run(
             context, "Experiments/StopABTest", f"endpoint/{request.endpoint}", lambda: None, stop
         )
+
+
+def _check_outcome(key: str, value: float, kind: int, prefix: str) -> None:
+    """One outcome's key and value (``prefix`` names it within a batch: ``outcomes[3].``)."""
+    if not math.isfinite(value) or abs(value) > MAX_OUTCOME_MAGNITUDE:
+        raise InvalidArgumentError(
+            f"{prefix}value: expected a finite number within +-{MAX_OUTCOME_MAGNITUDE:g}, got {value}"
+        )
+    if len(key) > MAX_ROUTING_KEY:
+        raise InvalidArgumentError(
+            f"{prefix}routing_key: expected at most {MAX_ROUTING_KEY} characters, got {len(key)}"
+        )
+    if not key:
+        raise InvalidArgumentError(f"{prefix}routing_key: expected the key the request was routed by, got none")
+    if kind == Kind.RATE and value not in (0.0, 1.0):
+        raise InvalidArgumentError(f"{prefix}value: expected 0 or 1 for a rate, got {value}")
 
 
 def _new_test(request: experiments_pb2.StartABTestRequest) -> experiments_pb2.ABTest:

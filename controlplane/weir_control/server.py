@@ -99,6 +99,7 @@ _MUTATIONS = {
     "StartABTest",
     "StopABTest",
     "RecordOutcome",
+    "RecordOutcomes",
     "ApplyFeatures",
     "Materialize",
     "PushFeatures",

@@ -975,6 +975,16 @@ class Store:
                 )
             )
 
+    def record_outcomes(self, endpoint: str, metric: str, rows: Sequence[tuple[str, str, float]]) -> None:
+        """Many outcomes, ``(variant, routing key, value)`` each, in one transaction (all or none)."""
+        at = now()
+        values = [
+            {"endpoint": endpoint, "variant": variant, "metric": metric, "routing_key": key, "value": value, "at": at}
+            for variant, key, value in rows
+        ]
+        with self._transaction() as connection:
+            connection.execute(insert(AB_OUTCOMES), values)
+
     def outcome_sums(self, endpoint: str, metric: str) -> dict[str, tuple[int, float, float]]:
         """Per variant: (count, sum, sum of squares) of the metric's outcomes."""
         columns = AB_OUTCOMES.c

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'weir_proto/control/v1/experiments.proto\x12\x0fweir.control.v1\"j\n\x05\x41\x42\x41rm\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x11\n\x07version\x18\x03 \x01(\x03H\x00\x12\x0f\n\x05\x61lias\x18\x04 \x01(\tH\x00\x12\x0e\n\x06weight\x18\x05 \x01(\rB\x08\n\x06target\"\x85\x02\n\x12StartABTestRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12$\n\x04\x61rms\x18\x02 \x03(\x0b\x32\x16.weir.control.v1.ABArm\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x36\n\x04kind\x18\x04 \x01(\x0e\x32(.weir.control.v1.StartABTestRequest.Kind\x12\x12\n\nconfidence\x18\x05 \x01(\x01\x12\x15\n\rkey_parameter\x18\x06 \x01(\t\x12\x12\n\nkey_header\x18\x07 \x01(\t\"0\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04RATE\x10\x01\x12\x08\n\x04MEAN\x10\x02\"\\\n\x14RecordOutcomeRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x13\n\x0brouting_key\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\"(\n\x15RecordOutcomeResponse\x12\x0f\n\x07variant\x18\x01 \x01(\t\"$\n\x10GetABTestRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"\xa4\x01\n\tArmResult\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0c\n\x04mean\x18\x03 \x01(\x01\x12\x0e\n\x06stddev\x18\x04 \x01(\x01\x12\x12\n\ndifference\x18\x05 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x06 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x07 \x01(\x01\x12\x0f\n\x07p_value\x18\x08 \x01(\x01\x12\x13\n\x0bsignificant\x18\t \x01(\x08\"\xe8\x01\n\x06\x41\x42Test\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x36\n\x04kind\x18\x03 \x01(\x0e\x32(.weir.control.v1.StartABTestRequest.Kind\x12\x12\n\nconfidence\x18\x04 \x01(\x01\x12\x0f\n\x07running\x18\x05 \x01(\x08\x12$\n\x04\x61rms\x18\x06 \x03(\x0b\x32\x16.weir.control.v1.ABArm\x12+\n\x07results\x18\x07 \x03(\x0b\x32\x1a.weir.control.v1.ArmResult\x12\x0c\n\x04test\x18\x08 \x01(\t2\xcd\x02\n\x0b\x45xperiments\x12K\n\x0bStartABTest\x12#.weir.control.v1.StartABTestRequest\x1a\x17.weir.control.v1.ABTest\x12^\n\rRecordOutcome\x12%.weir.control.v1.RecordOutcomeRequest\x1a&.weir.control.v1.RecordOutcomeResponse\x12G\n\tGetABTest\x12!.weir.control.v1.GetABTestRequest\x1a\x17.weir.control.v1.ABTest\x12H\n\nStopABTest\x12!.weir.control.v1.GetABTestRequest\x1a\x17.weir.control.v1.ABTestb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'weir_proto/control/v1/experiments.proto\x12\x0fweir.control.v1\"j\n\x05\x41\x42\x41rm\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x11\n\x07version\x18\x03 \x01(\x03H\x00\x12\x0f\n\x05\x61lias\x18\x04 \x01(\tH\x00\x12\x0e\n\x06weight\x18\x05 \x01(\rB\x08\n\x06target\"\x85\x02\n\x12StartABTestRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12$\n\x04\x61rms\x18\x02 \x03(\x0b\x32\x16.weir.control.v1.ABArm\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x36\n\x04kind\x18\x04 \x01(\x0e\x32(.weir.control.v1.StartABTestRequest.Kind\x12\x12\n\nconfidence\x18\x05 \x01(\x01\x12\x15\n\rkey_parameter\x18\x06 \x01(\t\x12\x12\n\nkey_header\x18\x07 \x01(\t\"0\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04RATE\x10\x01\x12\x08\n\x04MEAN\x10\x02\"\\\n\x14RecordOutcomeRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x13\n\x0brouting_key\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\"(\n\x15RecordOutcomeResponse\x12\x0f\n\x07variant\x18\x01 \x01(\t\"-\n\x07Outcome\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"e\n\x15RecordOutcomesRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12*\n\x08outcomes\x18\x03 \x03(\x0b\x32\x18.weir.control.v1.Outcome\"\xab\x01\n\x16RecordOutcomesResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x04\x12L\n\x0bper_variant\x18\x02 \x03(\x0b\x32\x37.weir.control.v1.RecordOutcomesResponse.PerVariantEntry\x1a\x31\n\x0fPerVariantEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"$\n\x10GetABTestRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"\xa4\x01\n\tArmResult\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0c\n\x04mean\x18\x03 \x01(\x01\x12\x0e\n\x06stddev\x18\x04 \x01(\x01\x12\x12\n\ndifference\x18\x05 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x06 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x07 \x01(\x01\x12\x0f\n\x07p_value\x18\x08 \x01(\x01\x12\x13\n\x0bsignificant\x18\t \x01(\x08\"\xe8\x01\n\x06\x41\x42Test\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x36\n\x04kind\x18\x03 \x01(\x0e\x32(.weir.control.v1.StartABTestRequest.Kind\x12\x12\n\nconfidence\x18\x04 \x01(\x01\x12\x0f\n\x07running\x18\x05 \x01(\x08\x12$\n\x04\x61rms\x18\x06 \x03(\x0b\x32\x16.weir.control.v1.ABArm\x12+\n\x07results\x18\x07 \x03(\x0b\x32\x1a.weir.control.v1.ArmResult\x12\x0c\n\x04test\x18\x08 \x01(\t2\xb0\x03\n\x0b\x45xperiments\x12K\n\x0bStartABTest\x12#.weir.control.v1.StartABTestRequest\x1a\x17.weir.control.v1.ABTest\x12^\n\rRecordOutcome\x12%.weir.control.v1.RecordOutcomeRequest\x1a&.weir.control.v1.RecordOutcomeResponse\x12\x61\n\x0eRecordOutcomes\x12&.weir.control.v1.RecordOutcomesRequest\x1a\'.weir.control.v1.RecordOutcomesResponse\x12G\n\tGetABTest\x12!.weir.control.v1.GetABTestRequest\x1a\x17.weir.control.v1.ABTest\x12H\n\nStopABTest\x12!.weir.control.v1.GetABTestRequest\x1a\x17.weir.control.v1.ABTestb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weir_proto.control.v1.experiments_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RECORDOUTCOMESRESPONSE_PERVARIANTENTRY']._loaded_options = None
+  _globals['_RECORDOUTCOMESRESPONSE_PERVARIANTENTRY']._serialized_options = b'8\001'
   _globals['_ABARM']._serialized_start=60
   _globals['_ABARM']._serialized_end=166
   _globals['_STARTABTESTREQUEST']._serialized_start=169
@@ -41,12 +43,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECORDOUTCOMEREQUEST']._serialized_end=524
   _globals['_RECORDOUTCOMERESPONSE']._serialized_start=526
   _globals['_RECORDOUTCOMERESPONSE']._serialized_end=566
-  _globals['_GETABTESTREQUEST']._serialized_start=568
-  _globals['_GETABTESTREQUEST']._serialized_end=604
-  _globals['_ARMRESULT']._serialized_start=607
-  _globals['_ARMRESULT']._serialized_end=771
-  _globals['_ABTEST']._serialized_start=774
-  _globals['_ABTEST']._serialized_end=1006
-  _globals['_EXPERIMENTS']._serialized_start=1009
-  _globals['_EXPERIMENTS']._serialized_end=1342
+  _globals['_OUTCOME']._serialized_start=568
+  _globals['_OUTCOME']._serialized_end=613
+  _globals['_RECORDOUTCOMESREQUEST']._serialized_start=615
+  _globals['_RECORDOUTCOMESREQUEST']._serialized_end=716
+  _globals['_RECORDOUTCOMESRESPONSE']._serialized_start=719
+  _globals['_RECORDOUTCOMESRESPONSE']._serialized_end=890
+  _globals['_RECORDOUTCOMESRESPONSE_PERVARIANTENTRY']._serialized_start=841
+  _globals['_RECORDOUTCOMESRESPONSE_PERVARIANTENTRY']._serialized_end=890
+  _globals['_GETABTESTREQUEST']._serialized_start=892
+  _globals['_GETABTESTREQUEST']._serialized_end=928
+  _globals['_ARMRESULT']._serialized_start=931
+  _globals['_ARMRESULT']._serialized_end=1095
+  _globals['_ABTEST']._serialized_start=1098
+  _globals['_ABTEST']._serialized_end=1330
+  _globals['_EXPERIMENTS']._serialized_start=1333
+  _globals['_EXPERIMENTS']._serialized_end=1765
 # @@protoc_insertion_point(module_scope)

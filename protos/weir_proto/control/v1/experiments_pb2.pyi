@@ -65,6 +65,39 @@ class RecordOutcomeResponse(_message.Message):
     variant: str
     def __init__(self, variant: _Optional[str] = ...) -> None: ...
 
+class Outcome(_message.Message):
+    __slots__ = ("routing_key", "value")
+    ROUTING_KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    routing_key: str
+    value: float
+    def __init__(self, routing_key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+
+class RecordOutcomesRequest(_message.Message):
+    __slots__ = ("endpoint", "metric", "outcomes")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    metric: str
+    outcomes: _containers.RepeatedCompositeFieldContainer[Outcome]
+    def __init__(self, endpoint: _Optional[str] = ..., metric: _Optional[str] = ..., outcomes: _Optional[_Iterable[_Union[Outcome, _Mapping]]] = ...) -> None: ...
+
+class RecordOutcomesResponse(_message.Message):
+    __slots__ = ("recorded", "per_variant")
+    class PerVariantEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    PER_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    recorded: int
+    per_variant: _containers.ScalarMap[str, int]
+    def __init__(self, recorded: _Optional[int] = ..., per_variant: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class GetABTestRequest(_message.Message):
     __slots__ = ("endpoint",)
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]

@@ -44,6 +44,11 @@ class ExperimentsStub(object):
                 request_serializer=weir__proto_dot_control_dot_v1_dot_experiments__pb2.RecordOutcomeRequest.SerializeToString,
                 response_deserializer=weir__proto_dot_control_dot_v1_dot_experiments__pb2.RecordOutcomeResponse.FromString,
                 _registered_method=True)
+        self.RecordOutcomes = channel.unary_unary(
+                '/weir.control.v1.Experiments/RecordOutcomes',
+                request_serializer=weir__proto_dot_control_dot_v1_dot_experiments__pb2.RecordOutcomesRequest.SerializeToString,
+                response_deserializer=weir__proto_dot_control_dot_v1_dot_experiments__pb2.RecordOutcomesResponse.FromString,
+                _registered_method=True)
         self.GetABTest = channel.unary_unary(
                 '/weir.control.v1.Experiments/GetABTest',
                 request_serializer=weir__proto_dot_control_dot_v1_dot_experiments__pb2.GetABTestRequest.SerializeToString,
@@ -67,6 +72,13 @@ class ExperimentsServicer(object):
 
     def RecordOutcome(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordOutcomes(self, request, context):
+        """Many outcomes in one call (at most 10,000), recorded together or not at all.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -96,6 +108,11 @@ def add_ExperimentsServicer_to_server(servicer, server):
                     servicer.RecordOutcome,
                     request_deserializer=weir__proto_dot_control_dot_v1_dot_experiments__pb2.RecordOutcomeRequest.FromString,
                     response_serializer=weir__proto_dot_control_dot_v1_dot_experiments__pb2.RecordOutcomeResponse.SerializeToString,
+            ),
+            'RecordOutcomes': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordOutcomes,
+                    request_deserializer=weir__proto_dot_control_dot_v1_dot_experiments__pb2.RecordOutcomesRequest.FromString,
+                    response_serializer=weir__proto_dot_control_dot_v1_dot_experiments__pb2.RecordOutcomesResponse.SerializeToString,
             ),
             'GetABTest': grpc.unary_unary_rpc_method_handler(
                     servicer.GetABTest,
@@ -162,6 +179,33 @@ class Experiments(object):
             '/weir.control.v1.Experiments/RecordOutcome',
             weir__proto_dot_control_dot_v1_dot_experiments__pb2.RecordOutcomeRequest.SerializeToString,
             weir__proto_dot_control_dot_v1_dot_experiments__pb2.RecordOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordOutcomes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.control.v1.Experiments/RecordOutcomes',
+            weir__proto_dot_control_dot_v1_dot_experiments__pb2.RecordOutcomesRequest.SerializeToString,
+            weir__proto_dot_control_dot_v1_dot_experiments__pb2.RecordOutcomesResponse.FromString,
             options,
             channel_credentials,
             insecure,
