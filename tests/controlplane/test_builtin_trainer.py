@@ -99,7 +99,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
 @pytest.fixture(scope="module")
 def trained(data: Data, tmp_path_factory: pytest.TempPathFactory) -> Result:
     """One 6-epoch run (patience high enough not to stop early), shared by the read-only tests."""
-    return train(tmp_path_factory.mktemp("job") / "run", data.params(epochs=6, patience=10))
+    return train(tmp_path_factory.mktemp("job") / "run", data.params(epochs=6, patience=10, monitoring_sample_rate=0.5))
 
 
 def training_table(data: Data) -> tuple[np.ndarray, np.ndarray]:
@@ -175,6 +175,8 @@ def test_config_enriches_by_entity_key(trained: Result) -> None:
     spec = EnrichmentSpec.from_config(config)
     assert spec is not None and spec.service == "churn" and spec.feature_input == "FEATURES"
     assert json.loads(config.parameters["weir_classes"].string_value) == [0, 1]
+    # the job's monitoring_sample_rate reaches the data plane's drift sampling (issue 15: the loop's windows)
+    assert config.parameters["weir_monitoring_sample_rate"].string_value == "0.5"
 
 
 def test_resumes_from_the_last_checkpoint(trained: Result, data: Data, tmp_path: Path) -> None:
@@ -227,6 +229,7 @@ def test_two_processes_under_torchrun(data: Data, tmp_path: Path) -> None:
         ({"task": "ranking"}, "task"),
         ({"hidden": "64,x"}, "hidden"),
         ({"feature_service": "no_such_service"}, "feature_service"),
+        ({"monitoring_sample_rate": 1.5}, "monitoring_sample_rate"),
     ],
 )
 def test_bad_parameters_name_the_parameter(data: Data, tmp_path: Path, change: dict[str, Any], parameter: str) -> None:

@@ -15,6 +15,8 @@ Parameters (``run.parameters``; defaults in brackets):
   val_fraction    share of the rows held out for validation [0.2]
   definitions     feature definitions TOML [<job directory>/features.toml, written by the job runner]
   epoch_sleep     seconds to sleep after each epoch [0] (tests use it to stop a job mid-run)
+  monitoring_sample_rate  the share of requests (0 to 1) the data plane samples for drift monitoring,
+                  written into the exported config [unset: the data plane's default]
 
 The training table comes from ``get_historical_features`` (rows with a null or NaN feature or label are
 dropped and counted); its SHA-256 as an Arrow IPC stream is the run's dataset hash. The split is by
@@ -501,6 +503,9 @@ def config_text(settings: Settings, data: Dataset) -> str:
     if classification:
         classes = json.dumps(data.classes, default=str)
         lines.append(f'parameters {{ key: "weir_classes" value: {{ string_value: {_quoted(classes)} }} }}')
+    if settings.monitoring_sample_rate is not None:  # drift monitoring's share of requests (else the default)
+        rate = _quoted(repr(settings.monitoring_sample_rate))
+        lines.append(f'parameters {{ key: "weir_monitoring_sample_rate" value: {{ string_value: {rate} }} }}')
     return "\n".join(lines) + "\n"
 
 

@@ -37,11 +37,12 @@ class Settings:
     seed: int
     definitions: Path
     epoch_sleep: float
+    monitoring_sample_rate: float | None = None  # the exported config's weir_monitoring_sample_rate (unset: none)
 
     def as_params(self) -> dict[str, Any]:
         values = asdict(self)
         values["hidden"] = ",".join(str(width) for width in self.hidden)
-        return {key: str(value) for key, value in values.items()}
+        return {key: str(value) for key, value in values.items() if value is not None}
 
 
 KNOWN = {field for field in Settings.__dataclass_fields__}
@@ -113,6 +114,11 @@ def parse_parameters(parameters: dict[str, Any], directory: Path) -> Settings:
         seed=_number(parameters, "seed", 0, int),
         definitions=Path(_text(parameters, "definitions", str(directory / "features.toml"))),
         epoch_sleep=_number(parameters, "epoch_sleep", 0.0, float),
+        monitoring_sample_rate=(
+            _number(parameters, "monitoring_sample_rate", 0.0, float)
+            if "monitoring_sample_rate" in parameters
+            else None
+        ),
     )
     checks = (
         ("epochs", settings.epochs >= 1, "expected 1 or more"),
@@ -122,6 +128,11 @@ def parse_parameters(parameters: dict[str, Any], directory: Path) -> Settings:
         ("min_delta", settings.min_delta >= 0, "expected 0 or more"),
         ("val_fraction", 0 < settings.val_fraction < 1, "expected a number between 0 and 1 (exclusive)"),
         ("epoch_sleep", settings.epoch_sleep >= 0, "expected 0 or more seconds"),
+        (
+            "monitoring_sample_rate",
+            settings.monitoring_sample_rate is None or 0 <= settings.monitoring_sample_rate <= 1,
+            "expected a share of requests from 0 (none) to 1 (all)",
+        ),
     )
     for name, ok, expected in checks:
         if not ok:
