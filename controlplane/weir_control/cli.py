@@ -855,6 +855,9 @@ class _Client:
                 for status in replica.status.endpoints
             )
             print(f"replica {replica.replica_id} at {replica.address}: {states or 'nothing'}")
+            for status in replica.status.endpoints:  # why: without it a FAILED state shows only with --json
+                if status.state == deployments_pb2.EndpointStatus.FAILED:
+                    print(f"  {_failure(status)}")
         return 0
 
     def _all_deployments(self) -> list[deployments_pb2.Deployment]:
@@ -888,6 +891,21 @@ class _Client:
         ]
         self._print(list(response.events), "\n".join(lines) or "no events")
         return 0
+
+
+MAX_SHOWN_REASON = 500  # characters of a failure's reason in text output (--json has all of it)
+
+
+def _failure(status: deployments_pb2.EndpointStatus) -> str:
+    """``E (variant V) FAILED to load M:2 (M:1 serves): reason`` on one line."""
+    name = status.endpoint + (f" (variant {status.variant})" if status.variant else "")
+    serving = (
+        f"{status.serving.model_name}:{status.serving.version} serves" if status.serving.version else "nothing serves"
+    )
+    reason = " ".join(status.message.split()) or "no reason given"
+    if len(reason) > MAX_SHOWN_REASON:
+        reason = reason[:MAX_SHOWN_REASON] + "... (--json: all of it)"
+    return f"{name} FAILED to load {status.desired.model_name}:{status.desired.version} ({serving}): {reason}"
 
 
 def _make_token(args: argparse.Namespace) -> int:

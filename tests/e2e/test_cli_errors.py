@@ -1,7 +1,8 @@
 """What a user sees when something goes wrong around the CLI (issue 15, item 7): a port already in use
 is one line naming it (not grpc's RuntimeError traceback), output piped into a reader that stopped
 (`weir ... | head`) ends quietly (not "[Errno 32] Broken pipe"), and `--log-format text` carries the
-fields the JSON lines carry (the model, the request id).
+fields the JSON lines carry (the model, the request id); and (item 9) `weir deployments` shows why an
+endpoint is FAILED without --json.
 """
 
 from __future__ import annotations
@@ -198,3 +199,42 @@ def test_a_reader_that_stays_gets_everything(planes) -> None:  # type: ignore[no
     control, _, _ = planes
     shown = weir("rollout", "status", "scale", "--control-plane", control.address, "--token", "t-deployer")
     assert shown.returncode == 0 and shown.stdout.startswith("scale: "), shown.stdout + shown.stderr
+
+
+def test_deployments_text_shows_why_an_endpoint_failed(planes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    control, _, _ = planes
+    config = tmp_path / "config.pbtxt"
+    config.write_text(CONFIG)
+    module = torch.jit.script(Wide())  # loads, but its output is not the 3 values the config declares
+    path = tmp_path / "wide" / "model.pt"
+    path.parent.mkdir()
+    torch.jit.save(module, str(path))
+    version = cli(control, "models", "push", "scale", str(path), "--config", str(config))["version"]
+    cli(control, "deploy", "broken", "scale", str(version))
+
+    def failed() -> bool:
+        listing = cli(control, "deployments")
+        return any(
+            status.get("endpoint") == "broken" and status.get("state") == "FAILED"
+            for replica in listing["replicas"]
+            for status in replica.get("status", {}).get("endpoints", [])
+        )
+
+    wait_until(failed, message="the data plane to report 'broken' FAILED")
+    listing = cli(control, "deployments")
+    (message,) = [
+        status["message"]
+        for replica in listing["replicas"]
+        for status in replica["status"]["endpoints"]
+        if status["endpoint"] == "broken"
+    ]
+    shown = weir("deployments", "--control-plane", control.address, "--token", "t-deployer")
+    assert shown.returncode == 0, shown.stderr
+    (line,) = [line for line in shown.stdout.splitlines() if line.startswith("  broken")]
+    assert line.startswith(f"  broken (variant primary) FAILED to load scale:{version} (nothing serves): "), line
+    assert " ".join(message.split())[:200] in line, (line, message)
+
+
+class Wide(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x], dim=1)
