@@ -204,10 +204,17 @@ def _audit(result: Any) -> str:
 def render(result: Any) -> str:
     settings = result.settings
     retrained = result.retrained
+    shown, first_critical = [], True
+    for event in result.events:
+        if event.actor == "drift-monitor" and event.what.startswith("window "):
+            if "CRITICAL" not in event.what or not first_critical:
+                continue  # every window is in the drift charts; the timeline names the first critical one
+            first_critical = False
+        shown.append(event)
     timeline = _table(
         ["t (s)", "actor", "what"],
-        [[f"{event.at - result.started:.1f}", event.actor, event.what] for event in result.events],
-        ["system" if _system(event.actor) else "" for event in result.events],
+        [[f"{event.at - result.started:.1f}", event.actor, event.what] for event in shown],
+        ["system" if _system(event.actor) else "" for event in shown],
     )
     accuracy = _table(
         ["version", "training job", "outcome", "held-out accuracy before the shift", "after the shift"],
