@@ -93,7 +93,15 @@ def add_commands(subcommands: Any) -> None:
     actions = models.add_subparsers(dest="models_command", required=True)
     push = actions.add_parser("push", help="upload a model file with its config.pbtxt as a new version")
     push.add_argument("name")
-    push.add_argument("model_file", type=Path, help="model.pt (TorchScript) or model.pt2 (torch.export)")
+    push.add_argument(
+        "model_file", type=Path,
+        help="a TorchScript (torch.jit.save) or torch.export (torch.export.save) archive, any file name: it is "
+        "stored as the version's model.pt or model.pt2, by its content",
+    )  # fmt: skip
+    push.add_argument(
+        "--format", choices=("torchscript", "export"),
+        help="what the file must be (default: whichever archive it is); a file that is not is refused",
+    )  # fmt: skip
     push.add_argument("--config", type=Path, required=True, help="the version's config.pbtxt")
     push.add_argument("--description", default="")
     push.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
@@ -345,6 +353,19 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     return pairs
 
 
+def artifact_filename(path: Path, expected: str | None) -> str:
+    """The name a version's model file has where it is served (model.pt: TorchScript, model.pt2:
+    torch.export), from the archive's content: a local file may be called anything. Reads the zip's
+    directory only (nothing unpickled, torch not imported); a file that is neither is refused here,
+    in one line, before any upload."""
+    from weir_proto.artifact_safety import ArtifactKind, inspect_artifact
+
+    kind = inspect_artifact(path, str(path))
+    if expected is not None and ArtifactKind(expected) != kind:
+        raise WeirError(f"--format {expected}: expected that kind of archive, {path} is a {kind.value} archive")
+    return "model.pt" if kind == ArtifactKind.TORCHSCRIPT else "model.pt2"
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -410,7 +431,7 @@ class _Client:
         header = registry_pb2.CreateModelVersionRequest.Header(
             model_name=args.name,
             config_pbtxt=args.config.read_text(encoding="utf-8"),
-            artifact_filename=args.model_file.name,
+            artifact_filename=artifact_filename(args.model_file, args.format),
             artifact_sha256=file_sha256(args.model_file),
             artifact_size=size,
             description=args.description,
@@ -441,7 +462,11 @@ class _Client:
                 registry_pb2.SetAliasRequest(model_name=args.name, alias=alias, version=version.version),
                 metadata=self._metadata,
             )
-        self._print(version, f"{version.model_name} version {version.version}: READY ({version.artifact_sha256[:12]})")
+        self._print(
+            version,
+            f"{version.model_name} version {version.version}: READY ({version.artifact_sha256[:12]}; "
+            f"{args.model_file.name} stored as {version.artifact_filename})",
+        )
         return 0
 
     def models_list(self) -> int:

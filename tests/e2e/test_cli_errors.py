@@ -2,7 +2,7 @@
 is one line naming it (not grpc's RuntimeError traceback), output piped into a reader that stopped
 (`weir ... | head`) ends quietly (not "[Errno 32] Broken pipe"), and `--log-format text` carries the
 fields the JSON lines carry (the model, the request id); and (item 9) `weir deployments` shows why an
-endpoint is FAILED without --json.
+endpoint is FAILED without --json; `weir models push` takes a model file of any name.
 """
 
 from __future__ import annotations
@@ -238,3 +238,42 @@ def test_deployments_text_shows_why_an_endpoint_failed(planes, tmp_path: Path) -
 class Wide(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x], dim=1)
+
+
+def test_models_push_takes_any_file_name_and_stores_the_served_one(planes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    control, _, url = planes
+    config = tmp_path / "config.pbtxt"
+    config.write_text(CONFIG)
+    renamed = tmp_path / "scale-v4.torchscript"
+    scripted(tmp_path, 4.0).rename(renamed)
+    pushed = weir("models", "push", "scale", str(renamed), "--config", str(config),
+                  "--control-plane", control.address, "--token", "t-deployer")  # fmt: skip
+    assert pushed.returncode == 0, pushed.stderr
+    assert pushed.stdout.strip().endswith("scale-v4.torchscript stored as model.pt)"), pushed.stdout
+    version = pushed.stdout.split(" version ")[1].split(":")[0]
+    assert cli(control, "models", "show", "scale", version)["artifact_filename"] == "model.pt"
+    cli(control, "deploy", "renamed", "scale", version)
+    wait_until(lambda: serves_endpoint(url, "renamed", 4.0), message="the renamed file's version to serve")
+
+    token = ["--config", str(config), "--control-plane", control.address, "--token", "t-deployer"]
+    wrong = weir("models", "push", "scale", str(renamed), "--format", "export", *token)
+    assert wrong.returncode == 1 and wrong.stderr.strip() == (
+        f"weir: --format export: expected that kind of archive, {renamed} is a torchscript archive"
+    ), wrong.stderr
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    refused = weir("models", "push", "scale", str(notes), *token)
+    assert refused.returncode == 1 and "not a TorchScript/torch.export archive" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+
+
+def serves_endpoint(url: str, endpoint: str, factor: float) -> bool:
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        x = np.array([[1.0, 2.0, 3.0]], np.float32)
+        data = grpcclient.InferInput("INPUT__0", list(x.shape), "FP32")
+        data.set_data_from_numpy(x)
+        answer = client.infer(endpoint, [data], client_timeout=30).as_numpy("OUTPUT__0")
+        return bool(np.allclose(answer, x * factor))
+    finally:
+        client.close()
