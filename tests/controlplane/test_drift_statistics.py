@@ -277,6 +277,44 @@ def test_a_small_window_of_the_same_distribution_is_not_flagged_by_ks(normal_ref
     assert crossed >= 15 and flagged <= 2
 
 
+def test_critical_needs_a_change_beyond_the_windows_noise() -> None:
+    """PSI, JSD and KS past their critical thresholds are WARNING unless the change is significant at the
+    CRITICAL gate (chi-square on the bins, KS's p-value), and nothing unless it is at the 5% gate."""
+    past = FeatureScores(name="x", categorical=False, count=170, psi=0.31, jensen_shannon=0.25, ks_p_value=1.0)
+    past.chi_square_p_value = 0.01
+    level, reasons = severity(past, DEFAULT_THRESHOLDS)
+    assert level == monitoring_pb2.WARNING and reasons == [
+        "psi 0.31 > 0.2 but p=0.01 >= 0.001",
+        "jsd 0.25 > 0.2 but p=0.01 >= 0.001",
+    ]
+    past.chi_square_p_value = 1e-6
+    assert severity(past, DEFAULT_THRESHOLDS)[0] == monitoring_pb2.CRITICAL
+    assert severity(past, DEFAULT_THRESHOLDS, features_tested=10_000)[0] == monitoring_pb2.WARNING  # Bonferroni
+    past.chi_square_p_value = 0.3
+    assert severity(past, DEFAULT_THRESHOLDS) == (monitoring_pb2.NONE, [])
+    ks = FeatureScores(name="x", categorical=False, count=170, ks_statistic=0.2, ks_p_value=0.005)
+    ks.chi_square_p_value = 1.0
+    assert severity(ks, DEFAULT_THRESHOLDS) == (monitoring_pb2.WARNING, ["ks 0.2 > 0.1 but p=0.005 >= 0.001"])
+
+
+def test_small_windows_of_the_reference_distribution_are_not_flagged(normal_reference: ReferenceProfile) -> None:
+    # 170 records of 5 unchanged features: PSI/JSD cross their warning thresholds in most windows and
+    # their critical ones in some; KS's 5% gate alone made ~1 window in 20 CRITICAL
+    rng = np.random.default_rng(12)
+    reference = normal_reference.numeric["x"]
+    levels = []
+    for _ in range(40):
+        columns = rng.normal(size=(5, 170))
+        scores = [score_numeric("x", reference, fill(normal_reference, {"x": column})) for column in columns]
+        levels.append(max(severity(score, DEFAULT_THRESHOLDS, features_tested=5)[0] for score in scores))
+    assert levels.count(monitoring_pb2.CRITICAL) == 0 and levels.count(monitoring_pb2.WARNING) <= 8, levels
+    shifted = [
+        score_numeric("x", reference, fill(normal_reference, {"x": rng.normal(0.5, size=170)})) for _ in range(20)
+    ]
+    found = [severity(score, DEFAULT_THRESHOLDS, features_tested=5)[0] for score in shifted]
+    assert found.count(monitoring_pb2.CRITICAL) >= 17, found  # half a standard deviation: still found
+
+
 def test_feature_scores_to_proto(normal_reference: ReferenceProfile) -> None:
     window = fill(normal_reference, {"x": np.random.default_rng(11).normal(loc=1.0, size=1_000)})
     scores = score_numeric("x", normal_reference.numeric["x"], window)

@@ -631,6 +631,9 @@ class DriftMonitor:
                 prediction: int = (
                     Severity.CRITICAL if change > critical else Severity.WARNING if change >= warning else Severity.NONE
                 )
+                gate = statistics.CRITICAL_P_VALUE_GATE / max(1, len(reference.numeric) + len(reference.categorical))
+                if prediction == Severity.CRITICAL and scores.chi_square_p_value >= gate:
+                    prediction = Severity.WARNING  # the class shares moved, not beyond the window's noise
                 report.predictions.add(output=name[: -len(ARGMAX)], max_share_change=change, severity=prediction)
                 level = max(level, prediction)  # the class shares are judged by the prediction thresholds too
                 report.features[-1].severity = level

@@ -20,15 +20,23 @@ Definitions (so the numbers in a DriftReport mean one thing):
 - **Wasserstein-1** = ``integral over u in (0, 1) of |Q_ref(u) - Q_cur(u)| du`` on a midpoint grid of
   the sketches' quantile functions; ``wasserstein_normalized`` divides it by the reference's (population)
   standard deviation, so one threshold fits features of any scale.
-- **chi-square** (categorical): Pearson's test of independence on the 2 x K table of reference and current
-  counts (``scipy.stats.chi2_contingency`` without Yates' correction, so the statistic means the same for
-  every K). It is reported, not thresholded: with the reference's row count in the table, any change is
-  significant; PSI and JSD measure *how much* changed.
+- **chi-square**: Pearson's test of independence on the 2 x K table of reference and current counts
+  (``scipy.stats.chi2_contingency`` without Yates' correction, so the statistic means the same for every
+  K), over the categories, or a numeric feature's decile bins. It is not thresholded (with the
+  reference's row count in the table, any real change is significant; PSI and JSD measure *how much*
+  changed) but gates CRITICAL, below.
 
 Severity: a statistic ``>= warning`` is WARNING, ``> critical`` is CRITICAL; the feature takes the worst.
 KS counts only when its p-value is below ``KS_P_VALUE_GATE`` too: on a small window D is noisy (a
 window of 100 values has D ~ 0.1 between two samples of the *same* distribution), and the p-value says
 whether D is more than that noise.
+
+PSI, JSD and Wasserstein are gated the same way by the chi-square test on their bins: on windows of a
+few hundred records they pass their thresholds on an unchanged feature (PSI ~0.1 on average at 100
+records, JSD over 0.1 in most windows of 170). And CRITICAL, which may retrain a model, needs the change
+beyond the window's noise at ``CRITICAL_P_VALUE_GATE`` (KS's p-value for KS, the chi-square test's for
+the others; Bonferroni-corrected for the features tested), else it stays WARNING: the 5% gate alone let
+about one unshifted window in 20 turn CRITICAL.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from weir_proto.control.v1 import monitoring_pb2
 
 EPSILON = 1e-4
 KS_P_VALUE_GATE = 0.05
+CRITICAL_P_VALUE_GATE = 0.001  # a CRITICAL statistic's change must be this significant (module docstring)
 # (warning, critical) per statistic (DESIGN §4); "wasserstein_normalized" only when a policy sets it.
 DEFAULT_THRESHOLDS: dict[str, tuple[float, float]] = {
     "psi": (0.1, 0.2),
@@ -190,6 +199,9 @@ def score_numeric(name: str, reference: NumericReference, window: WindowProfile)
         return scores
     scores.psi = psi(reference.proportions, current)
     scores.jensen_shannon = jensen_shannon(reference.proportions, current)
+    scores.chi_square, scores.chi_square_p_value = chi_square_test(
+        np.rint(reference.proportions * reference.count), np.rint(current * count)
+    )
     sketch = window.numeric_sketch(name)
     scores.ks_statistic, scores.ks_p_value = ks_from_sketches(reference.sketch, sketch)
     scores.wasserstein = wasserstein_from_sketches(reference.sketch, sketch)
@@ -292,18 +304,27 @@ def severity(
     ("prediction") are ignored; KS is gated by its p-value (module docstring), Bonferroni-corrected for
     the ``features_tested`` in the window as Alibi Detect does: without it, each of 20 unchanged
     features would raise a false alarm in 5% of windows."""
-    values = {"psi": scores.psi, "jsd": scores.jensen_shannon}
-    if not scores.categorical:
-        values["wasserstein_normalized"] = scores.wasserstein_normalized
-        if scores.ks_p_value < KS_P_VALUE_GATE / max(1, features_tested):
-            values["ks"] = scores.ks_statistic
+    values = {}
+    if scores.chi_square_p_value < KS_P_VALUE_GATE / max(1, features_tested):  # the binned statistics' gate
+        values = {"psi": scores.psi, "jsd": scores.jensen_shannon}
+        if not scores.categorical:
+            values["wasserstein_normalized"] = scores.wasserstein_normalized
+    if not scores.categorical and scores.ks_p_value < KS_P_VALUE_GATE / max(1, features_tested):
+        values["ks"] = scores.ks_statistic
     worst = int(monitoring_pb2.NONE)
     reasons: list[str] = []
+    gate = CRITICAL_P_VALUE_GATE / max(1, features_tested)
     for statistic, value in values.items():
         bounds = thresholds.get(statistic)
         if bounds is None:
             continue
         found = level(value, bounds)
+        significance = scores.ks_p_value if statistic == "ks" else scores.chi_square_p_value
+        if found == monitoring_pb2.CRITICAL and significance >= gate:
+            found = int(monitoring_pb2.WARNING)  # past the threshold, not beyond the window's noise
+            reasons.append(f"{statistic} {value:.3g} > {bounds[1]:g} but p={significance:.2g} >= {gate:.2g}")
+            worst = max(worst, found)
+            continue
         if found != monitoring_pb2.NONE:
             reason = _reason(statistic, value, bounds, found)
             reasons.append(f"{reason} (p={scores.ks_p_value:.2g})" if statistic == "ks" else reason)
