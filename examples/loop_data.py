@@ -30,11 +30,6 @@ SHIFTED_FEATURE = "days_since_last_order"
 SHIFT_DAYS = 30.0
 VIEW = "customer_stats"
 SERVICE = "churn"
-# A second view, never materialized into the online store: the --bad-retrain job trains with it (offline
-# it is complete), so the version it registers cannot be served (NOT_FOUND for that view's features).
-EXTRA_VIEW = "customer_tenure"
-EXTRA_FEATURE = "tenure_months"
-EXTRA_SERVICE = "churn_plus"
 LABEL = "churned"
 SNAPSHOT = datetime(2024, 2, 1, tzinfo=UTC)  # the features every customer starts with
 LABELLED = datetime(2024, 3, 1, tzinfo=UTC)  # the training labels' time (after the snapshot)
@@ -60,25 +55,10 @@ freshness = "batch"
 features = [
 {_FEATURE_LINES}]
 
-[[feature_view]]
-name = "{EXTRA_VIEW}"
-entities = ["customer"]
-source = "{EXTRA_VIEW}"
-timestamp_field = "event_timestamp"
-ttl_seconds = 0
-freshness = "batch"
-features = [ {{ name = "{EXTRA_FEATURE}", dtype = "FLOAT64" }} ]
-
 [[feature_service]]
 name = "{SERVICE}"
 features = [
 {_SERVICE_LINES}]
-
-[[feature_service]]
-name = "{EXTRA_SERVICE}"
-features = [
-{_SERVICE_LINES}  "{EXTRA_VIEW}:{EXTRA_FEATURE}",
-]
 """
 
 
@@ -109,19 +89,25 @@ class LoopData:
     customers: np.ndarray  # int64 ids 1..N
     before: dict[str, np.ndarray]
     after: dict[str, np.ndarray]
-    tenure: np.ndarray  # the extra view's feature (noise: the label does not depend on it)
     label_before: np.ndarray
     label_after: np.ndarray
     training: np.ndarray  # bool mask: the customers whose labels training sees
     definitions: Path
     entities: Path  # the label table the training job reads (rewritten with fresh labels after the shift)
+    inverted: Path  # the same table with every label inverted (a broken label pipeline: --bad-retrain)
     shifted_rows: Path  # the shifted snapshot, pushed to the feature store when the world moves
 
-    def matrix(self, when: str, mask: np.ndarray, extra: bool = False) -> np.ndarray:
-        """Model inputs in the feature service's order (``extra``: ``EXTRA_SERVICE``'s)."""
+    def matrix(self, when: str, mask: np.ndarray) -> np.ndarray:
+        """Model inputs in the feature service's order."""
         values = self.before if when == "before" else self.after
-        columns = [values[name][mask] for name in FEATURES] + ([self.tenure[mask]] if extra else [])
-        return np.stack(columns, axis=1).astype(np.float32)
+        return np.stack([values[name][mask] for name in FEATURES], axis=1).astype(np.float32)
+
+    def write_labels(self, when: str) -> None:
+        """The training customers' labels of the moment into the label table (and its inverted copy)."""
+        at = LABELLED if when == "before" else RELABELLED
+        labels = self.labels(when, self.training)
+        write_parquet(label_table(self.customers[self.training], labels, at), self.entities)
+        write_parquet(label_table(self.customers[self.training], 1 - labels, at), self.inverted)
 
     def labels(self, when: str, mask: np.ndarray) -> np.ndarray:
         return (self.label_before if when == "before" else self.label_after)[mask]
@@ -174,7 +160,6 @@ def build(directory: Path, customers: int = 2000, held_out: float = 0.25, seed: 
     label_before = concept_before(before, noise, float(np.median(_score(before))))
     label_after = concept_after(after, noise, float(np.median(_score(before) + 0.9 * before["support_tickets"])))
     training = generator.random(customers) >= held_out
-    tenure = np.round(generator.uniform(1.0, 72.0, customers), 0)
 
     directory.mkdir(parents=True, exist_ok=True)
     view_dir = directory / VIEW
@@ -182,22 +167,13 @@ def build(directory: Path, customers: int = 2000, held_out: float = 0.25, seed: 
     for stale in view_dir.glob("*.parquet"):
         stale.unlink()  # a rerun starts from the snapshot before the shift
     pq.write_table(_view_table(ids, before, SNAPSHOT), view_dir / "part-0.parquet")
-    extra_dir = directory / EXTRA_VIEW
-    extra_dir.mkdir(exist_ok=True)
-    extra = pa.table(
-        {
-            "customer_id": pa.array(ids, pa.int64()),
-            "event_timestamp": pa.array([SNAPSHOT] * customers, TIMESTAMP),
-            EXTRA_FEATURE: pa.array(tenure, pa.float64()),
-        }
-    )
-    pq.write_table(extra, extra_dir / "part-0.parquet")
     definitions = directory / "features.toml"
     definitions.write_text(DEFINITIONS, encoding="utf-8")
-    entities = directory / "labels.parquet"
-    write_parquet(label_table(ids[training], label_before[training], LABELLED), entities)
     shifted_rows = directory / "shifted.parquet"
     pq.write_table(_view_table(ids, after, SHIFTED), shifted_rows)
-    return LoopData(
-        ids, before, after, tenure, label_before, label_after, training, definitions, entities, shifted_rows
-    )
+    data = LoopData(
+        ids, before, after, label_before, label_after, training, definitions, directory / "labels.parquet",
+        directory / "labels-inverted.parquet", shifted_rows,
+    )  # fmt: skip
+    data.write_labels("before")
+    return data

@@ -52,7 +52,6 @@ import loop_report
 ENDPOINT = "churn"
 MODEL = "churn"
 CANDIDATE = "candidate"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class LoopError(Exception):
@@ -76,7 +75,7 @@ class LoopSettings:
     rate: float = 250.0  # requests per second (the built-in model samples 1 in 10 for drift)
     clients: int = 2
     heartbeat: float = 1.0
-    bad_retrain: bool = False  # the retrained model is worse: the canary rolls it back
+    bad_retrain: bool = False  # the retraining reads inverted labels: a worse model, the canary rolls it back
     seed: int = 0
     deadline: float = 420.0  # the whole loop, seconds (a bound: it takes 2-4 minutes here)
     verbose: bool = True
@@ -265,8 +264,7 @@ class Loop:
         state = self.out / "state"
         shutil.rmtree(state, ignore_errors=True)
         (state / "repository").mkdir(parents=True)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        env.pop("WEIR_TOKEN", None)
+        env = {key: value for key, value in os.environ.items() if key not in ("WEIR_TOKEN", "WEIR_TOKENS")}
         control_env = {**env, "WEIR_TOKENS": f"user:admin:{self.admin_token},data-plane:replica:{self.replica_token}"}
         control = Plane(
             "weir control",
@@ -292,9 +290,31 @@ class Loop:
         self.say(f"control plane {self.control_address}, data plane {self.data_address} (logs: {state})")
 
     def stop_planes(self) -> None:
+        """Cancel the loop's unfinished training jobs (a job outlives its control plane by design: a
+        restarted one re-attaches it), then stop the data plane and the control plane."""
+        if self.planes and self.planes[0].process.poll() is None and self.control_address:
+            with contextlib.suppress(Exception):
+                self.cancel_jobs()
         for plane in reversed(self.planes):
             plane.stop()
         self.planes.clear()
+
+    def cancel_jobs(self) -> None:
+        from weir_proto.control.v1 import training_pb2
+
+        Job = training_pb2.Job
+        running = (Job.QUEUED, Job.RUNNING)
+        jobs = self.rpc("Training", "ListJobs", training_pb2.ListJobsRequest(), timeout=10).jobs
+        for job in jobs:
+            if job.state in running:
+                self.say(f"cancelling training job {job.id}")
+                self.rpc("Training", "CancelJob", training_pb2.GetJobRequest(id=job.id), timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(
+            job.state in running
+            for job in self.rpc("Training", "ListJobs", training_pb2.ListJobsRequest(), timeout=10).jobs
+        ):
+            time.sleep(0.5)
 
     # --- Weir's interfaces ---------------------------------------------------------------------
 
@@ -451,11 +471,10 @@ class Loop:
         self.weir("models", "download", MODEL, str(version), "--out", str(target))
         model = torch.jit.load(str(target))
         held_out = ~data.training
-        extra = loop_data.EXTRA_SERVICE in str(self.describe(version).get("config_pbtxt", ""))
         scores = []
         for when in ("before", "after"):
             with torch.no_grad():
-                predicted = model(torch.from_numpy(data.matrix(when, held_out, extra))).argmax(dim=1).numpy()
+                predicted = model(torch.from_numpy(data.matrix(when, held_out))).argmax(dim=1).numpy()
             scores.append(float((predicted == data.labels(when, held_out)).mean()))
         return scores[0], scores[1]
 
@@ -558,14 +577,9 @@ class Loop:
             retrain=True, cooldown_seconds=settings.cooldown,
         )  # fmt: skip
         if settings.bad_retrain:
-            # a retraining spec of the policy's own that is worse: one epoch at a small learning rate, and a
-            # feature service with a view nobody materialized online (training reads it offline; serving
-            # cannot find it: the canary's requests fail)
-            policy.retrain_spec.CopyFrom(
-                self.builtin_spec(
-                    data.entities, canary=True, feature_service=loop_data.EXTRA_SERVICE, epochs=1, lr=0.002
-                )
-            )
+            # a retraining spec of the policy's own that is worse: it reads a label table whose labels a
+            # broken pipeline inverted (it serves fine; its answers are wrong, and the labels say so)
+            policy.retrain_spec.CopyFrom(self.builtin_spec(data.inverted, canary=True))
             self.rpc("Monitoring", "SetMonitoringPolicy", policy)
         else:
             self.weir(
@@ -599,12 +613,7 @@ class Loop:
             raise LoopError("unshifted traffic raised an alarm: " + "; ".join(alarms))
 
         # the world moves: fresh labels for the training job's label table, then the shifted features
-        loop_data.write_parquet(
-            loop_data.label_table(
-                data.customers[data.training], data.labels("after", data.training), loop_data.RELABELLED
-            ),
-            data.entities,
-        )
+        data.write_labels("after")
         self.weir("features", "push", "--view", loop_data.VIEW, "--rows", str(data.shifted_rows))
         traffic.shifted = True
         shift_at = time.time()
@@ -752,7 +761,7 @@ class Traffic:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._random = np.random.default_rng(loop.settings.seed + 1)
+        self._last_probe = ""
 
     def _infer(self, client: Any, customer: int, request_id: str) -> Any:
         return client.infer(
@@ -767,7 +776,9 @@ class Traffic:
             try:
                 self._infer(client, int(self.data.customers[0]), "probe")
             except InferenceServerException as error:
-                self.loop.say(f"  ... not served yet: {error.message()}")
+                if error.message() != self._last_probe:
+                    self._last_probe = str(error.message())
+                    self.loop.say(f"  ... not served yet: {error.message()}")
                 return False
         return True
 
@@ -882,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("build/loop"), help="working directory and report")
     parser.add_argument(
-        "--bad-retrain", action="store_true", help="the retrained model is worse: the canary rolls it back"
+        "--bad-retrain", action="store_true", help="the retraining reads inverted labels: a worse version, rolled back"
     )
     parser.add_argument("--fast", action="store_true", help="shorter windows and canary intervals")
     parser.add_argument("--customers", type=int, default=0)
