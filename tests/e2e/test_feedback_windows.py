@@ -136,3 +136,21 @@ def test_the_concept_baseline_follows_the_serving_version(planes: tuple[ControlP
     cli(control, "deploy", "scorer", "scorer", "2")
     second = labelled_window("second", 6)
     assert second.reference_accuracy == pytest.approx(0.6), second
+
+
+def test_labels_before_the_endpoints_first_record_are_held(planes: tuple[ControlProcess, str], tmp_path: Path) -> None:
+    """A just deployed endpoint without a policy: labels sent before its first request are held (they
+    answered NOT_FOUND) and matched when the requests' records come."""
+    control, url = planes
+    model = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(TwoClass()), str(model))
+    config = tmp_path / "config.pbtxt"
+    config.write_text(CONFIG)
+    cli(control, "models", "push", "scorer", str(model), "--config", str(config))
+    cli(control, "deploy", "scorer", "scorer", "1")
+    wait_until(lambda: _ready(url), 60, "the endpoint served")
+    answer = feedback(control, tmp_path, "first", {f"first-{index}": 0 for index in range(5)})
+    assert counts(answer) == (0, 0, 5), answer
+    send(url, rows(5, seed=8), "first")
+    wait_until(lambda: report(control).records_received == 5 and not report(control).labels_held, 30, "matched")
+    assert report(control).labels_unmatched == 0

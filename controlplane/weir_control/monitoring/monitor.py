@@ -346,7 +346,11 @@ class DriftMonitor:
         with self._lock:
             monitor = self._endpoints.get(request.endpoint)
             if monitor is None:
-                raise NotFoundError(f"endpoint: no inference records seen for '{request.endpoint}'")
+                # labels may come before the first record: a deployed endpoint's are held like any other
+                deployed = self._deployed_endpoints is None or request.endpoint in self._deployed_endpoints()
+                if not deployed:
+                    raise NotFoundError(f"endpoint: '{request.endpoint}' is not deployed and has no inference records")
+                monitor = self._monitor(request.endpoint)
             self._follow_serving(monitor)
             closed: dict[float, list[tuple[bool, str]]] = {}  # window start -> (correct, detector state)
             for label in request.labels:
