@@ -64,6 +64,11 @@ class OnlineStore(Protocol):
         """The latest event time written for ``view`` (its freshness)."""
         ...
 
+    def ages(self, view: str, older_than: float) -> tuple[int, int, float | None]:
+        """(entities of ``view`` online, how many have an event time before ``older_than``, the oldest
+        event time): freshness across entities, not only the newest row."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -75,6 +80,7 @@ if current and tonumber(current) > tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], '__event_ts', ARGV[1], unpack(ARGV, 2))
 local newest = redis.call('GET', KEYS[2])
 if not newest or tonumber(newest) < tonumber(ARGV[1]) then redis.call('SET', KEYS[2], ARGV[1]) end
+if KEYS[3] then redis.call('ZADD', KEYS[3], ARGV[1], KEYS[1]) end
 return 1
 """
 
@@ -110,7 +116,7 @@ return 1
         for key, event_ts, values in rows:
             fields = [item for name, value in values.items() if value is not None for item in (name, _encode(value))]
             self._write_if_newer(
-                keys=[redis_key(view, key), f"weir:fs:newest:{view}"],
+                keys=[redis_key(view, key), f"weir:fs:newest:{view}", f"weir:fs:ages:{view}"],
                 args=[repr(float(event_ts)), *fields],
                 client=pipeline,
             )
@@ -157,6 +163,18 @@ return 1
     def newest(self, view: str) -> float | None:
         value = self._client.get(f"weir:fs:newest:{view}")
         return float(value) if value is not None else None
+
+    def ages(self, view: str, older_than: float) -> tuple[int, int, float | None]:
+        """From a sorted set of the view's keys by event time, kept by the write script (one round trip)."""
+        ages = f"weir:fs:ages:{view}"
+        pipeline = self._client.pipeline(transaction=False)
+        pipeline.zcard(ages)
+        pipeline.zcount(ages, "-inf", f"({older_than!r}" if older_than != float("-inf") else "-inf")
+        pipeline.zrange(ages, 0, 0, withscores=True)
+        count, stale, first = pipeline.execute()
+        if older_than == float("-inf"):
+            stale = 0
+        return int(count), int(stale), float(first[0][1]) if first else None
 
     def close(self) -> None:
         self._client.close()
@@ -240,6 +258,14 @@ class SqliteOnlineStore:
         with self._lock:
             row = self._connection.execute("SELECT max(event_ts) FROM online WHERE view = ?", (view,)).fetchone()
         return float(row[0]) if row and row[0] is not None else None
+
+    def ages(self, view: str, older_than: float) -> tuple[int, int, float | None]:
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT count(*), coalesce(sum(event_ts < ?), 0), min(event_ts) FROM online WHERE view = ?",
+                (older_than, view),
+            ).fetchone()
+        return int(row[0]), int(row[1]), float(row[2]) if row[2] is not None else None
 
     def close(self) -> None:
         with self._lock:

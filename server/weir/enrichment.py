@@ -78,8 +78,18 @@ class EnrichmentSpec:
 
 
 class FreshnessCollector(Collector):
-    """Per feature view: the age of its newest online value, and whether that exceeds its freshness
-    class (static views never go stale). Read from the store at scrape time."""
+    """Per feature view, read from the store at scrape time, across its entities (one fresh push must
+    not make a view of stale entities look fresh):
+
+    - ``weir_feature_view_entities``: entities with a value online;
+    - ``weir_feature_view_stale_entities`` / ``weir_feature_view_stale_ratio``: how many (what share)
+      have a value older than the view's freshness class allows (static views: none);
+    - ``weir_feature_view_oldest_age_seconds`` and ``weir_feature_view_age_seconds``: the age of the
+      oldest and of the newest value;
+    - ``weir_feature_view_stale``: 1 when at least half the entities are stale (the median entity's
+      value is too old), or nothing is online; a view turning stale is logged.
+
+    A store without per-entity ages (an older one) is judged by its newest value alone."""
 
     def __init__(self, enricher: Enricher | Callable[[], Enricher | None], clock: Callable[[], float] = time.time):
         # A callable: the current enricher (a control plane may replace it with new definitions).
@@ -93,25 +103,59 @@ class FreshnessCollector(Collector):
         age = GaugeMetricFamily(
             "weir_feature_view_age_seconds", "Age of the newest online value of a feature view.", labels=["view"]
         )
+        oldest = GaugeMetricFamily(
+            "weir_feature_view_oldest_age_seconds", "Age of the oldest online value of a feature view.",
+            labels=["view"],
+        )  # fmt: skip
+        entities = GaugeMetricFamily(
+            "weir_feature_view_entities", "Entities with a value of the feature view online.", labels=["view"]
+        )
+        stale_entities = GaugeMetricFamily(
+            "weir_feature_view_stale_entities",
+            "Entities whose online value is older than the view's freshness class allows.",
+            labels=["view", "freshness"],
+        )
+        stale_ratio = GaugeMetricFamily(
+            "weir_feature_view_stale_ratio",
+            "Share of the view's online entities whose value is older than its freshness class allows.",
+            labels=["view", "freshness"],
+        )
         stale = GaugeMetricFamily(
-            "weir_feature_view_stale", "1 when a feature view's newest value is older than its freshness class.",
+            "weir_feature_view_stale",
+            "1 when at least half a feature view's entities (or all, or nothing online) are older than its freshness "
+            "class.",
             labels=["view", "freshness"],
         )  # fmt: skip
+        now = self._clock()
         for name, view in sorted(enricher.definitions.views.items()):
+            limit = FRESHNESS[view.freshness]
             try:
                 newest = enricher.store.newest(name)
+                ages = getattr(enricher.store, "ages", None)
+                summary = ages(name, now - limit if limit is not None else float("-inf")) if ages else None
             except Exception:  # a scrape must not fail because the store is down
                 continue
-            limit = FRESHNESS[view.freshness]
-            seconds = self._clock() - newest if newest is not None else float("inf")
+            seconds = now - newest if newest is not None else float("inf")
             age.add_metric([name], seconds)
-            is_stale = limit is not None and seconds > limit
+            if summary is not None:
+                count, stale_count, oldest_ts = summary
+                entities.add_metric([name], count)
+                stale_entities.add_metric([name, view.freshness], stale_count)
+                ratio = stale_count / count if count else 1.0
+                stale_ratio.add_metric([name, view.freshness], ratio)
+                oldest.add_metric([name], now - oldest_ts if oldest_ts is not None else float("inf"))
+                is_stale = limit is not None and (count == 0 or ratio >= 0.5)
+            else:
+                is_stale = limit is not None and seconds > limit
             stale.add_metric([name, view.freshness], 1.0 if is_stale else 0.0)
             if is_stale and name not in enricher.stale_views:
-                log.warning("feature view is stale", extra={"view": name, "age_seconds": seconds, "limit": limit})
+                log.warning(
+                    "feature view is stale",
+                    extra={"view": name, "age_seconds": seconds, "limit": limit,
+                           "stale_entities": summary[1] if summary else None},
+                )  # fmt: skip
             (enricher.stale_views.add if is_stale else enricher.stale_views.discard)(name)
-        yield age
-        yield stale
+        yield from (age, oldest, entities, stale_entities, stale_ratio, stale)
 
 
 class Enricher:
