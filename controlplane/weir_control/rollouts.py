@@ -21,6 +21,12 @@ A rollout owns the endpoint's serving variants while it runs: it records them as
 writes only over the revision it read. A hand change (Deploy, SetTraffic, Undeploy) found on the
 endpoint ends the rollout SUPERSEDED (audited, actor ``rollout-controller``), at the controller's next
 look or at the next call about it: what the hand change set serves, and a new rollout can start.
+
+A rollout must progress: the new variant (canary or green) READY on every attached data plane within
+``progress_deadline_seconds`` (default 600; the clock stops while paused), and its version loaded
+everywhere: a data plane reporting it FAILED to load, or the deadline passing, rolls the rollout back
+at once (ROLLED_BACK with the replica's load failure or the deadline as reason, actor
+``rollout-controller``). Without this a rollout of a version no replica can load waited for ever.
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ CONTROLLER = "rollout-controller"  # the audit log's actor for automatic transit
 DEFAULT_STEPS = (5, 25, 50, 100)
 DEFAULT_INTERVAL_SECONDS = 60.0
 DEFAULT_KEEP_PREVIOUS_SECONDS = 300.0
+DEFAULT_PROGRESS_DEADLINE_SECONDS = 600.0
+MIN_PROGRESS_DEADLINE_SECONDS = 1.0
+MAX_PROGRESS_DEADLINE_SECONDS = 86_400.0
 BLUE_GREEN = "blue_green"
 GREEN, BLUE = "green", "blue"
 PROTECTED = "protected"  # the flag that puts an endpoint under approval
@@ -83,6 +92,13 @@ def check_thresholds(thresholds: rollouts_pb2.AnalysisThresholds) -> None:
     check_number("thresholds.max_p99_slack_ms", thresholds.max_p99_slack_ms, 0.0, MAX_P99_SLACK_MS)
     check_number("thresholds.min_requests", thresholds.min_requests, 0, MAX_MIN_REQUESTS)
     check_number("thresholds.failure_limit", thresholds.failure_limit, 0, MAX_FAILURE_LIMIT)
+
+
+def progress_deadline(seconds: float) -> float:
+    """A request's progress deadline (0: the default), checked before anything changes."""
+    seconds = seconds or DEFAULT_PROGRESS_DEADLINE_SECONDS
+    check_number("progress_deadline_seconds", seconds, MIN_PROGRESS_DEADLINE_SECONDS, MAX_PROGRESS_DEADLINE_SECONDS)
+    return seconds
 
 
 def with_defaults(thresholds: rollouts_pb2.AnalysisThresholds) -> rollouts_pb2.AnalysisThresholds:
@@ -275,6 +291,7 @@ class RolloutController:
         interval = request.interval_seconds or DEFAULT_INTERVAL_SECONDS
         check_number("interval_seconds", interval, MIN_INTERVAL_SECONDS, MAX_INTERVAL_SECONDS)
         check_thresholds(request.thresholds)
+        deadline = progress_deadline(request.progress_deadline_seconds)
         check_name("endpoint", request.endpoint)
         check_name("model_name", request.model_name)
         async with self._lock:
@@ -302,10 +319,13 @@ class RolloutController:
                 interval_seconds=interval,
                 thresholds=with_defaults(request.thresholds),
                 started_by=actor,
+                progress_deadline_seconds=deadline,
             )
             rollout.started_at.FromDatetime(datetime.datetime.now(datetime.UTC))
             self._schedule(rollout)  # before any change: nothing below can fail on the request's numbers
+            self._restart_deadline(rollout)
             await self._set_weights(rollout, deployment, baseline, canary, steps[0], actor)
+            rollout.desired_revision = (await self._hub.current()).revision
             self._looks[request.endpoint] = collect(self._hub.attached(), request.endpoint)
             await asyncio.to_thread(self._store.save_rollout, rollout)
             return rollout
@@ -313,6 +333,7 @@ class RolloutController:
     async def start_blue_green(self, request: rollouts_pb2.StartBlueGreenRequest, actor: str) -> Rollout:
         keep = request.keep_previous_seconds or DEFAULT_KEEP_PREVIOUS_SECONDS
         check_number("keep_previous_seconds", keep, 0.0, MAX_KEEP_PREVIOUS_SECONDS)
+        deadline = progress_deadline(request.progress_deadline_seconds)
         check_name("endpoint", request.endpoint)
         check_name("model_name", request.model_name)
         async with self._lock:
@@ -327,11 +348,13 @@ class RolloutController:
             rollout = Rollout(
                 endpoint=request.endpoint, state=Rollout.RUNNING, strategy=BLUE_GREEN, baseline_variant=blue.name,
                 canary_variant=green.name, steps=[0, 100], step=0, keep_previous_seconds=keep, started_by=actor,
-                reason="loading green on every data plane",
+                reason="loading green on every data plane", progress_deadline_seconds=deadline,
             )  # fmt: skip
             rollout.started_at.FromDatetime(datetime.datetime.now(datetime.UTC))
+            self._restart_deadline(rollout)
             shadows = _shadows(deployment)
             await self._change(rollout, deployment, [_copy(blue, 100), green, *shadows], actor, "green loading")
+            rollout.desired_revision = (await self._hub.current()).revision
             await asyncio.to_thread(self._store.save_rollout, rollout)
             return rollout
 
@@ -401,19 +424,11 @@ class RolloutController:
     async def _advance_blue_green(self, rollout: Rollout) -> bool:
         """One look at a blue-green rollout; True when it changed."""
         if rollout.step == 0 and not rollout.green_ready:
-            replicas = self._hub.replicas()
-            ready = [
-                replica
-                for replica in replicas
-                if any(
-                    status.endpoint == rollout.endpoint and status.variant == rollout.canary_variant
-                    and status.state == deployments_pb2.EndpointStatus.READY and status.serving == status.desired
-                    for status in replica.status.endpoints
-                )
-            ]  # fmt: skip
-            if replicas and len(ready) == len(replicas):
+            ready, attached = await self._ready_on(rollout)
+            if attached and ready == attached:
                 rollout.green_ready = True
-                rollout.reason = f"green READY on all {len(replicas)} data planes: switch when you are"
+                rollout.ClearField("progress_deadline_at")
+                rollout.reason = f"green READY on all {attached} data planes: switch when you are"
                 return True
             return False
         if rollout.step == 1 and self._clock() >= rollout.retire_previous_at.ToDatetime(datetime.UTC).timestamp():
@@ -438,6 +453,7 @@ class RolloutController:
             elif action == "resume":
                 rollout.state, rollout.reason = Rollout.RUNNING, ""
                 self._schedule(rollout)
+                self._restart_deadline(rollout)  # the progress deadline's clock stopped while paused
                 self._looks[endpoint] = collect(self._hub.attached(), endpoint)
             elif action == "abort":
                 await self._roll_back(rollout, f"aborted by {actor}", actor)
@@ -473,6 +489,9 @@ class RolloutController:
                     await self._step_failed(rollout, error)
 
     async def _step(self, rollout: Rollout) -> None:
+        if await self._stalled(rollout):
+            await asyncio.to_thread(self._store.save_rollout, rollout)
+            return
         if rollout.strategy == BLUE_GREEN:
             if rollout.state == Rollout.RUNNING and await self._advance_blue_green(rollout):
                 await asyncio.to_thread(self._store.save_rollout, rollout)
@@ -537,6 +556,93 @@ class RolloutController:
                 rollout, deployment, baseline_variant, canary_variant, rollout.steps[rollout.step], CONTROLLER
             )
         self._schedule(rollout)
+
+    # --- progress ---------------------------------------------------------------------------------
+
+    async def _stalled(self, rollout: Rollout) -> bool:
+        """Roll back a rollout whose new version failed to load on a data plane, or whose new
+        variant is not READY everywhere by its progress deadline (RUNNING only); True when it did.
+        A canary READY everywhere records it (the deadline is met)."""
+        version = await self._new_version(rollout)
+        failure = self._load_failure(rollout, version)
+        if failure is not None:
+            await self._roll_back(rollout, failure, CONTROLLER)
+            return True
+        if rollout.state != Rollout.RUNNING or not rollout.HasField("progress_deadline_at"):
+            return False
+        ready, attached = await self._ready_on(rollout, version)
+        if attached and ready == attached:
+            if rollout.strategy != BLUE_GREEN:  # blue-green: its own look records green_ready
+                rollout.canary_ready = True
+                rollout.ClearField("progress_deadline_at")
+                await asyncio.to_thread(self._store.save_rollout, rollout)
+            return False
+        if self._clock() < rollout.progress_deadline_at.ToDatetime(datetime.UTC).timestamp():
+            return False
+        role = "green" if rollout.strategy == BLUE_GREEN else "canary"
+        target = f"{rollout.canary_variant} ({version[0]}:{version[1]})" if version else rollout.canary_variant
+        seen = f"READY on {ready} of {attached} attached" if attached else "no data plane attached"
+        await self._roll_back(
+            rollout,
+            f"progress deadline exceeded: the {role} {target} was not READY on every data plane within "
+            f"{rollout.progress_deadline_seconds:g} s ({seen})",
+            CONTROLLER,
+        )
+        return True
+
+    async def _new_version(self, rollout: Rollout) -> tuple[str, int] | None:
+        """The model and version the new variant resolves to in the desired state (None: none now)."""
+        for endpoint in (await self._hub.current()).endpoints:
+            if endpoint.endpoint == rollout.endpoint:
+                for variant in endpoint.variants:
+                    if variant.name == rollout.canary_variant:
+                        return variant.model.model_name, variant.model.version
+        return None
+
+    def _load_failure(self, rollout: Rollout, version: tuple[str, int] | None) -> str | None:
+        """Why the new version cannot serve: the first data plane that reports it FAILED to load
+        (on a desired state that named it: not a failure left from an earlier rollout)."""
+        if version is None:
+            return None
+        for replica in self._hub.replicas():
+            if replica.status.applied_revision < rollout.desired_revision:
+                continue
+            for status in replica.status.endpoints:
+                if (
+                    status.endpoint == rollout.endpoint and status.variant == rollout.canary_variant
+                    and status.state == deployments_pb2.EndpointStatus.FAILED
+                    and (status.desired.model_name, status.desired.version) == version
+                ):  # fmt: skip
+                    return (
+                        f"version {version[1]} failed to load on replica {replica.replica_id}: "
+                        f"{status.message or 'no reason given'}"
+                    )
+        return None
+
+    async def _ready_on(self, rollout: Rollout, version: tuple[str, int] | None = None) -> tuple[int, int]:
+        """How many attached data planes serve the new variant's version READY, of how many."""
+        if version is None:
+            version = await self._new_version(rollout)
+        replicas = self._hub.replicas()
+        ready = [
+            replica
+            for replica in replicas
+            if version is not None and any(
+                status.endpoint == rollout.endpoint and status.variant == rollout.canary_variant
+                and status.state == deployments_pb2.EndpointStatus.READY and status.serving == status.desired
+                and (status.desired.model_name, status.desired.version) == version
+                for status in replica.status.endpoints
+            )
+        ]  # fmt: skip
+        return len(ready), len(replicas)
+
+    def _restart_deadline(self, rollout: Rollout) -> None:
+        """The progress deadline from now, while the new variant has not been READY everywhere."""
+        done = rollout.green_ready if rollout.strategy == BLUE_GREEN else rollout.canary_ready
+        if rollout.progress_deadline_seconds and not done:
+            rollout.progress_deadline_at.FromDatetime(
+                datetime.datetime.fromtimestamp(self._clock() + rollout.progress_deadline_seconds, datetime.UTC)
+            )
 
     # --- transitions ------------------------------------------------------------------------------
 

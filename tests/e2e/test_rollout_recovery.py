@@ -6,11 +6,16 @@ end: `weir control` and two `weir serve --control-plane`, driven with the `weir`
   rollout controller's; what the hand change set serves, and the endpoint can be rolled out again.
 - A version that failed to load, then the serving version desired again: every replica reports the
   endpoint READY again (`weir deployments`, `weir_control_replica_endpoints{state="failed"}` 0).
+- A rollout (canary or blue-green) of a version the replicas fail to load ends ROLLED_BACK at once
+  with the replica's load failure as reason, the stable variant takes all traffic back (audited as the
+  rollout controller's); one whose new variant is never READY (no data plane attached) ends at its
+  progress deadline (`--progress-deadline`). Both waited for ever before.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -175,6 +180,16 @@ def _failed_gauges(control: ControlProcess) -> dict[str, float]:
     return gauges
 
 
+def push_corrupt(control: ControlProcess, tmp_path: Path, factor: float) -> str:
+    """A version whose stored artifact is corrupt: every data plane fails to load it."""
+    pushed = cli(
+        control, "models", "push", "scale", str(scripted(tmp_path, factor)), "--config", str(tmp_path / "config.pbtxt")
+    )
+    blob = tmp_path / "control" / "artifacts" / "blobs" / pushed["artifact_sha256"][:2] / pushed["artifact_sha256"]
+    blob.write_bytes(blob.read_bytes()[:-10] + b"corrupted!")
+    return str(pushed["version"])
+
+
 def test_a_failed_version_is_cleared_once_the_serving_version_is_desired_again(planes) -> None:
     control, replicas, tmp_path = planes
     good = push(control, tmp_path, 2.0)
@@ -182,12 +197,7 @@ def test_a_failed_version_is_cleared_once_the_serving_version_is_desired_again(p
     serve_everywhere(replicas, 2.0)
 
     # a version whose stored artifact is corrupt: FAILED on both replicas, the good one keeps serving
-    pushed = cli(
-        control, "models", "push", "scale", str(scripted(tmp_path, 4.0)), "--config", str(tmp_path / "config.pbtxt")
-    )
-    blob = tmp_path / "control" / "artifacts" / "blobs" / pushed["artifact_sha256"][:2] / pushed["artifact_sha256"]
-    blob.write_bytes(blob.read_bytes()[:-10] + b"corrupted!")
-    cli(control, "deploy", "scale", "scale", pushed["version"])
+    cli(control, "deploy", "scale", "scale", push_corrupt(control, tmp_path, 4.0))
     wait_until(
         lambda: [states for states in replica_states(control).values()] == [[("scale", "FAILED", int(good))]] * 2,
         message="both replicas to report the corrupt version FAILED",
@@ -208,3 +218,89 @@ def test_a_failed_version_is_cleared_once_the_serving_version_is_desired_again(p
     assert _failed_gauges(control) == {"replica-0": 0.0, "replica-1": 0.0}
     for replica in replicas:
         assert serves_factor(replica.grpc_url, 2.0)
+
+
+def rolled_back_events(control: ControlProcess, reason: str) -> list[tuple[str, str]]:
+    events = cli(control, "audit", "--action", "Rollouts/Step", token="t-replica")
+    return [
+        (event["actor"], event.get("result", ""))
+        for event in events
+        if event.get("detail", "").startswith(f"rolled back: {reason}")
+    ]
+
+
+def primary_only(control: ControlProcess) -> list[tuple[str, int, str]]:
+    deployment = cli(control, "deployments", token="t-replica")["deployments"][0]
+    return [(v["name"], v.get("weight"), v["version"]) for v in deployment["variants"]]
+
+
+def test_a_version_that_fails_to_load_rolls_back_a_canary_and_a_blue_green(planes) -> None:
+    control, replicas, tmp_path = planes
+    good, bad, later = push(control, tmp_path, 2.0), push_corrupt(control, tmp_path, 4.0), push(control, tmp_path, 3.0)
+    cli(control, "deploy", "scale", "scale", good)
+    serve_everywhere(replicas, 2.0)
+
+    # a canary of the corrupt version (never enough requests to judge it, a deadline far away): the
+    # replicas' load failure ends it at once, the baseline takes all traffic back
+    started = cli(control, "rollout", "start", "scale", f"scale:{bad}", "--steps", "20,100", "--interval", "0.5",
+                  "--min-requests", "1000000")  # fmt: skip
+    assert started["state"] == "RUNNING" and started["progress_deadline_seconds"] == 600
+    result = ended(control)
+    assert result["state"] == "ROLLED_BACK", result
+    assert re.match(
+        rf"version {bad} failed to load on replica replica-[01]: .*stored bytes are corrupt", result["reason"]
+    ), result
+    assert primary_only(control) == [("primary", 100, good)]
+    assert rolled_back_events(control, f"version {bad} failed to load") == [("rollout-controller", "OK")]
+    serve_everywhere(replicas, 2.0)
+
+    # a blue-green of it: green never READY, the rollout does not wait for ever "loading green"
+    started = cli(control, "rollout", "blue-green", "scale", f"scale:{bad}")
+    assert started["state"] == "RUNNING" and started["canary_variant"] == "green"
+    result = ended(control)
+    assert result["state"] == "ROLLED_BACK", result
+    assert re.match(rf"version {bad} failed to load on replica replica-[01]: ", result["reason"]), result
+    assert "green_ready" not in result
+    assert primary_only(control) == [("primary", 100, good)]
+    assert rolled_back_events(control, f"version {bad} failed to load") == [("rollout-controller", "OK")] * 2
+    serve_everywhere(replicas, 2.0)
+
+    # the endpoint rolls out again: a blue-green of a good version, to its end
+    cli(control, "rollout", "blue-green", "scale", f"scale:{later}", "--keep-previous-seconds", "0.5")
+    wait_until(lambda: green_ready(control), message="green READY on both data planes")
+    cli(control, "rollout", "switch", "scale")
+    assert ended(control)["state"] == "SUCCEEDED"
+    serve_everywhere(replicas, 3.0)
+
+
+def test_a_rollout_whose_new_version_is_never_ready_ends_at_its_progress_deadline(tmp_path: Path) -> None:
+    control = start_control(tmp_path / "control", f"sqlite:///{tmp_path / 'control.db'}", free_port())
+    try:
+        good, new = push(control, tmp_path, 2.0), push(control, tmp_path, 3.0)
+        cli(control, "deploy", "scale", "scale", good)
+
+        # the deadline is bounded, checked before anything changes
+        for value, shown in (("100000", "100000.0"), ("-5", "-5.0"), ("nan", "nan")):
+            for command in ("start", "blue-green"):
+                with pytest.raises(
+                    AssertionError,
+                    match=rf"progress_deadline_seconds: expected a finite number in 1\.\.86400, got {shown}",
+                ):
+                    cli(control, "rollout", command, "scale", f"scale:{new}", "--progress-deadline", value)
+        assert primary_only(control) == [("primary", 100, good)]
+
+        # no data plane attached: neither the canary nor green ever becomes READY anywhere
+        for command, role, variant in (("start", "canary", "canary"), ("blue-green", "green", "green")):
+            started = cli(control, "rollout", command, "scale", f"scale:{new}", "--progress-deadline", "1.5")
+            assert started["state"] == "RUNNING" and started["progress_deadline_seconds"] == 1.5, started
+            result = ended(control)
+            assert result["state"] == "ROLLED_BACK", result
+            assert result["reason"] == (
+                f"progress deadline exceeded: the {role} {variant} (scale:{new}) was not READY on every data plane "
+                "within 1.5 s (no data plane attached)"
+            ), result
+            assert primary_only(control) == [("primary", 100, good)]
+        assert rolled_back_events(control, "progress deadline exceeded") == [("rollout-controller", "OK")] * 2
+    finally:
+        control.process.terminate()
+        control.process.wait(timeout=30)

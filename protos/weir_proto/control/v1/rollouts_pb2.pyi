@@ -11,18 +11,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartBlueGreenRequest(_message.Message):
-    __slots__ = ("endpoint", "model_name", "version", "alias", "keep_previous_seconds")
+    __slots__ = ("endpoint", "model_name", "version", "alias", "keep_previous_seconds", "progress_deadline_seconds")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     KEEP_PREVIOUS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     model_name: str
     version: int
     alias: str
     keep_previous_seconds: float
-    def __init__(self, endpoint: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., keep_previous_seconds: _Optional[float] = ...) -> None: ...
+    progress_deadline_seconds: float
+    def __init__(self, endpoint: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., keep_previous_seconds: _Optional[float] = ..., progress_deadline_seconds: _Optional[float] = ...) -> None: ...
 
 class AnalysisThresholds(_message.Message):
     __slots__ = ("max_error_rate_increase", "max_p99_ratio", "max_p99_slack_ms", "min_requests", "failure_limit")
@@ -39,7 +41,7 @@ class AnalysisThresholds(_message.Message):
     def __init__(self, max_error_rate_increase: _Optional[float] = ..., max_p99_ratio: _Optional[float] = ..., max_p99_slack_ms: _Optional[float] = ..., min_requests: _Optional[int] = ..., failure_limit: _Optional[int] = ...) -> None: ...
 
 class StartRolloutRequest(_message.Message):
-    __slots__ = ("endpoint", "model_name", "version", "alias", "steps", "interval_seconds", "thresholds")
+    __slots__ = ("endpoint", "model_name", "version", "alias", "steps", "interval_seconds", "thresholds", "progress_deadline_seconds")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +49,7 @@ class StartRolloutRequest(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     model_name: str
     version: int
@@ -54,7 +57,8 @@ class StartRolloutRequest(_message.Message):
     steps: _containers.RepeatedScalarFieldContainer[int]
     interval_seconds: float
     thresholds: AnalysisThresholds
-    def __init__(self, endpoint: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., interval_seconds: _Optional[float] = ..., thresholds: _Optional[_Union[AnalysisThresholds, _Mapping]] = ...) -> None: ...
+    progress_deadline_seconds: float
+    def __init__(self, endpoint: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., interval_seconds: _Optional[float] = ..., thresholds: _Optional[_Union[AnalysisThresholds, _Mapping]] = ..., progress_deadline_seconds: _Optional[float] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("endpoint",)
@@ -109,7 +113,7 @@ class RolloutVariant(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("endpoint", "state", "baseline_variant", "canary_variant", "steps", "step", "interval_seconds", "thresholds", "failed_intervals", "analyses", "started_by", "started_at", "next_analysis_at", "reason", "strategy", "keep_previous_seconds", "retire_previous_at", "green_ready", "approved_by", "awaiting_approval", "variants", "ended_at")
+    __slots__ = ("endpoint", "state", "baseline_variant", "canary_variant", "steps", "step", "interval_seconds", "thresholds", "failed_intervals", "analyses", "started_by", "started_at", "next_analysis_at", "reason", "strategy", "keep_previous_seconds", "retire_previous_at", "green_ready", "approved_by", "awaiting_approval", "variants", "ended_at", "progress_deadline_seconds", "progress_deadline_at", "canary_ready", "desired_revision")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Rollout.State]
@@ -146,6 +150,10 @@ class Rollout(_message.Message):
     AWAITING_APPROVAL_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_DEADLINE_AT_FIELD_NUMBER: _ClassVar[int]
+    CANARY_READY_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_REVISION_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     state: Rollout.State
     baseline_variant: str
@@ -168,4 +176,8 @@ class Rollout(_message.Message):
     awaiting_approval: bool
     variants: _containers.RepeatedCompositeFieldContainer[RolloutVariant]
     ended_at: _timestamp_pb2.Timestamp
-    def __init__(self, endpoint: _Optional[str] = ..., state: _Optional[_Union[Rollout.State, str]] = ..., baseline_variant: _Optional[str] = ..., canary_variant: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., interval_seconds: _Optional[float] = ..., thresholds: _Optional[_Union[AnalysisThresholds, _Mapping]] = ..., failed_intervals: _Optional[int] = ..., analyses: _Optional[_Iterable[_Union[Analysis, _Mapping]]] = ..., started_by: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_analysis_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., strategy: _Optional[str] = ..., keep_previous_seconds: _Optional[float] = ..., retire_previous_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., green_ready: bool = ..., approved_by: _Optional[str] = ..., awaiting_approval: bool = ..., variants: _Optional[_Iterable[_Union[RolloutVariant, _Mapping]]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    progress_deadline_seconds: float
+    progress_deadline_at: _timestamp_pb2.Timestamp
+    canary_ready: bool
+    desired_revision: int
+    def __init__(self, endpoint: _Optional[str] = ..., state: _Optional[_Union[Rollout.State, str]] = ..., baseline_variant: _Optional[str] = ..., canary_variant: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., interval_seconds: _Optional[float] = ..., thresholds: _Optional[_Union[AnalysisThresholds, _Mapping]] = ..., failed_intervals: _Optional[int] = ..., analyses: _Optional[_Iterable[_Union[Analysis, _Mapping]]] = ..., started_by: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_analysis_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., strategy: _Optional[str] = ..., keep_previous_seconds: _Optional[float] = ..., retire_previous_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., green_ready: bool = ..., approved_by: _Optional[str] = ..., awaiting_approval: bool = ..., variants: _Optional[_Iterable[_Union[RolloutVariant, _Mapping]]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress_deadline_seconds: _Optional[float] = ..., progress_deadline_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., canary_ready: bool = ..., desired_revision: _Optional[int] = ...) -> None: ...
