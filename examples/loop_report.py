@@ -163,6 +163,22 @@ def _accuracy_chart(result: Any) -> str:
     return _png(figure)
 
 
+KNOWN_ANALYSIS = {
+    "at", "step", "canary_weight", "canary_requests", "canary_errors", "baseline_requests", "baseline_errors",
+    "canary_p99_ms", "baseline_p99_ms", "verdict", "reason",
+}  # fmt: skip
+
+
+def other_figures(analysis: dict[str, Any]) -> str:
+    """Figures an analysis carries beyond requests, errors and p99 (e.g. the labelled accuracy of each
+    variant), as name=value."""
+    parts = []
+    for name, value in sorted(analysis.items()):
+        if name not in KNOWN_ANALYSIS:
+            parts.append(f"{name}={value:.3f}" if isinstance(value, float) else f"{name}={value}")
+    return ", ".join(parts)
+
+
 def _canary(rollout: dict[str, Any]) -> str:
     rows, classes = [], []
     for analysis in rollout.get("analyses", []):
@@ -171,7 +187,7 @@ def _canary(rollout: dict[str, Any]) -> str:
             f"{analysis.get('canary_requests', 0)} / {analysis.get('canary_errors', 0)}",
             f"{analysis.get('baseline_requests', 0)} / {analysis.get('baseline_errors', 0)}",
             f"{analysis.get('canary_p99_ms', 0.0):.1f} / {analysis.get('baseline_p99_ms', 0.0):.1f}",
-            analysis.get("verdict", ""), analysis.get("reason", ""),
+            other_figures(analysis), analysis.get("verdict", ""), analysis.get("reason", ""),
         ])  # fmt: skip
         classes.append(analysis.get("verdict", "").lower())
     state = rollout.get("state", "")
@@ -182,7 +198,7 @@ def _canary(rollout: dict[str, Any]) -> str:
     )
     return header + _table(
         ["at (UTC)", "step", "canary requests / errors", "baseline requests / errors", "p99 ms canary / baseline",
-         "verdict", "reason"], rows, classes,
+         "other figures", "verdict", "reason"], rows, classes,
     )  # fmt: skip
 
 

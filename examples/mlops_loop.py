@@ -438,10 +438,11 @@ class Loop:
             if canary is not None and canary.version not in (0, version):
                 return None  # an earlier rollout still
             for analysis in rollout.analyses[seen[0] :]:
+                extra = loop_report.other_figures(json_format.MessageToDict(analysis, preserving_proto_field_name=True))
                 self.say(
                     f"  canary step {analysis.step} ({analysis.canary_weight}%): {analysis.verdict}, "
-                    f"{analysis.canary_requests} canary / {analysis.baseline_requests} baseline requests; "
-                    f"{analysis.reason}"
+                    f"{analysis.canary_requests} canary / {analysis.baseline_requests} baseline requests"
+                    f"{'; ' + extra if extra else ''}; {analysis.reason}"
                 )
             seen[0] = len(rollout.analyses)
             return rollout if rollout.state in (Rollout.SUCCEEDED, Rollout.ROLLED_BACK, Rollout.SUPERSEDED) else None
