@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from google.protobuf import text_format
 from weir_proto.artifact_safety import ArtifactKind, check_expected_kind, export_user_input_count, inspect_artifact
 from weir_proto.errors import InternalError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from weir_proto.inference import messages as inference
+from weir_proto.validation_inputs import MAX_VALIDATION_BYTES, VALIDATION_FILENAME, check_validation_npz
 
 CHUNK_BYTES = 1 << 20  # streamed in 1 MiB pieces: large models never sit in memory whole
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -63,6 +64,16 @@ def check_model_artifact(path: Path, artifact_filename: str, config_pbtxt: str =
             )
 
 
+def check_validation_header(sha256: str, size: int) -> None:
+    """An upload's announced validation inputs: none (both empty), or a sha256 and a size within
+    ``MAX_VALIDATION_BYTES`` (the size bounds what the writer accepts)."""
+    if not sha256 and not size:
+        return
+    check_sha256("validation_sha256", sha256)
+    if not 0 < size <= MAX_VALIDATION_BYTES:
+        raise InvalidArgumentError(f"validation_size: expected 1 to {MAX_VALIDATION_BYTES} bytes, got {size}")
+
+
 @dataclass(frozen=True)
 class StoredBlob:
     sha256: str
@@ -95,8 +106,10 @@ class BlobWriter:
         expected_size: int,
         artifact_filename: str = "",
         config_pbtxt: str = "",
+        check: Callable[[Path], None] | None = None,
     ) -> None:
         self._store = store
+        self._check = check
         self._expected_sha256 = expected_sha256
         self._expected_size = expected_size
         self._artifact_filename = artifact_filename
@@ -140,6 +153,12 @@ class BlobWriter:
             except BaseException:
                 self.discard()  # a refused artifact never enters the store
                 raise
+        if self._check is not None:
+            try:
+                self._check(self._path)
+            except BaseException:
+                self.discard()
+                raise
         target = self._store.path_of(digest)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._path, target)  # same content, same name: replacing an existing blob is harmless
@@ -172,6 +191,15 @@ class ArtifactStore:
         before they are stored."""
         checked = check_sha256("artifact_sha256", expected_sha256)
         return BlobWriter(self, checked, expected_size, artifact_filename, config_pbtxt)
+
+    def validation_writer(self, expected_sha256: str, expected_size: int) -> BlobWriter:
+        """A writer for a version's validation inputs: a bounded npz of plain arrays
+        (``weir_proto.validation_inputs``), checked before it is stored."""
+        check_validation_header(expected_sha256, expected_size)
+        return BlobWriter(
+            self, expected_sha256, expected_size,
+            check=lambda path: check_validation_npz(path, f"validation inputs ({VALIDATION_FILENAME})"),
+        )  # fmt: skip
 
     def put(self, chunks: Iterable[bytes], sha256: str, size: int = 0) -> StoredBlob:
         writer = self.writer(sha256, size)

@@ -103,6 +103,11 @@ def add_commands(subcommands: Any) -> None:
         help="what the file must be (default: whichever archive it is); a file that is not is refused",
     )  # fmt: skip
     push.add_argument("--config", type=Path, required=True, help="the version's config.pbtxt")
+    push.add_argument(
+        "--validation", type=Path, metavar="NPZ",
+        help="validation inputs (numpy.savez: one array per input, numbers only, at most 64 MiB): stored with the "
+        "version and served as validation.npz, where the accuracy gate of a lowered precision runs on them",
+    )  # fmt: skip
     push.add_argument("--description", default="")
     push.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
     push.add_argument("--metric", action="append", default=[], metavar="NAME=NUMBER")
@@ -355,12 +360,18 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 def artifact_filename(path: Path, expected: str | None) -> str:
     """The name a version's model file has where it is served (model.pt: TorchScript, model.pt2:
-    torch.export), from the archive's content: a local file may be called anything. Reads the zip's
-    directory only (nothing unpickled, torch not imported); a file that is neither is refused here,
-    in one line, before any upload."""
+    torch.export), from the archive's content: a local file may be called anything. Reads the zip
+    only (nothing unpickled, torch not imported). A file whose content does not say (not an archive,
+    or one refused as unsafe) is named by --format, else its extension (.pt2: torch.export), and the
+    control plane refuses it with its reason, recorded as a FAILED version and in the audit log."""
     from weir_proto.artifact_safety import ArtifactKind, inspect_artifact
 
-    kind = inspect_artifact(path, str(path))
+    try:
+        kind = inspect_artifact(path, str(path))
+    except WeirError:
+        if path.name in ("model.pt", "model.pt2"):
+            return path.name
+        return "model.pt2" if (expected or path.suffix.lstrip(".")) in ("export", "pt2") else "model.pt"
     if expected is not None and ArtifactKind(expected) != kind:
         raise WeirError(f"--format {expected}: expected that kind of archive, {path} is a {kind.value} archive")
     return "model.pt" if kind == ArtifactKind.TORCHSCRIPT else "model.pt2"
@@ -444,6 +455,12 @@ class _Client:
                 code_version=args.code_version,
             ),
         )
+        if args.validation is not None:
+            from weir_proto.validation_inputs import check_validation_npz
+
+            check_validation_npz(args.validation, f"--validation {args.validation}")  # before any upload
+            header.validation_sha256 = file_sha256(args.validation)
+            header.validation_size = args.validation.stat().st_size
         try:
             self._registry.GetRegisteredModel(
                 registry_pb2.GetRegisteredModelRequest(name=args.name), metadata=self._metadata
@@ -455,7 +472,8 @@ class _Client:
                 registry_pb2.CreateRegisteredModelRequest(name=args.name), metadata=self._metadata
             )
         version = self._registry.CreateModelVersion(
-            _upload_messages(header, args.model_file, size, show_progress=not args.json), metadata=self._metadata
+            _upload_messages(header, args.model_file, size, show_progress=not args.json, validation=args.validation),
+            metadata=self._metadata,
         )
         for alias in args.alias:
             version = self._registry.SetAlias(
@@ -1005,7 +1023,11 @@ def _outcome_error(error: grpc.RpcError, line_numbers: list[int]) -> str:
 
 
 def _upload_messages(
-    header: registry_pb2.CreateModelVersionRequest.Header, path: Path, size: int, show_progress: bool
+    header: registry_pb2.CreateModelVersionRequest.Header,
+    path: Path,
+    size: int,
+    show_progress: bool,
+    validation: Path | None = None,
 ) -> Iterator[registry_pb2.CreateModelVersionRequest]:
     yield registry_pb2.CreateModelVersionRequest(header=header)
     progress = None
@@ -1019,6 +1041,10 @@ def _upload_messages(
                 if progress is not None:
                     progress.update(len(chunk))
                 yield registry_pb2.CreateModelVersionRequest(chunk=chunk)
+        if validation is not None:
+            with validation.open("rb") as handle:
+                while chunk := handle.read(UPLOAD_CHUNK):
+                    yield registry_pb2.CreateModelVersionRequest(validation_chunk=chunk)
     finally:
         if progress is not None:
             progress.close()

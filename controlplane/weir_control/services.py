@@ -20,7 +20,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from weir_control.artifacts import ArtifactStore, check_sha256
+from weir_control.artifacts import ArtifactStore, check_sha256, check_validation_header
 from weir_control.attach import DesiredStateHub
 from weir_control.metrics import ControlMetrics
 from weir_control.model_config import check_artifact_filename, signature_from_config
@@ -41,10 +41,12 @@ from weir_proto.control.v1 import (
 from weir_proto.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
+    NotFoundError,
     PermissionDeniedError,
     WeirError,
     status_code_for,
 )
+from weir_proto.validation_inputs import VALIDATION_FILENAME
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -386,7 +388,11 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         target = f"model/{upload.header.model_name}/version/{upload.version}"
         try:
             async for part in request_iterator:
-                if part.WhichOneof("part") != "chunk":
+                kind = part.WhichOneof("part")
+                if kind == "validation_chunk":  # the version's validation inputs (validation.npz)
+                    await asyncio.to_thread(upload.write_validation, part.validation_chunk)
+                    continue
+                if kind != "chunk":
                     raise InvalidArgumentError("part: expected chunks after the header, got a second header")
                 await asyncio.to_thread(upload.write, part.chunk)
         except asyncio.CancelledError:
@@ -519,14 +525,24 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                     f"download, it is {registry_pb2.ModelVersion.State.Name(version.state)}"
                 ),
             )
+        if request.validation and not version.validation_sha256:
+            await abort_with(
+                context,
+                NotFoundError(f"model '{request.model_name}' version {request.version}: no validation inputs"),
+            )
         yield registry_pb2.DownloadArtifactResponse(
             header=registry_pb2.DownloadArtifactResponse.Header(
+                artifact_sha256=version.validation_sha256, artifact_size=version.validation_size,
+                artifact_filename=VALIDATION_FILENAME,
+            )
+            if request.validation
+            else registry_pb2.DownloadArtifactResponse.Header(
                 artifact_sha256=version.artifact_sha256,
                 artifact_size=version.artifact_size,
                 artifact_filename=version.artifact_filename,
             )
-        )
-        chunks = self._artifacts.read(version.artifact_sha256)
+        )  # fmt: skip
+        chunks = self._artifacts.read(version.validation_sha256 if request.validation else version.artifact_sha256)
         while True:
             try:
                 chunk = await asyncio.to_thread(next, chunks, None)
@@ -548,6 +564,7 @@ class _Upload:
         self.version = 0
         self.finished = False  # committed or failed
         self._writer: Any = None
+        self._validation: Any = None  # the validation inputs' writer, when the header announces them
 
     def begin(self) -> registry_pb2.ModelVersion:
         header = self.header
@@ -556,29 +573,43 @@ class _Upload:
         if header.artifact_size < 0:
             raise InvalidArgumentError(f"artifact_size: expected 0 (unknown) or more, got {header.artifact_size}")
         signature = signature_from_config(header.config_pbtxt, header.artifact_filename)
+        check_validation_header(header.validation_sha256, header.validation_size)
         self.version = self._store.begin_version(header, signature)
         # The artifact is checked before it is stored (no pickled payload, the kind its name says, as
         # many inputs as the config declares): a refused one makes the version FAILED with the reason.
         self._writer = self._artifacts.writer(
             header.artifact_sha256, header.artifact_size, header.artifact_filename, header.config_pbtxt
         )
+        if header.validation_sha256:
+            self._validation = self._artifacts.validation_writer(header.validation_sha256, header.validation_size)
         return self._store.get_version(header.model_name, self.version)
 
     def write(self, chunk: bytes) -> None:
         self._writer.write(chunk)
 
+    def write_validation(self, chunk: bytes) -> None:
+        if self._validation is None:
+            raise InvalidArgumentError("validation_chunk: expected none (the header has no validation_sha256), got one")
+        self._validation.write(chunk)
+
     def commit(self) -> registry_pb2.ModelVersion:
         try:
             blob = self._writer.commit()
+            validation = self._validation.commit() if self._validation is not None else None
         except WeirError as error:
             self._store.fail_version(self.header.model_name, self.version, error.message)
             raise
         finally:
             self.finished = True
-        return self._store.complete_version(self.header.model_name, self.version, blob.sha256, blob.size)
+        return self._store.complete_version(
+            self.header.model_name, self.version, blob.sha256, blob.size,
+            (validation.sha256, validation.size) if validation is not None else ("", 0),
+        )  # fmt: skip
 
     def fail(self, reason: str) -> None:
         self.finished = True
+        if self._validation is not None:
+            self._validation.discard()
         if self._writer is not None:
             self._writer.discard()
         if self.version:

@@ -61,6 +61,7 @@ from weir_proto.control.v1 import (
 )
 from weir_proto.inference import messages as inference
 from weir_proto.tls import ClientTLS
+from weir_proto.validation_inputs import MAX_VALIDATION_BYTES, VALIDATION_FILENAME
 
 log = logging.getLogger(__name__)
 
@@ -388,6 +389,7 @@ class ControlPlaneFollower:
     ) -> None:
         """Put the variant's artifact and config where the repository loads ``model`` from."""
         blob = await self._fetch(variant, registry)
+        validation = await self._fetch_validation(variant, registry)  # the accuracy gate's validation.npz
         version_dir = self._root / model / str(variant.model.version)
         config = inference.ModelConfig()
         text_format.Parse(variant.config_pbtxt, config)
@@ -406,9 +408,43 @@ class ControlPlaneFollower:
             except OSError:
                 shutil.copyfile(blob, staged)
             os.replace(staged, target)
+            if validation is not None:
+                staged_inputs = version_dir / f".{VALIDATION_FILENAME}.incoming"
+                staged_inputs.write_bytes(validation)
+                os.replace(staged_inputs, version_dir / VALIDATION_FILENAME)
             _write_atomically(self._root / model / "config.pbtxt", text_format.MessageToString(config))
 
         await asyncio.to_thread(write)
+
+    async def _fetch_validation(
+        self, variant: deployments_pb2.ResolvedVariant, registry: registry_pb2_grpc.RegistryStub
+    ) -> bytes | None:
+        """The version's validation inputs (at most MAX_VALIDATION_BYTES, sha256 checked), or None when
+        it has none."""
+        request = registry_pb2.DownloadArtifactRequest(
+            model_name=variant.model.model_name, version=variant.model.version, validation=True
+        )
+        parts: list[bytes] = []
+        expected, size = "", 0
+        try:
+            async for part in registry.DownloadArtifact(request, metadata=client_metadata(self._settings.token)):
+                if part.WhichOneof("part") == "header":
+                    if part.header.artifact_filename != VALIDATION_FILENAME:
+                        return None  # a control plane that predates validation inputs sent the model itself
+                    expected = part.header.artifact_sha256
+                    continue
+                size += len(part.chunk)
+                if size > MAX_VALIDATION_BYTES:
+                    raise WeirError(f"validation inputs of {variant.model.model_name}: over {MAX_VALIDATION_BYTES} B")
+                parts.append(part.chunk)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        data = b"".join(parts)
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise WeirError(f"validation inputs of {variant.model.model_name}: the bytes do not hash to {expected}")
+        return data
 
     async def _fetch(self, variant: deployments_pb2.ResolvedVariant, registry: registry_pb2_grpc.RegistryStub) -> Path:
         """The artifact from the local cache, or downloaded into it and checked against its sha256."""

@@ -44,6 +44,15 @@ def _add_audit_outcome_columns(connection: Connection) -> None:
         )
 
 
+def _add_validation_columns(connection: Connection) -> None:
+    for column in schema.validation_columns():
+        kind = column.type.compile(dialect=connection.dialect)
+        default = column.server_default.arg  # type: ignore[union-attr]
+        connection.execute(
+            text(f"ALTER TABLE model_versions ADD COLUMN {column.name} {kind} NOT NULL DEFAULT '{default}'")
+        )
+
+
 STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "registry: registered models, versions, tags, aliases", _create(schema.registry_tables)),
     (2, "deployments, desired-state revision, audit log", _create(schema.deployment_tables)),
@@ -54,6 +63,7 @@ STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (7, "training jobs and metrics", _create(schema.training_tables)),
     (8, "drift monitoring", _create(schema.monitoring_tables)),
     (9, "audit events: outcome and count", _add_audit_outcome_columns),
+    (10, "model versions: validation inputs", _add_validation_columns),
 ]
 LATEST = STEPS[-1][0]
 _MIGRATION_LOCK = 0x7765697200  # "weir\0": the advisory lock key migrations take on PostgreSQL

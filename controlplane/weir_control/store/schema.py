@@ -144,6 +144,15 @@ def audit_outcome_columns() -> list[Column[object]]:
     ]
 
 
+def validation_columns() -> list[Column[object]]:
+    """Schema version 10 (ALTER of ``model_versions``): the version's validation inputs, a blob in
+    the artifact store (empty: none)."""
+    return [
+        Column("validation_sha256", String(64), nullable=False, server_default=""),
+        Column("validation_size", BigInteger, nullable=False, server_default="0"),
+    ]
+
+
 def rollout_tables(metadata: MetaData) -> dict[str, Table]:
     """Schema version 4: canary rollouts, one row per endpoint (the Rollout message, serialized)."""
     rollouts = Table(
@@ -273,6 +282,8 @@ for _column in traffic_columns():
     _DEPLOYMENTS["deployments"].append_column(_column)
 for _column in audit_outcome_columns():
     _DEPLOYMENTS["audit_events"].append_column(_column)
+for _column in validation_columns():
+    _REGISTRY["model_versions"].append_column(_column)
 ROLLOUTS = rollout_tables(METADATA)["rollouts"]
 _EXPERIMENTS = experiment_tables(METADATA)
 AB_TESTS = _EXPERIMENTS["ab_tests"]

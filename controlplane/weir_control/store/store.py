@@ -278,7 +278,10 @@ class Store:
                 continue
         raise FailedPreconditionError(f"model '{header.model_name}': too many concurrent uploads; try again")
 
-    def complete_version(self, model_name: str, version: int, sha256: str, size: int) -> registry_pb2.ModelVersion:
+    def complete_version(
+        self, model_name: str, version: int, sha256: str, size: int, validation: tuple[str, int] = ("", 0)
+    ) -> registry_pb2.ModelVersion:
+        """READY, with its artifact's blob (and its validation inputs' blob, if any)."""
         with self._transaction() as connection:
             changed = connection.execute(
                 update(MODEL_VERSIONS)
@@ -287,7 +290,14 @@ class Store:
                     MODEL_VERSIONS.c.version == version,
                     MODEL_VERSIONS.c.state == "PENDING",
                 )
-                .values(state="READY", artifact_sha256=sha256, artifact_size=size, updated_at=now())
+                .values(
+                    state="READY",
+                    artifact_sha256=sha256,
+                    artifact_size=size,
+                    validation_sha256=validation[0],
+                    validation_size=validation[1],
+                    updated_at=now(),
+                )
             ).rowcount
             if changed != 1:
                 raise FailedPreconditionError(f"model '{model_name}' version {version}: expected PENDING, it is not")
@@ -451,10 +461,8 @@ class Store:
 
     def referenced_artifacts(self) -> set[str]:
         with self._transaction() as connection:
-            rows = connection.execute(
-                select(MODEL_VERSIONS.c.artifact_sha256).where(MODEL_VERSIONS.c.artifact_sha256 != "")
-            )
-            return {row.artifact_sha256 for row in rows}
+            rows = connection.execute(select(MODEL_VERSIONS.c.artifact_sha256, MODEL_VERSIONS.c.validation_sha256))
+            return {sha256 for row in rows for sha256 in row if sha256}  # models' and validation inputs' blobs
 
     def _version(self, connection: Connection, model_name: str, version: int) -> registry_pb2.ModelVersion:
         row = connection.execute(
@@ -473,6 +481,8 @@ class Store:
             artifact_filename=row.artifact_filename,
             config_pbtxt=row.config_pbtxt,
             description=row.description,
+            validation_sha256=row.validation_sha256,
+            validation_size=row.validation_size,
         )
         message.signature.ParseFromString(row.signature)
         message.metrics.update(row.metrics or {})

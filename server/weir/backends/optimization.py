@@ -27,7 +27,9 @@ int8 linear (activations quantized per batch, weights per output channel) or a w
 with fused dequantization. TorchScript graphs cannot be rewritten that way, hence .pt2 only.
 
 The gate runs the fp32 model and the optimized one on the validation inputs (the npz file in the
-version directory, arrays named by input; else 64 rows of standard-normal values per floating input)
+version directory, arrays named by input: the one ``weir_validation_inputs`` names, else
+``validation.npz`` if there is one, as `weir models push --validation` puts it there; else 256 rows
+of standard-normal values per floating input)
 and measures the largest absolute output difference and the top-1 agreement (argmax of the last axis
 of the first output); the figures are reported in the served config's parameters and in /metrics. By
 default the gate requires 99% top-1 agreement; a limit on the absolute difference applies when
@@ -47,10 +49,11 @@ import numpy as np
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from weir.errors import ErrorKind, ModelLoadError
+from weir.errors import ErrorKind, ModelLoadError, WeirError
 from weir.model_config import resolve_inside
 from weir.warmup import filled_array
 from weir_proto.inference import messages as pb
+from weir_proto.validation_inputs import VALIDATION_FILENAME, check_validation_npz
 
 PRECISION = "weir_precision"
 COMPILE = "weir_compile"
@@ -331,14 +334,21 @@ class AccuracyReport:
 def validation_inputs(
     spec: OptimizationSpec, signature: Any, version_dir: Path, model_name: str
 ) -> dict[str, np.ndarray]:
-    """The gate's inputs: the configured npz file, else standard-normal rows for floating inputs."""
-    if spec.validation_file:
-        # An npz inside the model's directory (np.load refuses pickled object arrays by default).
-        path = resolve_inside(
-            version_dir, spec.validation_file, f"parameters['{VALIDATION}']", within=version_dir.parent
-        )
+    """The gate's inputs: the configured npz file, else the version's validation.npz (the registry's
+    copy of `weir models push --validation`), else standard-normal rows for floating inputs."""
+    validation_file = spec.validation_file
+    if not validation_file and (version_dir / VALIDATION_FILENAME).is_file():
+        validation_file = VALIDATION_FILENAME
+    if validation_file:
+        # An npz inside the model's directory: bounded, plain arrays only (np.load refuses pickled
+        # object arrays too, by default).
+        path = resolve_inside(version_dir, validation_file, f"parameters['{VALIDATION}']", within=version_dir.parent)
         try:
-            with np.load(path) as archive:
+            check_validation_npz(path, str(path))
+        except WeirError as error:
+            raise ModelLoadError(f"model '{model_name}' {VALIDATION}: {error.message}") from None
+        try:
+            with np.load(path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"model '{model_name}' {VALIDATION}: cannot read {path}: {error}") from error

@@ -76,7 +76,7 @@ class Lineage(_message.Message):
     def __init__(self, source_job: _Optional[str] = ..., parameters: _Optional[_Mapping[str, str]] = ..., dataset_hash: _Optional[str] = ..., code_version: _Optional[str] = ..., drift_trigger: _Optional[_Union[Lineage.DriftTrigger, _Mapping]] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("model_name", "version", "state", "failure_reason", "artifact_sha256", "artifact_size", "artifact_filename", "config_pbtxt", "signature", "metrics", "tags", "description", "lineage", "aliases", "created_at", "updated_at")
+    __slots__ = ("model_name", "version", "state", "failure_reason", "artifact_sha256", "artifact_size", "artifact_filename", "config_pbtxt", "signature", "metrics", "tags", "description", "lineage", "aliases", "created_at", "updated_at", "validation_sha256", "validation_size")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[ModelVersion.State]
@@ -117,6 +117,8 @@ class ModelVersion(_message.Message):
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_SHA256_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_SIZE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     state: ModelVersion.State
@@ -133,7 +135,9 @@ class ModelVersion(_message.Message):
     aliases: _containers.RepeatedScalarFieldContainer[str]
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[ModelVersion.State, str]] = ..., failure_reason: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., artifact_filename: _Optional[str] = ..., config_pbtxt: _Optional[str] = ..., signature: _Optional[_Union[_types_pb2.ModelSignature, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tags: _Optional[_Mapping[str, str]] = ..., description: _Optional[str] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., aliases: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    validation_sha256: str
+    validation_size: int
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[ModelVersion.State, str]] = ..., failure_reason: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., artifact_filename: _Optional[str] = ..., config_pbtxt: _Optional[str] = ..., signature: _Optional[_Union[_types_pb2.ModelSignature, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tags: _Optional[_Mapping[str, str]] = ..., description: _Optional[str] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., aliases: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., validation_sha256: _Optional[str] = ..., validation_size: _Optional[int] = ...) -> None: ...
 
 class CreateRegisteredModelRequest(_message.Message):
     __slots__ = ("name", "description", "tags")
@@ -205,9 +209,9 @@ class SearchRegisteredModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[RegisteredModel, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CreateModelVersionRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "validation_chunk")
     class Header(_message.Message):
-        __slots__ = ("model_name", "config_pbtxt", "artifact_filename", "artifact_sha256", "artifact_size", "description", "tags", "metrics", "lineage")
+        __slots__ = ("model_name", "config_pbtxt", "artifact_filename", "artifact_sha256", "artifact_size", "description", "tags", "metrics", "lineage", "validation_sha256", "validation_size")
         class TagsEntry(_message.Message):
             __slots__ = ("key", "value")
             KEY_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +235,8 @@ class CreateModelVersionRequest(_message.Message):
         TAGS_FIELD_NUMBER: _ClassVar[int]
         METRICS_FIELD_NUMBER: _ClassVar[int]
         LINEAGE_FIELD_NUMBER: _ClassVar[int]
+        VALIDATION_SHA256_FIELD_NUMBER: _ClassVar[int]
+        VALIDATION_SIZE_FIELD_NUMBER: _ClassVar[int]
         model_name: str
         config_pbtxt: str
         artifact_filename: str
@@ -240,12 +246,16 @@ class CreateModelVersionRequest(_message.Message):
         tags: _containers.ScalarMap[str, str]
         metrics: _containers.ScalarMap[str, float]
         lineage: Lineage
-        def __init__(self, model_name: _Optional[str] = ..., config_pbtxt: _Optional[str] = ..., artifact_filename: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ...) -> None: ...
+        validation_sha256: str
+        validation_size: int
+        def __init__(self, model_name: _Optional[str] = ..., config_pbtxt: _Optional[str] = ..., artifact_filename: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., validation_sha256: _Optional[str] = ..., validation_size: _Optional[int] = ...) -> None: ...
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: CreateModelVersionRequest.Header
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[CreateModelVersionRequest.Header, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    validation_chunk: bytes
+    def __init__(self, header: _Optional[_Union[CreateModelVersionRequest.Header, _Mapping]] = ..., chunk: _Optional[bytes] = ..., validation_chunk: _Optional[bytes] = ...) -> None: ...
 
 class GetModelVersionRequest(_message.Message):
     __slots__ = ("model_name", "version")
@@ -345,12 +355,14 @@ class GetModelVersionByAliasRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
 
 class DownloadArtifactRequest(_message.Message):
-    __slots__ = ("model_name", "version")
+    __slots__ = ("model_name", "version", "validation")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    validation: bool
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., validation: bool = ...) -> None: ...
 
 class DownloadArtifactResponse(_message.Message):
     __slots__ = ("header", "chunk")
