@@ -5,7 +5,8 @@ The file comes from a user (``weir models push --validation``) and is opened by 
 is checked before anything reads its arrays: a zip of at most ``MAX_VALIDATION_ARRAYS`` ``.npy``
 members, no object (pickled) dtype in any of them, at most ``MAX_VALIDATION_ARRAY_BYTES`` of array
 data in all (the sizes the zip declares, which bound what reading a member yields, so a small file
-that inflates without end is refused too). Only the members' ``.npy`` headers are read.
+that inflates without end is refused too), and no array header declaring more data than its member
+holds (numpy allocates the declared size before reading). Only the members' ``.npy`` headers are read.
 """
 
 from __future__ import annotations
@@ -63,12 +64,20 @@ def _check_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, where: str)
     stream = BytesIO(head)
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
-        _, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
     elif version == (2, 0):
-        _, _, dtype = np.lib.format.read_array_header_2_0(stream)
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
     else:
         raise InvalidArgumentError(f"{where}: array {name!r}: unsupported .npy format version {version}")
     if dtype.hasobject:
         raise InvalidArgumentError(
             f"{where}: array {name!r} holds Python objects (a pickle): expected numbers (e.g. float32 rows)"
+        )
+    elements = 1
+    for length in shape:
+        elements *= int(length)
+    if elements * dtype.itemsize > member.file_size:  # numpy allocates what the header says before reading
+        raise InvalidArgumentError(
+            f"{where}: array {name!r}: its header declares {elements * dtype.itemsize} bytes of data, the npz "
+            f"holds {member.file_size} for it"
         )

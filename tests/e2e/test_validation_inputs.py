@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import grpc
@@ -89,7 +90,22 @@ def test_pushed_validation_inputs_reach_the_accuracy_gate(demo_repository_templa
         np.savez(pickled, features=np.array([{"a": 1}, None], dtype=object))
         not_npz = tmp_path / "rows.csv"
         not_npz.write_text("1,2,3\n")
-        for bad, expected in ((pickled, "holds Python objects (a pickle)"), (not_npz, "expected an npz")):
+        forged = tmp_path / "forged.npz"  # a header claiming 8 TB: numpy would allocate that before reading
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)})
+        with zipfile.ZipFile(forged, "w") as archive:
+            archive.writestr("features.npy", header.getvalue() + bytes(16))
+        inflating = tmp_path / "inflating.npz"  # 300 KB that inflate to 300 MiB
+        zeros = io.BytesIO()
+        np.save(zeros, np.zeros(300 * 1024 * 1024 // 8))
+        with zipfile.ZipFile(inflating, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("features.npy", zeros.getvalue())
+        for bad, expected in (
+            (pickled, "holds Python objects (a pickle)"),
+            (not_npz, "expected an npz"),
+            (forged, "its header declares 8000000000000 bytes of data"),
+            (inflating, "expected at most 268435456 bytes of arrays"),
+        ):
             refused = weir("models", "push", "gated", str(model), "--config", str(config), "--validation", str(bad),
                            *token)  # fmt: skip
             assert refused.returncode == 1 and expected in refused.stderr, refused.stderr
