@@ -215,3 +215,24 @@ def test_records_land_in_their_requests_window_and_labels_follow_them(setup) -> 
     clock.now = start + 120 + GRACE
     ((_, second),) = monitor.tick()
     assert second.records == 3 and (second.concept.labelled, second.concept.accuracy) == (1, 1.0)
+
+
+def test_an_action_names_at_most_100_critical_features(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    make, clock, submitted, _, _ = setup
+    monitor = make()
+    data = np.random.default_rng(3).normal(size=(2000, 120))
+    reference = tmp_path / "wide.parquet"
+    pq.write_table(pa.table({f"f{column:03d}": data[:, column] for column in range(120)}), reference)
+    monitor.set_policy(monitoring_pb2.MonitoringPolicy(endpoint="ep", window_seconds=60, min_records=100, retrain=True))
+    monitor.set_reference(monitoring_pb2.SetReferenceRequest(endpoint="ep", parquet_path=str(reference)))
+    batch = monitoring_pb2.InferenceRecords()
+    for row in np.random.default_rng(4).normal(loc=3.0, size=(300, 120)):
+        record = batch.records.add(endpoint="ep")
+        for column, value in enumerate(row):
+            record.inputs.add(name=f"f{column:03d}", number=float(value))
+    monitor.ingest("replica", batch)
+    clock.now += 60 + GRACE
+    ((_, window),) = monitor.tick()
+    assert window.severity == Severity.CRITICAL and submitted == ["ep"]
+    (action,) = monitor.report("ep").actions
+    assert len(action.features) == 101 and action.features[-1] == "(+20 more)" and action.features[0] == "f000"

@@ -67,6 +67,7 @@ MAX_CLOCK_AHEAD_SECONDS = 2.0
 LABEL_HOLD_SECONDS = 30.0
 MAX_HELD_LABELS = 10_000  # per endpoint; beyond, the oldest held label is counted unmatched
 MAX_HELD_LABELS_TOTAL = 100_000  # over all endpoints
+MAX_TRIGGER_FEATURES = 100  # CRITICAL features an action (its audit event, a retrained version's lineage) names
 REFERENCE_ACCURACY_LABELS = 200  # without a registered accuracy, the first labels set the reference
 WEBHOOK_ATTEMPTS = 3
 WEBHOOK_TIMEOUT_SECONDS = 5.0
@@ -719,7 +720,10 @@ class DriftMonitor:
         critical = [feature.name for feature in report.features if feature.severity == Severity.CRITICAL]
         if report.concept.severity == Severity.CRITICAL:
             critical.append("concept drift")
-        trigger = DriftTrigger(endpoint=monitor.endpoint, features=critical)
+        named = critical[:MAX_TRIGGER_FEATURES] + (
+            [f"(+{len(critical) - MAX_TRIGGER_FEATURES} more)"] if len(critical) > MAX_TRIGGER_FEATURES else []
+        )
+        trigger = DriftTrigger(endpoint=monitor.endpoint, features=named)
         trigger.window_start.CopyFrom(report.start)
         trigger.window_end.CopyFrom(report.end)
         if policy.retrain and self._submit_retraining is not None:
