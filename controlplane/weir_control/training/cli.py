@@ -82,7 +82,13 @@ def add_commands(subcommands: Any) -> None:
         action = actions.add_parser(name, help=text)
         action.add_argument("id")
         if name in ("status", "logs"):
-            action.add_argument("--follow", action="store_true")
+            action.add_argument(
+                "--follow",
+                action="store_true",
+                help="progress lines (state changes, each epoch's metrics) until the job ends"
+                if name == "status"
+                else "the log as it is written, until the job ends",
+            )
         _connection(action)
     listing = actions.add_parser("list", help="jobs, newest first")
     listing.add_argument("--state", default="", choices=["", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"])
