@@ -46,7 +46,7 @@ def bench_control_plane(records: int, features: int, directory: Path) -> dict[st
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from weir_control.monitoring.monitor import DriftMonitor
+    from weir_control.monitoring.monitor import WINDOW_GRACE_SECONDS, DriftMonitor
     from weir_control.store import open_store
     from weir_proto.control.v1 import monitoring_pb2
 
@@ -66,7 +66,7 @@ def bench_control_plane(records: int, features: int, directory: Path) -> dict[st
     for payload in messages:  # what the attach handler does: parse the message, ingest it
         monitor.ingest("replica", monitoring_pb2.InferenceRecords.FromString(payload))
     ingest_seconds = time.perf_counter() - began
-    now[0] += window
+    now[0] += window + WINDOW_GRACE_SECONDS  # a window closes only after its grace for late records
     began = time.perf_counter()
     closed = monitor.tick()
     score_seconds = time.perf_counter() - began
