@@ -85,7 +85,7 @@ def _drift_chart(result: Any) -> str:
             [w["concept"].get("accuracy", 0.0) for w in labelled],
             marker="o", markersize=3, color="#37474f", label="accuracy on labelled requests",
         )  # fmt: skip
-        middle.set_ylim(0.4, 1.02)
+        middle.set_ylim(0.0, 1.02)
         middle.set_ylabel("accuracy")
         middle.legend(fontsize=8, loc="lower left")
     for window in windows:

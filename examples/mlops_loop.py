@@ -15,12 +15,16 @@
    the label table the training job reads;
 5. the drift monitor finds the window CRITICAL and submits the retraining job (actor ``drift-monitor``),
    the runner trains and registers the new version (``training-runner``), the canary promotes it (or,
-   with ``--bad-retrain``, rolls it back: ``rollout-controller``);
+   with ``--bad-retrain``, whose retraining reads inverted labels, rolls the worse version back:
+   ``rollout-controller``);
 6. prints a timeline and writes one self-contained HTML report (``OUT/report.html``).
 
-The script itself only sends traffic (tritonclient, by entity key), sends labels (``weir drift
-feedback``) and waits; every transition is made by the control plane. Every wait is bounded and shows
-progress; the planes are stopped on exit, Ctrl-C and failure alike.
+The script itself only sends traffic (tritonclient, by entity key), sends labels
+(``Monitoring/RecordFeedback``, what ``weir drift feedback`` sends) and waits; every transition is made by
+the control plane (``weir audit`` names who made each). Every wait is bounded and shows progress; the
+planes are stopped, and unfinished training jobs cancelled, on exit, Ctrl-C and failure alike. Exit
+status 0 when the retrained version was promoted (rolled back with ``--bad-retrain``) and no inference
+request failed.
 """
 
 from __future__ import annotations
