@@ -181,6 +181,11 @@ def add_commands(subcommands: Any) -> None:
     blue_green.add_argument("endpoint")
     blue_green.add_argument("green", metavar="MODEL:VERSION_OR_ALIAS")
     blue_green.add_argument("--keep-previous-seconds", type=float, default=300.0, help="blue stays loaded this long")
+    for parser in (rollout_start, blue_green):
+        parser.add_argument(
+            "--progress-deadline", type=float, default=600.0, metavar="SECONDS",
+            help="roll back unless the new version is READY on every data plane within this (1..86400)",
+        )  # fmt: skip
     rollout_parsers = [rollout_start, blue_green]
     for action, text in (
         ("status", "the rollout's step, weights and analyses"),
@@ -729,6 +734,7 @@ class _Client:
                     max_p99_slack_ms=args.max_p99_slack_ms, min_requests=args.min_requests,
                     failure_limit=args.failure_limit,
                 ),
+                progress_deadline_seconds=args.progress_deadline,
             )  # fmt: skip
             if target.isdigit():
                 request.version = int(target)
@@ -740,8 +746,9 @@ class _Client:
             if not colon or not target:
                 raise WeirError(f"green: expected MODEL:VERSION_OR_ALIAS, got {args.green!r}")
             green = rollouts_pb2.StartBlueGreenRequest(
-                endpoint=args.endpoint, model_name=model, keep_previous_seconds=args.keep_previous_seconds
-            )
+                endpoint=args.endpoint, model_name=model, keep_previous_seconds=args.keep_previous_seconds,
+                progress_deadline_seconds=args.progress_deadline,
+            )  # fmt: skip
             if target.isdigit():
                 green.version = int(target)
             else:
