@@ -546,3 +546,24 @@ def test_a_median_stopped_trial_is_stopped_on_the_value_its_metrics_show(control
     assert stopped.metrics["loss"] == 9.0  # the value the reason names
     assert control.job(fast).state == Job.RUNNING and control.job(fast).metrics["loss"] == 1.0
     cli(control.process, "train", "cancel", "median")
+
+
+def test_the_canary_a_job_starts_takes_its_steps_and_interval_from_the_cli(control: Control, code: Path) -> None:
+    """`--canary-endpoint` started the canary with the default steps and interval, which the CLI could not
+    change; `--canary-steps` and `--canary-interval` reach register.canary, checked at submission."""
+    register = ("--register", "scored", "--canary-endpoint", "scoring")
+    job = submit(control, "canary-1", code, "--param", "epochs=1", *register, "--canary-steps", "10,50,100",
+                 "--canary-interval", "5")  # fmt: skip
+    assert job["spec"]["register"]["canary"] == {"endpoint": "scoring", "steps": [10, 50, 100], "interval_seconds": 5.0}
+    default = submit(control, "canary-2", code, "--param", "epochs=1", *register)
+    assert default["spec"]["register"]["canary"] == {"endpoint": "scoring"}  # the rollout's defaults apply
+    refused = run_cli(control, "train", "submit", "canary-3", "--script", "train.py", "--code", str(code), *register,
+                      "--canary-steps", "10,50")  # fmt: skip
+    error = json.loads(refused.stdout)["error"]
+    assert refused.returncode == 1 and error["code"] == "INVALID_ARGUMENT", refused.stdout + refused.stderr
+    assert error["message"] == (
+        "spec.register.canary.steps: expected increasing percentages in 1..100 ending at 100, got [10, 50]"
+    )
+    alone = run_cli(control, "train", "submit", "canary-4", "--script", "train.py", "--code", str(code),
+                    "--canary-steps", "10,100")  # fmt: skip
+    assert alone.returncode == 1 and "--canary-steps: goes with --canary-endpoint" in alone.stdout, alone.stdout

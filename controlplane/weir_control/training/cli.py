@@ -2,7 +2,8 @@
 
     weir train submit ID (--builtin mlp | --module pkg.train | --script train.py) [--code DIR]
         [--param KEY=VALUE ...] [--processes N] [--max-retries N] [--timeout S] [--checkpoint-every N]
-        [--register MODEL [--alias A ...] [--canary-endpoint E]] [--follow]
+        [--register MODEL [--alias A ...] [--canary-endpoint E [--canary-steps 10,50,100] [--canary-interval S]]]
+        [--follow]
     weir train status ID [--follow]          # state, latest metrics and every step's metrics;
                                              # --follow: progress lines (state, epoch metrics) until the end
     weir train logs ID [--follow]
@@ -62,6 +63,13 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--register", default="", metavar="MODEL", help="register the result as a version of MODEL")
     parser.add_argument("--alias", action="append", default=[], help="with --register: set this alias")
     parser.add_argument("--canary-endpoint", default="", help="with --register: start a canary rollout there")
+    parser.add_argument(
+        "--canary-steps", default="", metavar="P1,P2,...,100", help="with --canary-endpoint: its weights [5,25,50,100]"
+    )
+    parser.add_argument(
+        "--canary-interval", type=float, default=0.0, metavar="SECONDS",
+        help="with --canary-endpoint: seconds between its analyses [60]",
+    )  # fmt: skip
 
 
 def add_commands(subcommands: Any) -> None:
@@ -170,11 +178,27 @@ def job_spec(args: argparse.Namespace) -> Any:
             # the control plane runs the job elsewhere: a relative path means one from here
             value = str(Path(value.strip()).expanduser().absolute())
         spec.parameters[key].CopyFrom(typed_value(value))
+    if (args.canary_steps or args.canary_interval) and not args.canary_endpoint:
+        flag = "--canary-steps" if args.canary_steps else "--canary-interval"
+        raise InvalidArgumentError(f"{flag}: goes with --canary-endpoint (and --register), got no endpoint")
+    if args.canary_endpoint and not args.register:
+        raise InvalidArgumentError("--canary-endpoint: goes with --register MODEL (the version it starts), got none")
     if args.register:
         spec.register.model_name = args.register
         spec.register.aliases.extend(args.alias)
         if args.canary_endpoint:
             spec.register.canary.endpoint = args.canary_endpoint
+            if args.canary_steps:
+                try:
+                    steps = [int(step) for step in args.canary_steps.split(",")]
+                except ValueError:
+                    raise InvalidArgumentError(
+                        f"--canary-steps: expected percentages like 10,50,100, got {args.canary_steps!r}"
+                    ) from None
+                if any(step < 0 for step in steps):
+                    raise InvalidArgumentError(f"--canary-steps: expected percentages in 1..100, got {steps}")
+                spec.register.canary.steps.extend(steps)
+            spec.register.canary.interval_seconds = args.canary_interval
     return spec
 
 

@@ -671,7 +671,26 @@ def _check_spec(spec: training_pb2.JobSpec) -> str:
         check_name("spec.register.model_name", spec.register.model_name)
         for alias in spec.register.aliases:
             check_name("spec.register.aliases", alias)
+        _check_canary(spec.register.canary)
     return code_hash(spec.code_archive)
+
+
+def _check_canary(canary: Any) -> None:
+    """The canary a job hands its version to, checked now as the rollouts controller would at the end."""
+    from weir_control.rollouts import DEFAULT_STEPS, MAX_INTERVAL_SECONDS, MIN_INTERVAL_SECONDS, check_number
+
+    if not canary.endpoint:
+        return
+    check_name("spec.register.canary.endpoint", canary.endpoint)
+    steps = list(canary.steps) or list(DEFAULT_STEPS)
+    if any(not 1 <= step <= 100 for step in steps) or steps != sorted(set(steps)) or steps[-1] != 100:
+        raise InvalidArgumentError(
+            f"spec.register.canary.steps: expected increasing percentages in 1..100 ending at 100, got {steps}"
+        )
+    if canary.interval_seconds:
+        check_number(
+            "spec.register.canary.interval_seconds", canary.interval_seconds, MIN_INTERVAL_SECONDS, MAX_INTERVAL_SECONDS
+        )
 
 
 def _command(spec: training_pb2.JobSpec, job_dir: Path) -> list[str]:
