@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from weir.errors import WeirError
+from weir.errors import InvalidArgumentError, WeirError
 from weir.logs import configure_logging
 from weir.settings import ControlMode, ServerSettings
 
@@ -52,6 +54,11 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
         "--online-store", default="",
         help="the feature online store both planes use: redis://HOST:PORT/DB or a SQLite file "
         "(default: STATE_DIR/online.db)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--heartbeat-seconds", type=float, default=ServerSettings.heartbeat_seconds,
+        help="how often the data plane reports its counters to the control plane (default: 5; a canary's "
+        "--interval shorter than this sees no new counters)",
     )  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", default="json", choices=("json", "text"))
@@ -125,6 +132,23 @@ async def _up(args: argparse.Namespace) -> int:
 
     state_dir: Path = args.state_dir
     tokens_file, _, data_plane_token = ensure_tokens(state_dir)
+    try:  # checked before anything starts; the control plane's address is filled in once it listens
+        data_plane_settings = ServerSettings(
+            model_repository=state_dir / "data-plane",
+            listen_address=args.listen_address,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            model_control_mode=ControlMode.EXPLICIT,
+            tokens_file=str(tokens_file),
+            control_plane_token=data_plane_token,
+            replica_id="weir-up",
+            heartbeat_seconds=args.heartbeat_seconds,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+    except ValueError as error:  # "setting heartbeat_seconds: expected ...": name the flag instead
+        message = re.sub(r"^setting (\w+):", lambda match: "--" + match.group(1).replace("_", "-") + ":", str(error))
+        raise InvalidArgumentError(message) from None
     control = ControlPlaneServer(
         ControlSettings(
             state_dir=state_dir / "control",
@@ -145,19 +169,7 @@ async def _up(args: argparse.Namespace) -> int:
         loop.add_signal_handler(number, stop.set)
     await control.start()
     data_plane = WeirServer(
-        ServerSettings(
-            model_repository=state_dir / "data-plane",
-            listen_address=args.listen_address,
-            grpc_port=args.grpc_port,
-            metrics_port=args.metrics_port,
-            model_control_mode=ControlMode.EXPLICIT,
-            tokens_file=str(tokens_file),
-            control_plane=f"{_connectable(args.listen_address)}:{control.port}",
-            control_plane_token=data_plane_token,
-            replica_id="weir-up",
-            log_level=args.log_level,
-            log_format=args.log_format,
-        )
+        dataclasses.replace(data_plane_settings, control_plane=f"{_connectable(args.listen_address)}:{control.port}")
     )
     try:
         await data_plane.start()
@@ -166,6 +178,7 @@ async def _up(args: argparse.Namespace) -> int:
             "data_plane": f"{_connectable(args.listen_address)}:{data_plane.grpc_port}",
             "metrics_port": data_plane.metrics_port,
             "control_metrics_port": control.metrics_port,
+            "heartbeat_seconds": data_plane.settings.heartbeat_seconds,
             "admin_token_file": str(state_dir / "admin.token"),
             "pid": os.getpid(),
         }

@@ -64,7 +64,7 @@ def test_weir_up_takes_a_database_url_an_online_store_and_a_control_metrics_port
     try:
         process, ready = start_up(
             project, "--database-url", store_url, "--online-store", f"redis://127.0.0.1:{redis_port}/0",
-            "--control-metrics-port", "0",
+            "--control-metrics-port", "0", "--heartbeat-seconds", "0.5",
         )  # fmt: skip
         try:
             token = [
@@ -84,6 +84,7 @@ def test_weir_up_takes_a_database_url_an_online_store_and_a_control_metrics_port
             finally:
                 online.close()
 
+            assert ready["heartbeat_seconds"] == 0.5  # the data plane's own setting (it was fixed at 5 s)
             # the control plane's /metrics
             assert isinstance(ready["control_metrics_port"], int) and ready["control_metrics_port"] > 0
             url = f"http://127.0.0.1:{ready['control_metrics_port']}/metrics"
@@ -147,5 +148,12 @@ def test_weir_up_help_names_its_stores_and_no_flag_it_lacks(tmp_path: Path) -> N
     assert shown.returncode == 0, shown.stderr
     text = " ".join(shown.stdout.split())
     assert "--demo" not in text  # it described a flag `weir up` never had
-    for flag in ("--database-url", "--online-store", "--control-metrics-port"):
+    for flag in ("--database-url", "--online-store", "--control-metrics-port", "--heartbeat-seconds"):
         assert flag in text
+
+
+def test_weir_up_with_a_bad_heartbeat_says_so_before_starting_anything(tmp_path: Path) -> None:
+    started = weir(tmp_path, "up", "--control-port", "0", "--grpc-port", "0", "--metrics-port", "-1",
+                   "--heartbeat-seconds", "0")  # fmt: skip
+    assert started.returncode == 2, started.stderr
+    assert started.stderr.strip() == "weir: error: --heartbeat-seconds: expected more than 0, got 0.0"
