@@ -560,9 +560,20 @@ class Loop:
         settings = self.settings
         # the MLP: registered with lineage and an alias, handed to a canary by the training runner
         mlp_id = "loop-mlp"
-        self.rpc("Training", "SubmitJob", training_pb2.SubmitJobRequest(
-            id=mlp_id, spec=self.builtin_spec(data.entities, canary=True, hidden="32,16")
-        ))  # fmt: skip
+        if settings.canary_p99_slack_ms:  # canary thresholds: only through Training/SubmitJob's register.canary
+            self.rpc("Training", "SubmitJob", training_pb2.SubmitJobRequest(
+                id=mlp_id, spec=self.builtin_spec(data.entities, canary=True, hidden="32,16")
+            ))  # fmt: skip
+        else:
+            self.weir(
+                "train", "submit", mlp_id, "--builtin", "mlp", "--param", f"entities={data.entities}",
+                "--param", f"feature_service={loop_data.SERVICE}", "--param", f"label={loop_data.LABEL}",
+                "--param", "hidden=32,16", "--param", f"epochs={settings.epochs}", "--param", "patience=5",
+                "--param", f"seed={settings.seed}", "--param", f"monitoring_sample_rate={settings.sample_rate}",
+                "--register", MODEL, "--alias", CANDIDATE, "--canary-endpoint", ENDPOINT,
+                "--canary-steps", ",".join(str(step) for step in settings.canary_steps),
+                "--canary-interval", str(settings.canary_interval),
+            )  # fmt: skip
         self.note("user", f"training job {mlp_id} submitted (built-in MLP, canary on {ENDPOINT})")
         job = self.follow_job(mlp_id)
         version = self.version_of(job)
