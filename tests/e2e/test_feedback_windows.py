@@ -76,6 +76,8 @@ def test_labels_count_in_their_requests_window_late_ones_without_new_traffic_ear
         return concept.labelled == 40
 
     wait_until(updated, 30, "the closed window's labels")  # no traffic since: nothing else closes a window
+    again = feedback(control, tmp_path, "late", labels)  # a resent file counts once
+    assert counts(again) == (0, 0, 0) and int(again["duplicate"]) == 40, again
     concept = window_starting(control, start).concept  # type: ignore[union-attr]
     assert concept.accuracy == pytest.approx(30 / 40), concept
     windows = report(control).windows

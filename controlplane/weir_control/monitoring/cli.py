@@ -173,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(json_format.MessageToDict(result, preserving_proto_field_name=True), indent=2))
         else:
             held = f", held {result.held} (until their requests' records arrive)" if result.held else ""
+            held += f", {result.duplicate} already labelled (not counted again)" if result.duplicate else ""
             print(f"matched {result.matched}, unmatched {result.unmatched}{held}")
         return 0
     finally:

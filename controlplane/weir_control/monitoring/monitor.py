@@ -97,8 +97,8 @@ class EndpointMonitor:
     # window start -> the windows still open (the current one, and the previous while in its grace period)
     open: dict[float, OpenWindow] = field(default_factory=dict)
     outputs: set[str] = field(default_factory=set)  # feature names that are outputs (role)
-    # request id -> (predicted class, start of the window its record was counted in)
-    predictions: collections.OrderedDict[str, tuple[str, float]] = field(default_factory=collections.OrderedDict)
+    # request id -> (predicted class, start of the window its record was counted in, whether it was labelled)
+    predictions: collections.OrderedDict[str, tuple[str, float, bool]] = field(default_factory=collections.OrderedDict)
     # request id -> (label, when it came): labels whose record has not arrived yet, oldest first
     held: collections.OrderedDict[str, tuple[str, float]] = field(default_factory=collections.OrderedDict)
     labels_unmatched: int = 0  # held labels whose record never came
@@ -322,7 +322,7 @@ class DriftMonitor:
                 if len(monitor.outputs) < MAX_FEATURES:
                     monitor.outputs.add(base + ARGMAX)
                 if record.request_id and len(record.request_id) <= MAX_REQUEST_ID_CHARS:
-                    monitor.predictions[record.request_id] = (predicted, window_start)
+                    monitor.predictions[record.request_id] = (predicted, window_start, False)
                     monitor.predictions.move_to_end(record.request_id)
                     if len(monitor.predictions) > PREDICTIONS_REMEMBERED:
                         monitor.predictions.popitem(last=False)
@@ -342,7 +342,7 @@ class DriftMonitor:
         for index, label in enumerate(request.labels):  # all checked before any is counted
             if label.WhichOneof("value") == "number" and not math.isfinite(label.number):
                 raise InvalidArgumentError(f"labels[{index}].number: expected a finite number, got {label.number}")
-        matched = unmatched = held = 0
+        matched = unmatched = held = duplicate = 0
         now = self._clock()
         with self._lock:
             monitor = self._endpoints.get(request.endpoint)
@@ -366,27 +366,33 @@ class DriftMonitor:
                     else str(getattr(label, kind))[:MAX_CATEGORY_CHARS]
                 )
                 remembered = monitor.predictions.get(request_id)
-                if remembered is not None:
+                if remembered is not None and remembered[2]:
+                    duplicate += 1  # a request counts once: a resent label is not counted again
+                elif remembered is not None:
                     matched += 1
-                    self._count_label(monitor, remembered, actual, closed)
+                    self._count_label(monitor, request_id, remembered, actual, closed)
                 elif self._hold(monitor, request_id, actual, now):
                     held += 1
                 else:
                     unmatched += 1
             self._update_closed(monitor, closed, now)
             self._store.save_monitoring_state(monitor.endpoint, monitor.state())
-        return monitoring_pb2.RecordFeedbackResponse(matched=matched, unmatched=unmatched, held=held)
+        return monitoring_pb2.RecordFeedbackResponse(
+            matched=matched, unmatched=unmatched, held=held, duplicate=duplicate
+        )
 
     def _count_label(
         self,
         monitor: EndpointMonitor,
-        remembered: tuple[str, float],
+        request_id: str,
+        remembered: tuple[str, float, bool],
         actual: str,
         closed: dict[float, list[tuple[bool, str]]],
     ) -> None:
         """One matched label: the detector, and the figures of the window its request was counted in
         (the open window's now; a closed window's gathered in ``closed`` for ``_update_closed``)."""
-        predicted, window_start = remembered
+        predicted, window_start, _ = remembered
+        monitor.predictions[request_id] = (predicted, window_start, True)
         correct = actual == predicted
         if monitor.first_labels[1] < REFERENCE_ACCURACY_LABELS:
             monitor.first_labels[0] += int(correct)
@@ -469,7 +475,7 @@ class DriftMonitor:
             monitor.labels_unmatched += 1
             return
         closed: dict[float, list[tuple[bool, str]]] = {}
-        self._count_label(monitor, remembered, actual, closed)
+        self._count_label(monitor, request_id, remembered, actual, closed)
         self._update_closed(monitor, closed, now)  # empty unless the window changed meanwhile
 
     def _expire_held(self, monitor: EndpointMonitor, now: float) -> None:

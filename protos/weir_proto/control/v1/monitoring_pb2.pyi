@@ -293,11 +293,13 @@ class RecordFeedbackRequest(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[RecordFeedbackRequest.Label, _Mapping]]] = ...) -> None: ...
 
 class RecordFeedbackResponse(_message.Message):
-    __slots__ = ("matched", "unmatched", "held")
+    __slots__ = ("matched", "unmatched", "held", "duplicate")
     MATCHED_FIELD_NUMBER: _ClassVar[int]
     UNMATCHED_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     matched: int
     unmatched: int
     held: int
-    def __init__(self, matched: _Optional[int] = ..., unmatched: _Optional[int] = ..., held: _Optional[int] = ...) -> None: ...
+    duplicate: int
+    def __init__(self, matched: _Optional[int] = ..., unmatched: _Optional[int] = ..., held: _Optional[int] = ..., duplicate: _Optional[int] = ...) -> None: ...
