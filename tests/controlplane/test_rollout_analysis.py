@@ -1,8 +1,11 @@
-"""weir_control.rollouts: interval deltas over replicas (restarts included), p99 from histogram
-buckets, and the verdicts."""
+"""weir_control.rollouts: interval deltas over replicas (restarts included), p99 interpolated within
+histogram buckets, and the verdicts."""
 
 from __future__ import annotations
 
+import pytest
+
+from weir.metrics import LATENCY_BUCKETS_SECONDS
 from weir_control.rollouts import Look, VariantWindow, interval_totals, judge, robust_verdict, with_defaults
 from weir_proto.control.v1 import rollouts_pb2
 
@@ -64,10 +67,36 @@ def test_one_identity_alone_does_not_decide_while_another_reports() -> None:
     assert robust_verdict({"a": healthy, "b": healthy}, "canary", "primary", thresholds)[0] == "PASS"
 
 
-def test_p99_is_the_upper_bound_of_the_bucket_holding_it() -> None:
-    assert window(100, 0, [98, 1, 1, 0]).p99_ms() == 10.0
-    assert window(100, 0, [100, 0, 0, 0]).p99_ms() == 1.0
+def test_p99_is_interpolated_within_the_bucket_holding_it() -> None:
+    assert window(100, 0, [98, 1, 1, 0]).p99_ms() == pytest.approx(10.0)  # the 99th is the 10 ms bucket's last
+    assert window(100, 0, [100, 0, 0, 0]).p99_ms() == pytest.approx(0.99)  # the first bucket starts at 0
+    assert window(200, 0, [0, 100, 100, 0]).p99_ms() == pytest.approx(10 + 90 * 98 / 100)
+    assert window(100, 0, [0, 0, 0, 100]).p99_ms() == pytest.approx(100.0)  # +Inf: the last bound
     assert window(0, 0, [0, 0, 0, 0]).p99_ms() == 0.0
+
+
+def test_a_canary_alike_its_baseline_passes_with_their_p99_either_side_of_a_bucket_bound() -> None:
+    """Issue 15 (the MLOps loop): the same latency, the 99th percentile near 10 ms, one variant's in
+    the 5-10 ms bucket and the other's in the 10-25 ms one. The buckets' upper bounds read 10 and 25 ms
+    (limit 10 x 1.5 + 5 = 20): a healthy canary was rolled back on noise."""
+    bounds = list(LATENCY_BUCKETS_SECONDS)
+
+    def latency(per_bucket: dict[float, int]) -> VariantWindow:
+        counts = [per_bucket.get(bound, 0) for bound in bounds] + [0]
+        return VariantWindow(sum(counts), 0, counts, bounds)
+
+    thresholds = with_defaults(rollouts_pb2.AnalysisThresholds())
+    baseline = latency({0.005: 500, 0.01: 491, 0.025: 9})
+    canary = latency({0.005: 500, 0.01: 489, 0.025: 11})
+    verdict, reason = judge(canary, baseline, thresholds)
+    assert verdict == "PASS", reason
+    assert canary.p99_ms() == pytest.approx(10 + 15 / 11) and baseline.p99_ms() == pytest.approx(5 + 5 * 490 / 491)
+    # a canary really slower (5% of its requests above 10 ms): still a failure
+    verdict, reason = judge(latency({0.005: 500, 0.01: 450, 0.025: 50}), baseline, thresholds)
+    assert verdict == "FAIL" and "p99 22.0 ms vs baseline 10.0 ms" in reason
+    # a baseline that served fewer than min_requests (at 100%: leftovers) is no latency reference
+    verdict, reason = judge(latency({0.005: 500, 0.01: 450, 0.025: 50}), latency({0.001: 19}), thresholds)
+    assert verdict == "PASS" and "not compared (the baseline served 19 requests, fewer than 20)" in reason
 
 
 def test_verdicts() -> None:
@@ -78,6 +107,6 @@ def test_verdicts() -> None:
     verdict, reason = judge(window(90, 10, [100, 0, 0, 0]), healthy, thresholds)
     assert verdict == "FAIL" and "error rate 0.100" in reason
     verdict, reason = judge(window(100, 0, [0, 0, 100, 0]), healthy, thresholds)  # 100 ms vs 1 ms
-    assert verdict == "FAIL" and "p99 100.0 ms" in reason
+    assert verdict == "FAIL" and "p99 99.1 ms" in reason
     assert judge(window(100, 0, [0, 100, 0, 0]), healthy, thresholds)[0] == "FAIL"  # 10 > 1*1.5 + 5
     assert judge(window(0, 0, [0, 0, 0, 0]), healthy, rollouts_pb2.AnalysisThresholds())[0] == "INCONCLUSIVE"
