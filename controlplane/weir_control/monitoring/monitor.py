@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import json_format
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -42,7 +43,7 @@ from weir_control.monitoring.policy import (
 from weir_control.monitoring.profiles import MAX_FEATURES, ReferenceProfile, WindowProfile
 from weir_control.monitoring.webhook import WebhookAllowList, WebhookRefused
 from weir_control.store import Store
-from weir_proto.control.v1 import monitoring_pb2, registry_pb2
+from weir_proto.control.v1 import audit_pb2, monitoring_pb2, registry_pb2
 from weir_proto.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 Severity = monitoring_pb2.Severity
 DriftTrigger = registry_pb2.Lineage.DriftTrigger
 ARGMAX = ".argmax"
+DRIFT_MONITOR = "drift-monitor"  # the audit log's actor of what the monitor changes by itself
 PREDICTIONS_REMEMBERED = 200_000  # request id -> predicted class and window, for feedback labels (per endpoint)
 # Records are windowed by their request's time (the data plane's stamp), and a window closes this long after
 # its end, so records shipped late (data planes send them about twice a second) still land in it. A record
@@ -83,7 +85,8 @@ ERROR_LOG_SECONDS = 60.0  # an endpoint's ingest errors are logged at most once 
 
 @dataclass
 class OpenWindow:
-    profile: WindowProfile
+    profile: WindowProfile  # binned on ``reference``: it is scored against the reference it opened with
+    reference: ReferenceProfile | None
     labels: list[int] = field(default_factory=lambda: [0, 0])  # correct, labelled
     ddm_state: str = "stable"  # the concept-drift detector's worst state while its labels were counted
 
@@ -106,6 +109,7 @@ class EndpointMonitor:
     reference_accuracy: float | None = None
     first_labels: list[int] = field(default_factory=lambda: [0, 0])
     accuracy_of: str = ""  # the serving version ("model:version") the detector and reference accuracy are for
+    reference_tried: str = ""  # the serving version whose training data was last tried as the reference
     records_received: int = 0
     last_action_at: float = 0.0
     latest: monitoring_pb2.DriftWindow | None = None
@@ -224,7 +228,10 @@ class DriftMonitor:
         window = monitor.open.get(start)
         if window is None:
             state = monitor.ddm.state if monitor.ddm.state != "drift" else "stable"
-            window = monitor.open[start] = OpenWindow(WindowProfile(monitor.reference), ddm_state=state)
+            self._follow_serving_reference(monitor)
+            window = monitor.open[start] = OpenWindow(
+                WindowProfile(monitor.reference), monitor.reference, ddm_state=state
+            )
         return window
 
     # --- ingest ----------------------------------------------------------------------------------
@@ -449,6 +456,53 @@ class DriftMonitor:
             _restart_concept(monitor)
             monitor.accuracy_of = key
 
+    def _follow_serving_reference(self, monitor: EndpointMonitor) -> None:
+        """A reference taken from the serving version's training data follows the serving version: when
+        another version serves, its training data becomes the reference of the windows that open from
+        now on (windows already open keep theirs), audited with actor drift-monitor. A reference from
+        a traffic window or a dataset stays as set."""
+        summary = monitor.reference_summary
+        if summary is None or not summary.serving_lineage or self._serving_key is None:
+            return
+        if self._reference_for_serving is None:
+            return
+        try:
+            key = self._serving_key(monitor.endpoint)
+        except WeirError:
+            return
+        if not key or key == summary.serving_version or key == monitor.reference_tried:
+            return
+        monitor.reference_tried = key  # tried once per version: a version without training data is logged once
+        event = audit_pb2.AuditEvent(
+            actor=DRIFT_MONITOR, role="system", action="Monitoring/SetReference", target=f"endpoint/{monitor.endpoint}",
+            before=_summary_json(summary),
+        )  # fmt: skip
+        event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
+        try:
+            description, path = self._reference_for_serving(monitor.endpoint)
+            profile = _profile_from_parquet(path, "serving_lineage")
+        except WeirError as error:
+            log.warning(
+                "drift reference kept: the serving version's training data cannot be read",
+                extra={"endpoint": monitor.endpoint, "version": key, "error": error.message},
+            )
+            event.result, event.outcome = "FAILED_PRECONDITION", "failed"
+            event.detail = f"{key} serves now; the reference stays {summary.serving_version}'s: {error.message}"[:2000]
+            self._store.append_audit(event)
+            return
+        renewed = monitoring_pb2.ReferenceSummary(
+            endpoint=monitor.endpoint, source=description, rows=profile.rows,
+            numeric_features=sorted(profile.numeric), categorical_features=sorted(profile.categorical),
+            serving_lineage=True, serving_version=key,
+        )  # fmt: skip
+        renewed.set_at.FromSeconds(int(self._clock()))
+        self._store.save_drift_reference(renewed, profile.to_bytes())
+        monitor.reference, monitor.reference_summary = profile, renewed
+        event.after, event.result, event.outcome = _summary_json(renewed), "OK", "ok"
+        event.detail = f"{key} serves now: the reference is its training data (was {summary.serving_version}'s)"
+        self._store.append_audit(event)
+        log.info("drift reference follows the serving version", extra={"endpoint": monitor.endpoint, "version": key})
+
     def _hold(self, monitor: EndpointMonitor, request_id: str, actual: str, now: float) -> bool:
         """Hold a label until its record comes; False when it cannot be held (the bounds are full of
         other endpoints' labels)."""
@@ -535,6 +589,7 @@ class DriftMonitor:
             if source == "serving_lineage":
                 if self._reference_for_serving is None:
                     raise FailedPreconditionError("serving_lineage: this control plane cannot resolve lineage")
+                serving = self._serving_key(request.endpoint) if self._serving_key is not None else ""
                 description, path = self._reference_for_serving(request.endpoint)
             else:
                 path = self._reference_path(request.parquet_path)
@@ -549,11 +604,14 @@ class DriftMonitor:
             numeric_features=sorted(profile.numeric),
             categorical_features=sorted(profile.categorical),
         )
+        if source == "serving_lineage":
+            summary.serving_lineage, summary.serving_version = True, serving
         summary.set_at.FromSeconds(int(self._clock()))
         with self._lock:
             self._store.save_drift_reference(summary, profile.to_bytes())
             monitor = self._monitor(request.endpoint)
             monitor.reference, monitor.reference_summary = profile, summary
+            monitor.reference_tried = ""
             monitor.open.clear()  # windows bin on the reference: start a fresh one
             _restart_concept(monitor)  # a new baseline for concept drift too
             self._store.save_monitoring_state(monitor.endpoint, monitor.state())
@@ -624,7 +682,7 @@ class DriftMonitor:
         report.end.FromNanoseconds(int((start + monitor.policy.window_seconds) * 1e9))
         correct, labelled = open_window.labels
         report.concept.CopyFrom(self._concept_figures(monitor, correct, labelled, open_window.ddm_state))
-        reference = monitor.reference
+        reference = open_window.reference
         if reference is None or window.count < monitor.policy.min_records:
             report.severity = report.concept.severity
             return report
@@ -632,10 +690,10 @@ class DriftMonitor:
         worst: int = Severity.NONE
         for name, numeric in sorted(reference.numeric.items()):
             scores = statistics.score_numeric(name, numeric, window)
-            worst = max(worst, self._add_feature(report, monitor, scores, thresholds))
+            worst = max(worst, self._add_feature(report, monitor, scores, thresholds, len(reference.numeric)))
         for name, categorical in sorted(reference.categorical.items()):
             scores = statistics.score_categorical(name, categorical, window)
-            level = self._add_feature(report, monitor, scores, thresholds)
+            level = self._add_feature(report, monitor, scores, thresholds, len(reference.numeric))
             if name.endswith(ARGMAX):
                 change = statistics.prediction_share_change(categorical, window, name)
                 warning, critical = thresholds["prediction"]
@@ -658,8 +716,8 @@ class DriftMonitor:
         monitor: EndpointMonitor,
         scores: statistics.FeatureScores,
         thresholds: dict[str, tuple[float, float]],
+        tested: int,
     ) -> int:
-        tested = len(monitor.reference.numeric) if monitor.reference is not None else 1
         level, reasons = statistics.severity(scores, thresholds, tested)
         if not scores.count:
             level, reasons = Severity.SEVERITY_UNSPECIFIED, ["no values in this window"]
@@ -833,6 +891,12 @@ class DriftMonitor:
 
 
 CONFIRMATION_Z = 2.33  # one-sided, p < 0.01
+
+
+def _summary_json(message: Any) -> str:
+    """As the audit log shows a message (weir_control.services.summary)."""
+    document = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
 
 def _restart_concept(monitor: EndpointMonitor) -> None:

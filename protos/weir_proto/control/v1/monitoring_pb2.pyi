@@ -83,20 +83,24 @@ class SetReferenceRequest(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ..., window: _Optional[_Union[TimeRange, _Mapping]] = ..., serving_lineage: bool = ..., parquet_path: _Optional[str] = ...) -> None: ...
 
 class ReferenceSummary(_message.Message):
-    __slots__ = ("endpoint", "source", "rows", "numeric_features", "categorical_features", "set_at")
+    __slots__ = ("endpoint", "source", "rows", "numeric_features", "categorical_features", "set_at", "serving_lineage", "serving_version")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     NUMERIC_FEATURES_FIELD_NUMBER: _ClassVar[int]
     CATEGORICAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
     SET_AT_FIELD_NUMBER: _ClassVar[int]
+    SERVING_LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     source: str
     rows: int
     numeric_features: _containers.RepeatedScalarFieldContainer[str]
     categorical_features: _containers.RepeatedScalarFieldContainer[str]
     set_at: _timestamp_pb2.Timestamp
-    def __init__(self, endpoint: _Optional[str] = ..., source: _Optional[str] = ..., rows: _Optional[int] = ..., numeric_features: _Optional[_Iterable[str]] = ..., categorical_features: _Optional[_Iterable[str]] = ..., set_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    serving_lineage: bool
+    serving_version: str
+    def __init__(self, endpoint: _Optional[str] = ..., source: _Optional[str] = ..., rows: _Optional[int] = ..., numeric_features: _Optional[_Iterable[str]] = ..., categorical_features: _Optional[_Iterable[str]] = ..., set_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., serving_lineage: bool = ..., serving_version: _Optional[str] = ...) -> None: ...
 
 class Thresholds(_message.Message):
     __slots__ = ("warning", "critical")
