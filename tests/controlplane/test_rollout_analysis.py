@@ -3,11 +3,28 @@ histogram buckets, and the verdicts."""
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Iterator
+
 import pytest
 
 from weir.metrics import LATENCY_BUCKETS_SECONDS
-from weir_control.rollouts import Look, VariantWindow, interval_totals, judge, robust_verdict, with_defaults
-from weir_proto.control.v1 import rollouts_pb2
+from weir_control.attach import DesiredStateHub, ReplicaStream
+from weir_control.model_config import signature_from_config
+from weir_control.rollouts import (
+    Look,
+    Rollout,
+    RolloutController,
+    VariantWindow,
+    interval_totals,
+    judge,
+    robust_verdict,
+    with_defaults,
+)
+from weir_control.store import Store
+from weir_control.store.store import create_store_engine
+from weir_proto.common.v1 import types_pb2
+from weir_proto.control.v1 import deployments_pb2, registry_pb2, rollouts_pb2
 
 BOUNDS = [0.001, 0.01, 0.1]
 
@@ -110,3 +127,96 @@ def test_verdicts() -> None:
     assert verdict == "FAIL" and "p99 99.1 ms" in reason
     assert judge(window(100, 0, [0, 100, 0, 0]), healthy, thresholds)[0] == "FAIL"  # 10 > 1*1.5 + 5
     assert judge(window(0, 0, [0, 0, 0, 0]), healthy, rollouts_pb2.AnalysisThresholds())[0] == "INCONCLUSIVE"
+
+
+# --- progress: the controller with a real store, hub and attach streams --------------------------
+
+CONFIG = """
+max_batch_size: 8
+input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def controller(store_url: str) -> Iterator[tuple[RolloutController, DesiredStateHub, Store, Clock]]:
+    store = Store(create_store_engine(store_url))
+    store.create_model("m", "", {})
+    for _ in range(2):
+        header = registry_pb2.CreateModelVersionRequest.Header(
+            model_name="m", config_pbtxt=CONFIG, artifact_filename="model.pt", artifact_sha256="ab" * 32
+        )
+        store.complete_version("m", store.begin_version(header, signature_from_config(CONFIG)), "ab" * 32, 123)
+    store.deploy("web", [deployments_pb2.Variant(name="primary", model_name="m", version=1, weight=100)], "ci")
+    hub, clock = DesiredStateHub(store), Clock()
+    yield RolloutController(store, hub, clock=clock), hub, store, clock
+    store.close()
+
+
+async def attach(hub: DesiredStateHub, replica_id: str = "r1") -> ReplicaStream:
+    replica = ReplicaStream(deployments_pb2.Hello(replica_id=replica_id, address="127.0.0.1:1"), "node")
+    hub.register(replica)
+    replica.sending(await hub.current())
+    return replica
+
+
+def canary_line(state: int, revision: int, message: str = "") -> deployments_pb2.ReplicaStatus:
+    new = types_pb2.ModelVersionRef(model_name="m", version=2)
+    line = deployments_pb2.EndpointStatus(endpoint="web", variant="canary", state=state, desired=new, message=message)
+    if state == deployments_pb2.EndpointStatus.READY:
+        line.serving.CopyFrom(new)
+    return deployments_pb2.ReplicaStatus(applied_revision=revision, endpoints=[line])
+
+
+async def test_a_load_failure_reported_on_an_older_desired_state_decides_nothing(controller) -> None:
+    rollouts, hub, store, _ = controller
+    replica = await attach(hub)
+    started = await rollouts.start(
+        rollouts_pb2.StartRolloutRequest(endpoint="web", model_name="m", version=2, steps=[20, 100]), "ci"
+    )
+    assert started.desired_revision == (await hub.current()).revision > 0
+    replica.sending(await hub.current())
+    # a FAILED line left from an earlier rollout of the same version (the replica has not applied this one yet)
+    replica.report(canary_line(deployments_pb2.EndpointStatus.FAILED, started.desired_revision - 1, "old"))
+    await rollouts.step_all()
+    assert store.get_rollout("web").state == Rollout.RUNNING
+    # reported on the rollout's desired state: rolled back at once, the baseline takes all traffic
+    replica.report(canary_line(deployments_pb2.EndpointStatus.FAILED, started.desired_revision, "bad bytes"))
+    await rollouts.step_all()
+    ended = store.get_rollout("web")
+    assert (ended.state, ended.reason) == (Rollout.ROLLED_BACK, "version 2 failed to load on replica r1: bad bytes")
+    assert [(v.name, v.weight) for v in store.get_deployment("web").variants] == [("primary", 100)]
+
+
+async def test_the_progress_deadline_stops_while_paused_and_is_met_once_ready_everywhere(controller) -> None:
+    rollouts, hub, store, clock = controller
+    request = rollouts_pb2.StartRolloutRequest(
+        endpoint="web", model_name="m", version=2, steps=[20, 100], progress_deadline_seconds=10
+    )
+    started = await rollouts.start(request, "ci")
+    assert started.progress_deadline_at.ToDatetime(datetime.UTC).timestamp() == clock.now + 10
+    await rollouts.act("pause", "web", "ci")
+    clock.now += 60  # paused: the deadline does not apply
+    await rollouts.step_all()
+    assert store.get_rollout("web").state == Rollout.PAUSED
+    await rollouts.act("resume", "web", "ci")  # the clock starts again from the resume
+    clock.now += 9
+    await rollouts.step_all()
+    assert store.get_rollout("web").state == Rollout.RUNNING
+    # READY on every attached data plane: the deadline is met for good
+    replica = await attach(hub)
+    replica.report(canary_line(deployments_pb2.EndpointStatus.READY, started.desired_revision))
+    await rollouts.step_all()
+    ready = store.get_rollout("web")
+    assert ready.canary_ready and not ready.HasField("progress_deadline_at")
+    clock.now += 3600
+    await rollouts.step_all()
+    assert store.get_rollout("web").state == Rollout.RUNNING
