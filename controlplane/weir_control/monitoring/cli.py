@@ -186,7 +186,8 @@ def _status_text(report: Any) -> str:
     lines = [
         f"endpoint {report.endpoint}: {report.records_received} records received, {report.records_dropped} dropped"
     ]
-    lines.append(f"reference: {report.reference.source or 'none set (weir drift reference)'}")
+    follows = " (follows the serving version)" if report.reference.serving_lineage else ""
+    lines.append(f"reference: {report.reference.source or 'none set (weir drift reference)'}{follows}")
     if report.labels_held or report.labels_unmatched:
         lines.append(
             f"feedback: {report.labels_held} labels waiting for their requests' records, "
