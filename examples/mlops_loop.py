@@ -664,9 +664,15 @@ class Loop:
 
         self.reference_after_at = 0.0
         if outcome == "promoted":
-            summary = self.weir("drift", "reference", ENDPOINT, "--serving-lineage")
-            reference_at = self.reference_after_at = time.time()
-            self.note("user", f"drift reference: {summary.get('source')}")
+            # a reference taken from the serving lineage follows the serving version: the drift monitor
+            # profiles the new version's training data once it serves
+            def followed() -> Any:
+                reference = self.drift_report().reference
+                return reference if f"version {version} " in reference.source + " " else None
+
+            reference = self.wait(f"the drift reference to follow version {version}", followed, 30)
+            reference_at = self.reference_after_at = reference.set_at.ToNanoseconds() / 1e9
+            self.note("drift-monitor", f"drift reference: {reference.source}")
             after = self.wait(
                 f"{settings.after_windows} windows against the new reference",
                 lambda: found if len(found := judged_since(reference_at)) >= settings.after_windows else None,
