@@ -307,6 +307,27 @@ def test_labels_waiting_for_their_records_are_bounded_in_number_and_time(  # typ
     assert unmatched["ep"] == 999 and unmatched["other"] == 1000  # 950 pushed out, 50 expired
 
 
+def test_remembered_predictions_are_bounded_over_all_endpoints(  # type: ignore[no-untyped-def]
+    store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(monitor_module, "PREDICTIONS_REMEMBERED", 80)
+    monkeypatch.setattr(monitor_module, "PREDICTIONS_REMEMBERED_TOTAL", 100)
+    monkeypatch.setattr(monitor_module, "MIN_PREDICTIONS_REMEMBERED", 10)
+    endpoints = [f"ep{index}" for index in range(4)]
+    monitor = make(store, tmp_path, deployed={"ep", *endpoints})
+    monitor.ingest("replica", predicted([f"first-{index}" for index in range(200)]))  # "ep": one endpoint so far
+    assert len(monitor._endpoints["ep"].predictions) == 80  # its own bound
+    for endpoint in endpoints:
+        batch = predicted([f"{endpoint}-{index}" for index in range(200)])
+        for record in batch.records:
+            record.endpoint = endpoint
+        monitor.ingest("replica", batch)
+    monitor.tick()  # five endpoints: 20 each, the idle one trimmed too
+    sizes = {name: len(state.predictions) for name, state in monitor._endpoints.items()}
+    assert sizes == {"ep": 20, **dict.fromkeys(endpoints, 20)}, sizes
+    assert next(iter(monitor._endpoints["ep0"].predictions)) == "ep0-180"  # the newest are kept
+
+
 # --- webhooks ---------------------------------------------------------------------------------------
 
 

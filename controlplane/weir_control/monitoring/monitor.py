@@ -59,6 +59,9 @@ DriftTrigger = registry_pb2.Lineage.DriftTrigger
 ARGMAX = ".argmax"
 DRIFT_MONITOR = "drift-monitor"  # the audit log's actor of what the monitor changes by itself
 PREDICTIONS_REMEMBERED = 200_000  # request id -> predicted class and window, for feedback labels (per endpoint)
+# ... and over all endpoints: each endpoint keeps an equal share (at least MIN_PREDICTIONS_REMEMBERED)
+PREDICTIONS_REMEMBERED_TOTAL = 1_000_000
+MIN_PREDICTIONS_REMEMBERED = 1_000
 # Records are windowed by their request's time (the data plane's stamp), and a window closes this long after
 # its end, so records shipped late (data planes send them about twice a second) still land in it. A record
 # whose window has closed, or stamped further ahead than MAX_CLOCK_AHEAD_SECONDS, counts at its arrival.
@@ -331,8 +334,7 @@ class DriftMonitor:
                 if record.request_id and len(record.request_id) <= MAX_REQUEST_ID_CHARS:
                     monitor.predictions[record.request_id] = (predicted, window_start, False)
                     monitor.predictions.move_to_end(record.request_id)
-                    if len(monitor.predictions) > PREDICTIONS_REMEMBERED:
-                        monitor.predictions.popitem(last=False)
+                    _trim(monitor.predictions, self._predictions_share())
         return numeric, categorical
 
     # --- feedback: concept drift -----------------------------------------------------------------
@@ -437,6 +439,11 @@ class DriftMonitor:
                 monitor.latest = window
             if window.severity == Severity.CRITICAL and before != Severity.CRITICAL:
                 self._act(monitor, window, now)
+
+    def _predictions_share(self) -> int:
+        """How many requests' predictions each endpoint remembers for feedback labels."""
+        share = PREDICTIONS_REMEMBERED_TOTAL // max(1, len(self._endpoints))
+        return min(PREDICTIONS_REMEMBERED, max(MIN_PREDICTIONS_REMEMBERED, share))
 
     def _follow_serving(self, monitor: EndpointMonitor) -> None:
         """The concept-drift baseline belongs to the version serving: when another version serves (a
@@ -647,6 +654,7 @@ class DriftMonitor:
                 try:
                     if monitor.held:
                         self._expire_held(monitor, now)
+                    _trim(monitor.predictions, self._predictions_share())  # more endpoints: smaller shares
                     reports = self._close_due(monitor, now)
                 except Exception:  # one endpoint's failure must not keep the others' windows open
                     self._ingest_failed(monitor.endpoint)
@@ -891,6 +899,11 @@ class DriftMonitor:
 
 
 CONFIRMATION_Z = 2.33  # one-sided, p < 0.01
+
+
+def _trim(remembered: collections.OrderedDict[str, Any], size: int) -> None:
+    while len(remembered) > size:
+        remembered.popitem(last=False)  # the oldest first
 
 
 def _summary_json(message: Any) -> str:
