@@ -175,6 +175,14 @@ def add_commands(subcommands: Any) -> None:
     rollout_start.add_argument("--max-p99-slack-ms", type=float, default=0.0)
     rollout_start.add_argument("--min-requests", type=int, default=0)
     rollout_start.add_argument("--failure-limit", type=int, default=0)
+    rollout_start.add_argument(
+        "--max-accuracy-drop", type=float, default=0.0,
+        help="fail an interval whose feedback labels give the canary an accuracy this far below the baseline's "
+        "(default 0.05)",
+    )  # fmt: skip
+    rollout_start.add_argument(
+        "--min-labelled", type=int, default=0, help="labels each variant needs in an interval to judge it (default 30)"
+    )
     blue_green = rollout_actions.add_parser(
         "blue-green", help="load MODEL:VERSION_OR_ALIAS as green beside the endpoint's variant, then switch"
     )
@@ -732,7 +740,8 @@ class _Client:
                 thresholds=rollouts_pb2.AnalysisThresholds(
                     max_error_rate_increase=args.max_error_rate_increase, max_p99_ratio=args.max_p99_ratio,
                     max_p99_slack_ms=args.max_p99_slack_ms, min_requests=args.min_requests,
-                    failure_limit=args.failure_limit,
+                    failure_limit=args.failure_limit, max_accuracy_drop=args.max_accuracy_drop,
+                    min_labelled=args.min_labelled,
                 ),
                 progress_deadline_seconds=args.progress_deadline,
             )  # fmt: skip

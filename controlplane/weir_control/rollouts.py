@@ -8,6 +8,10 @@ the previous look, and compares canary with baseline over that interval:
 - FAIL when the canary's error rate exceeds the baseline's by more than ``max_error_rate_increase``,
   or its p99 exceeds ``max_p99_ratio`` x the baseline's + ``max_p99_slack_ms`` (p99 interpolated
   within the latency buckets; compared only when the baseline too served ``min_requests``);
+- FAIL too when feedback labels (``Monitoring/RecordFeedback``) counted in the interval give the canary
+  an accuracy below the baseline's by more than ``max_accuracy_drop``, both variants having at least
+  ``min_labelled`` of them (fewer: accuracy is not judged, the reason says so): a version that serves
+  fine but answers worse is rolled back, not promoted;
 - INCONCLUSIVE when the canary served fewer than ``min_requests`` (the step waits), or when the
   verdict would differ with any one replica identity's reports left out (``robust_verdict``: no
   single replica decides alone while others are attached);
@@ -78,6 +82,11 @@ MAX_MIN_REQUESTS = 1_000_000_000
 MAX_FAILURE_LIMIT = 1000
 MAX_P99_RATIO = 1000.0
 MAX_P99_SLACK_MS = 3_600_000.0
+DEFAULT_MAX_ACCURACY_DROP = 0.05
+DEFAULT_MIN_LABELLED = 30
+
+# {variant: (answered right, labelled)} of an endpoint, cumulative: the drift monitor's labelled outcomes
+LabelledOutcomes = Callable[[str], dict[str, tuple[int, int]]]
 
 
 def check_number(field: str, value: float, low: float, high: float) -> None:
@@ -93,6 +102,8 @@ def check_thresholds(thresholds: rollouts_pb2.AnalysisThresholds) -> None:
     check_number("thresholds.max_p99_slack_ms", thresholds.max_p99_slack_ms, 0.0, MAX_P99_SLACK_MS)
     check_number("thresholds.min_requests", thresholds.min_requests, 0, MAX_MIN_REQUESTS)
     check_number("thresholds.failure_limit", thresholds.failure_limit, 0, MAX_FAILURE_LIMIT)
+    check_number("thresholds.max_accuracy_drop", thresholds.max_accuracy_drop, 0.0, 1.0)
+    check_number("thresholds.min_labelled", thresholds.min_labelled, 0, MAX_MIN_REQUESTS)
 
 
 def progress_deadline(seconds: float) -> float:
@@ -110,6 +121,8 @@ def with_defaults(thresholds: rollouts_pb2.AnalysisThresholds) -> rollouts_pb2.A
     filled.max_p99_slack_ms = filled.max_p99_slack_ms or 5.0
     filled.min_requests = filled.min_requests or 20
     filled.failure_limit = filled.failure_limit or 1
+    filled.max_accuracy_drop = filled.max_accuracy_drop or DEFAULT_MAX_ACCURACY_DROP
+    filled.min_labelled = filled.min_labelled or DEFAULT_MIN_LABELLED
     return filled
 
 
@@ -163,6 +176,52 @@ class Look:
 
     windows: dict[tuple[str, str, int], VariantWindow] = field(default_factory=dict)
     identities: dict[str, str] = field(default_factory=dict)  # stream -> identity
+    labelled: dict[str, tuple[int, int]] = field(default_factory=dict)  # variant -> (right, labelled), cumulative
+
+
+def labelled_in_interval(now: Look, before: Look, variant: str) -> tuple[int, int]:
+    """(answered right, labelled) for one variant between two looks (counters that went back, as after
+    a control-plane restart, count from zero)."""
+    right, labelled = now.labelled.get(variant, (0, 0))
+    right_before, labelled_before = before.labelled.get(variant, (0, 0))
+    if labelled < labelled_before or right < right_before:
+        return right, labelled
+    return right - right_before, labelled - labelled_before
+
+
+def judge_accuracy(
+    verdict: str,
+    reason: str,
+    canary: tuple[int, int],
+    baseline: tuple[int, int],
+    thresholds: rollouts_pb2.AnalysisThresholds,
+) -> tuple[str, str]:
+    """The request counters' verdict, failed when labels show the canary answering worse: its accuracy
+    below the baseline's by more than max_accuracy_drop, each variant with min_labelled labels or more.
+    Labels are not per replica: this check is applied once, over all of them."""
+    (canary_right, canary_labelled), (baseline_right, baseline_labelled) = canary, baseline
+    if not canary_labelled and not baseline_labelled:
+        return verdict, reason
+    # a rollout stored before these thresholds existed has zeros: the defaults
+    max_drop = thresholds.max_accuracy_drop or DEFAULT_MAX_ACCURACY_DROP
+    min_labelled = thresholds.min_labelled or DEFAULT_MIN_LABELLED
+    if min(canary_labelled, baseline_labelled) < min_labelled:
+        if verdict == "FAIL":
+            return verdict, reason
+        return verdict, (
+            f"{reason}; accuracy not judged ({canary_labelled} canary and {baseline_labelled} baseline labels, "
+            f"fewer than {min_labelled})"
+        )
+    canary_accuracy, baseline_accuracy = canary_right / canary_labelled, baseline_right / baseline_labelled
+    figures = (
+        f"accuracy {canary_accuracy:.3f} on {canary_labelled} labels vs baseline {baseline_accuracy:.3f} "
+        f"on {baseline_labelled}"
+    )
+    if canary_accuracy < baseline_accuracy - max_drop:
+        return "FAIL", f"{figures} (allowed drop {max_drop:g})"
+    if verdict == "FAIL":
+        return verdict, reason
+    return verdict, f"{reason}; {figures}"
 
 
 def collect(replicas: list[ReplicaStream], endpoint: str) -> Look:
@@ -286,13 +345,22 @@ class RolloutController:
         hub: DesiredStateHub,
         clock: Callable[[], float] = time.time,
         tick_seconds: float = 0.25,
+        labelled_outcomes: LabelledOutcomes | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
+        self._labelled_outcomes = labelled_outcomes  # the drift monitor's feedback labels per variant
         self._clock = clock
         self._tick = tick_seconds
         self._looks: dict[str, Look] = {}  # endpoint -> previous look
         self._lock = asyncio.Lock()
+
+    def _look(self, endpoint: str) -> Look:
+        """The replicas' counters for the endpoint now, with its feedback labels per variant."""
+        look = collect(self._hub.attached(), endpoint)
+        if self._labelled_outcomes is not None:
+            look.labelled = self._labelled_outcomes(endpoint)
+        return look
 
     # --- RPC entry points (all serialised with the controller's own steps) --------------------------
 
@@ -338,7 +406,7 @@ class RolloutController:
             self._restart_deadline(rollout)
             await self._set_weights(rollout, deployment, baseline, canary, steps[0], actor)
             rollout.desired_revision = (await self._hub.current()).revision
-            self._looks[request.endpoint] = collect(self._hub.attached(), request.endpoint)
+            self._looks[request.endpoint] = self._look(request.endpoint)
             await asyncio.to_thread(self._store.save_rollout, rollout)
             return rollout
 
@@ -466,7 +534,7 @@ class RolloutController:
                 rollout.state, rollout.reason = Rollout.RUNNING, ""
                 self._schedule(rollout)
                 self._restart_deadline(rollout)  # the progress deadline's clock stopped while paused
-                self._looks[endpoint] = collect(self._hub.attached(), endpoint)
+                self._looks[endpoint] = self._look(endpoint)
             elif action == "abort":
                 await self._roll_back(rollout, f"aborted by {actor}", actor)
             elif action in ("promote", "switch") and rollout.strategy == BLUE_GREEN:
@@ -528,20 +596,27 @@ class RolloutController:
 
     async def _analyse(self, rollout: Rollout) -> None:
         endpoint = rollout.endpoint
-        look = collect(self._hub.attached(), endpoint)
+        look = self._look(endpoint)
         if endpoint not in self._looks:  # first look after a restart: start the interval now
             self._looks[endpoint] = look
             self._schedule(rollout)
             return
-        totals = interval_totals(look, self._looks[endpoint])
+        before = self._looks[endpoint]
+        totals = interval_totals(look, before)
         self._looks[endpoint] = look
         verdict, reason, canary, baseline = robust_verdict(
             totals, rollout.canary_variant, rollout.baseline_variant, rollout.thresholds
         )
+        canary_labels = labelled_in_interval(look, before, rollout.canary_variant)
+        baseline_labels = labelled_in_interval(look, before, rollout.baseline_variant)
+        verdict, reason = judge_accuracy(verdict, reason, canary_labels, baseline_labels, rollout.thresholds)
         analysis = rollout.analyses.add(
             step=rollout.step, canary_weight=rollout.steps[rollout.step], canary_requests=canary.requests,
             canary_errors=canary.failed, baseline_requests=baseline.requests, baseline_errors=baseline.failed,
             canary_p99_ms=canary.p99_ms(), baseline_p99_ms=baseline.p99_ms(), verdict=verdict, reason=reason,
+            canary_labelled=canary_labels[1], baseline_labelled=baseline_labels[1],
+            canary_accuracy=canary_labels[0] / canary_labels[1] if canary_labels[1] else 0.0,
+            baseline_accuracy=baseline_labels[0] / baseline_labels[1] if baseline_labels[1] else 0.0,
         )  # fmt: skip
         analysis.at.FromDatetime(datetime.datetime.now(datetime.UTC))
         del rollout.analyses[:-50]  # the recent history is enough for a status

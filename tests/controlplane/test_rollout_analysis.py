@@ -18,6 +18,8 @@ from weir_control.rollouts import (
     VariantWindow,
     interval_totals,
     judge,
+    judge_accuracy,
+    labelled_in_interval,
     robust_verdict,
     with_defaults,
 )
@@ -114,6 +116,40 @@ def test_a_canary_alike_its_baseline_passes_with_their_p99_either_side_of_a_buck
     # a baseline that served fewer than min_requests (at 100%: leftovers) is no latency reference
     verdict, reason = judge(latency({0.005: 500, 0.01: 450, 0.025: 50}), latency({0.001: 19}), thresholds)
     assert verdict == "PASS" and "not compared (the baseline served 19 requests, fewer than 20)" in reason
+
+
+def test_labels_in_an_interval_are_the_difference_of_the_monitor_counters() -> None:
+    before, now = Look(), Look()
+    before.labelled = {"canary": (10, 20)}
+    now.labelled = {"canary": (25, 50), "primary": (40, 40)}
+    assert labelled_in_interval(now, before, "canary") == (15, 30)
+    assert labelled_in_interval(now, before, "primary") == (40, 40)
+    restarted = Look()
+    restarted.labelled = {"canary": (3, 5)}  # the control plane restarted: its counters began again
+    assert labelled_in_interval(restarted, now, "canary") == (3, 5)
+
+
+def test_a_canary_answering_worse_on_its_labels_fails_even_with_no_errors() -> None:
+    thresholds = with_defaults(rollouts_pb2.AnalysisThresholds())
+    passed = "error rate 0.000 vs 0.000; p99 1.0 vs 1.0 ms"
+    verdict, reason = judge_accuracy("PASS", passed, (60, 100), (90, 100), thresholds)
+    assert verdict == "FAIL"
+    assert reason == "accuracy 0.600 on 100 labels vs baseline 0.900 on 100 (allowed drop 0.05)"
+    # within the allowed drop: the request verdict stands, with the figures
+    verdict, reason = judge_accuracy("PASS", passed, (87, 100), (90, 100), thresholds)
+    assert (verdict, reason) == ("PASS", f"{passed}; accuracy 0.870 on 100 labels vs baseline 0.900 on 100")
+    # too few labels on either side: not judged, and said so
+    verdict, reason = judge_accuracy("PASS", passed, (0, 29), (90, 100), thresholds)
+    assert verdict == "PASS" and reason.endswith(
+        "accuracy not judged (29 canary and 100 baseline labels, fewer than 30)"
+    )
+    # no labels at all: the request verdict as it was
+    assert judge_accuracy("INCONCLUSIVE", "few", (0, 0), (0, 0), thresholds) == ("INCONCLUSIVE", "few")
+    # a failure on errors keeps its reason; a worse accuracy also fails an interval with too few requests
+    assert judge_accuracy("FAIL", "error rate", (90, 100), (90, 100), thresholds) == ("FAIL", "error rate")
+    assert judge_accuracy("INCONCLUSIVE", "few", (10, 40), (40, 40), thresholds)[0] == "FAIL"
+    # a rollout stored before the thresholds existed (zeros) is judged with the defaults
+    assert judge_accuracy("PASS", passed, (60, 100), (90, 100), rollouts_pb2.AnalysisThresholds())[0] == "FAIL"
 
 
 def test_verdicts() -> None:

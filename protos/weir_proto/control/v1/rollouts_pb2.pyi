@@ -27,18 +27,22 @@ class StartBlueGreenRequest(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., keep_previous_seconds: _Optional[float] = ..., progress_deadline_seconds: _Optional[float] = ...) -> None: ...
 
 class AnalysisThresholds(_message.Message):
-    __slots__ = ("max_error_rate_increase", "max_p99_ratio", "max_p99_slack_ms", "min_requests", "failure_limit")
+    __slots__ = ("max_error_rate_increase", "max_p99_ratio", "max_p99_slack_ms", "min_requests", "failure_limit", "max_accuracy_drop", "min_labelled")
     MAX_ERROR_RATE_INCREASE_FIELD_NUMBER: _ClassVar[int]
     MAX_P99_RATIO_FIELD_NUMBER: _ClassVar[int]
     MAX_P99_SLACK_MS_FIELD_NUMBER: _ClassVar[int]
     MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     FAILURE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
+    MIN_LABELLED_FIELD_NUMBER: _ClassVar[int]
     max_error_rate_increase: float
     max_p99_ratio: float
     max_p99_slack_ms: float
     min_requests: int
     failure_limit: int
-    def __init__(self, max_error_rate_increase: _Optional[float] = ..., max_p99_ratio: _Optional[float] = ..., max_p99_slack_ms: _Optional[float] = ..., min_requests: _Optional[int] = ..., failure_limit: _Optional[int] = ...) -> None: ...
+    max_accuracy_drop: float
+    min_labelled: int
+    def __init__(self, max_error_rate_increase: _Optional[float] = ..., max_p99_ratio: _Optional[float] = ..., max_p99_slack_ms: _Optional[float] = ..., min_requests: _Optional[int] = ..., failure_limit: _Optional[int] = ..., max_accuracy_drop: _Optional[float] = ..., min_labelled: _Optional[int] = ...) -> None: ...
 
 class StartRolloutRequest(_message.Message):
     __slots__ = ("endpoint", "model_name", "version", "alias", "steps", "interval_seconds", "thresholds", "progress_deadline_seconds")
@@ -73,7 +77,7 @@ class RolloutAction(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ...) -> None: ...
 
 class Analysis(_message.Message):
-    __slots__ = ("at", "step", "canary_weight", "canary_requests", "canary_errors", "baseline_requests", "baseline_errors", "canary_p99_ms", "baseline_p99_ms", "verdict", "reason")
+    __slots__ = ("at", "step", "canary_weight", "canary_requests", "canary_errors", "baseline_requests", "baseline_errors", "canary_p99_ms", "baseline_p99_ms", "verdict", "reason", "canary_labelled", "baseline_labelled", "canary_accuracy", "baseline_accuracy")
     AT_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CANARY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +89,10 @@ class Analysis(_message.Message):
     BASELINE_P99_MS_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CANARY_LABELLED_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_LABELLED_FIELD_NUMBER: _ClassVar[int]
+    CANARY_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     at: _timestamp_pb2.Timestamp
     step: int
     canary_weight: int
@@ -96,7 +104,11 @@ class Analysis(_message.Message):
     baseline_p99_ms: float
     verdict: str
     reason: str
-    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step: _Optional[int] = ..., canary_weight: _Optional[int] = ..., canary_requests: _Optional[int] = ..., canary_errors: _Optional[int] = ..., baseline_requests: _Optional[int] = ..., baseline_errors: _Optional[int] = ..., canary_p99_ms: _Optional[float] = ..., baseline_p99_ms: _Optional[float] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    canary_labelled: int
+    baseline_labelled: int
+    canary_accuracy: float
+    baseline_accuracy: float
+    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step: _Optional[int] = ..., canary_weight: _Optional[int] = ..., canary_requests: _Optional[int] = ..., canary_errors: _Optional[int] = ..., baseline_requests: _Optional[int] = ..., baseline_errors: _Optional[int] = ..., canary_p99_ms: _Optional[float] = ..., baseline_p99_ms: _Optional[float] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ..., canary_labelled: _Optional[int] = ..., baseline_labelled: _Optional[int] = ..., canary_accuracy: _Optional[float] = ..., baseline_accuracy: _Optional[float] = ...) -> None: ...
 
 class RolloutVariant(_message.Message):
     __slots__ = ("name", "model_name", "version", "alias", "weight")
