@@ -90,9 +90,6 @@ class LoopSettings:
         return cls(
             out=out, customers=1500, window_seconds=6.0, min_records=250, after_windows=1, canary_steps=(50, 100),
             canary_interval=3.0, epochs=20, rate=200.0, deadline=300.0,
-            # until the canary's p99 check stops deciding on one histogram bucket (10 vs 25 ms) on this busy
-            # VM: a latency slack of 30 ms (the errors are still judged as they are)
-            canary_p99_slack_ms=30,
         )  # fmt: skip
 
 
@@ -122,6 +119,7 @@ class LoopResult:
     events: list[Event]
     versions: dict[int, VersionInfo]
     windows: list[dict[str, Any]]  # every drift window (GetDriftReport, JSON)
+    reference: dict[str, Any]  # the drift reference at the end
     actions: list[dict[str, Any]]  # the drift monitor's actions
     rollouts: list[dict[str, Any]]  # each canary as it ended (GetRollout, JSON)
     audit: list[dict[str, Any]]  # the audit log, oldest first
@@ -222,6 +220,7 @@ class Loop:
         self.data_address = ""
         self.rollouts: list[dict[str, Any]] = []
         self.versions: dict[int, VersionInfo] = {}
+        self.traffic: Traffic | None = None
         self._deadline = time.monotonic() + settings.deadline
 
     # --- output --------------------------------------------------------------------------------
@@ -442,7 +441,9 @@ class Loop:
             if canary is not None and canary.version not in (0, version):
                 return None  # an earlier rollout still
             for analysis in rollout.analyses[seen[0] :]:
-                extra = loop_report.other_figures(json_format.MessageToDict(analysis, preserving_proto_field_name=True))
+                figures = json_format.MessageToDict(analysis, preserving_proto_field_name=True)
+                figures.update(self.labelled_accuracy(rollout, analysis))
+                extra = loop_report.other_figures(figures)
                 self.say(
                     f"  canary step {analysis.step} ({analysis.canary_weight}%): {analysis.verdict}, "
                     f"{analysis.canary_requests} canary / {analysis.baseline_requests} baseline requests"
@@ -454,10 +455,26 @@ class Loop:
         rollout = self.wait(f"the canary of version {version}", ended, timeout)
         record = json_format.MessageToDict(rollout, preserving_proto_field_name=True)
         record["version"] = version
+        for analysis, figures in zip(rollout.analyses, record.get("analyses", []), strict=True):
+            figures.update(self.labelled_accuracy(rollout, analysis))
         self.rollouts.append(record)
         outcome = {Rollout.SUCCEEDED: "promoted", Rollout.ROLLED_BACK: "rolled back"}.get(rollout.state, "superseded")
         self.note("rollout-controller", f"canary of version {version} {outcome}: {rollout.reason}")
         return outcome
+
+    def labelled_accuracy(self, rollout: Any, analysis: Any) -> dict[str, float]:
+        """The accuracy of the canary's and the baseline's answers over the analysis's interval, as the labels
+        show it (the client's view; Weir's analysis judges errors and latency)."""
+        if self.traffic is None:
+            return {}
+        end = analysis.at.ToNanoseconds() / 1e9
+        figures = self.traffic.accuracy(end - rollout.interval_seconds, end)
+        result = {}
+        for role, name in (("canary", rollout.canary_variant), ("baseline", rollout.baseline_variant)):
+            correct, total = figures.get(name, (0, 0))
+            if total:
+                result[f"labelled_{role}_accuracy"] = correct / total
+        return result
 
     def version_of(self, job: Any) -> int:
         return int(job.registered.version)
@@ -531,7 +548,7 @@ class Loop:
         self.note("training-runner", f"version {version} registered from job {baseline_id}")
         self.weir("deploy", ENDPOINT, MODEL, str(version))
         self.note("user", f"endpoint {ENDPOINT} deployed: {MODEL} version {version}")
-        traffic = Traffic(self, data)
+        traffic = self.traffic = Traffic(self, data)
         self.wait("the endpoint to serve by entity key", traffic.probe, 60)
         self.record_version(job, data, "deployed")
         traffic.start()
@@ -705,6 +722,7 @@ class Loop:
             settings=self.settings, started=self.started, finished=time.time(),
             events=timeline(self.events, events, report.windows),
             versions=dict(sorted(self.versions.items())), windows=[as_dict(w) for w in report.windows],
+            reference=as_dict(report.reference),
             actions=[as_dict(a) for a in report.actions], rollouts=self.rollouts, audit=events, jobs=jobs_list,
             retrain_jobs=retrain_jobs, quiet=[as_dict(w) for w in quiet], shift_at=shift_at,
             shifted_feature=loop_data.SHIFTED_FEATURE, reference_after_at=self.reference_after_at,
@@ -784,6 +802,19 @@ class Traffic:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_probe = ""
+        self.answers: list[tuple[float, str, bool]] = []  # (when, variant, right) of every answer
+
+    def accuracy(self, start: float, end: float) -> dict[str, tuple[int, int]]:
+        """Per variant, (right, answered) among the answers between ``start`` and ``end``: what the labels
+        say of each variant (the client knows the truth and which variant answered)."""
+        figures: dict[str, tuple[int, int]] = {}
+        with self._lock:
+            answers = list(self.answers)
+        for when, variant, right in answers:
+            if start < when <= end:
+                correct, total = figures.get(variant, (0, 0))
+                figures[variant] = (correct + int(right), total + 1)
+        return figures
 
     def _infer(self, client: Any, customer: int, request_id: str) -> Any:
         return client.infer(
@@ -844,9 +875,11 @@ class Traffic:
                 else:
                     variant = result.get_response().parameters["weir_variant"].string_param
                     label = int(self.data.label_after[index] if shifted else self.data.label_before[index])
+                    predicted = int(np.argmax(result.as_numpy("PROBABILITIES")[0]))
                     with self._lock:
                         self.sent += 1
                         self.variants[variant] = self.variants.get(variant, 0) + 1
+                        self.answers.append((time.time(), variant, predicted == label))
                         self._labels.append((request_id, label))
                 next_at += interval
                 delay = next_at - time.monotonic()
@@ -938,6 +971,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print_timeline(result)
     expected = "rolled back" if settings.bad_retrain else "promoted"
+    if settings.bad_retrain and result.outcome == "promoted":
+        figures = [analysis for rollout in result.rollouts[-1:] for analysis in rollout.get("analyses", [])]
+        print(
+            "mlops_loop: the canary PROMOTED the worse version: Weir's canary analysis judges errors and p99 "
+            "latency, not accuracy; the labels during its canary said: "
+            + "; ".join(loop_report.other_figures(analysis) for analysis in figures),
+            file=sys.stderr,
+        )
+        return 1
     if result.failures or result.outcome != expected:
         print(f"mlops_loop: error: expected the retrained version {expected} and no failed request", file=sys.stderr)
         return 1

@@ -83,6 +83,12 @@ def test_the_loop_retrains_on_drift_and_the_canary_promotes_the_better_version(t
     assert [analysis["verdict"] for analysis in canary["analyses"]][-1] == "PASS", canary["analyses"]
     assert any(event.get("actor") == "rollout-controller" for event in result.audit)
 
+    # the drift reference followed the new version by itself (the monitor's own audited step)
+    assert result.reference.get("serving_version") == f"churn:{retrained.version}", result.reference
+    assert any(
+        event.get("actor") == "drift-monitor" and event["action"] == "Monitoring/SetReference" for event in result.audit
+    ), "the reference's following of the serving version is not in the audit log"
+
     # accuracy on the shifted data (held-out customers) improved over the version it replaced
     previous = result.versions[retrained.version - 1]
     assert retrained.accuracy_after > previous.accuracy_after + 0.15, (previous, retrained)
