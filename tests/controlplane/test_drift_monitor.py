@@ -241,3 +241,31 @@ def test_an_action_names_at_most_100_critical_features(setup, tmp_path: Path) ->
     assert window.severity == Severity.CRITICAL and submitted == ["ep"]
     (action,) = monitor.report("ep").actions
     assert len(action.features) == 101 and action.features[-1] == "(+20 more)" and action.features[0] == "f000"
+
+
+def test_labelled_outcomes_per_variant_count_each_request_once(setup) -> None:  # type: ignore[no-untyped-def]
+    """What a canary's analysis on accuracy reads: per variant, (correct, labelled), cumulative."""
+    make, _, _, _, _ = setup
+    monitor = make()
+    assert monitor.labelled_outcomes("ep") == {}
+    batch = monitoring_pb2.InferenceRecords()
+    for index in range(20):
+        record = batch.records.add(endpoint="ep", request_id=f"q{index}", variant="canary" if index % 4 else "stable")
+        record.outputs.add(name="P[0]", number=0.8)
+        record.outputs.add(name="P[1]", number=0.2)  # predicted class 0
+    monitor.ingest("replica", batch)
+    labels = monitoring_pb2.RecordFeedbackRequest(endpoint="ep")
+    for index in range(20):  # stable (q0, q4, ...): all right; canary: right on even requests only
+        labels.labels.add(request_id=f"q{index}", number=0 if index % 4 == 0 or index % 2 == 0 else 1)
+    monitor.feedback(labels)
+    monitor.feedback(labels)  # resent: counted once
+    assert monitor.labelled_outcomes("ep") == {"stable": (5, 5), "canary": (5, 15)}
+    late = monitoring_pb2.RecordFeedbackRequest(endpoint="ep")
+    late.labels.add(request_id="q20", number=1)  # held until its record comes
+    monitor.feedback(late)
+    more = monitoring_pb2.InferenceRecords()
+    record = more.records.add(endpoint="ep", request_id="q20", variant="canary")
+    record.outputs.add(name="P[0]", number=0.8)
+    record.outputs.add(name="P[1]", number=0.2)
+    monitor.ingest("replica", more)
+    assert monitor.labelled_outcomes("ep")["canary"] == (5, 16)

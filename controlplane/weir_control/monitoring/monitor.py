@@ -81,6 +81,7 @@ MAX_MONITORED_ENDPOINTS = 1000  # endpoints with a monitor (deployed, or with a 
 MAX_NAME_CHARS = 256  # a feature name; longer names' values are dropped
 MAX_CATEGORY_CHARS = 256  # a categorical value; longer ones are cut to this length
 MAX_REQUEST_ID_CHARS = 256  # longer request ids are not remembered for feedback
+MAX_OUTCOME_VARIANTS = 64  # variants per endpoint whose labelled outcomes are counted (an endpoint has <= 16)
 MAX_FEEDBACK_LABELS = 100_000  # labels in one RecordFeedback
 DEPLOYED_REFRESH_SECONDS = 1.0  # an unknown endpoint's records re-read the deployed endpoints at most this often
 ERROR_LOG_SECONDS = 60.0  # an endpoint's ingest errors are logged at most once per this long
@@ -103,8 +104,13 @@ class EndpointMonitor:
     # window start -> the windows still open (the current one, and the previous while in its grace period)
     open: dict[float, OpenWindow] = field(default_factory=dict)
     outputs: set[str] = field(default_factory=set)  # feature names that are outputs (role)
-    # request id -> (predicted class, start of the window its record was counted in, whether it was labelled)
-    predictions: collections.OrderedDict[str, tuple[str, float, bool]] = field(default_factory=collections.OrderedDict)
+    # request id -> (predicted class, start of the window its record was counted in, whether it was labelled,
+    # the variant that answered)
+    predictions: collections.OrderedDict[str, tuple[str, float, bool, str]] = field(
+        default_factory=collections.OrderedDict
+    )
+    # variant -> [correct, labelled], cumulative since the control plane started (canary analysis on accuracy)
+    outcomes: dict[str, list[int]] = field(default_factory=dict)
     # request id -> (label, when it came): labels whose record has not arrived yet, oldest first
     held: collections.OrderedDict[str, tuple[str, float]] = field(default_factory=collections.OrderedDict)
     labels_unmatched: int = 0  # held labels whose record never came
@@ -332,7 +338,8 @@ class DriftMonitor:
                 if len(monitor.outputs) < MAX_FEATURES:
                     monitor.outputs.add(base + ARGMAX)
                 if record.request_id and len(record.request_id) <= MAX_REQUEST_ID_CHARS:
-                    monitor.predictions[record.request_id] = (predicted, window_start, False)
+                    variant = record.variant[:MAX_NAME_CHARS]
+                    monitor.predictions[record.request_id] = (predicted, window_start, False, variant)
                     monitor.predictions.move_to_end(record.request_id)
                     _trim(monitor.predictions, self._predictions_share())
         return numeric, categorical
@@ -394,14 +401,20 @@ class DriftMonitor:
         self,
         monitor: EndpointMonitor,
         request_id: str,
-        remembered: tuple[str, float, bool],
+        remembered: tuple[str, float, bool, str],
         actual: str,
         closed: dict[float, list[tuple[bool, str]]],
     ) -> None:
         """One matched label: the detector, and the figures of the window its request was counted in
         (the open window's now; a closed window's gathered in ``closed`` for ``_update_closed``)."""
-        predicted, window_start, _ = remembered
-        monitor.predictions[request_id] = (predicted, window_start, True)
+        predicted, window_start, _, variant = remembered
+        monitor.predictions[request_id] = (predicted, window_start, True, variant)
+        outcome = monitor.outcomes.get(variant)
+        if outcome is None and len(monitor.outcomes) < MAX_OUTCOME_VARIANTS:
+            outcome = monitor.outcomes[variant] = [0, 0]
+        if outcome is not None:
+            outcome[0] += int(actual == predicted)
+            outcome[1] += 1
         correct = actual == predicted
         if monitor.first_labels[1] < REFERENCE_ACCURACY_LABELS:
             monitor.first_labels[0] += int(correct)
@@ -884,6 +897,17 @@ class DriftMonitor:
                 for name, monitor in sorted(self._endpoints.items())
                 if monitor.held or monitor.labels_unmatched
             ]
+
+    def labelled_outcomes(self, endpoint: str) -> dict[str, tuple[int, int]]:
+        """Per variant of the endpoint: (correct, labelled) feedback labels of the requests it answered,
+        cumulative since this control plane started, each request counted once (take deltas over an
+        interval). Blocking: takes the monitor's lock, which ingest holds for one batch of records (a few
+        ms to ~0.1 s at 5,000 records); call it in a worker thread from an event loop."""
+        with self._lock:
+            monitor = self._endpoints.get(endpoint)
+            if monitor is None:
+                return {}
+            return {variant: (correct, labelled) for variant, (correct, labelled) in monitor.outcomes.items()}
 
     def dropped(self) -> tuple[dict[tuple[str, str], int], dict[str, int], dict[str, int]]:
         """Copies of what the bounds dropped: values per (endpoint, reason), records per reason, and
