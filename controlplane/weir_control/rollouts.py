@@ -355,11 +355,12 @@ class RolloutController:
         self._looks: dict[str, Look] = {}  # endpoint -> previous look
         self._lock = asyncio.Lock()
 
-    def _look(self, endpoint: str) -> Look:
-        """The replicas' counters for the endpoint now, with its feedback labels per variant."""
+    async def _look(self, endpoint: str) -> Look:
+        """The replicas' counters for the endpoint now, with its feedback labels per variant (the
+        monitor's lock may be held by an ingest for a while: read in a worker thread)."""
         look = collect(self._hub.attached(), endpoint)
         if self._labelled_outcomes is not None:
-            look.labelled = self._labelled_outcomes(endpoint)
+            look.labelled = await asyncio.to_thread(self._labelled_outcomes, endpoint)
         return look
 
     # --- RPC entry points (all serialised with the controller's own steps) --------------------------
@@ -406,7 +407,7 @@ class RolloutController:
             self._restart_deadline(rollout)
             await self._set_weights(rollout, deployment, baseline, canary, steps[0], actor)
             rollout.desired_revision = (await self._hub.current()).revision
-            self._looks[request.endpoint] = self._look(request.endpoint)
+            self._looks[request.endpoint] = await self._look(request.endpoint)
             await asyncio.to_thread(self._store.save_rollout, rollout)
             return rollout
 
@@ -534,7 +535,7 @@ class RolloutController:
                 rollout.state, rollout.reason = Rollout.RUNNING, ""
                 self._schedule(rollout)
                 self._restart_deadline(rollout)  # the progress deadline's clock stopped while paused
-                self._looks[endpoint] = self._look(endpoint)
+                self._looks[endpoint] = await self._look(endpoint)
             elif action == "abort":
                 await self._roll_back(rollout, f"aborted by {actor}", actor)
             elif action in ("promote", "switch") and rollout.strategy == BLUE_GREEN:
@@ -596,7 +597,7 @@ class RolloutController:
 
     async def _analyse(self, rollout: Rollout) -> None:
         endpoint = rollout.endpoint
-        look = self._look(endpoint)
+        look = await self._look(endpoint)
         if endpoint not in self._looks:  # first look after a restart: start the interval now
             self._looks[endpoint] = look
             self._schedule(rollout)

@@ -238,7 +238,7 @@ class ControlPlaneServer:
             DataPlaneSyncService(hub, on_records, self.tokens), server
         )
         audit_pb2_grpc.add_AuditServicer_to_server(AuditService(store), server)
-        self.rollouts = RolloutController(store, hub)
+        self.rollouts = RolloutController(store, hub, labelled_outcomes=self.drift.labelled_outcomes)
         rollouts_pb2_grpc.add_RolloutsServicer_to_server(RolloutsService(store, auditor, self.rollouts), server)
         experiments_pb2_grpc.add_ExperimentsServicer_to_server(ExperimentsService(store, auditor, hub), server)
         self.features = FeaturesService(store, auditor, hub, settings.resolved_feature_root, settings.online_store)
