@@ -103,3 +103,28 @@ def _seconds(stamp: str) -> float:
     import datetime
 
     return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def test_a_less_accurate_retrained_version_is_rolled_back_by_its_canary(tmp_path: Path) -> None:
+    """--bad-retrain: the retraining reads a label table whose labels are inverted; the version it registers
+    serves without an error but answers worse, the labels sent during its canary show it, and the rollout
+    controller rolls it back: the endpoint keeps the version it had."""
+    settings = LoopSettings.fast(tmp_path / "loop")
+    settings.bad_retrain, settings.quiet_windows = True, 1
+    result = run_loop(settings)
+
+    assert result.requests > 1000 and result.failures == [], result.failures[:5]
+    retrained = result.retrained
+    assert retrained is not None and result.retrain_jobs == [retrained.job]
+    previous = result.versions[retrained.version - 1]
+    assert retrained.accuracy_after < previous.accuracy_after - 0.2, (previous, retrained)
+    assert result.outcome == "rolled back" and retrained.outcome == "rolled back"
+    canary = result.rollouts[-1]
+    assert canary["version"] == retrained.version and canary["state"] == "ROLLED_BACK", canary
+    assert "accuracy" in canary["reason"], canary["reason"]
+    assert [analysis["verdict"] for analysis in canary["analyses"]][-1] == "FAIL", canary["analyses"]
+    rolled_back = [
+        event for event in result.audit
+        if event.get("actor") == "rollout-controller" and "rolled back" in (event.get("detail") or "")
+    ]  # fmt: skip
+    assert rolled_back, "the rollback is not in the audit log with the rollout controller as its actor"
