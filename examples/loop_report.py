@@ -163,20 +163,19 @@ def _accuracy_chart(result: Any) -> str:
     return _png(figure)
 
 
-KNOWN_ANALYSIS = {
-    "at", "step", "canary_weight", "canary_requests", "canary_errors", "baseline_requests", "baseline_errors",
-    "canary_p99_ms", "baseline_p99_ms", "verdict", "reason",
-}  # fmt: skip
+def accuracy_figures(analysis: dict[str, Any]) -> str:
+    """The canary's and the baseline's accuracy on the interval's feedback labels as Weir's analysis counted
+    them (labels in brackets), and as the client saw every answer."""
 
+    def figure(name: str, count: str = "") -> str:
+        value = analysis.get(name)
+        if value is None:
+            return "-"
+        return f"{value:.3f}" + (f" ({analysis[count]})" if count and count in analysis else "")
 
-def other_figures(analysis: dict[str, Any]) -> str:
-    """Figures an analysis carries beyond requests, errors and p99 (e.g. the labelled accuracy of each
-    variant), as name=value."""
-    parts = []
-    for name, value in sorted(analysis.items()):
-        if name not in KNOWN_ANALYSIS:
-            parts.append(f"{name}={value:.3f}" if isinstance(value, float) else f"{name}={value}")
-    return ", ".join(parts)
+    weir = f"{figure('canary_accuracy', 'canary_labelled')} / {figure('baseline_accuracy', 'baseline_labelled')}"
+    client = f"{figure('labelled_canary_accuracy')} / {figure('labelled_baseline_accuracy')}"
+    return f"{weir}; client {client}"
 
 
 def _canary(rollout: dict[str, Any]) -> str:
@@ -187,7 +186,7 @@ def _canary(rollout: dict[str, Any]) -> str:
             f"{analysis.get('canary_requests', 0)} / {analysis.get('canary_errors', 0)}",
             f"{analysis.get('baseline_requests', 0)} / {analysis.get('baseline_errors', 0)}",
             f"{analysis.get('canary_p99_ms', 0.0):.1f} / {analysis.get('baseline_p99_ms', 0.0):.1f}",
-            other_figures(analysis), analysis.get("verdict", ""), analysis.get("reason", ""),
+            accuracy_figures(analysis), analysis.get("verdict", ""), analysis.get("reason", ""),
         ])  # fmt: skip
         classes.append(analysis.get("verdict", "").lower())
     state = rollout.get("state", "")
@@ -198,7 +197,7 @@ def _canary(rollout: dict[str, Any]) -> str:
     )
     return header + _table(
         ["at (UTC)", "step", "canary requests / errors", "baseline requests / errors", "p99 ms canary / baseline",
-         "other figures", "verdict", "reason"], rows, classes,
+         "accuracy canary / baseline (labels)", "verdict", "reason"], rows, classes,
     )  # fmt: skip
 
 

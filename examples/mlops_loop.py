@@ -444,11 +444,11 @@ class Loop:
             for analysis in rollout.analyses[seen[0] :]:
                 figures = json_format.MessageToDict(analysis, preserving_proto_field_name=True)
                 figures.update(self.labelled_accuracy(rollout, analysis))
-                extra = loop_report.other_figures(figures)
+                extra = loop_report.accuracy_figures(figures)
                 self.say(
                     f"  canary step {analysis.step} ({analysis.canary_weight}%): {analysis.verdict}, "
                     f"{analysis.canary_requests} canary / {analysis.baseline_requests} baseline requests"
-                    f"{'; ' + extra if extra else ''}; {analysis.reason}"
+                    f"; accuracy {extra}; {analysis.reason}"
                 )
             seen[0] = len(rollout.analyses)
             return rollout if rollout.state in (Rollout.SUCCEEDED, Rollout.ROLLED_BACK, Rollout.SUPERSEDED) else None
@@ -973,7 +973,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "mlops_loop: the canary PROMOTED the worse version: Weir's canary analysis judges errors and p99 "
             "latency, not accuracy; the labels during its canary said: "
-            + "; ".join(loop_report.other_figures(analysis) for analysis in figures),
+            + "; ".join(loop_report.accuracy_figures(analysis) for analysis in figures),
             file=sys.stderr,
         )
         return 1
