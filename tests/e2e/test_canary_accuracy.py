@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -23,36 +22,15 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.conftest import WeirProcess, free_port
-from tests.e2e.test_control_plane import (
-    CONFIG,
-    ControlProcess,
-    cli,
-    scripted,
-    serves_factor,
-    start_control,
-    start_replicas,
-    wait_until,
-)
+from tests.conftest import WeirProcess
+from tests.e2e.test_control_plane import CONFIG, ControlProcess, cli, scripted, serves_factor, wait_until
+from tests.e2e.test_rollout_recovery import ended, planes  # noqa: F401  (planes: the fixture)
 from weir_proto.auth import client_metadata
 from weir_proto.control.v1 import monitoring_pb2, monitoring_pb2_grpc
 
 pytestmark = pytest.mark.timeout(600)
 
 SAMPLED_CONFIG = CONFIG + 'parameters { key: "weir_monitoring_sample_rate" value: { string_value: "1" } }\n'
-
-
-@pytest.fixture
-def planes(tmp_path: Path) -> Iterator[tuple[ControlProcess, list[WeirProcess], Path]]:
-    control = start_control(tmp_path / "control", f"sqlite:///{tmp_path / 'control.db'}", free_port())
-    replicas = start_replicas(control, tmp_path, heartbeat="0.3")
-    try:
-        yield control, replicas, tmp_path
-    finally:
-        for replica in replicas:
-            replica.terminate_and_wait()
-        control.process.terminate()
-        control.process.wait(timeout=30)
 
 
 def push(control: ControlProcess, tmp_path: Path, factor: float) -> str:
@@ -109,17 +87,6 @@ class LabelledTraffic:
             client.close()
 
 
-def ended(control: ControlProcess) -> dict:
-    holder: dict = {}
-
-    def done() -> bool:
-        holder.update(cli(control, "rollout", "status", "scale", token="t-replica"))
-        return holder["state"] not in ("RUNNING", "PAUSED")
-
-    wait_until(done, timeout=240, message="the rollout to end")
-    return holder
-
-
 def canary(control: ControlProcess, version: str) -> None:
     cli(
         control, "rollout", "start", "scale", f"scale:{version}", "--steps", "50,100", "--interval", "3",
@@ -127,7 +94,7 @@ def canary(control: ControlProcess, version: str) -> None:
     )  # fmt: skip
 
 
-def test_a_canary_that_answers_worse_on_labelled_traffic_is_rolled_back_and_a_good_one_promoted(planes) -> None:
+def test_a_canary_that_answers_worse_on_labelled_traffic_is_rolled_back_and_a_good_one_promoted(planes) -> None:  # noqa: F811
     control, replicas, tmp_path = planes
     right, wrong, right_again = (
         push(control, tmp_path, 1.0),
