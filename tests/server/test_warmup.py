@@ -106,3 +106,24 @@ async def test_a_version_whose_warm_up_fails_is_unavailable_with_the_reason(tmp_
         await repository.load("picky")
         assert repository.resolve("picky", "1").version == 1
         assert repository.index(ready_only=True)[0].state == "READY"
+
+
+class OneRowWhateverTheBatch(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:1]
+
+
+async def test_the_default_warm_up_refuses_a_model_that_answers_one_row_for_a_batch(tmp_path: Path) -> None:
+    # right for a batch of one, wrong for any other: the default warm-up's batch of 2 finds it at load
+    model_dir = tmp_path / "first_row"
+    (model_dir / "1").mkdir(parents=True)
+    torch.jit.save(torch.jit.script(OneRowWhateverTheBatch()), str(model_dir / "1" / "model.pt"))
+    (model_dir / "config.pbtxt").write_text(
+        'max_batch_size: 4 input [ { name: "x" data_type: TYPE_FP32 dims: [ 2 ] } ] '
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 2 ] } ]'
+    )
+    with ThreadPoolExecutor(1) as executor:
+        repository = ModelRepository(tmp_path, executor, Metrics.create(CollectorRegistry()))
+        with pytest.raises(FailedPreconditionError) as caught:
+            await repository.load("first_row")
+        assert "warm-up failed" in caught.value.message and "'y'" in caught.value.message, caught.value.message
