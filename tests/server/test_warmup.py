@@ -71,6 +71,18 @@ model_warmup [
     assert samples[2][0]["t"].shape == (4, 1)
 
 
+def add_model(repository: Path, name: str, module: torch.nn.Module) -> Path:
+    """Version 1 of a scripted module, batched up to 4 rows of x [2] -> y [2]; its model directory."""
+    model_dir = repository / name
+    (model_dir / "1").mkdir(parents=True)
+    torch.jit.save(torch.jit.script(module), str(model_dir / "1" / "model.pt"))
+    (model_dir / "config.pbtxt").write_text(
+        'max_batch_size: 4 input [ { name: "x" data_type: TYPE_FP32 dims: [ 2 ] } ] '
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 2 ] } ]'
+    )
+    return model_dir
+
+
 class FailsOnZeros(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if bool((x == 0).all()):
@@ -79,13 +91,7 @@ class FailsOnZeros(torch.nn.Module):
 
 
 async def test_a_version_whose_warm_up_fails_is_unavailable_with_the_reason(tmp_path: Path) -> None:
-    model_dir = tmp_path / "picky"
-    (model_dir / "1").mkdir(parents=True)
-    torch.jit.save(torch.jit.script(FailsOnZeros()), str(model_dir / "1" / "model.pt"))
-    (model_dir / "config.pbtxt").write_text(
-        'max_batch_size: 4 input [ { name: "x" data_type: TYPE_FP32 dims: [ 2 ] } ] '
-        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 2 ] } ]'
-    )
+    model_dir = add_model(tmp_path, "picky", FailsOnZeros())
     with ThreadPoolExecutor(1) as executor:
         repository = ModelRepository(tmp_path, executor, Metrics.create(CollectorRegistry()))
         with pytest.raises(FailedPreconditionError) as caught:
@@ -115,13 +121,7 @@ class OneRowWhateverTheBatch(torch.nn.Module):
 
 async def test_the_default_warm_up_refuses_a_model_that_answers_one_row_for_a_batch(tmp_path: Path) -> None:
     # right for a batch of one, wrong for any other: the default warm-up's batch of 2 finds it at load
-    model_dir = tmp_path / "first_row"
-    (model_dir / "1").mkdir(parents=True)
-    torch.jit.save(torch.jit.script(OneRowWhateverTheBatch()), str(model_dir / "1" / "model.pt"))
-    (model_dir / "config.pbtxt").write_text(
-        'max_batch_size: 4 input [ { name: "x" data_type: TYPE_FP32 dims: [ 2 ] } ] '
-        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 2 ] } ]'
-    )
+    add_model(tmp_path, "first_row", OneRowWhateverTheBatch())
     with ThreadPoolExecutor(1) as executor:
         repository = ModelRepository(tmp_path, executor, Metrics.create(CollectorRegistry()))
         with pytest.raises(FailedPreconditionError) as caught:
