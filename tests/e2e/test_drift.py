@@ -137,10 +137,8 @@ def retrain_spec() -> training_pb2.JobSpec:
     return training_pb2.JobSpec(entrypoint="script:train.py", code_archive=buffer.getvalue())
 
 
-def test_a_shifted_feature_is_critical_actions_fire_once_and_labels_reveal_concept_drift(
-    planes: tuple[ControlProcess, str], tmp_path: Path, webhook: str
-) -> None:
-    control, url = planes
+def deploy_scorer(control: ControlProcess, url: str, tmp_path: Path) -> Path:
+    """TwoClass pushed as scorer version 1 and deployed; returns once the data plane serves it."""
     model = tmp_path / "model.pt"
     torch.jit.save(torch.jit.script(TwoClass()), str(model))
     config = tmp_path / "config.pbtxt"
@@ -148,14 +146,11 @@ def test_a_shifted_feature_is_critical_actions_fire_once_and_labels_reveal_conce
     cli(control, "models", "push", "scorer", str(model), "--config", str(config))
     cli(control, "deploy", "scorer", "scorer", "1")
     wait_until(lambda: _ready(url), 60, "the endpoint served")
-    policy = monitoring_pb2.MonitoringPolicy(
-        endpoint="scorer", window_seconds=WINDOW_SECONDS, min_records=100, webhook_url=webhook, retrain=True,
-        cooldown_seconds=3600,
-    )  # fmt: skip
-    policy.retrain_spec.CopyFrom(retrain_spec())
-    monitoring(control, "SetMonitoringPolicy", policy)
+    return model
 
-    # the reference: a window of normal traffic
+
+def reference_from_traffic(control: ControlProcess, url: str) -> tuple[np.ndarray, monitoring_pb2.ReferenceSummary]:
+    """300 normal rows sent in a window of their own, that window set as scorer's reference once closed."""
     reference_rows = rows(300)
     start = _next_window()
     send(url, reference_rows, "reference", batch=8)
@@ -164,7 +159,23 @@ def test_a_shifted_feature_is_critical_actions_fire_once_and_labels_reveal_conce
     request = monitoring_pb2.SetReferenceRequest(endpoint="scorer")
     request.window.start.FromNanoseconds(int(start * 1e9))
     request.window.end.FromNanoseconds(int(end * 1e9))
-    summary = monitoring(control, "SetReference", request)
+    return reference_rows, monitoring(control, "SetReference", request)
+
+
+def test_a_shifted_feature_is_critical_actions_fire_once_and_labels_reveal_concept_drift(
+    planes: tuple[ControlProcess, str], tmp_path: Path, webhook: str
+) -> None:
+    control, url = planes
+    deploy_scorer(control, url, tmp_path)
+    policy = monitoring_pb2.MonitoringPolicy(
+        endpoint="scorer", window_seconds=WINDOW_SECONDS, min_records=100, webhook_url=webhook, retrain=True,
+        cooldown_seconds=3600,
+    )  # fmt: skip
+    policy.retrain_spec.CopyFrom(retrain_spec())
+    monitoring(control, "SetMonitoringPolicy", policy)
+
+    # the reference: a window of normal traffic
+    reference_rows, summary = reference_from_traffic(control, url)
     assert summary.rows == 300 and "FEATURES[2]" in summary.numeric_features
 
     # the same rows with feature 2 shifted, in two windows in a row

@@ -15,7 +15,18 @@ import pytest
 import torch
 
 from tests.e2e.test_control_plane import ControlProcess, cli, wait_until
-from tests.e2e.test_drift import CONFIG, TwoClass, _next_window, _ready, monitoring, planes, report, rows, send
+from tests.e2e.test_drift import (
+    CONFIG,
+    TwoClass,
+    _next_window,
+    _ready,
+    deploy_scorer,
+    monitoring,
+    planes,
+    report,
+    rows,
+    send,
+)
 from weir_proto.control.v1 import monitoring_pb2
 
 __all__ = ["planes"]  # the fixture: a control plane and a replica following it
@@ -44,13 +55,7 @@ def window_starting(control: ControlProcess, start: float) -> monitoring_pb2.Dri
 @pytest.fixture
 def served(planes: tuple[ControlProcess, str], tmp_path: Path) -> Iterator[tuple[ControlProcess, str]]:
     control, url = planes
-    model = tmp_path / "model.pt"
-    torch.jit.save(torch.jit.script(TwoClass()), str(model))
-    config = tmp_path / "config.pbtxt"
-    config.write_text(CONFIG)
-    cli(control, "models", "push", "scorer", str(model), "--config", str(config))
-    cli(control, "deploy", "scorer", "scorer", "1")
-    wait_until(lambda: _ready(url), 60, "the endpoint served")
+    deploy_scorer(control, url, tmp_path)
     policy = monitoring_pb2.MonitoringPolicy(endpoint="scorer", window_seconds=WINDOW_SECONDS, min_records=10)
     monitoring(control, "SetMonitoringPolicy", policy)
     yield control, url
@@ -144,13 +149,7 @@ def test_labels_before_the_endpoints_first_record_are_held(planes: tuple[Control
     """A just deployed endpoint without a policy: labels sent before its first request are held (they
     answered NOT_FOUND) and matched when the requests' records come."""
     control, url = planes
-    model = tmp_path / "model.pt"
-    torch.jit.save(torch.jit.script(TwoClass()), str(model))
-    config = tmp_path / "config.pbtxt"
-    config.write_text(CONFIG)
-    cli(control, "models", "push", "scorer", str(model), "--config", str(config))
-    cli(control, "deploy", "scorer", "scorer", "1")
-    wait_until(lambda: _ready(url), 60, "the endpoint served")
+    deploy_scorer(control, url, tmp_path)
     answer = feedback(control, tmp_path, "first", {f"first-{index}": 0 for index in range(5)})
     assert counts(answer) == (0, 0, 5), answer
     send(url, rows(5, seed=8), "first")

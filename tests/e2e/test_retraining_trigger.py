@@ -8,19 +8,26 @@ audited too."""
 from __future__ import annotations
 
 import io
-import math
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-import torch
 
 from tests.conftest import free_port, start_weir
 from tests.e2e.test_control_plane import REPLICA_TOKEN, TOKENS, ControlProcess, cli, start_control, wait_until
-from tests.e2e.test_drift import CONFIG, TwoClass, _next_window, _ready, monitoring, report, rows, send
+from tests.e2e.test_drift import (
+    CONFIG,
+    _next_window,
+    _ready,
+    deploy_scorer,
+    monitoring,
+    reference_from_traffic,
+    report,
+    rows,
+    send,
+)
 from weir_proto.auth import client_metadata
 from weir_proto.control.v1 import monitoring_pb2, training_pb2, training_pb2_grpc
 
@@ -107,13 +114,7 @@ def test_the_retraining_is_audited_once_per_cool_down_across_restarts_and_its_ve
 ) -> None:
     controls, url, port = planes
     control = controls[0]
-    model = tmp_path / "model.pt"
-    torch.jit.save(torch.jit.script(TwoClass()), str(model))
-    config = tmp_path / "config.pbtxt"
-    config.write_text(CONFIG)
-    cli(control, "models", "push", "scorer", str(model), "--config", str(config))
-    cli(control, "deploy", "scorer", "scorer", "1")
-    wait_until(lambda: _ready(url), 60, "the endpoint served")
+    model = deploy_scorer(control, url, tmp_path)
     policy = monitoring_pb2.MonitoringPolicy(
         endpoint="scorer", window_seconds=WINDOW_SECONDS, min_records=100, retrain=True, cooldown_seconds=3600
     )
@@ -121,15 +122,7 @@ def test_the_retraining_is_audited_once_per_cool_down_across_restarts_and_its_ve
     monitoring(control, "SetMonitoringPolicy", policy)
 
     # the reference: a window of normal traffic
-    reference_rows = rows(300)
-    begin = _next_window()
-    send(url, reference_rows, "reference", batch=8)
-    end = math.ceil(time.time() / WINDOW_SECONDS) * WINDOW_SECONDS
-    wait_until(lambda: any(w.end.ToNanoseconds() / 1e9 >= end for w in report(control).windows), 30, "reference")
-    request = monitoring_pb2.SetReferenceRequest(endpoint="scorer")
-    request.window.start.FromNanoseconds(int(begin * 1e9))
-    request.window.end.FromNanoseconds(int(end * 1e9))
-    monitoring(control, "SetReference", request)
+    reference_rows, _ = reference_from_traffic(control, url)
 
     # two CRITICAL windows in a row: one retraining, audited with the window that caused it
     shifted = reference_rows.copy()
