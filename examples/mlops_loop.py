@@ -627,19 +627,25 @@ class Loop:
             f"cool-down {settings.cooldown:g} s",
         )
 
-        def judged_since(moment: float) -> list[Any]:
-            return [
-                window for window in self.drift_report().windows
-                if window.start.ToNanoseconds() / 1e9 >= moment - 1e-6 and window.features
-            ]  # fmt: skip
+        def judged_windows(what: str, since: float, count: int) -> list[Any]:
+            """The first ``count`` windows judged (with features) that start at ``since`` or later, each
+            noted on the timeline."""
 
-        quiet = self.wait(
-            f"{settings.quiet_windows} judged windows of unshifted traffic",
-            lambda: found if len(found := judged_since(policy_at)) >= settings.quiet_windows else None,
-            settings.quiet_windows * settings.window_seconds + 40,
+            def judged() -> list[Any] | None:
+                found = [
+                    window for window in self.drift_report().windows
+                    if window.start.ToNanoseconds() / 1e9 >= since - 1e-6 and window.features
+                ]  # fmt: skip
+                return found if len(found) >= count else None
+
+            windows = self.wait(what, judged, count * settings.window_seconds + 40)
+            for window in windows:
+                self.note_window(window)
+            return windows
+
+        quiet = judged_windows(
+            f"{settings.quiet_windows} judged windows of unshifted traffic", policy_at, settings.quiet_windows
         )
-        for window in quiet:
-            self.note_window(window)
         alarms = [_describe(w) for w in quiet if w.severity == monitoring_pb2.CRITICAL]
         alarms += [f"{action.kind} for window {_clock(action.window.start)} on {', '.join(action.features)}"
                    for action in self.drift_report().actions]  # fmt: skip
@@ -691,13 +697,9 @@ class Loop:
             reference = self.wait(f"the drift reference to follow version {version}", followed, 30)
             reference_at = self.reference_after_at = reference.set_at.ToNanoseconds() / 1e9
             self.note("drift-monitor", f"drift reference: {reference.source}")
-            after = self.wait(
-                f"{settings.after_windows} windows against the new reference",
-                lambda: found if len(found := judged_since(reference_at)) >= settings.after_windows else None,
-                settings.after_windows * settings.window_seconds + 40,
+            judged_windows(
+                f"{settings.after_windows} windows against the new reference", reference_at, settings.after_windows
             )
-            for window in after:
-                self.note_window(window)
         else:
             time.sleep(settings.window_seconds)
         traffic.stop()
