@@ -34,7 +34,6 @@ import contextlib
 import ctypes
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -47,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from weir_proto.auth import new_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -216,8 +217,8 @@ class Loop:
         self.started = time.time()
         self.events: list[Event] = []
         self.planes: list[Plane] = []
-        self.admin_token = secrets.token_urlsafe(24)
-        self.replica_token = secrets.token_urlsafe(24)
+        self.admin_token = new_token()
+        self.replica_token = new_token()
         self.control_address = ""
         self.data_address = ""
         self.rollouts: list[dict[str, Any]] = []

@@ -968,16 +968,14 @@ def _failure(status: deployments_pb2.EndpointStatus) -> str:
 
 
 def _make_token(args: argparse.Namespace) -> int:
-    import secrets
-
-    from weir_proto.auth import Role, token_digest
+    from weir_proto.auth import Role, new_token, token_digest
 
     Role.parse(args.role, "--role")
     if not args.name or any(c in args.name for c in '"\\\n'):
         print(f"weir token: --name: expected a name without quotes, backslashes or newlines, got {args.name!r}",
               file=sys.stderr)  # fmt: skip
         return 2
-    value = secrets.token_urlsafe(32)
+    value = new_token()
     entry = f'[[token]]\nname = "{args.name}"\nrole = "{args.role}"\nsha256 = "{token_digest(value)}"\n'
     if args.append is not None:
         with args.append.open("a", encoding="utf-8") as handle:

@@ -25,6 +25,7 @@ import enum
 import hashlib
 import logging
 import os
+import secrets
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -59,6 +60,12 @@ class Role(enum.IntEnum):
 class Identity:
     name: str
     role: Role
+
+
+def new_token(prefix: str = "weir_", nbytes: int = 32) -> str:
+    """A fresh random token. The prefix keeps it from starting with "-" (token_urlsafe may), which
+    command lines would read as an option (`--token -x...`), and makes a leaked one easy to scan for."""
+    return prefix + secrets.token_urlsafe(nbytes)
 
 
 def token_digest(token: str) -> str:

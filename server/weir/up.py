@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import signal
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 from weir.errors import InvalidArgumentError, WeirError
 from weir.logs import configure_logging
 from weir.settings import ControlMode, ServerSettings
+from weir_proto.auth import new_token
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def ensure_tokens(state_dir: Path) -> tuple[Path, str, str]:
         # (attach and download only); rewrite the file with the same tokens.
         _write_tokens(tokens_file, admin_file.read_text().strip(), data_plane_file.read_text().strip())
     if not (tokens_file.is_file() and admin_file.is_file() and data_plane_file.is_file()):
-        admin, data_plane = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        admin, data_plane = new_token(), new_token()
         for path, token in ((admin_file, admin), (data_plane_file, data_plane)):
             path.write_text(token + "\n")
             path.chmod(0o600)

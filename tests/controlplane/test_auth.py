@@ -3,11 +3,12 @@ the entry and never echo a token."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
-from weir_proto.auth import Identity, Role, TokenTable, bearer_token, token_digest
+from weir_proto.auth import Identity, Role, TokenTable, bearer_token, new_token, token_digest
 from weir_proto.errors import InvalidArgumentError
 
 
@@ -68,3 +69,14 @@ def test_the_replica_role_is_outside_the_order_and_passes_only_where_named() -> 
     for person in (Role.VIEWER, Role.DEPLOYER, Role.APPROVER):
         assert not permits(person, frozenset({Role.REPLICA, Role.ADMIN}))  # a viewer cannot attach
     assert permits(Role.VIEWER, Role.VIEWER) and not permits(Role.VIEWER, Role.DEPLOYER)
+
+
+def test_new_tokens_never_read_as_a_command_line_option() -> None:
+    # token_urlsafe starts with "-" one time in 64, and `weir ... --token -x...` then fails with
+    # "expected one argument" (a CI run did). 2000 draws meet that case almost surely.
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--token")
+    tokens = [new_token() for _ in range(2000)]
+    assert all(not token.startswith("-") for token in tokens)
+    assert len(set(tokens)) == len(tokens)
+    assert parser.parse_args(["--token", tokens[0]]).token == tokens[0]

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import statistics
 import sys
@@ -39,6 +38,7 @@ from weir_control.training.executor import Executor, LocalExecutor
 from weir_control.training.jobfiles import open_inside, read_inside
 from weir_control.training.preflight import check_builtin_job
 from weir_control.training.registration import register_job_output
+from weir_proto.auth import new_token
 from weir_proto.control.v1 import training_pb2
 from weir_proto.errors import (
     AlreadyExistsError,
@@ -266,7 +266,7 @@ class JobRunner:
         job.spec.ClearField("code_archive")
         job.code_hash = digest
         job.submitted_by = actor
-        secret = secrets.token_urlsafe(24)
+        secret = new_token("weirjob_", 24)
         with self._lock:
             stored, created = self._store.insert_job(job, hashlib.sha256(secret.encode()).hexdigest())
             if created:
