@@ -30,8 +30,30 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import build_demo_repository  # noqa: E402
 
+from tests.asyncio_gate import GATE  # noqa: E402
 from weir.server import WeirServer  # noqa: E402
 from weir.settings import ControlMode, ServerSettings  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    GATE.install()
+
+
+@pytest.fixture(autouse=True)
+def no_lost_asyncio_work() -> Iterator[None]:
+    """Fail the test if asyncio reported lost work during it (see tests/asyncio_gate.py)."""
+    GATE.found()  # what earlier tests left behind was reported to them
+    yield
+    found = GATE.found()
+    if found:
+        pytest.fail("asyncio reported lost work:\n" + "\n".join(found[:20]), pytrace=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    found = GATE.found()  # module- and session-scoped processes stop after the last test's check
+    if found:
+        print("\nasyncio reported lost work after the last test:\n" + "\n".join(found[:20]))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -172,6 +194,7 @@ def start_weir(
                 started.set()
 
     threading.Thread(target=pump, daemon=True).start()
+    GATE.watch_lines("weir serve", lines)
     deadline = time.monotonic() + timeout
     while not started.wait(0.1):
         if process.poll() is not None or time.monotonic() > deadline:

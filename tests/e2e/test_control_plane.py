@@ -29,6 +29,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from tests.asyncio_gate import GATE
 from tests.conftest import WeirProcess, free_port, start_weir
 from weir_proto.auth import client_metadata
 from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -88,6 +89,7 @@ def start_control(state_dir: Path, database_url: str, port: int, *extra: str) ->
                 started.set()
 
     threading.Thread(target=pump, daemon=True).start()
+    GATE.watch_lines("weir control", running.lines)
     deadline = time.monotonic() + 60
     while not started.wait(0.1):
         if process.poll() is not None or time.monotonic() > deadline:
