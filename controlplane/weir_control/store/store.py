@@ -13,6 +13,7 @@ import datetime
 import json
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -137,15 +138,37 @@ def _enable_wal(cursor: Any) -> None:
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._ambient = threading.local()  # .connection: the transaction this thread is inside, if any
         self.schema_version_applied = migrations.migrate(engine.begin)
 
     def close(self) -> None:
         self.engine.dispose()
 
     @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
+    def transaction(self) -> Iterator[Connection]:
+        """One unit of work: every Store method this thread calls inside the block joins it, so its
+        rows commit together at the end of the block or, on an exception, none do. Nested blocks
+        join the outermost one. On SQLite the write lock is taken at the start (BEGIN IMMEDIATE).
+
+        Let errors leave the block: a statement that failed inside it leaves a PostgreSQL
+        transaction unusable, so catching a store error and carrying on inside the block fails later.
+        """
+        joined = getattr(self._ambient, "connection", None)
+        if joined is not None:
+            yield joined
+            return
         with self.engine.begin() as connection:
-            yield connection
+            self._ambient.connection = connection
+            try:
+                yield connection
+            finally:
+                self._ambient.connection = None
+
+    def in_transaction(self) -> bool:
+        """Whether this thread is inside ``transaction()`` (a retry cannot rerun the caller's block)."""
+        return getattr(self._ambient, "connection", None) is not None
+
+    _transaction = transaction
 
     # --- registered models -----------------------------------------------------------------------
 
@@ -275,6 +298,8 @@ class Store:
                     )
                     return version
             except IntegrityError:
+                if self.in_transaction():
+                    raise  # the caller's transaction is spoilt by the failed insert: it retries, not us
                 continue
         raise FailedPreconditionError(f"model '{header.model_name}': too many concurrent uploads; try again")
 
