@@ -25,6 +25,7 @@ from weir_control.features.service import FeaturesService
 from weir_control.metrics import ControlMetrics, ReplicaCollector
 from weir_control.monitoring.monitor import DriftCollector, DriftMonitor
 from weir_control.monitoring.service import MonitoringLinks, MonitoringService, run_windows, stop_task
+from weir_control.readiness import DatabaseReadiness
 from weir_control.rollouts import RolloutController
 from weir_control.services import (
     Auditor,
@@ -195,6 +196,7 @@ class ControlPlaneServer:
         self.drift: DriftMonitor | None = None
         self._drift_task: asyncio.Task[None] | None = None
         self.refusals: RefusalLog | None = None
+        self.readiness: DatabaseReadiness | None = None  # health follows the database (docker/README.md)
 
     async def start(self) -> None:
         settings = self.settings
@@ -275,6 +277,8 @@ class ControlPlaneServer:
         self._rollout_task = asyncio.create_task(self.rollouts.run(), name="weir-rollout-controller")
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.readiness = DatabaseReadiness(settings.resolved_database_url, health_servicer, ("", *SERVICE_NAMES))
+        self.readiness.start()
         if settings.metrics_port >= 0:
             try:
                 self._metrics_http, _ = listen_http(
@@ -296,6 +300,9 @@ class ControlPlaneServer:
         )
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.readiness is not None:
+            await self.readiness.stop()
+            self.readiness = None
         if self._rollout_task is not None:
             self._rollout_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
