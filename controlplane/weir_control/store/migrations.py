@@ -64,6 +64,8 @@ STEPS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (8, "drift monitoring", _create(schema.monitoring_tables)),
     (9, "audit events: outcome and count", _add_audit_outcome_columns),
     (10, "model versions: validation inputs", _add_validation_columns),
+    (11, "leases, data-plane reports and control-plane replicas", _create(schema.lease_tables)),
+    (12, "drift window partials of several replicas", _create(schema.drift_partial_tables)),
 ]
 LATEST = STEPS[-1][0]
 _MIGRATION_LOCK = 0x7765697200  # "weir\0": the advisory lock key migrations take on PostgreSQL

@@ -307,3 +307,65 @@ MODEL_ALIASES = _REGISTRY["model_aliases"]
 DEPLOYMENTS = _DEPLOYMENTS["deployments"]
 COUNTERS = _DEPLOYMENTS["counters"]
 AUDIT_EVENTS = _DEPLOYMENTS["audit_events"]
+
+
+def lease_tables(metadata: MetaData) -> dict[str, Table]:
+    """Schema version 11: leases for the singleton work of several control-plane replicas, and the
+    data planes' reports each replica persists for the lease holder's rollout analysis. Times are
+    seconds since the epoch on the database's clock (see ``weir_control.lease``)."""
+    leases = Table(
+        "leases",
+        metadata,
+        Column("name", NAME, primary_key=True),
+        Column("holder", NAME, nullable=False),  # the replica id holding it ("" never held)
+        Column("token", BigInteger, nullable=False),  # the fencing token: +1 on every new term
+        Column("expires_at", Float, nullable=False),
+    )
+    reports = Table(
+        "replica_reports",
+        metadata,
+        Column("stream", NAME, primary_key=True),  # "<control replica>/<attach stream>": unique across replicas
+        Column("control_replica", NAME, nullable=False),
+        Column("identity", NAME, nullable=False),  # the token identity the data plane attached as
+        Column("info", LargeBinary, nullable=False),  # weir.control.v1.ReplicaInfo, accepted status only
+        Column("updated_at", Float, nullable=False),
+    )
+    replicas = Table(
+        "control_replicas",
+        metadata,
+        Column("replica", NAME, primary_key=True),
+        Column("address", NAME, nullable=False),  # host:port jobs and data planes reach it at
+        Column("updated_at", Float, nullable=False),
+    )
+    return {table.name: table for table in (leases, reports, replicas)}
+
+
+_LEASE = lease_tables(METADATA)
+LEASES = _LEASE["leases"]
+REPLICA_REPORTS = _LEASE["replica_reports"]
+CONTROL_REPLICAS = _LEASE["control_replicas"]
+
+
+def drift_partial_tables(metadata: MetaData) -> dict[str, Table]:
+    """Schema version 12: drift window partials. Every control-plane replica takes the records of the
+    data planes attached to it; when one of its windows closes it hands the window's mergeable profile
+    and label counts in here, and the replica holding the singleton lease merges every replica's
+    partials of that window and judges it (``weir_control.monitoring.partials``)."""
+    partials = Table(
+        "drift_partials",
+        metadata,
+        Column("id", ID, primary_key=True, autoincrement=True),
+        Column("endpoint", NAME, nullable=False, index=True),
+        Column("start", Float, nullable=False),  # the window's start, seconds since 1970 (aligned by its size)
+        Column("due_at", Float, nullable=False),  # when the window closed at the replica that handed it in
+        Column("replica", String(128), nullable=False),
+        Column("records", BigInteger, nullable=False),
+        Column("correct", BigInteger, nullable=False),  # feedback labels counted in the window
+        Column("labelled", BigInteger, nullable=False),
+        Column("ddm_state", String(16), nullable=False),
+        Column("profile", LargeBinary, nullable=False),  # weir_control.monitoring.profiles.WindowProfile
+    )
+    return {table.name: table for table in (partials,)}
+
+
+DRIFT_PARTIALS = drift_partial_tables(METADATA)["drift_partials"]
