@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from weir_control.features.paths import inside
-from weir_control.monitoring import statistics
+from weir_control.monitoring import partials, statistics
 from weir_control.monitoring.policy import (
     check_endpoint,
     check_policy,
@@ -83,6 +84,10 @@ MAX_CATEGORY_CHARS = 256  # a categorical value; longer ones are cut to this len
 MAX_REQUEST_ID_CHARS = 256  # longer request ids are not remembered for feedback
 MAX_OUTCOME_VARIANTS = 64  # variants per endpoint whose labelled outcomes are counted (an endpoint has <= 16)
 MAX_FEEDBACK_LABELS = 100_000  # labels in one RecordFeedback
+REPLICA_REFRESH_SECONDS = 2.0
+# with several replicas: labels of a window closed here and not yet judged are handed in this long (after
+# its grace period) for the holder to merge; later, the window is judged, or no longer kept
+LABELS_HAND_IN_SECONDS = 30.0  # with several replicas: policies and references re-read this often
 DEPLOYED_REFRESH_SECONDS = 1.0  # an unknown endpoint's records re-read the deployed endpoints at most this often
 ERROR_LOG_SECONDS = 60.0  # an endpoint's ingest errors are logged at most once per this long
 
@@ -181,6 +186,14 @@ class DriftMonitor:
         self._lock = threading.RLock()
         self._endpoints: dict[str, EndpointMonitor] = {}
         self._dropped_by_replica: dict[str, int] = {}  # cumulative, as each replica last reported
+        # Several control-plane replicas (``link_lease``): the lease holder judges windows and acts,
+        # every replica hands in its share of each closed window (``weir_control.monitoring.partials``).
+        self._lease: Any = None
+        self._replica = f"{socket.gethostname()}:{os.getpid()}"
+        self._merge_delay = 0.0
+        self._was_holder = False
+        self._refreshed_at = -math.inf
+        self.records_late = 0  # handed in after their window was judged (not counted)
         self._load()
 
     def link(self, links: Any) -> None:
@@ -190,6 +203,24 @@ class DriftMonitor:
         self._serving_accuracy = links.serving_accuracy
         self._serving_key = getattr(links, "serving_key", None)
         self._deployed_endpoints = getattr(links, "deployed_endpoints", None)
+
+    def link_lease(self, lease: Any) -> None:
+        """The singleton lease (``weir_control.lease.LeaseKeeper``: ``held``, ``fence(connection)``) of
+        a control plane that may run beside other replicas on one database."""
+        with self._lock:
+            self._lease = lease
+            self._replica = str(getattr(lease, "holder", "") or self._replica)
+            # SQLite is one replica's database: nobody else hands partials in, the holder need not wait
+            self._merge_delay = 0.0 if self._store.engine.dialect.name == "sqlite" else partials.MERGE_DELAY_SECONDS
+
+    def _holder(self) -> bool:
+        return self._lease is None or bool(self._lease.held)
+
+    def _save_state(self, monitor: EndpointMonitor) -> None:
+        """The endpoint's state (cool-down, concept detector) is the lease holder's: another replica's
+        copy would overwrite the holder's last action time."""
+        if self._holder():
+            self._store.save_monitoring_state(monitor.endpoint, monitor.state())
 
     def _load(self) -> None:
         policies = {policy.endpoint: policy for policy in self._store.monitoring_policies()}
@@ -392,7 +423,7 @@ class DriftMonitor:
                 else:
                     unmatched += 1
             self._update_closed(monitor, closed, now)
-            self._store.save_monitoring_state(monitor.endpoint, monitor.state())
+            self._save_state(monitor)
         return monitoring_pb2.RecordFeedbackResponse(
             matched=matched, unmatched=unmatched, held=held, duplicate=duplicate
         )
@@ -436,6 +467,14 @@ class DriftMonitor:
             moment = monitoring_pb2.TimeRange()
             moment.start.FromNanoseconds(int(start * 1e9))  # as the window was stored
             window = self._store.drift_window_at(monitor.endpoint, moment.start.ToDatetime(datetime.UTC))
+            judging = start + monitor.policy.window_seconds + WINDOW_GRACE_SECONDS + LABELS_HAND_IN_SECONDS > now
+            if window is None and self._lease is not None and judging:
+                # closed here, not judged yet: the holder merges these labels with the window's shares
+                labels = OpenWindow(WindowProfile(None), None)
+                labels.labels = [sum(correct for correct, _ in outcomes), len(outcomes)]
+                labels.ddm_state = max(["stable", *(state for _, state in outcomes)], key=_ddm_rank)
+                self._hand_in(monitor, start, labels)
+                continue
             if window is None:
                 continue  # no longer kept: the detector has the labels, no window shows them
             concept = window.concept
@@ -450,8 +489,10 @@ class DriftMonitor:
             self._store.replace_drift_window(monitor.endpoint, window)
             if monitor.latest is not None and monitor.latest.start == window.start:
                 monitor.latest = window
-            if window.severity == Severity.CRITICAL and before != Severity.CRITICAL:
+            if window.severity == Severity.CRITICAL and before != Severity.CRITICAL and self._lease is None:
                 self._act(monitor, window, now)
+            elif window.severity == Severity.CRITICAL and before != Severity.CRITICAL and self._lease.held:
+                self._act_fenced(monitor, window, now)
 
     def _predictions_share(self) -> int:
         """How many requests' predictions each endpoint remembers for feedback labels."""
@@ -482,8 +523,8 @@ class DriftMonitor:
         now on (windows already open keep theirs), audited with actor drift-monitor. A reference from
         a traffic window or a dataset stays as set."""
         summary = monitor.reference_summary
-        if summary is None or not summary.serving_lineage or self._serving_key is None:
-            return
+        if summary is None or not summary.serving_lineage or self._serving_key is None or not self._holder():
+            return  # with several replicas the holder renews it (once, audited once); the others re-read it
         if self._reference_for_serving is None:
             return
         try:
@@ -563,7 +604,7 @@ class DriftMonitor:
         if expired:
             self._held_total -= expired
             monitor.labels_unmatched += expired
-            self._store.save_monitoring_state(monitor.endpoint, monitor.state())
+            self._save_state(monitor)
 
     # --- policy and reference --------------------------------------------------------------------
 
@@ -634,7 +675,7 @@ class DriftMonitor:
             monitor.reference_tried = ""
             monitor.open.clear()  # windows bin on the reference: start a fresh one
             _restart_concept(monitor)  # a new baseline for concept drift too
-            self._store.save_monitoring_state(monitor.endpoint, monitor.state())
+            self._save_state(monitor)
         return summary
 
     def _reference_path(self, parquet_path: str) -> Path:
@@ -663,6 +704,8 @@ class DriftMonitor:
         now = self._clock()
         closed = []
         with self._lock:
+            if self._lease is not None:
+                closed += self._replicated_tick(now)
             for monitor in list(self._endpoints.values()):
                 try:
                     if monitor.held:
@@ -676,14 +719,143 @@ class DriftMonitor:
                 closed += [(monitor.endpoint, report) for report in reports]
         return closed
 
+    def _replicated_tick(self, now: float) -> list[tuple[str, monitoring_pb2.DriftWindow]]:
+        """With several replicas: what another replica changed (policies, references; the state a former
+        holder left), and, on the holder, the windows only handed-in shares hold."""
+        holder = bool(self._lease.held)
+        if holder and not self._was_holder:
+            self._take_over()
+        self._was_holder = holder
+        if time.monotonic() - self._refreshed_at >= REPLICA_REFRESH_SECONDS:
+            self._refreshed_at = time.monotonic()
+            self._refresh()
+        return self._judge_handed_in(now) if holder else []
+
+    def _take_over(self) -> None:
+        """This replica took the lease: the cool-down as the former holder left it (it is reserved in
+        the judging transaction, so it is in the database before any action fired)."""
+        for endpoint, state in self._store.monitoring_states().items():
+            monitor = self._endpoints.get(endpoint)
+            if monitor is not None:
+                monitor.last_action_at = max(monitor.last_action_at, float(state.get("last_action_at", 0.0)))
+        log.info("drift monitor: this replica judges the windows now", extra={"replica": self._replica})
+
+    def _refresh(self) -> None:
+        """Policies and references set through another replica."""
+        for policy in self._store.monitoring_policies():
+            try:
+                check_policy_numbers(policy)
+            except InvalidArgumentError:
+                continue  # as _load: stored before the checks existed
+            monitor = self._endpoints.get(policy.endpoint)
+            if monitor is None:
+                if len(self._endpoints) >= MAX_MONITORED_ENDPOINTS:
+                    continue
+                monitor = self._monitor(policy.endpoint)
+            resolved = resolved_policy(policy)
+            if resolved != monitor.policy:
+                if resolved.window_seconds != monitor.policy.window_seconds:
+                    monitor.open.clear()  # as set_policy: the next record opens a window of the new size
+                monitor.policy = resolved
+        for summary, profile in self._store.drift_references():
+            monitor = self._endpoints.get(summary.endpoint)
+            if monitor is None or monitor.reference_summary == summary:
+                continue
+            monitor.reference, monitor.reference_summary = ReferenceProfile.from_bytes(profile), summary
+            monitor.reference_tried = ""
+            monitor.open.clear()  # as set_reference: windows bin on the reference
+
     def _close_due(self, monitor: EndpointMonitor, now: float) -> list[monitoring_pb2.DriftWindow]:
-        """Close, oldest first, the windows whose grace period is over."""
+        """Close, oldest first, the windows whose grace period is over. With several replicas, one that
+        does not hold the lease hands its share in; the holder judges a window once the others have
+        had ``partials.MERGE_DELAY_SECONDS`` to hand theirs in."""
         size = monitor.policy.window_seconds
-        return [
-            self._close(monitor, start, now)
-            for start in sorted(monitor.open)
-            if start + size + WINDOW_GRACE_SECONDS <= now
-        ]
+        due = [start for start in sorted(monitor.open) if start + size + WINDOW_GRACE_SECONDS <= now]
+        if self._lease is None:
+            return [self._close(monitor, start, now) for start in due]
+        reports = []
+        for start in due:
+            if not self._lease.held:
+                self._hand_in(monitor, start, monitor.open.pop(start))
+            elif start + size + WINDOW_GRACE_SECONDS + self._merge_delay <= now:
+                report = self._judge(monitor, start, now)
+                if report is not None:
+                    reports.append(report)
+        return reports
+
+    def _hand_in(self, monitor: EndpointMonitor, start: float, window: OpenWindow) -> None:
+        """This replica's share of a closed window, for the lease holder to merge (see ``partials``)."""
+        correct, labelled = window.labels
+        share = partials.Partial(
+            self._replica, window.profile.count, correct, labelled, window.ddm_state, window.profile.to_bytes()
+        )
+        due_at = start + monitor.policy.window_seconds + WINDOW_GRACE_SECONDS
+        with self._store.transaction() as connection:
+            partials.hand_in(connection, monitor.endpoint, start, due_at, share)
+
+    def _judge(self, monitor: EndpointMonitor, start: float, now: float) -> monitoring_pb2.DriftWindow | None:
+        """The lease holder's close of a window: its own share (if it has one) merged with every
+        replica's handed-in share, judged, stored and its action reserved in one transaction fenced by
+        the lease, so a window is judged once and acts once whoever holds the lease. None when it was
+        judged already (late shares are dropped) or the lease is lost (this share is handed in)."""
+        own = monitor.open.pop(start, None)
+        reference = own.reference if own is not None else monitor.reference
+        # merged into a new window: on a failure this replica's own share is handed in as it was
+        window = OpenWindow(WindowProfile(reference), reference)
+        if own is not None:
+            window.profile.merge(own.profile)
+            window.labels, window.ddm_state = list(own.labels), own.ddm_state
+        self._follow_serving(monitor)
+        moment = monitoring_pb2.TimeRange()
+        moment.start.FromNanoseconds(int(start * 1e9))  # as the window is stored
+        try:
+            with self._store.transaction() as connection:
+                self._lease.fence(connection)
+                shares = partials.take(connection, monitor.endpoint, start)
+                if partials.judged(connection, monitor.endpoint, moment.start.ToDatetime(datetime.UTC)):
+                    self.records_late += sum(records for _, records in partials.late_records(shares))
+                    return None
+                for share in shares:
+                    window.profile.merge(WindowProfile.from_bytes(share.profile, reference))
+                    window.labels[0] += share.correct
+                    window.labels[1] += share.labelled
+                    window.ddm_state = max(window.ddm_state, share.ddm_state, key=_ddm_rank)
+                report = self._score(monitor, start, window)
+                profile = window.profile.to_bytes()
+                self._store.append_drift_window(monitor.endpoint, report, profile, monitor.policy.max_windows)
+                trigger = self._reserve(monitor, report, now) if report.severity == Severity.CRITICAL else None
+                self._store.save_monitoring_state(monitor.endpoint, monitor.state())
+        except Exception as error:  # the lease lost (or the database failing): the next holder judges it
+            log.warning(
+                "drift window not judged here: handed in for the lease holder",
+                extra={"endpoint": monitor.endpoint, "start": start, "error": repr(error)},
+            )
+            if own is not None:
+                self._hand_in(monitor, start, own)
+            return None
+        monitor.latest = report
+        if trigger is not None:
+            self._fire(monitor, report, trigger, now)
+        return report
+
+    def _judge_handed_in(self, now: float) -> list[tuple[str, monitoring_pb2.DriftWindow]]:
+        """The windows that only handed-in shares hold (this replica had no record of them, or it took
+        the lease from a replica that died before judging them)."""
+        with self._store.transaction() as connection:
+            waiting = partials.due(connection, now - self._merge_delay)
+        closed = []
+        for endpoint, start in waiting:
+            monitor = self._endpoints.get(endpoint)
+            try:
+                monitor = monitor or self._monitor(endpoint)
+            except ResourceExhaustedError:
+                continue
+            if start in monitor.open:
+                continue  # this replica's own window: judged with the shares when it is due here
+            report = self._judge(monitor, start, now)
+            if report is not None:
+                closed.append((endpoint, report))
+        return closed
 
     def _close(self, monitor: EndpointMonitor, start: float, now: float) -> monitoring_pb2.DriftWindow:
         window = monitor.open.pop(start)
@@ -691,7 +863,7 @@ class DriftMonitor:
         report = self._score(monitor, start, window)
         self._store.append_drift_window(monitor.endpoint, report, window.profile.to_bytes(), monitor.policy.max_windows)
         monitor.latest = report
-        self._store.save_monitoring_state(monitor.endpoint, monitor.state())
+        self._save_state(monitor)
         if report.severity == Severity.CRITICAL:
             self._act(monitor, report, now)
         return report
@@ -795,22 +967,54 @@ class DriftMonitor:
     # --- actions ---------------------------------------------------------------------------------
 
     def _act(self, monitor: EndpointMonitor, report: monitoring_pb2.DriftWindow, now: float) -> None:
+        """A CRITICAL window's action, within the cool-down (one replica: no lease to fence)."""
+        trigger = self._reserve(monitor, report, now)
+        if trigger is not None:
+            self._save_state(monitor)
+            self._fire(monitor, report, trigger, now)
+
+    def _act_fenced(self, monitor: EndpointMonitor, report: monitoring_pb2.DriftWindow, now: float) -> None:
+        """As ``_act`` on the lease holder: the cool-down reserved in a transaction fenced by the lease."""
+        try:
+            with self._store.transaction() as connection:
+                self._lease.fence(connection)
+                trigger = self._reserve(monitor, report, now)
+                self._store.save_monitoring_state(monitor.endpoint, monitor.state())
+        except Exception as error:
+            log.warning(
+                "drift action not taken: the lease is lost", extra={"endpoint": monitor.endpoint, "error": repr(error)}
+            )
+            return
+        if trigger is not None:
+            self._fire(monitor, report, trigger, now)
+
+    def _reserve(self, monitor: EndpointMonitor, report: monitoring_pb2.DriftWindow, now: float) -> DriftTrigger | None:
+        """The trigger of the window's action if the policy has one and the cool-down allows it, the
+        cool-down taken (the caller saves the state, in the judging transaction with several replicas:
+        the reservation commits before any side effect, and a new holder reads it)."""
         policy = monitor.policy
         if not (policy.webhook_url or policy.retrain):
-            return
+            return None
         if monitor.last_action_at and now - monitor.last_action_at < policy.cooldown_seconds:
-            return  # cool-down: one action per period however many windows stay critical
+            return None  # cool-down: one action per period however many windows stay critical
         monitor.last_action_at = now
-        self._store.save_monitoring_state(monitor.endpoint, monitor.state())
-        critical = [feature.name for feature in report.features if feature.severity == Severity.CRITICAL]
-        if report.concept.severity == Severity.CRITICAL:
-            critical.append("concept drift")
+        critical = _critical(report)
         named = critical[:MAX_TRIGGER_FEATURES] + (
             [f"(+{len(critical) - MAX_TRIGGER_FEATURES} more)"] if len(critical) > MAX_TRIGGER_FEATURES else []
         )
         trigger = DriftTrigger(endpoint=monitor.endpoint, features=named)
         trigger.window_start.CopyFrom(report.start)
         trigger.window_end.CopyFrom(report.end)
+        return trigger
+
+    def _fire(
+        self, monitor: EndpointMonitor, report: monitoring_pb2.DriftWindow, trigger: DriftTrigger, now: float
+    ) -> None:
+        """The reserved action's side effects: the retraining job (its id names the window, so a
+        resubmission returns the same job) and the webhook alert (off this thread). A holder that dies
+        between the reservation and these loses the action: at most once, never twice."""
+        policy = monitor.policy
+        critical = _critical(report)
         if policy.retrain and self._submit_retraining is not None:
             job_id = ""
             try:
@@ -925,6 +1129,14 @@ class DriftMonitor:
 CONFIRMATION_Z = 2.33  # one-sided, p < 0.01
 MIN_ACCURACY_DROP = 0.05  # absolute: a smaller drop is not CRITICAL concept drift however many labels
 REFERENCE_ACCURACY_ROWS = 200  # what a reference accuracy is taken to be measured on (its own uncertainty)
+
+
+def _critical(report: monitoring_pb2.DriftWindow) -> list[str]:
+    """What made the window CRITICAL: its features, and concept drift."""
+    critical = [feature.name for feature in report.features if feature.severity == Severity.CRITICAL]
+    if report.concept.severity == Severity.CRITICAL:
+        critical.append("concept drift")
+    return critical
 
 
 def _trim(remembered: collections.OrderedDict[str, Any], size: int) -> None:

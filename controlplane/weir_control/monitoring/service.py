@@ -91,7 +91,9 @@ class MonitoringLinks:
         """A job like the one that trained the serving version (or the policy's own spec), audited with
         the drift window that caused it (actor ``drift-monitor``); the version the job registers names
         that window in its lineage (``weir_control.training.registration``)."""
-        job_id = f"retrain-{endpoint}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        # named by the window, not the clock: a resubmission for one window (another replica's, after a
+        # lease handover) returns the same job instead of launching a second one
+        job_id = f"retrain-{endpoint}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(trigger.window_start.seconds))}"
         event = audit_pb2.AuditEvent(
             actor=RETRAINING_ACTOR, role="system", action=RETRAINING_ACTION, target=f"job/{job_id}",
             detail=f"drift window {trigger.window_start.ToJsonString()} .. {trigger.window_end.ToJsonString()} of "

@@ -1,0 +1,111 @@
+"""Drift windows across several control-plane replicas.
+
+Data planes attach to any replica, so each replica sees a share of an endpoint's records. Every
+replica counts its share into its own open windows (aligned on the request's time, so the replicas'
+windows of one endpoint start at the same instants). When a window closes, a replica that does not
+hold the singleton lease hands it in: one ``drift_partials`` row with its mergeable profile (sketches,
+exact bin counts, category counts) and its feedback-label counts. The lease holder waits
+``MERGE_DELAY_SECONDS`` more, then, in one transaction fenced by the lease, merges its own window with
+every partial of that window, stores the judged window, deletes the partials and reserves the window's
+action. A window is judged once: a holder that lost the lease fails the fence and rolls back (its own
+share is then handed in for the next holder), and a partial that comes after its window was judged is
+deleted and counted late.
+
+What a handover loses: the records each replica holds in memory and has not handed in, i.e. those of its
+open windows (the current one and the previous during its grace period). When the holder dies, its own
+share of the open windows is lost (about window_seconds + grace of its records, at most); the other
+replicas' shares are in the database or still in their memory, and the next holder judges the windows
+from them. ``bench/drift_handover.py`` measures it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, and_, delete, insert, select
+
+from weir_control.store.schema import DRIFT_PARTIALS, DRIFT_WINDOWS
+
+log = logging.getLogger(__name__)
+
+# A holder judges a window this long after it closed, so the other replicas (which hand in on their
+# 0.5 s tick, or at their next record) have handed their shares in.
+MERGE_DELAY_SECONDS = 2.0
+
+
+@dataclass
+class Partial:
+    replica: str
+    records: int
+    correct: int
+    labelled: int
+    ddm_state: str
+    profile: bytes
+
+
+def hand_in(connection: Connection, endpoint: str, start: float, due_at: float, partial: Partial) -> None:
+    """One replica's share of a closed window (the caller's transaction)."""
+    connection.execute(
+        insert(DRIFT_PARTIALS).values(
+            endpoint=endpoint,
+            start=start,
+            due_at=due_at,
+            replica=partial.replica,
+            records=partial.records,
+            correct=partial.correct,
+            labelled=partial.labelled,
+            ddm_state=partial.ddm_state,
+            profile=partial.profile,
+        )
+    )
+
+
+def take(connection: Connection, endpoint: str, start: float) -> list[Partial]:
+    """Every partial handed in for the window, removed (they commit or roll back with the caller's
+    transaction, which is fenced: only the holder takes them)."""
+    columns = DRIFT_PARTIALS.c
+    where = and_(columns.endpoint == endpoint, columns.start == start)
+    rows = connection.execute(
+        select(
+            columns.id, columns.replica, columns.records, columns.correct, columns.labelled, columns.ddm_state,
+            columns.profile,
+        ).where(where).order_by(columns.id)
+    ).all()  # fmt: skip
+    if rows:
+        connection.execute(delete(DRIFT_PARTIALS).where(columns.id.in_([row.id for row in rows])))
+    return [
+        Partial(row.replica, int(row.records), int(row.correct), int(row.labelled), row.ddm_state, row.profile)
+        for row in rows
+    ]
+
+
+def due(connection: Connection, closed_before: float) -> list[tuple[str, float]]:
+    """(endpoint, start) of the windows with partials handed in before ``closed_before``, oldest first."""
+    columns = DRIFT_PARTIALS.c
+    query = (
+        select(columns.endpoint, columns.start)
+        .where(columns.due_at <= closed_before)
+        .group_by(columns.endpoint, columns.start)
+        .order_by(columns.start, columns.endpoint)
+    )
+    return [(row.endpoint, float(row.start)) for row in connection.execute(query)]
+
+
+def judged(connection: Connection, endpoint: str, start_at: object) -> bool:
+    """Whether a window of the endpoint starting at ``start_at`` (a datetime) is stored already."""
+    columns = DRIFT_WINDOWS.c
+    query = select(columns.id).where(columns.endpoint == endpoint, columns.start == start_at).limit(1)
+    return connection.execute(query).first() is not None
+
+
+def late_records(partials: list[Partial]) -> Iterator[tuple[str, int]]:
+    """(replica, records) of partials that came after their window was judged: logged, not counted."""
+    for partial in partials:
+        if partial.records or partial.labelled:
+            log.warning(
+                "drift partial came after its window was judged: not counted",
+                extra={"replica": partial.replica, "records": partial.records, "labelled": partial.labelled},
+            )
+        yield partial.replica, partial.records
