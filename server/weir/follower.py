@@ -1,81 +1,69 @@
 """Following a control plane: the data plane side of the attach stream.
 
-With ``--control-plane ADDR`` the model repository directory is Weir's to manage: it holds, per
-endpoint, the version the control plane wants served. The follower
+With ``--control-plane A[,B...]`` the model repository directory is Weir's to manage: it holds, per
+endpoint variant, the version the control plane wants served. The follower
 
 1. loads what the directory already holds (the last-known-good state), so a restart serves at once
-   even when the control plane is away;
-2. attaches (one bidirectional stream), says hello with what it serves, heartbeats;
-3. on every desired state: for each endpoint whose target changed, fetches the artifact it lacks
-   (streamed, sha256-checked, kept by digest under ``.artifacts/``), writes the version directory and
-   a config naming that version, loads it (warm-up included) while the old one keeps serving, and
-   only then lets the endpoint route to it; a version that fails to load is reported FAILED and the
-   old one keeps serving. Endpoints no longer desired are unloaded;
-4. reports its status after every change; when the stream breaks it keeps serving and reconnects
-   with exponential backoff, then reconciles against the state it is sent.
+   even when no control plane is reachable;
+2. attaches to one control plane (one bidirectional stream), says hello with what it serves,
+   heartbeats, and checks that the control plane still answers (gRPC health, every heartbeat);
+3. on every desired state, reconciles at once (``weir.reconciler.plan``): the routing table, flags
+   and the kill switch apply in the same event-loop turn the state arrives in; artifact installs run
+   in the background, at most INSTALL_CONCURRENCY at a time, and a newer state cancels the installs
+   it no longer wants. An endpoint routes to a new version only once it is completely loaded; a
+   version that fails to load is reported FAILED and the old one keeps serving;
+4. reports its status after every change; when the stream breaks or the control plane stops
+   answering, it keeps serving and attaches to the next control plane of the list (round robin,
+   exponential backoff once each has been tried), then reconciles against the state it is sent.
 
-It talks to the control plane only through the ``weir.control.v1`` protos.
+Inference never waits on any of this. It talks to the control plane only through the
+``weir.control.v1`` protos.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import random
-import shutil
 import socket
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from google.protobuf import text_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from weir import __version__
 from weir.errors import WeirError
+from weir.installer import ARTIFACTS_DIR, SERVED_MARKER, Installer, RegistryLink, read_served_marker, write_atomically
 from weir.monitoring import RecordBuffer, to_records
+from weir.reconciler import Install, Observed, Target, plan
 from weir.repository import ModelRepository
-from weir.routing import (
-    DEFAULT_KEY_PARAMETER,
-    SEPARATOR,
-    EndpointRoute,
-    Router,
-    ShadowRoute,
-    VariantRoute,
-    variant_model,
-)
+from weir.routing import DEFAULT_KEY_PARAMETER, SEPARATOR, EndpointRoute, Router, ShadowRoute, VariantRoute
 from weir.shadow import ShadowMirror
 from weir_proto.auth import client_metadata
-from weir_proto.common.v1 import types_pb2
-from weir_proto.control.v1 import (
-    deployments_pb2,
-    deployments_pb2_grpc,
-    monitoring_pb2,
-    registry_pb2,
-    registry_pb2_grpc,
-)
-from weir_proto.inference import messages as inference
+from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc, monitoring_pb2, registry_pb2_grpc
 from weir_proto.tls import ClientTLS
-from weir_proto.validation_inputs import MAX_VALIDATION_BYTES, VALIDATION_FILENAME
+
+__all__ = ["SERVED_MARKER", "ControlPlaneFollower", "FollowerSettings", "default_replica_id"]
 
 log = logging.getLogger(__name__)
 
-ARTIFACTS_DIR = ".artifacts"  # dot-prefixed: the repository never mistakes it for a model
 ROUTES_FILE = ".routes.json"  # the traffic policy last applied, for a restart without the control plane
 RECORDS_SECONDS = 0.5  # how often sampled inference records are shipped
 RECORDS_PER_MESSAGE = 5000
-SERVED_MARKER = "weir-served.txt"  # in each variant's directory: registry model, version, sha256
+INSTALL_CONCURRENCY = 2  # artifact downloads and warm-ups at once (memory and bandwidth stay bounded)
+UNANSWERED_PROBES = 2  # health checks in a row a control plane may miss before the follower moves on
 EndpointState = deployments_pb2.EndpointStatus
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 @dataclass(frozen=True)
 class FollowerSettings:
-    address: str  # the control plane, HOST:PORT
+    addresses: tuple[str, ...]  # the control planes, HOST:PORT each (or a DNS name resolving to several)
     token: str | None
     replica_id: str
     serving_address: str  # where this replica serves inference, reported to the control plane
@@ -89,10 +77,21 @@ def default_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+class ControlPlaneUnresponsive(Exception):
+    """The attached control plane stopped answering health checks (a hung process or host)."""
+
+
 @dataclass
-class _Served:
-    model: types_pb2.ModelVersionRef
-    sha256: str
+class _InstallTask:
+    target: Target
+    task: asyncio.Task[None]
+
+
+@dataclass
+class _Counters:
+    attempts: int = 0  # attaches tried (tests wait on it)
+    attaches: int = 0  # attaches that received a desired state
+    addresses: list[str] = field(default_factory=list)  # the control plane of each attach, in order
 
 
 class ControlPlaneFollower:
@@ -117,79 +116,120 @@ class ControlPlaneFollower:
         self._settings = settings
         self._repository = repository
         self._root = root
-        self._artifacts = root / ARTIFACTS_DIR
         self._on_change = on_change
-        self._served: dict[str, _Served] = {}
+        self._link = RegistryLink()
+        self._installer = Installer(root, repository, self._link, settings.token)
+        self._install_slots = asyncio.Semaphore(INSTALL_CONCURRENCY)
+        self._desired: deployments_pb2.DesiredState | None = None
+        self._served: dict[str, Target] = {}
+        self._installs: dict[str, _InstallTask] = {}
+        self._failed: dict[str, tuple[Target, str]] = {}
+        self._unloads: dict[str, asyncio.Task[None]] = {}
         self._statuses: dict[str, deployments_pb2.EndpointStatus] = {}
         self._applied_revision = 0
+        self.routed_revision = 0  # the last desired state whose routes and flags are in effect
         self._outbox: asyncio.Queue[deployments_pb2.DataPlaneMessage] | None = None
+        self._changed = asyncio.Event()
         self.attached = asyncio.Event()  # set while a stream is open (tests and readiness logs)
+        self.counters = _Counters()
+
+    @property
+    def attempts(self) -> int:
+        return self.counters.attempts
 
     # --- start-up ----------------------------------------------------------------------------------
 
     async def load_last_known_good(self) -> None:
         """Serve what the managed directory holds (variant models and the routes saved with them)
         before the control plane is reachable."""
-        self._artifacts.mkdir(parents=True, exist_ok=True)
+        (self._root / ARTIFACTS_DIR).mkdir(parents=True, exist_ok=True)
         for model_dir in sorted(p for p in self._root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             model = model_dir.name
+            target = read_served_marker(model_dir)
+            if target is None:  # an install that never finished: nothing there ever served
+                log.info("unfinished install removed", extra={"model": model})
+                self._installer.forget(model)
+                continue
             try:
                 await self._repository.load(model)
             except WeirError as error:
                 log.error("last-known-good model failed to load", extra={"model": model, "reason": error.message})
                 continue
-            marker = model_dir / SERVED_MARKER
-            if marker.is_file():
-                name, version, sha256 = marker.read_text().split()
-                served = _Served(types_pb2.ModelVersionRef(model_name=name, version=int(version)), sha256)
-                self._served[model] = served
-                endpoint, _, variant = model.partition(SEPARATOR)
-                self._statuses[model] = EndpointState(
-                    endpoint=endpoint, variant=variant, state=EndpointState.READY, serving=served.model
-                )
+            self._served[model] = target
+            endpoint, _, variant = model.partition(SEPARATOR)
+            self._statuses[model] = EndpointState(
+                endpoint=endpoint, variant=variant, state=EndpointState.READY, serving=target.ref()
+            )
         self._router.swap(_load_routes(self._root / ROUTES_FILE, set(self._served)))
         await self._on_change()
 
     # --- the attach loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Attach, follow, and reattach with backoff forever (until cancelled)."""
-        delay = 0.2
+        """Attach, follow, and fail over with backoff forever (until cancelled)."""
+        notifier = asyncio.create_task(self._notify_changes(), name="weir-follower-notify")
+        try:
+            await self._attach_forever()
+        finally:
+            pending = [notifier, *(entry.task for entry in self._installs.values()), *self._unloads.values()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _attach_forever(self) -> None:
+        addresses = self._settings.addresses
+        delay, index, failed_in_a_row = 0.2, random.randrange(len(addresses)), 0
         while True:
+            address = addresses[index % len(addresses)]
+            index += 1  # whatever happens, the next attach tries the next control plane
+            attaches_before = self.counters.attaches
+            self.counters.attempts += 1
+            refused = False
             try:
-                await self._session()
-                delay = 0.2  # a clean end (the control plane closed the stream): come back quickly
+                await self._session(address)
+                log.warning("the control plane ended the attach stream", extra={"control_plane": address})
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # grpc.aio.AioRpcError, OSError...: keep serving, retry
-                refused = isinstance(error, grpc.aio.AioRpcError) and error.code() in (
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                )
-                if refused:  # retrying soon will not help: say what is wrong, and retry slowly
-                    delay = self._settings.refused_backoff_seconds
+            except Exception as error:  # grpc.aio.AioRpcError, OSError...: keep serving, fail over
+                refused = isinstance(error, grpc.aio.AioRpcError) and error.code() in _REFUSED
+                if refused:  # retrying soon will not help: say what is wrong
                     log.error(
                         "the control plane refused this data plane's token: attaching needs a token of role "
                         "'replica' (WEIR_CONTROL_PLANE_TOKEN; `weir token --role replica` makes one)",
-                        extra={"control_plane": self._settings.address, "reason": _short(error), "retry_in_s": delay},
+                        extra={"control_plane": address, "reason": _short(error)},
                     )
                 else:
                     log.warning(
                         "control plane unreachable; serving the last-known-good state",
-                        extra={"control_plane": self._settings.address, "reason": _short(error), "retry_in_s": delay},
+                        extra={"control_plane": address, "reason": _short(error)},
                     )
             finally:
                 self.attached.clear()
-            await asyncio.sleep(delay * (0.5 + random.random()))  # jitter: replicas do not reconnect in step
+                self._link.down()
+            if self.counters.attaches > attaches_before:  # it was followed: the next one (almost) at once
+                delay, failed_in_a_row = 0.2, 0
+                await asyncio.sleep(0.05 * random.random())
+                continue
+            failed_in_a_row += 1
+            if failed_in_a_row % len(addresses) and not refused:
+                continue  # another control plane of the list is still to be tried in this round
+            pause = self._settings.refused_backoff_seconds if refused else delay
+            log.info("retrying the control planes", extra={"retry_in_s": pause, "control_planes": list(addresses)})
+            await asyncio.sleep(pause * (0.5 + random.random()))  # jitter: replicas do not reconnect in step
             delay = min(delay * 2, self._settings.max_backoff_seconds)
 
-    async def _session(self) -> None:
+    async def _session(self, address: str) -> None:
+        """One attach: ends (raising) when the stream breaks or the control plane stops answering.
+        Every task it starts is cancelled and awaited before it returns."""
         settings = self._settings
-        async with _channel(settings) as channel:
+        async with _channel(settings, address) as channel:
             sync = deployments_pb2_grpc.DataPlaneSyncStub(channel)
-            registry = registry_pb2_grpc.RegistryStub(channel)
+            # The stream is written with call.write from a task of ours, not from a request iterator:
+            # gRPC's task consuming an iterator is not cancelled with the call, and when the stream
+            # failed it was left pending inside our generator (asyncio: "Task was destroyed but it is
+            # pending", "aclose(): asynchronous generator is already running").
+            call = sync.Attach(metadata=client_metadata(settings.token))
             outbox: asyncio.Queue[deployments_pb2.DataPlaneMessage] = asyncio.Queue()
-            self._outbox = outbox
             hello = deployments_pb2.Hello(
                 replica_id=settings.replica_id,
                 address=settings.serving_address,
@@ -197,20 +237,63 @@ class ControlPlaneFollower:
                 status=self._status(),
             )
             outbox.put_nowait(deployments_pb2.DataPlaneMessage(hello=hello))
-            call = sync.Attach(_drain(outbox), metadata=client_metadata(settings.token))
-            heartbeats = asyncio.create_task(self._heartbeat(outbox))
-            shipping = asyncio.create_task(self._ship_records(outbox)) if self._records is not None else None
+            self._outbox = outbox
+            helpers = [
+                asyncio.create_task(_write(call, outbox)),
+                asyncio.create_task(self._heartbeat(outbox)),
+            ]
+            if self._records is not None:
+                helpers.append(asyncio.create_task(self._ship_records(outbox)))
+            reader = asyncio.create_task(self._follow(call, address, registry_pb2_grpc.RegistryStub(channel)))
+            watcher = asyncio.create_task(self._watch(channel, address))
             try:
-                async for message in call:
-                    self.attached.set()
-                    if message.WhichOneof("body") == "desired_state":
-                        await self._apply(message.desired_state, registry)
+                done, _ = await asyncio.wait([reader, watcher], return_when=asyncio.FIRST_COMPLETED)
+                for task in (reader, watcher):  # the reader's ending says most: it goes first
+                    if task in done:
+                        task.result()
             finally:
-                heartbeats.cancel()
-                if shipping is not None:
-                    shipping.cancel()
                 self._outbox = None
                 call.cancel()
+                tasks = [reader, watcher, *helpers]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _follow(
+        self, call: grpc.aio.StreamStreamCall, address: str, registry: registry_pb2_grpc.RegistryStub
+    ) -> None:
+        first = True
+        async for message in call:
+            if message.WhichOneof("body") != "desired_state":
+                continue
+            if first:
+                first = False
+                self.counters.attaches += 1
+                self.counters.addresses.append(address)
+                log.info("attached to the control plane", extra={"control_plane": address})
+                self.attached.set()
+                await self._link.up(registry)
+            self.apply(message.desired_state)
+
+    async def _watch(self, channel: grpc.aio.Channel, address: str) -> None:
+        """Health-check the control plane every heartbeat: a hung one (process stopped, host gone
+        without closing the connection) is left after UNANSWERED_PROBES misses. With several
+        control planes, one that says it is not serving (its database is away) is left too."""
+        health = health_pb2_grpc.HealthStub(channel)
+        interval = self._settings.heartbeat_seconds
+        missed = 0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=max(interval, 1.0))
+                serving = answer.status == health_pb2.HealthCheckResponse.SERVING
+                missed = 0 if serving or len(self._settings.addresses) == 1 else missed + 1
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    continue  # it answered (e.g. no health service): alive
+                missed += 1
+            if missed >= UNANSWERED_PROBES:
+                raise ControlPlaneUnresponsive(f"{address} did not answer {missed} health checks in a row")
 
     async def _heartbeat(self, outbox: asyncio.Queue[deployments_pb2.DataPlaneMessage]) -> None:
         """Each beat carries the full status: the control plane's statistics (shadow comparisons)
@@ -232,6 +315,16 @@ class ControlPlaneFollower:
             records = await asyncio.to_thread(to_records, samples, self._element_names)
             message = monitoring_pb2.InferenceRecords(records=records, dropped=buffer.dropped)
             outbox.put_nowait(deployments_pb2.DataPlaneMessage(records=message))
+
+    async def _notify_changes(self) -> None:
+        """Readiness and health follow what serves (coalesced: one refresh for a burst of changes)."""
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            try:
+                await self._on_change()
+            except Exception:  # a refresh that failed is retried on the next change
+                log.exception("refreshing readiness after a change failed")
 
     def _status(self) -> deployments_pb2.ReplicaStatus:
         status = deployments_pb2.ReplicaStatus(
@@ -266,7 +359,8 @@ class ControlPlaneFollower:
 
     # --- reconciling -------------------------------------------------------------------------------
 
-    async def _apply(self, state: deployments_pb2.DesiredState, registry: registry_pb2_grpc.RegistryStub) -> None:
+    def apply(self, state: deployments_pb2.DesiredState) -> None:
+        """Take a desired state: everything but installs is in effect when this returns."""
         features = (state.feature_definitions_toml, state.online_store)
         if state.feature_definitions_toml and features != self._features_applied and self._on_features is not None:
             try:
@@ -274,227 +368,111 @@ class ControlPlaneFollower:
                 self._features_applied = features
             except Exception as error:  # bad definitions keep the previous ones in use
                 log.error("feature definitions from the control plane not applied", extra={"reason": str(error)})
-        desired = {endpoint.endpoint: endpoint for endpoint in state.endpoints if endpoint.variants}
-        wanted_models: set[str] = set()
-        for name, endpoint in desired.items():
-            for variant in endpoint.variants:
-                model = variant_model(name, variant.name)
-                wanted_models.add(model)
-                await self._ensure_variant(name, model, variant, registry)
-            self._route(name, endpoint)
-        for name in [name for name in self._router.table() if name not in desired]:
-            self._router.remove(name)  # no new request goes there from now on
+        self._desired = state
+        self._failed.clear()  # a new state (or the same after a reattach) tries failed versions again
+        self._reconcile()
+        self.routed_revision = state.revision
+        log.info(
+            "desired state routed",
+            extra={"revision": state.revision, "installs_pending": len(self._installs)},
+        )
+
+    def _reconcile(self) -> None:
+        """Carry out plan(desired, observed) (synchronously: routes, flags and statuses at once)."""
+        state = self._desired
+        if state is None:
+            return
+        observed = Observed(
+            served=dict(self._served),
+            installing={model: entry.target for model, entry in self._installs.items()},
+            failed=dict(self._failed),
+            routes=self._router.table(),
+        )
+        actions = plan(state, observed)
+        self._router.swap(actions.routes)
+        self._statuses = actions.statuses
+        for model in actions.cancels:
+            self._installs[model].task.cancel()  # its entry goes when it has stopped
+            log.info("install superseded", extra={"model": model, "source": _source(self._installs[model].target)})
+        for install in actions.installs:
+            self._start_install(install)
+        for model in actions.unloads:
+            self._start_unload(model)
+        for name in set(observed.routes) - set(actions.routes):
             log.info("endpoint undeployed", extra={"model": name})
-        for model in [model for model in self._served if model not in wanted_models]:
-            with contextlib.suppress(WeirError):
-                await self._repository.unload(model)
-            self._served.pop(model, None)
-            self._statuses.pop(model, None)
-            await asyncio.to_thread(shutil.rmtree, self._root / model, True)
-        for model in [model for model in self._statuses if model not in wanted_models]:
-            self._statuses.pop(model, None)  # a variant that never loaded
-        await asyncio.to_thread(_save_routes, self._root / ROUTES_FILE, self._router.table())
-        self._applied_revision = state.revision
-        await self._on_change()
+        try:
+            _save_routes(self._root / ROUTES_FILE, actions.routes)
+        except OSError as error:  # the routes serve from memory; only a restart without a control plane loses
+            log.error("routes not saved for a restart", extra={"reason": str(error)})
+        if actions.converged and self._applied_revision != state.revision:
+            self._applied_revision = state.revision
+            log.info("desired state applied", extra={"revision": state.revision})
+        self._changed.set()
         self._report()
 
-    async def _ensure_variant(
-        self,
-        endpoint: str,
-        model: str,
-        variant: deployments_pb2.ResolvedVariant,
-        registry: registry_pb2_grpc.RegistryStub,
-    ) -> None:
-        """Load the variant's version under ``model`` unless it is already what serves there."""
-        served = self._served.get(model)
-        if served is not None and served.model == variant.model and served.sha256 == variant.artifact_sha256:
-            # what serves is what is desired: a failure of a version desired before is over
-            self._statuses[model] = EndpointState(
-                endpoint=endpoint, variant=variant.name, state=EndpointState.READY, desired=variant.model,
-                serving=variant.model,
-            )  # fmt: skip
-            return
-        previous = served.model if served else None
-        status = EndpointState(
-            endpoint=endpoint,
-            variant=variant.name,
-            state=EndpointState.LOADING,
-            desired=variant.model,
-            serving=previous,
-        )
-        self._statuses[model] = status
-        self._report()
+    def _start_install(self, install: Install) -> None:
+        previous = self._installs.get(install.model)
+        if previous is not None:
+            previous.task.cancel()
+        waits = [task for task in (previous.task if previous else None, self._unloads.get(install.model)) if task]
+        task = asyncio.create_task(self._install(install, waits), name=f"weir-install-{install.model}")
+        self._installs[install.model] = _InstallTask(install.target, task)
+
+    async def _install(self, install: Install, after: list[asyncio.Task[None]]) -> None:
+        model, target = install.model, install.target
         try:
-            await self._install(model, variant, registry)
-            await self._repository.load(model)
+            await asyncio.gather(*after, return_exceptions=True)  # the install or unload it replaces
+            async with self._install_slots:
+                await self._installer.install(model, install.variant)
+        except asyncio.CancelledError:
+            if model not in self._served:
+                self._installer.forget(model)  # nothing served from there: no half-installed copy stays
+            raise
         except (WeirError, grpc.aio.AioRpcError, OSError) as error:
             message = error.message if isinstance(error, WeirError) else _short(error)
             log.error("desired version failed to load; the previous one keeps serving",
-                      extra={"model": model, "reason": message})  # fmt: skip
-            self._statuses[model] = EndpointState(
-                endpoint=endpoint, variant=variant.name, state=EndpointState.FAILED, desired=variant.model,
-                serving=previous, message=message,
-            )  # fmt: skip
-            return
-        self._served[model] = _Served(variant.model, variant.artifact_sha256)
-        (self._root / model / SERVED_MARKER).write_text(
-            f"{variant.model.model_name} {variant.model.version} {variant.artifact_sha256}\n"
-        )
-        self._prune_versions(model, keep=variant.model.version)
-        self._statuses[model] = EndpointState(
-            endpoint=endpoint, variant=variant.name, state=EndpointState.READY, desired=variant.model,
-            serving=variant.model,
-        )  # fmt: skip
-        log.info("variant now serves", extra={"model": model, "source": f"{variant.model.model_name}:"
-                                                                        f"{variant.model.version}"})  # fmt: skip
-
-    def _route(self, name: str, endpoint: deployments_pb2.EndpointState) -> None:
-        """Switch the endpoint's traffic once every variant it names serves what it should; while one
-        failed, keep the previous split (with the new flags: a kill switch must apply regardless)."""
-        current = self._router.get(name)
-        ready = [
-            variant
-            for variant in endpoint.variants
-            if (served := self._served.get(variant_model(name, variant.name))) is not None
-            and served.model == variant.model
-        ]
-        serving_ready = [variant for variant in ready if not variant.shadow_percent]
-        shadows = tuple(
-            ShadowRoute(variant.name, variant_model(name, variant.name), variant.shadow_percent)
-            for variant in ready
-            if variant.shadow_percent
-        )
-        if len(ready) == len(endpoint.variants) or current is None:
-            variants = tuple(
-                VariantRoute(variant.name, variant_model(name, variant.name), variant.weight)
-                for variant in serving_ready
-            )
+                      extra={"model": model, "source": _source(target), "reason": message})  # fmt: skip
+            self._failed[model] = (target, message)
         else:
-            variants = current.variants
-        if not variants:
-            return
-        self._router.update(
-            EndpointRoute(
-                name,
-                variants,
-                flags=dict(endpoint.flags),
-                key_parameter=endpoint.routing.key_parameter or DEFAULT_KEY_PARAMETER,
-                key_header=endpoint.routing.key_header.lower(),
-                shadows=shadows,
-            )
-        )
-
-    async def _install(
-        self, model: str, variant: deployments_pb2.ResolvedVariant, registry: registry_pb2_grpc.RegistryStub
-    ) -> None:
-        """Put the variant's artifact and config where the repository loads ``model`` from."""
-        blob = await self._fetch(variant, registry)
-        validation = await self._fetch_validation(variant, registry)  # the accuracy gate's validation.npz
-        version_dir = self._root / model / str(variant.model.version)
-        config = inference.ModelConfig()
-        text_format.Parse(variant.config_pbtxt, config)
-        config.name = model  # endpoint@variant; clients call the endpoint and the router picks this
-        config.version_policy.Clear()
-        config.version_policy.specific.versions.append(variant.model.version)
-
-        def write() -> None:
-            version_dir.mkdir(parents=True, exist_ok=True)
-            target = version_dir / variant.artifact_filename
-            staged = version_dir / f".{variant.artifact_filename}.incoming"
-            with contextlib.suppress(FileNotFoundError):
-                staged.unlink()
-            try:
-                os.link(blob, staged)  # the cache and the version share one copy on disk
-            except OSError:
-                shutil.copyfile(blob, staged)
-            os.replace(staged, target)
-            if validation is not None:
-                staged_inputs = version_dir / f".{VALIDATION_FILENAME}.incoming"
-                staged_inputs.write_bytes(validation)
-                os.replace(staged_inputs, version_dir / VALIDATION_FILENAME)
-            _write_atomically(self._root / model / "config.pbtxt", text_format.MessageToString(config))
-
-        await asyncio.to_thread(write)
-
-    async def _fetch_validation(
-        self, variant: deployments_pb2.ResolvedVariant, registry: registry_pb2_grpc.RegistryStub
-    ) -> bytes | None:
-        """The version's validation inputs (at most MAX_VALIDATION_BYTES, sha256 checked), or None when
-        it has none."""
-        request = registry_pb2.DownloadArtifactRequest(
-            model_name=variant.model.model_name, version=variant.model.version, validation=True
-        )
-        parts: list[bytes] = []
-        expected, size = "", 0
-        try:
-            async for part in registry.DownloadArtifact(request, metadata=client_metadata(self._settings.token)):
-                if part.WhichOneof("part") == "header":
-                    if part.header.artifact_filename != VALIDATION_FILENAME:
-                        return None  # a control plane that predates validation inputs sent the model itself
-                    expected = part.header.artifact_sha256
-                    continue
-                size += len(part.chunk)
-                if size > MAX_VALIDATION_BYTES:
-                    raise WeirError(f"validation inputs of {variant.model.model_name}: over {MAX_VALIDATION_BYTES} B")
-                parts.append(part.chunk)
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
-        data = b"".join(parts)
-        if hashlib.sha256(data).hexdigest() != expected:
-            raise WeirError(f"validation inputs of {variant.model.model_name}: the bytes do not hash to {expected}")
-        return data
-
-    async def _fetch(self, variant: deployments_pb2.ResolvedVariant, registry: registry_pb2_grpc.RegistryStub) -> Path:
-        """The artifact from the local cache, or downloaded into it and checked against its sha256."""
-        cached = self._artifacts / variant.artifact_sha256
-        if cached.is_file():
-            return cached
-        request = registry_pb2.DownloadArtifactRequest(
-            model_name=variant.model.model_name, version=variant.model.version
-        )
-        digest = hashlib.sha256()
-        descriptor, temporary = tempfile.mkstemp(dir=self._artifacts, prefix=".download-")
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                async for part in registry.DownloadArtifact(request, metadata=client_metadata(self._settings.token)):
-                    if part.WhichOneof("part") == "chunk":
-                        digest.update(part.chunk)
-                        await asyncio.to_thread(handle.write, part.chunk)
-                await asyncio.to_thread(handle.flush)
-                await asyncio.to_thread(os.fsync, handle.fileno())
-            if digest.hexdigest() != variant.artifact_sha256:
-                raise WeirError(
-                    f"artifact of {variant.model.model_name} version {variant.model.version}: expected sha256 "
-                    f"{variant.artifact_sha256}, the downloaded bytes hash to {digest.hexdigest()}"
-                )
-            os.replace(temporary, cached)
+            self._served[model] = target
+            log.info("variant now serves", extra={"model": model, "source": _source(target)})
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-        return cached
+            entry = self._installs.get(model)
+            if entry is not None and entry.task is asyncio.current_task():
+                del self._installs[model]
+        self._reconcile()
 
-    def _prune_versions(self, model: str, keep: int) -> None:
-        for path in (self._root / model).iterdir():
-            if path.is_dir() and path.name.isdigit() and int(path.name) != keep:
-                shutil.rmtree(path, ignore_errors=True)
+    def _start_unload(self, model: str) -> None:
+        self._served.pop(model, None)  # from now on nothing plans with it
+
+        async def unload() -> None:
+            try:
+                with contextlib.suppress(WeirError):
+                    await self._repository.unload(model)
+                await asyncio.to_thread(self._installer.forget, model)
+            finally:
+                if self._unloads.get(model) is asyncio.current_task():
+                    del self._unloads[model]
+
+        self._unloads[model] = asyncio.create_task(unload(), name=f"weir-unload-{model}")
 
 
-async def _drain(
-    outbox: asyncio.Queue[deployments_pb2.DataPlaneMessage],
-) -> AsyncIterator[deployments_pb2.DataPlaneMessage]:
+async def _write(call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[deployments_pb2.DataPlaneMessage]) -> None:
     while True:
-        yield await outbox.get()
+        message = await outbox.get()
+        try:
+            await call.write(message)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return  # the stream is over: the reader says why
 
 
 @contextlib.asynccontextmanager
-async def _channel(settings: FollowerSettings) -> AsyncIterator[grpc.aio.Channel]:
+async def _channel(settings: FollowerSettings, address: str) -> AsyncIterator[grpc.aio.Channel]:
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     if settings.tls is not None:
-        channel = grpc.aio.secure_channel(settings.address, settings.tls.credentials(), options=options)
+        channel = grpc.aio.secure_channel(address, settings.tls.credentials(), options=options)
     else:
-        channel = grpc.aio.insecure_channel(settings.address, options=options)
+        channel = grpc.aio.insecure_channel(address, options=options)
     try:
         yield channel
     finally:
@@ -512,7 +490,7 @@ def _save_routes(path: Path, table: Mapping[str, EndpointRoute]) -> None:
         }
         for name, route in table.items()
     }
-    _write_atomically(path, json.dumps(document, sort_keys=True))
+    write_atomically(path, json.dumps(document, sort_keys=True))
 
 
 def _load_routes(path: Path, loaded_models: set[str]) -> dict[str, EndpointRoute]:
@@ -536,10 +514,8 @@ def _load_routes(path: Path, loaded_models: set[str]) -> dict[str, EndpointRoute
     return routes
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    staged = path.with_name(f".{path.name}.incoming")
-    staged.write_text(text)
-    os.replace(staged, path)
+def _source(target: Target) -> str:
+    return f"{target.model_name}:{target.version}"
 
 
 def _short(error: BaseException) -> str:

@@ -269,19 +269,29 @@ class ModelRepository:
                 raise FailedPreconditionError(f"failed to load model '{name}': {reason}")
             statuses = {version: Status(VersionState.LOADING) for version in selected}
             previous = self._served.get(name)
-            self._version_status[name] = {**(self._version_status.get(name) or {}), **statuses}
+            before = self._version_status.get(name)
+            self._version_status[name] = {**(before or {}), **statuses}
             loaded: dict[int, LoadedVersion] = {}
-            for version in selected:
-                try:
-                    loaded[version] = await self._load_version(name, version, model_dir, config)
-                    note = f"unsupported config fields ignored: {', '.join(reported)}" if reported else ""
-                    statuses[version] = Status(VersionState.READY, note)
-                except WeirError as error:
-                    statuses[version] = Status(VersionState.UNAVAILABLE, error.message)
-                    log.error(
-                        "model version failed to load",
-                        extra={"model": name, "version": version, "reason": error.message},
-                    )
+            try:
+                for version in selected:
+                    try:
+                        loaded[version] = await self._load_version(name, version, model_dir, config)
+                        note = f"unsupported config fields ignored: {', '.join(reported)}" if reported else ""
+                        statuses[version] = Status(VersionState.READY, note)
+                    except WeirError as error:
+                        statuses[version] = Status(VersionState.UNAVAILABLE, error.message)
+                        log.error(
+                            "model version failed to load",
+                            extra={"model": name, "version": version, "reason": error.message},
+                        )
+            except asyncio.CancelledError:
+                # A superseded load (the data plane's reconciler): nothing was swapped in, so the
+                # model's states are what they were before it started.
+                if before is None:
+                    self._version_status.pop(name, None)
+                else:
+                    self._version_status[name] = before
+                raise
             for problem in problems:
                 log.error("version policy problem", extra={"model": name, "reason": problem})
             if not loaded:

@@ -33,7 +33,7 @@ from weir.metrics import Metrics
 from weir.monitoring import RecordBuffer, RecordCollector
 from weir.repository import ModelRepository
 from weir.routing import SEPARATOR
-from weir.settings import ControlMode, ServerSettings
+from weir.settings import ControlMode, ServerSettings, control_plane_addresses
 from weir.shadow import ShadowCollector, ShadowMirror
 from weir_proto.auth import AuthInterceptor, Role, TokenTable
 from weir_proto.feature_definitions import load_definitions
@@ -291,7 +291,7 @@ class WeirServer:
                 key=Path(settings.control_plane_tls_key) if settings.control_plane_tls_key else None,
             )
         follower_settings = FollowerSettings(
-            address=settings.control_plane,
+            addresses=control_plane_addresses(settings.control_plane),
             token=settings.control_plane_token or None,
             replica_id=settings.replica_id or default_replica_id(),
             serving_address=f"{_host(settings.listen_address)}:{self.grpc_port}",

@@ -123,7 +123,9 @@ class ServerSettings:
     control_plane: str = field(
         default="",
         metadata=_doc(
-            "HOST:PORT of a Weir control plane to follow; the model repository directory then holds what it deploys."
+            "HOST:PORT of a Weir control plane to follow, or several, comma-separated (replicas of one control "
+            "plane: the data plane attaches to one and fails over to the next); the model repository directory "
+            "then holds what it deploys."
         ),
     )
     control_plane_token: str = field(
@@ -178,6 +180,12 @@ class ServerSettings:
             self.shutdown_grace_seconds,
         )
         _require(self.log_format in ("json", "text"), "log_format", "json or text", self.log_format)
+        _require(
+            all(_is_host_port(address) for address in control_plane_addresses(self.control_plane)),
+            "control_plane",
+            "HOST:PORT, or several comma-separated",
+            self.control_plane,
+        )
         _require(self.heartbeat_seconds > 0, "heartbeat_seconds", "more than 0", self.heartbeat_seconds)
         _require(bool(self.tls_cert) == bool(self.tls_key), "tls_cert/tls_key", "both or neither", self.tls_cert)
         _require(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca", "--tls-cert and --tls-key too", "none")
@@ -187,6 +195,19 @@ class ServerSettings:
             "DEBUG, INFO, WARNING or ERROR",
             self.log_level,
         )
+
+
+def control_plane_addresses(text: str) -> tuple[str, ...]:
+    """The control planes of --control-plane A,B,... (duplicates once each, in order)."""
+    return tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+
+
+def _is_host_port(address: str) -> bool:
+    """HOST:PORT ([V6]:PORT too), or a gRPC target with a scheme (dns:///name:port)."""
+    if "://" in address or address.startswith(("dns:", "ipv4:", "ipv6:", "unix:")):
+        return True
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) <= 65535 and "," not in host
 
 
 def _require(condition: bool, name: str, expected: str, received: object) -> None:
