@@ -137,3 +137,59 @@ async def test_a_holder_that_lost_its_term_hands_its_window_in(stores: tuple[Sto
     ((_, window),) = b.tick()
     assert window.records == 50
     assert [w.records for w in a.report("ep").windows] == [50]
+
+
+def answered(first: int, count: int) -> monitoring_pb2.InferenceRecords:
+    """Records whose prediction (the argmax of y) is class 1 for even request numbers, 0 for odd."""
+    batch = monitoring_pb2.InferenceRecords()
+    for number in range(first, first + count):
+        record = batch.records.add(endpoint="ep", request_id=f"q{number}", variant="v1")
+        record.inputs.add(name="x0", number=float(number % 7))
+        record.outputs.add(name="y[0]", number=float(number % 2))
+        record.outputs.add(name="y[1]", number=float(1 - number % 2))
+    return batch
+
+
+def feedback(first: int, count: int) -> monitoring_pb2.RecordFeedbackRequest:
+    """Labels that agree with every prediction of ``answered``."""
+    request = monitoring_pb2.RecordFeedbackRequest(endpoint="ep")
+    for number in range(first, first + count):
+        request.labels.add(request_id=f"q{number}", number=float(1 - number % 2))
+    return request
+
+
+async def test_labels_count_once_on_the_replica_that_took_their_records(
+    stores: tuple[Store, Store], tmp_path: Path
+) -> None:
+    """RecordFeedback reaches any replica: a label the receiving replica cannot match waits in the
+    database; the replica that took the record claims and counts it (before or after its record came);
+    the holder counts what nobody claimed within the hold period as unmatched, once."""
+    clock, submitted = Clock(), []
+    a, keeper_a = replica(stores[0], clock, tmp_path, submitted, "replica-a")
+    b, _ = replica(stores[1], clock, tmp_path, submitted, "replica-b")
+    assert await keeper_a.acquire_once()
+    b.set_policy(monitoring_pb2.MonitoringPolicy(endpoint="ep", window_seconds=WINDOW, min_records=10))
+    assert a.tick() == [] and b.tick() == []
+    clock.now = (clock.now // WINDOW + 1) * WINDOW
+    a.ingest("plane-1", answered(0, 100))
+    b.ingest("plane-2", answered(100, 20))
+    early = b.feedback(feedback(200, 30))  # their records come later, to a
+    late = b.feedback(feedback(0, 100))  # their records are a's
+    mine = b.feedback(feedback(100, 20))  # b's own records: counted at once
+    nobody = a.feedback(feedback(900, 1))  # no replica takes this request's record
+    assert (early.held, late.held, mine.matched, nobody.held) == (30, 100, 20, 1)
+    for _ in range(2):  # each reads the mailbox: b holds a's labels, a claims them
+        b.tick()
+        a.tick()
+    a.ingest("plane-1", answered(200, 30))  # the early labels' records: a claims the labels it held
+    assert b.feedback(feedback(0, 100)).held == 100  # resent: b cannot tell; a claims them, counts none twice
+    b.tick()
+    a.tick()
+    clock.now += CLOSE
+    assert b.tick() == []
+    ((_, window),) = a.tick()
+    assert window.records == 150 and window.concept.labelled == 150 and window.concept.accuracy == 1.0
+    clock.now += 30.0  # the hold period ends: the holder counts the one label nobody claimed
+    b.tick()
+    a.tick()
+    assert a.report("ep").labels_unmatched == 1 and b.report("ep").labels_unmatched == 0

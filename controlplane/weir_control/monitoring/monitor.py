@@ -194,6 +194,8 @@ class DriftMonitor:
         self._was_holder = False
         self._refreshed_at = -math.inf
         self.records_late = 0  # handed in after their window was judged (not counted)
+        self._mailbox = partials.LabelMailbox()  # labels other replicas (and this one) could not match
+        self._posted: dict[tuple[str, str], int] = {}  # (endpoint, request id) held from the mailbox -> row
         self._load()
 
     def link(self, links: Any) -> None:
@@ -401,6 +403,7 @@ class DriftMonitor:
                 monitor = self._monitor(request.endpoint)
             self._follow_serving(monitor)
             closed: dict[float, list[tuple[bool, str]]] = {}  # window start -> (correct, detector state)
+            posted: list[tuple[str, str]] = []  # with several replicas: for the one that has the record
             for label in request.labels:
                 kind = label.WhichOneof("value")
                 request_id = label.request_id
@@ -418,11 +421,17 @@ class DriftMonitor:
                 elif remembered is not None:
                     matched += 1
                     self._count_label(monitor, request_id, remembered, actual, closed)
+                elif self._lease is not None:
+                    posted.append((request_id, actual))  # held by every replica, from the mailbox
+                    held += 1
                 elif self._hold(monitor, request_id, actual, now):
                     held += 1
                 else:
                     unmatched += 1
             self._update_closed(monitor, closed, now)
+            if posted:
+                with self._store.transaction() as connection:
+                    partials.post_labels(connection, monitor.endpoint, posted, now)
             self._save_state(monitor)
         return monitoring_pb2.RecordFeedbackResponse(
             matched=matched, unmatched=unmatched, held=held, duplicate=duplicate
@@ -572,7 +581,8 @@ class DriftMonitor:
             monitor.held.move_to_end(request_id)
             return True
         if len(monitor.held) >= MAX_HELD_LABELS or (self._held_total >= MAX_HELD_LABELS_TOTAL and monitor.held):
-            monitor.held.popitem(last=False)  # the oldest of this endpoint's gives way
+            evicted, _ = monitor.held.popitem(last=False)  # the oldest of this endpoint's gives way
+            self._posted.pop((monitor.endpoint, evicted), None)
             monitor.labels_unmatched += 1
             self._held_total -= 1
         if self._held_total >= MAX_HELD_LABELS_TOTAL:
@@ -585,6 +595,11 @@ class DriftMonitor:
         """A record came for a held label: counted in the record's window (the open one)."""
         actual, _ = monitor.held.pop(request_id)
         self._held_total -= 1
+        posted = self._posted.pop((monitor.endpoint, request_id), None)
+        if posted is not None:
+            with self._store.transaction() as connection:
+                if not partials.claim_label(connection, posted):
+                    return  # another replica counted it (or the holder expired it)
         remembered = monitor.predictions.get(request_id)
         if remembered is None:  # the record carried no predicted class: the label cannot be judged
             monitor.labels_unmatched += 1
@@ -599,11 +614,13 @@ class DriftMonitor:
             _, (_, held_at) = next(iter(monitor.held.items()))
             if now - held_at < LABEL_HOLD_SECONDS:
                 break
-            monitor.held.popitem(last=False)
+            request_id, _ = monitor.held.popitem(last=False)
+            self._posted.pop((monitor.endpoint, request_id), None)
             expired += 1
         if expired:
             self._held_total -= expired
-            monitor.labels_unmatched += expired
+            if self._lease is None:  # with several replicas the holder counts what nobody claimed
+                monitor.labels_unmatched += expired
             self._save_state(monitor)
 
     # --- policy and reference --------------------------------------------------------------------
@@ -729,7 +746,35 @@ class DriftMonitor:
         if time.monotonic() - self._refreshed_at >= REPLICA_REFRESH_SECONDS:
             self._refreshed_at = time.monotonic()
             self._refresh()
+        self._read_mailbox(now)
+        if holder:
+            with self._store.transaction() as connection:
+                for endpoint, count in partials.expire_labels(connection, now - LABEL_HOLD_SECONDS).items():
+                    if endpoint in self._endpoints:
+                        self._endpoints[endpoint].labels_unmatched += count
         return self._judge_handed_in(now) if holder else []
+
+    def _read_mailbox(self, now: float) -> None:
+        """Labels posted by any replica: counted here if this replica remembers the request (claimed,
+        so no other counts it), else held until its record comes here or the hold ends."""
+        with self._store.transaction() as connection:
+            posted = self._mailbox.read(connection)
+        closed: dict[str, dict[float, list[tuple[bool, str]]]] = {}
+        for label in posted:
+            monitor = self._endpoints.get(label.endpoint)
+            if monitor is None:
+                continue
+            remembered = monitor.predictions.get(label.request_id)
+            if remembered is None:
+                if self._hold(monitor, label.request_id, label.label, now):
+                    self._posted[label.endpoint, label.request_id] = label.id
+                continue
+            with self._store.transaction() as connection:
+                if not partials.claim_label(connection, label.id) or remembered[2]:
+                    continue  # another replica's, or labelled already (a resent label counts once)
+            self._count_label(monitor, label.request_id, remembered, label.label, closed.setdefault(label.endpoint, {}))
+        for endpoint, windows in closed.items():
+            self._update_closed(self._endpoints[endpoint], windows, now)
 
     def _take_over(self) -> None:
         """This replica took the lease: the cool-down as the former holder left it (it is reserved in

@@ -16,23 +16,36 @@ open windows (the current one and the previous during its grace period). When th
 share of the open windows is lost (about window_seconds + grace of its records, at most); the other
 replicas' shares are in the database or still in their memory, and the next holder judges the windows
 from them. ``bench/drift_handover.py`` measures it.
+
+Feedback labels come to any replica too, and a label counts where its request's prediction is
+remembered: the replica that took the record. A label the replica that got it cannot match is posted
+to ``drift_labels``; every replica reads the posted labels (``LabelMailbox``) and holds them like its own
+(a label may come before its record); the one that remembers the request claims the row (deletes it)
+and counts it, so a label counts once. The holder counts the rows nobody claimed within the hold
+period as unmatched.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, and_, delete, insert, select
+from sqlalchemy import Connection, and_, delete, func, insert, or_, select
 
-from weir_control.store.schema import DRIFT_PARTIALS, DRIFT_WINDOWS
+from weir_control.store.schema import DRIFT_LABELS, DRIFT_PARTIALS, DRIFT_WINDOWS
 
 log = logging.getLogger(__name__)
 
 # A holder judges a window this long after it closed, so the other replicas (which hand in on their
 # 0.5 s tick, or at their next record) have handed their shares in.
 MERGE_DELAY_SECONDS = 2.0
+# An id below the highest read may still commit (PostgreSQL sequences hand ids out before commit): it
+# is looked for this long before it is taken for a rolled-back insert.
+LABEL_GAP_SECONDS = 10.0
+MAX_LABEL_GAPS = 1000  # ids looked for at most (a larger gap: the ones nearest the highest read)
+MAX_LABELS_READ = 20_000  # per read: the rest on the next tick
 
 
 @dataclass
@@ -109,3 +122,65 @@ def late_records(partials: list[Partial]) -> Iterator[tuple[str, int]]:
                 extra={"replica": partial.replica, "records": partial.records, "labelled": partial.labelled},
             )
         yield partial.replica, partial.records
+
+
+@dataclass
+class PostedLabel:
+    id: int
+    endpoint: str
+    request_id: str
+    label: str
+
+
+def post_labels(connection: Connection, endpoint: str, labels: list[tuple[str, str]], at: float) -> None:
+    """(request id, label) pairs this replica could not match, for every replica to read."""
+    if labels:
+        rows = [{"endpoint": endpoint, "request_id": request, "label": label, "at": at} for request, label in labels]
+        connection.execute(insert(DRIFT_LABELS), rows)
+
+
+def claim_label(connection: Connection, label_id: int) -> bool:
+    """Whether this replica took the label (it was still there): the only one that counts it."""
+    return bool(connection.execute(delete(DRIFT_LABELS).where(DRIFT_LABELS.c.id == label_id)).rowcount)
+
+
+def expire_labels(connection: Connection, before: float) -> dict[str, int]:
+    """Per endpoint, the posted labels nobody claimed since ``before``, removed."""
+    columns = DRIFT_LABELS.c
+    query = select(columns.endpoint, func.count()).where(columns.at < before).group_by(columns.endpoint)
+    counts = {row[0]: int(row[1]) for row in connection.execute(query)}
+    if counts:
+        connection.execute(delete(DRIFT_LABELS).where(columns.at < before))
+    return counts
+
+
+@dataclass
+class LabelMailbox:
+    """This replica's reading position in ``drift_labels``: the highest id read, and the ids below it
+    not seen yet (an insert that commits after a later one), each looked for until it is too old."""
+
+    after: int = -1  # none read yet: the first read takes every posted label
+    missing: dict[int, float] = field(default_factory=dict)
+
+    def read(self, connection: Connection) -> list[PostedLabel]:
+        columns = DRIFT_LABELS.c
+        now = time.monotonic()
+        self.missing = {gap: since for gap, since in self.missing.items() if now - since < LABEL_GAP_SECONDS}
+        where = columns.id > self.after
+        if self.missing:
+            where = or_(where, columns.id.in_(sorted(self.missing)))
+        query = (
+            select(columns.id, columns.endpoint, columns.request_id, columns.label)
+            .where(where)
+            .order_by(columns.id)
+            .limit(MAX_LABELS_READ)
+        )
+        rows = [PostedLabel(int(row.id), row.endpoint, row.request_id, row.label) for row in connection.execute(query)]
+        for row in rows:
+            self.missing.pop(row.id, None)
+            if row.id > self.after:
+                if self.after >= 0:
+                    gaps = range(max(self.after + 1, row.id - MAX_LABEL_GAPS), row.id)
+                    self.missing.update((gap, now) for gap in gaps)
+                self.after = row.id
+        return rows

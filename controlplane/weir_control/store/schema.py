@@ -365,7 +365,20 @@ def drift_partial_tables(metadata: MetaData) -> dict[str, Table]:
         Column("ddm_state", String(16), nullable=False),
         Column("profile", LargeBinary, nullable=False),  # weir_control.monitoring.profiles.WindowProfile
     )
-    return {table.name: table for table in (partials,)}
+    # Feedback labels that reached a replica without their request's record: every replica reads them
+    # and the one that remembers the request's prediction claims (deletes) and counts the label.
+    labels = Table(
+        "drift_labels",
+        metadata,
+        Column("id", ID, primary_key=True, autoincrement=True),
+        Column("endpoint", NAME, nullable=False),
+        Column("request_id", String(256), nullable=False),
+        Column("label", String(256), nullable=False),
+        Column("at", Float, nullable=False, index=True),  # when it came, seconds since 1970
+    )
+    return {table.name: table for table in (partials, labels)}
 
 
-DRIFT_PARTIALS = drift_partial_tables(METADATA)["drift_partials"]
+_DRIFT_PARTIALS = drift_partial_tables(METADATA)
+DRIFT_PARTIALS = _DRIFT_PARTIALS["drift_partials"]
+DRIFT_LABELS = _DRIFT_PARTIALS["drift_labels"]
