@@ -400,6 +400,11 @@ class ControlPlaneFollower:
             self._start_unload(model)
         for name in set(observed.routes) - set(actions.routes):
             log.info("endpoint undeployed", extra={"model": name})
+        for name, route in actions.routes.items():
+            before = observed.routes.get(name)
+            if before is None or dict(before.flags) != dict(route.flags):  # what bench/propagation.py waits for
+                log.info("endpoint flags applied", extra={"endpoint": name, "flags": dict(route.flags),
+                                                          "revision": state.revision})  # fmt: skip
         try:
             _save_routes(self._root / ROUTES_FILE, actions.routes)
         except OSError as error:  # the routes serve from memory; only a restart without a control plane loses
