@@ -2,12 +2,14 @@
 
 Two `weir control` processes on one PostgreSQL database and one artifact directory; a `weir serve
 --control-plane A,B` under steady inference load. The control plane it is attached to is killed
-with SIGKILL: the data plane attaches to the other, keeps answering every request meanwhile, and a
+with SIGKILL (the stream breaks) or stopped with SIGSTOP (the connection stays open; health checks
+go unanswered): the data plane attaches to the other, keeps answering every request meanwhile, and a
 deploy made through the survivor reaches it (the artifact downloaded from the survivor).
 """
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -105,11 +107,19 @@ def replicas(database_url: str, tmp_path: Path) -> Iterator[Replicas]:
             data_plane.terminate_and_wait()
         for control in running.controls:
             if control.process.poll() is None:
+                control.process.send_signal(signal.SIGCONT)  # a stopped one ends too
                 control.process.terminate()
                 control.process.wait(timeout=30)
 
 
-def test_a_data_plane_fails_over_to_the_surviving_control_plane_without_a_failed_request(replicas, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "stop",
+    [signal.SIGKILL, signal.SIGSTOP],  # a dead process (the stream breaks), a hung one (health checks go unanswered)
+    ids=["killed", "hung"],
+)
+def test_a_data_plane_fails_over_to_the_surviving_control_plane_without_a_failed_request(
+    replicas, tmp_path, stop
+) -> None:
     controls = replicas.controls
     config = tmp_path / "config.pbtxt"
     config.write_text(CONFIG)
@@ -129,8 +139,7 @@ def test_a_data_plane_fails_over_to_the_surviving_control_plane_without_a_failed
         followed = attached_to(data_plane)[-1]
         victim = next(control for control in controls if control.address == followed)
         survivor = next(control for control in controls if control is not victim)
-        victim.process.kill()  # SIGKILL: no goodbye on the stream
-        victim.process.wait(timeout=30)
+        victim.process.send_signal(stop)  # no goodbye on the stream either way
         attaches = len(attached_to(data_plane))
         wait_until(lambda: len(attached_to(data_plane)) > attaches, message="the data plane to attach to the survivor")
         assert attached_to(data_plane)[-1] == survivor.address
