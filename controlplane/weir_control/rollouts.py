@@ -41,10 +41,12 @@ import datetime
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from weir_control.attach import DesiredStateHub, ReplicaStream
+from weir_control.attach import DesiredStateHub
+from weir_control.lease import LeaseKeeper, LostLease
 from weir_control.store import Store
 from weir_control.store.store import check_name
 from weir_proto.control.v1 import audit_pb2, deployments_pb2, rollouts_pb2
@@ -224,7 +226,19 @@ def judge_accuracy(
     return verdict, f"{reason}; {figures}"
 
 
-def collect(replicas: list[ReplicaStream], endpoint: str) -> Look:
+class Stream(Protocol):
+    """An attach stream's accepted reports: a live ``attach.ReplicaStream`` or one persisted by any
+    replica (``replica_reports.ReportedStream``)."""
+
+    @property
+    def stream(self) -> str: ...
+    @property
+    def identity(self) -> str: ...
+    @property
+    def info(self) -> deployments_pb2.ReplicaInfo: ...
+
+
+def collect(replicas: Sequence[Stream], endpoint: str) -> Look:
     look = Look()
     for replica in replicas:
         look.identities[replica.stream] = replica.identity
@@ -346,9 +360,17 @@ class RolloutController:
         clock: Callable[[], float] = time.time,
         tick_seconds: float = 0.25,
         labelled_outcomes: LabelledOutcomes | None = None,
+        lease: LeaseKeeper | None = None,
+        reports: Callable[[], Sequence[Stream]] | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
+        # Several replicas: the controller steps only while this replica holds the lease, fences
+        # every write of its loop with it, and reads every replica's data-plane reports (``reports``,
+        # a blocking read of replica_reports) instead of this replica's own attach streams.
+        self._lease = lease
+        self._reports = reports
+        self._fencing = False  # inside the loop's step_all: writes are fenced
         self._labelled_outcomes = labelled_outcomes  # the drift monitor's feedback labels per variant
         self._clock = clock
         self._tick = tick_seconds
@@ -358,10 +380,28 @@ class RolloutController:
     async def _look(self, endpoint: str) -> Look:
         """The replicas' counters for the endpoint now, with its feedback labels per variant (the
         monitor's lock may be held by an ingest for a while: read in a worker thread)."""
-        look = collect(self._hub.attached(), endpoint)
+        look = collect(await self._streams(), endpoint)
         if self._labelled_outcomes is not None:
             look.labelled = await asyncio.to_thread(self._labelled_outcomes, endpoint)
         return look
+
+    async def _streams(self) -> Sequence[Stream]:
+        """The attach streams of every replica (persisted), or of this one without ``reports``."""
+        if self._reports is None:
+            return self._hub.attached()
+        return await asyncio.to_thread(self._reports)
+
+    def _write(self, work: Callable[[], object]) -> object:
+        """``work`` (store calls) in one transaction, fenced by the lease inside the loop (worker thread)."""
+        fencing = self._fencing and self._lease is not None
+        with self._store.transaction() as connection:
+            if fencing:
+                assert self._lease is not None
+                self._lease.fence(connection)
+            return work()
+
+    async def _save(self, rollout: Rollout) -> None:
+        await asyncio.to_thread(self._write, lambda: self._store.save_rollout(rollout))
 
     # --- RPC entry points (all serialised with the controller's own steps) --------------------------
 
@@ -408,7 +448,7 @@ class RolloutController:
             await self._set_weights(rollout, deployment, baseline, canary, steps[0], actor)
             rollout.desired_revision = (await self._hub.current()).revision
             self._looks[request.endpoint] = await self._look(request.endpoint)
-            await asyncio.to_thread(self._store.save_rollout, rollout)
+            await self._save(rollout)
             return rollout
 
     async def start_blue_green(self, request: rollouts_pb2.StartBlueGreenRequest, actor: str) -> Rollout:
@@ -436,7 +476,7 @@ class RolloutController:
             shadows = _shadows(deployment)
             await self._change(rollout, deployment, [_copy(blue, 100), green, *shadows], actor, "green loading")
             rollout.desired_revision = (await self._hub.current()).revision
-            await asyncio.to_thread(self._store.save_rollout, rollout)
+            await self._save(rollout)
             return rollout
 
     async def _single_serving(self, endpoint: str) -> tuple[deployments_pb2.Deployment, deployments_pb2.Variant]:
@@ -479,7 +519,7 @@ class RolloutController:
                 )
             rollout.approved_by, rollout.awaiting_approval = approver, False
             rollout.reason = f"approved by {approver}"
-            await asyncio.to_thread(self._store.save_rollout, rollout)
+            await self._save(rollout)
             return rollout
 
     async def _switch(self, rollout: Rollout, actor: str) -> None:
@@ -493,14 +533,18 @@ class RolloutController:
         deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
         blue, green = self._pair(deployment, rollout)
         shadows = _shadows(deployment)
+
+        def switched(done: Rollout) -> None:
+            done.step = 1
+            done.reason = f"switched; blue stays loaded for {done.keep_previous_seconds:g} s"
+            done.retire_previous_at.FromDatetime(
+                datetime.datetime.fromtimestamp(self._clock() + done.keep_previous_seconds, datetime.UTC)
+            )
+
         await self._change(
-            rollout, deployment, [_copy(blue, 0), _copy(green, 100), *shadows], actor, "switched to green"
-        )
-        rollout.step = 1
-        rollout.reason = f"switched; blue stays loaded for {rollout.keep_previous_seconds:g} s"
-        rollout.retire_previous_at.FromDatetime(
-            datetime.datetime.fromtimestamp(self._clock() + rollout.keep_previous_seconds, datetime.UTC)
-        )
+            rollout, deployment, [_copy(blue, 0), _copy(green, 100), *shadows], actor, "switched to green",
+            then=switched,
+        )  # fmt: skip
 
     async def _advance_blue_green(self, rollout: Rollout) -> bool:
         """One look at a blue-green rollout; True when it changed."""
@@ -516,8 +560,10 @@ class RolloutController:
             deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
             _, green = self._pair(deployment, rollout)
             shadows = _shadows(deployment)
-            await self._change(rollout, deployment, [_copy(green, 100), *shadows], CONTROLLER, "blue retired")
-            _end(rollout, Rollout.SUCCEEDED, "switched to green; blue retired")
+            await self._change(
+                rollout, deployment, [_copy(green, 100), *shadows], CONTROLLER, "blue retired",
+                then=lambda done: _end(done, Rollout.SUCCEEDED, "switched to green; blue retired"),
+            )  # fmt: skip
             return True
         return False
 
@@ -546,7 +592,7 @@ class RolloutController:
                 await self._promote(rollout, f"promoted by {actor}", actor)
             else:
                 raise FailedPreconditionError(f"endpoint '{endpoint}': '{action}' applies to blue-green rollouts")
-            await asyncio.to_thread(self._store.save_rollout, rollout)
+            await self._save(rollout)
             return rollout
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -554,6 +600,9 @@ class RolloutController:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._tick)
+            if self._lease is not None and not self._lease.held:
+                self._looks.clear()  # a new term starts a new interval (another replica may have looked)
+                continue
             try:
                 await self.step_all()
             except Exception:  # one bad rollout must not stop the others (it is logged)
@@ -561,26 +610,36 @@ class RolloutController:
 
     async def step_all(self) -> None:
         async with self._lock:
-            for rollout in await asyncio.to_thread(self._store.active_rollouts):
-                try:
-                    if not await self._superseded(rollout):
-                        await self._step(rollout)
-                except Exception as error:  # one rollout's failure must not stop the others' steps
-                    log.exception("rollout step failed", extra={"endpoint": rollout.endpoint})
-                    await self._step_failed(rollout, error)
+            self._fencing = True
+            try:
+                for rollout in await asyncio.to_thread(self._store.active_rollouts):
+                    try:
+                        if not await self._superseded(rollout):
+                            await self._step(rollout)
+                    except LostLease:
+                        log.warning(
+                            "rollout step not applied: the lease was lost", extra={"endpoint": rollout.endpoint}
+                        )
+                        self._looks.clear()
+                        return
+                    except Exception as error:  # one rollout's failure must not stop the others' steps
+                        log.exception("rollout step failed", extra={"endpoint": rollout.endpoint})
+                        await self._step_failed(rollout, error)
+            finally:
+                self._fencing = False
 
     async def _step(self, rollout: Rollout) -> None:
         if await self._stalled(rollout):
-            await asyncio.to_thread(self._store.save_rollout, rollout)
+            await self._save(rollout)
             return
         if rollout.strategy == BLUE_GREEN:
             if rollout.state == Rollout.RUNNING and await self._advance_blue_green(rollout):
-                await asyncio.to_thread(self._store.save_rollout, rollout)
+                await self._save(rollout)
             return
         due = rollout.next_analysis_at.ToDatetime(datetime.UTC).timestamp()
         if rollout.state == Rollout.RUNNING and self._clock() >= due:
             await self._analyse(rollout)
-            await asyncio.to_thread(self._store.save_rollout, rollout)
+            await self._save(rollout)
 
     async def _step_failed(self, rollout: Rollout, error: Exception) -> None:
         """Say why in the rollout and look again an interval later (not every tick)."""
@@ -591,7 +650,7 @@ class RolloutController:
                 self._schedule(fresh)
             except (OverflowError, ValueError, OSError):  # a record from before intervals were checked
                 self._schedule(fresh, DEFAULT_INTERVAL_SECONDS)
-            await asyncio.to_thread(self._store.save_rollout, fresh)
+            await self._save(fresh)
         except Exception:
             log.exception("could not record a failed rollout step", extra={"endpoint": rollout.endpoint})
 
@@ -652,7 +711,7 @@ class RolloutController:
         variant is not READY everywhere by its progress deadline (RUNNING only); True when it did.
         A canary READY everywhere records it (the deadline is met)."""
         version = await self._new_version(rollout)
-        failure = self._load_failure(rollout, version)
+        failure = self._load_failure(rollout, version, [stream.info for stream in await self._streams()])
         if failure is not None:
             await self._roll_back(rollout, failure, CONTROLLER)
             return True
@@ -663,7 +722,7 @@ class RolloutController:
             if rollout.strategy != BLUE_GREEN:  # blue-green: its own look records green_ready
                 rollout.canary_ready = True
                 rollout.ClearField("progress_deadline_at")
-                await asyncio.to_thread(self._store.save_rollout, rollout)
+                await self._save(rollout)
             return False
         if self._clock() < rollout.progress_deadline_at.ToDatetime(datetime.UTC).timestamp():
             return False
@@ -687,12 +746,14 @@ class RolloutController:
                         return variant.model.model_name, variant.model.version
         return None
 
-    def _load_failure(self, rollout: Rollout, version: tuple[str, int] | None) -> str | None:
+    def _load_failure(
+        self, rollout: Rollout, version: tuple[str, int] | None, replicas: list[deployments_pb2.ReplicaInfo]
+    ) -> str | None:
         """Why the new version cannot serve: the first data plane that reports it FAILED to load
         (on a desired state that named it: not a failure left from an earlier rollout)."""
         if version is None:
             return None
-        for replica in self._hub.replicas():
+        for replica in replicas:
             if replica.status.applied_revision < rollout.desired_revision:
                 continue
             for status in replica.status.endpoints:
@@ -711,7 +772,7 @@ class RolloutController:
         """How many attached data planes serve the new variant's version READY, of how many."""
         if version is None:
             version = await self._new_version(rollout)
-        replicas = self._hub.replicas()
+        replicas = [stream.info for stream in await self._streams()]
         ready = [
             replica
             for replica in replicas
@@ -754,9 +815,9 @@ class RolloutController:
         baseline, _ = self._pair(deployment, rollout)
         shadows = _shadows(deployment)
         await self._change(
-            rollout, deployment, [_copy(baseline, weight=100), *shadows], actor, f"rolled back: {reason}"
-        )
-        _end(rollout, Rollout.ROLLED_BACK, reason)
+            rollout, deployment, [_copy(baseline, weight=100), *shadows], actor, f"rolled back: {reason}",
+            then=lambda done: _end(done, Rollout.ROLLED_BACK, reason),
+        )  # fmt: skip
 
     async def _promote(self, rollout: Rollout, reason: str, actor: str) -> None:
         deployment = await asyncio.to_thread(self._store.get_deployment, rollout.endpoint)
@@ -764,8 +825,10 @@ class RolloutController:
         shadows = _shadows(deployment)
         promoted = _copy(canary, weight=100)
         promoted.name = PRIMARY if rollout.baseline_variant != PRIMARY else rollout.baseline_variant
-        await self._change(rollout, deployment, [promoted, *shadows], actor, f"promoted: {reason}")
-        _end(rollout, Rollout.SUCCEEDED, reason)
+        await self._change(
+            rollout, deployment, [promoted, *shadows], actor, f"promoted: {reason}",
+            then=lambda done: _end(done, Rollout.SUCCEEDED, reason),
+        )  # fmt: skip
 
     async def _change(
         self,
@@ -774,24 +837,43 @@ class RolloutController:
         variants: list[deployments_pb2.Variant],
         actor: str,
         summary: str,
+        then: Callable[[Rollout], None] | None = None,
     ) -> None:
         """Set the endpoint's variants, only over ``before`` (the revision the transition was decided
-        on: a hand change made since is never overwritten), and record them in the rollout."""
+        on: a hand change made since is never overwritten), record them in the rollout, ``then``
+        finish the rollout's transition, and save it with its audit event: one transaction, fenced
+        by the lease in the controller's loop, so a step is applied once or not at all."""
         endpoint = rollout.endpoint
         event = audit_pb2.AuditEvent(actor=actor, role="system" if actor == CONTROLLER else "", action="Rollouts/Step",
                                      target=f"endpoint/{endpoint}", detail=summary)  # fmt: skip
         event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
         event.before = _weights(before)
+        token = self._lease.token if self._fencing and self._lease is not None else 0
+
+        def apply() -> deployments_pb2.Deployment:
+            after = self._store.deploy(endpoint, variants, actor, if_revision=before.revision)
+            del rollout.variants[:]
+            rollout.variants.extend(serving_variants(after))
+            if then is not None:
+                then(rollout)
+            event.after, event.result = _weights(after), "OK"
+            self._store.append_audit(event)
+            self._store.save_rollout(rollout)
+            return after
+
         try:
-            after = await asyncio.to_thread(self._store.deploy, endpoint, variants, actor, if_revision=before.revision)
+            after = await asyncio.to_thread(self._write, apply)
+        except LostLease:
+            raise
         except WeirError as error:
             event.result, event.detail = error.kind.name, f"{summary}: {error.message}"
             await asyncio.to_thread(self._store.append_audit, event)
             raise
-        del rollout.variants[:]
-        rollout.variants.extend(serving_variants(after))
-        event.after, event.result = _weights(after), "OK"
-        await asyncio.to_thread(self._store.append_audit, event)
+        assert isinstance(after, deployments_pb2.Deployment)
+        log.info(
+            "rollout step applied",
+            extra={"endpoint": endpoint, "summary": summary, "revision": after.revision, "token": token},
+        )
         await self._hub.changed()
 
     async def _superseded(self, rollout: Rollout) -> bool:
@@ -817,8 +899,12 @@ class RolloutController:
             after=_weights(deployment) if deployment is not None else "undeployed",
         )  # fmt: skip
         event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
-        await asyncio.to_thread(self._store.save_rollout, rollout)
-        await asyncio.to_thread(self._store.append_audit, event)
+
+        def record() -> None:
+            self._store.save_rollout(rollout)
+            self._store.append_audit(event)
+
+        await asyncio.to_thread(self._write, record)
         log.warning("rollout superseded by a hand change", extra={"endpoint": rollout.endpoint, "reason": why})
         return True
 

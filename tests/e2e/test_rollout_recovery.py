@@ -34,6 +34,7 @@ from tests.e2e.test_control_plane import (
     start_replicas,
     wait_until,
 )
+from tests.e2e.test_rollouts import stop_planes
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -47,10 +48,7 @@ def planes(tmp_path: Path) -> Iterator[tuple[ControlProcess, list[WeirProcess], 
     try:
         yield control, replicas, tmp_path
     finally:
-        for replica in replicas:
-            replica.terminate_and_wait()
-        control.process.terminate()
-        control.process.wait(timeout=30)
+        stop_planes(replicas, control)
 
 
 def push(control: ControlProcess, tmp_path: Path, factor: float) -> str:

@@ -14,7 +14,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import free_port
+from tests.conftest import WeirProcess, free_port
 from tests.e2e.test_control_plane import CONFIG, ControlProcess, cli, start_control, start_replicas, wait_until
 
 pytestmark = pytest.mark.timeout(600)
@@ -58,6 +58,16 @@ def push(control: ControlProcess, tmp_path: Path, module: torch.nn.Module, name:
     return str(cli(control, "models", "push", "scale", str(path), "--config", str(config))["version"])
 
 
+def stop_planes(data_planes: list[WeirProcess], *controls: ControlProcess) -> None:
+    """Stop the data planes, then the control planes still running."""
+    for data_plane in data_planes:
+        data_plane.terminate_and_wait()
+    for control in controls:
+        if control.process.poll() is None:
+            control.process.terminate()
+            control.process.wait(timeout=30)
+
+
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[ControlProcess, list[str], Path]]:
     control = start_control(tmp_path / "control", f"sqlite:///{tmp_path / 'control.db'}", free_port())
@@ -70,10 +80,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[ControlProcess, list[str], Path]]:
             wait_until(lambda url=url: _answer(grpcclient.InferenceServerClient(url)) is not None, message="baseline")
         yield control, urls, tmp_path
     finally:
-        for replica in replicas:
-            replica.terminate_and_wait()
-        control.process.terminate()
-        control.process.wait(timeout=30)
+        stop_planes(replicas, control)
 
 
 def _answer(client: grpcclient.InferenceServerClient) -> np.ndarray | None:

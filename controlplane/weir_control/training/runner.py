@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from weir_control.artifacts import ArtifactStore
+from weir_control.lease import LeaseKeeper
 from weir_control.store import Store
 from weir_control.store.store import _check_job_id, check_name
 from weir_control.training import sandbox, sweeps
@@ -128,6 +129,13 @@ class JobRunner:
         self._executor: Executor = executor or LocalExecutor()
         self._start_canary = start_canary  # (StartRolloutRequest, actor) -> awaitable, run on the loop
         self.control_address = ""  # told to jobs for tracking; set once the server has its port
+        # Several replicas: every live replica's address, told to jobs so they keep reporting when
+        # this one dies (blocking; None: this replica's address alone).
+        self.control_addresses: Callable[[], list[str]] | None = None
+        # The queue, launches and watching run only on the lease holder; a launch is fenced by it.
+        # Jobs are submitted and cancelled through any replica (rows in the store).
+        self.lease: LeaseKeeper | None = None
+        self._adopted = False  # the running jobs were adopted in this term
         self._attempts: dict[str, Attempt] = {}
         self._lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -162,7 +170,6 @@ class JobRunner:
             self._executor.sandbox = self.sandbox
         if self.sandbox.isolated:  # jobs do not list each other (with namespaces they do not see the directory)
             os.chmod(self.jobs_dir, 0o700 if self.sandbox.namespaces else 0o711)
-        await asyncio.to_thread(self._recover)
         self._task = asyncio.create_task(self._run(), name="weir-training-runner")
 
     async def stop(self) -> None:
@@ -176,7 +183,16 @@ class JobRunner:
     async def _run(self) -> None:
         while True:
             try:
-                if await asyncio.to_thread(self._tick):
+                holding = self.lease is None or self.lease.held
+                if holding and not self._adopted:  # a new term (or the start): adopt the running jobs
+                    await asyncio.to_thread(self._recover)
+                    self._adopted = True
+                elif not holding and self._adopted:  # another replica adopts them: stop watching
+                    with self._lock:
+                        self._attempts.clear()
+                    self._adopted = False
+                    log.info("training jobs left to the new lease holder")
+                if holding and await asyncio.to_thread(self._tick):
                     self.notify()
             except Exception:  # the loop must survive one bad job
                 log.exception("training runner tick failed")
@@ -410,6 +426,11 @@ class JobRunner:
         changed = False
         for job_id, attempt in list(self._attempts.items()):
             job_dir = self.jobs_dir / job_id
+            if self.lease is not None and self._store.get_job(job_id).state != Job.RUNNING:
+                self._attempts.pop(job_id)  # cancelled through another replica: its process goes
+                self._executor.stop(attempt.handle, STOP_GRACE_SECONDS)
+                changed = True
+                continue
             code = self._executor.exit_code(job_dir, attempt.number, attempt.handle)
             if code is None:
                 if attempt.deadline is not None and time.time() > attempt.deadline:
@@ -480,6 +501,26 @@ class JobRunner:
         job_dir = self.jobs_dir / job_id
         job = self._store.get_job(job_id)
         attempt = job.attempt + 1
+
+        def running(stored: Job) -> None:
+            stored.state = Job.RUNNING
+            stored.attempt = attempt
+            stored.reason = reason
+            if not stored.HasField("started_at"):
+                stored.started_at.FromDatetime(datetime.datetime.now(datetime.UTC))
+
+        # RUNNING with its attempt number before the process exists, fenced by the lease: a replica
+        # that lost the lease launches nothing, and the new holder never launches this attempt again
+        # (a holder killed between this and the spawn leaves the job RUNNING without a process: the
+        # new holder's adoption fails it, "ended ... without an exit status")
+        with self._store.transaction() as connection:
+            if self.lease is not None:
+                self.lease.fence(connection)
+            if self._store.get_job(job_id).attempt != job.attempt:
+                return  # launched meanwhile (cannot happen under the lease; never twice)
+            job = self._store.update_job(job_id, running)
+        if job.state != Job.RUNNING or job.attempt != attempt:
+            return  # ended meanwhile (cancelled through another replica)
         command = _command(job.spec, job_dir)
         env = self._environment(job, job_dir, attempt)
         try:
@@ -491,16 +532,12 @@ class JobRunner:
         except OSError as error:
             self._finish(job_id, Job.FAILED, -1, f"could not start: {error}")
             return
-
-        def running(stored: Job) -> None:
-            stored.state = Job.RUNNING
-            stored.attempt = attempt
-            stored.reason = reason
-            if not stored.HasField("started_at"):
-                stored.started_at.FromDatetime(datetime.datetime.now(datetime.UTC))
-
-        job = self._store.update_job(job_id, running, pid=handle_id)
+        job = self._store.update_job(job_id, lambda stored: None, pid=handle_id)
         self._attempts[job_id] = Attempt(handle_id, attempt, self._deadline(job), job.parent_id)
+        log.info(
+            "training job launched",
+            extra={"job": job_id, "attempt": attempt, "pid": handle_id, "token": self.lease.token if self.lease else 0},
+        )
 
     def _environment(self, job: Job, job_dir: Path, attempt: int) -> dict[str, str]:
         """An allow-list, never the control plane's environment (its tokens, credentials, database
@@ -522,12 +559,22 @@ class JobRunner:
                 "WEIR_JOB_DIR": str(job_dir),
                 "WEIR_JOB_ATTEMPT": str(attempt),
                 "WEIR_JOB_SECRET": read_inside(job_dir, ".secret", 1024).decode().strip(),
-                "WEIR_CONTROL_PLANE": self.control_address,
+                "WEIR_CONTROL_PLANE": self._control_target(),
                 "WEIR_CHECKPOINT_EVERY": str(job.spec.checkpoint_every_epochs or 1),
                 "WEIR_JOB_PARAMS": json.dumps({key: param_value(value) for key, value in job.spec.parameters.items()}),
             }
         )
         return env
+
+    def _control_target(self) -> str:
+        """The gRPC target a job reports to: every live replica (``ipv4:A,B``: gRPC's pick_first moves
+        to the next when one dies), or this replica's address when they are not all IPv4 literals."""
+        addresses = self.control_addresses() if self.control_addresses is not None else []
+        if len(addresses) < 2:
+            return self.control_address
+        if all(_is_ipv4_address(address) for address in addresses):
+            return "ipv4:" + ",".join(addresses)
+        return self.control_address
 
     @staticmethod
     def _deadline(job: Job) -> float | None:
@@ -630,6 +677,12 @@ class JobRunner:
             log.warning("could not start the canary of a trained version", extra={"job": job.id, "error": message})
             return f"canary not started: {message}"
         return ""
+
+
+def _is_ipv4_address(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    parts = host.split(".")
+    return port.isdigit() and len(parts) == 4 and all(part.isdigit() and int(part) < 256 for part in parts)
 
 
 def _ref(model_name: str, version: int) -> Any:
