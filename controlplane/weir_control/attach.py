@@ -2,8 +2,8 @@
 
 Each data plane opens one ``DataPlaneSync.Attach`` stream, says hello (who it is, what it serves),
 then sends heartbeats and a status after every change. The control plane answers with the complete
-desired state at once, and again whenever a deployment or an alias changes. States are coalesced per
-replica: a slow replica gets the latest state, never a backlog of stale ones.
+desired state at once, and again whenever its revision moves in the database (whoever changed it).
+States are coalesced per replica: a slow replica gets the latest state, never a backlog of stale ones.
 
 What a replica reports is bounded before anyone reads it: counters only for the variants it was
 sent, never going back within a stream, growing at most MAX_REPORTED_REQUESTS_PER_SECOND; drift
@@ -24,6 +24,7 @@ import grpc
 
 from weir_control.metrics import ControlMetrics
 from weir_control.store import Store
+from weir_control.store.changes import POLL_SECONDS, RevisionWatch
 from weir_proto.auth import TokenTable, identity_of
 from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc, monitoring_pb2
 
@@ -184,21 +185,55 @@ def _went_back(stats: deployments_pb2.VariantStats, previous: deployments_pb2.Va
 
 
 class DesiredStateHub:
-    """The current desired state and the replicas that follow it (event loop thread only)."""
+    """The current desired state and the replicas that follow it (event loop thread only).
 
-    def __init__(self, store: Store, metrics: ControlMetrics | None = None, online_store: str = "") -> None:
+    Between ``start()`` and ``stop()`` it follows the desired-state revision in the database
+    (``weir_control.store.changes.RevisionWatch``): a change committed through this replica, another
+    replica or any other writer (a training job's registration moving an alias) is read once and
+    offered to every attached replica. Nobody tells it of a change by hand. When the database is
+    down it keeps serving the last state it read and looks again at every poll.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: ControlMetrics | None = None,
+        online_store: str = "",
+        poll_seconds: float = POLL_SECONDS,
+    ) -> None:
         self._store = store
         self._metrics = metrics
         self._online_store = online_store  # told to data planes with the feature definitions
         self._state: deployments_pb2.DesiredState | None = None
         self._replicas: dict[int, ReplicaStream] = {}
         self._lock = asyncio.Lock()
+        self._watch = RevisionWatch(store, poll_seconds)
+        self._follower: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Follow the revision until ``stop()``."""
+        if self._follower is None:
+            await self._watch.start()
+            self._follower = asyncio.create_task(self._follow(), name="weir-desired-state-hub")
+
+    async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+            await self._watch.stop()
 
     async def current(self) -> deployments_pb2.DesiredState:
-        async with self._lock:
+        """The latest committed desired state (a change committed before the call is in it); the
+        last one read while the database is down."""
+        try:
+            await self._refresh(await asyncio.to_thread(self._store.current_revision))
+        except Exception:
             if self._state is None:
-                self._state = await self._read()
-            return self._state
+                raise
+        assert self._state is not None
+        return self._state
 
     async def _read(self) -> deployments_pb2.DesiredState:
         state = await asyncio.to_thread(self._store.desired_state)
@@ -206,13 +241,42 @@ class DesiredStateHub:
         return state
 
     async def changed(self) -> None:
-        """Re-read the desired state and offer it to every attached replica."""
+        """Look at the revision now and, if it moved, offer the new state (the follower does this by
+        itself; kept for callers that want the state out before they return)."""
+        await self._refresh(await asyncio.to_thread(self._store.current_revision))
+
+    async def _follow(self) -> None:
+        failing = False
+        while True:
+            await self._watch.wait()
+            try:
+                await self._refresh(await asyncio.to_thread(self._store.current_revision))
+            except Exception as error:  # the database is down: serve the last state, look again later
+                if not failing:
+                    log.warning(
+                        "cannot read the desired-state revision; data planes keep the last state until it can",
+                        extra={"error": str(error)},
+                    )
+                    failing = True
+                continue
+            if failing:
+                log.info("reading the desired-state revision again")
+                failing = False
+
+    async def _refresh(self, revision: int) -> None:
+        """Re-read the desired state if ``revision`` is not the one held, and offer it to every
+        attached replica."""
         async with self._lock:
-            self._state = await self._read()
+            if self._state is not None and self._state.revision == revision:
+                return  # nothing changed: no re-read
+            state = await self._read()
+            if self._state is not None and state.revision == self._state.revision:
+                return
+            self._state = state
             if self._metrics is not None:
                 self._metrics.desired_state_changes.inc()
             for replica in self._replicas.values():
-                replica.offer(self._state)
+                replica.offer(state)
 
     def register(self, replica: ReplicaStream) -> None:
         self._replicas[id(replica)] = replica
@@ -257,10 +321,11 @@ class DataPlaneSyncService(deployments_pb2_grpc.DataPlaneSyncServicer):
             extra={"replica": replica.info.replica_id, "address": replica.info.address, "identity": replica.identity},
         )
         reader = asyncio.create_task(self._read(replica, request_iterator))
+        waiter: asyncio.Task[bool] | None = None  # cancelled and awaited however the stream ends
         try:
-            initial = await self._hub.current()
-            replica.sending(initial)
-            yield deployments_pb2.ControlPlaneMessage(desired_state=initial)
+            sent = await self._hub.current()
+            replica.sending(sent)
+            yield deployments_pb2.ControlPlaneMessage(desired_state=sent)
             while True:
                 waiter = asyncio.create_task(replica.wakeup.wait())
                 await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
@@ -268,14 +333,17 @@ class DataPlaneSyncService(deployments_pb2_grpc.DataPlaneSyncServicer):
                 if reader.done():
                     return  # the replica closed its side (or went away)
                 state = replica.take()
-                if state is not None:
+                if state is not None and state.revision != sent.revision:  # one offered as it attached: sent
+                    sent = state
                     replica.sending(state)
                     yield deployments_pb2.ControlPlaneMessage(desired_state=state)
         finally:
             self._hub.unregister(replica)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            for task in (reader, waiter):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
             log.info("data plane detached", extra={"replica": replica.info.replica_id})
 
     async def _read(

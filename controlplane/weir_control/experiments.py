@@ -112,11 +112,11 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
             self._store.save_ab_test(test)
             return test
 
-        started = await self._auditor.run(
-            context, "Experiments/StartABTest", f"endpoint/{request.endpoint}", lambda: None, start
+        # the deploy, the reset, the test and its audit event: one unit of work (the hub hears the
+        # revision the deploy bumped from the database)
+        return await self._auditor.run(
+            context, "Experiments/StartABTest", f"endpoint/{request.endpoint}", lambda: None, start, atomic=True
         )
-        await self._hub.changed()
-        return started
 
     async def RecordOutcome(
         self, request: experiments_pb2.RecordOutcomeRequest, context: grpc.aio.ServicerContext

@@ -208,14 +208,58 @@ class Auditor:
         before: Callable[[], Message | None],
         change: Callable[[], T],
         after: Callable[[T], Message | None] = lambda result: result if isinstance(result, Message) else None,
+        atomic: bool = False,
     ) -> T:
-        """Run the blocking ``change`` in a thread and record it; aborts the RPC on a WeirError."""
+        """Run the blocking ``change`` in a thread and record it; aborts the RPC on a WeirError.
 
-        async def call(identity: Identity, event: audit_pb2.AuditEvent) -> T:
-            event.before = summary(await asyncio.to_thread(_or_none, before))
-            return await asyncio.to_thread(change)
+        ``atomic``: ``change`` only writes to the store (no file, process or network side effect), so
+        the before-read, the change and its OK audit event are one unit of work: they commit together
+        or not at all, and the whole unit is rerun on a write conflict with another transaction."""
+        if not atomic:
 
-        return await self.run_async(context, action, target, call, after)
+            async def call(identity: Identity, event: audit_pb2.AuditEvent) -> T:
+                event.before = summary(await asyncio.to_thread(_or_none, before))
+                return await asyncio.to_thread(change)
+
+            return await self.run_async(context, action, target, call, after)
+
+        event = self._event(context, action, target)
+
+        def unit(_: object) -> T:
+            event.before = summary(_or_none(before))
+            result = change()
+            event.after = summary(after(result))
+            event.result, event.outcome = "OK", "ok"
+            self._store.append_audit(event)  # joins the change's transaction
+            return result
+
+        try:
+            return await asyncio.to_thread(self._store.atomically, unit)
+        except Exception as error:
+            await self._failed(context, event, error)
+
+    def _event(self, context: grpc.aio.ServicerContext, action: str, target: str) -> audit_pb2.AuditEvent:
+        identity = self.identity(context)
+        event = audit_pb2.AuditEvent(actor=identity.name, role=identity.role.name.lower(), action=action, target=target)
+        event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
+        return event
+
+    async def _failed(
+        self, context: grpc.aio.ServicerContext, event: audit_pb2.AuditEvent, error: Exception
+    ) -> NoReturn:
+        """Record a change that did not happen (in a transaction of its own: nothing else was
+        written) and abort the RPC with its error."""
+        kind = error.kind if isinstance(error, WeirError) else None
+        event.result = status_code_for(kind).name if kind else "INTERNAL"
+        event.outcome = ""
+        event.after = ""
+        event.detail = error.message if isinstance(error, WeirError) else type(error).__name__
+        if kind is not None and event.result in REFUSED_RESULTS:
+            await _written(self.refusals.record(event, by_target=True))  # nothing changed: aggregated
+        else:
+            event.outcome = "failed"
+            await asyncio.to_thread(self._store.append_audit, event)
+        await abort_with(context, error)
 
     async def run_async(
         self,
@@ -225,22 +269,15 @@ class Auditor:
         call: Callable[[Identity, audit_pb2.AuditEvent], Awaitable[T]],
         after: Callable[[T], Message | None] = lambda result: result if isinstance(result, Message) else None,
     ) -> T:
-        """Await ``call(identity, event)`` and append the audit event, OK or failed (then abort)."""
-        identity = self.identity(context)
-        event = audit_pb2.AuditEvent(actor=identity.name, role=identity.role.name.lower(), action=action, target=target)
-        event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
+        """Await ``call(identity, event)`` and append the audit event, OK or failed (then abort).
+        The OK event is a transaction of its own after the change's: for calls with side effects
+        beyond the store (processes, files, the network) or several steps; ``run(atomic=True)``
+        makes a store-only change and its event one unit of work."""
+        event = self._event(context, action, target)
         try:
-            result = await call(identity, event)
+            result = await call(self.identity(context), event)
         except Exception as error:
-            kind = error.kind if isinstance(error, WeirError) else None
-            event.result = status_code_for(kind).name if kind else "INTERNAL"
-            event.detail = error.message if isinstance(error, WeirError) else type(error).__name__
-            if kind is not None and event.result in REFUSED_RESULTS:
-                await _written(self.refusals.record(event, by_target=True))  # nothing changed: aggregated
-            else:
-                event.outcome = "failed"
-                await asyncio.to_thread(self._store.append_audit, event)
-            await abort_with(context, error)
+            await self._failed(context, event, error)
         event.after = summary(after(result))
         event.result, event.outcome = "OK", "ok"
         await asyncio.to_thread(self._store.append_audit, event)
@@ -321,6 +358,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             f"model/{request.name}",
             lambda: self._store.get_model(request.name),
             lambda: self._store.create_model(request.name, request.description, request.tags),
+            atomic=True,
         )
 
     async def GetRegisteredModel(
@@ -339,6 +377,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             lambda: self._store.update_model(
                 request.name, _optional(request, "description"), request.set_tags, list(request.delete_tags)
             ),
+            atomic=True,
         )
 
     async def SearchRegisteredModels(
@@ -459,6 +498,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                 list(request.delete_tags),
                 request.set_metrics,
             ),
+            atomic=True,
         )
 
     async def _require_admin_if_followed_by_protected(
@@ -487,8 +527,8 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             f"model/{request.model_name}/alias/{request.alias}",
             lambda: self._store.get_version_by_alias(request.model_name, request.alias),
             lambda: self._store.set_alias(request.model_name, request.alias, request.version),
+            atomic=True,
         )
-        await self._hub.changed()  # deployments that follow the alias now resolve elsewhere
         return version
 
     async def DeleteAlias(
@@ -504,8 +544,8 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             f"model/{request.model_name}/alias/{request.alias}",
             lambda: self._store.get_version_by_alias(request.model_name, request.alias),
             lambda: self._store.delete_alias(request.model_name, request.alias),
+            atomic=True,
         )
-        await self._hub.changed()
         return registry_pb2.DeleteAliasResponse()
 
     async def GetModelVersionByAlias(
@@ -639,8 +679,8 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
             f"endpoint/{request.endpoint}",
             lambda: self._store.get_deployment(request.endpoint),
             lambda: self._store.deploy(request.endpoint, [variant], identity.name),
+            atomic=True,
         )
-        await self._hub.changed()
         return deployment
 
     async def SetTraffic(
@@ -655,8 +695,8 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
             f"endpoint/{request.endpoint}",
             lambda: self._store.get_deployment(request.endpoint),
             lambda: self._store.deploy(request.endpoint, list(request.variants), identity.name, routing),
+            atomic=True,
         )
-        await self._hub.changed()
         return deployment
 
     async def SetFlag(
@@ -679,8 +719,8 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
             target,
             lambda: self._store.get_deployment(request.endpoint),
             lambda: self._store.set_flag(request.endpoint, request.name, request.value, identity.name),
+            atomic=True,
         )
-        await self._hub.changed()
         return deployment
 
     async def _require_admin_if_protected(
@@ -705,8 +745,8 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
             f"endpoint/{request.endpoint}",
             lambda: self._store.get_deployment(request.endpoint),
             lambda: self._store.undeploy(request.endpoint),
+            atomic=True,
         )
-        await self._hub.changed()
         return deployments_pb2.UndeployResponse()
 
     async def GetDeployment(

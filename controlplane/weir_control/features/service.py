@@ -66,9 +66,8 @@ class FeaturesService(features_pb2_grpc.FeaturesServicer):
             revision = self._store.apply_features(text, identity.name)
             return _feature_message(revision, text, definitions)
 
-        applied = await self._auditor.run(context, "Features/ApplyFeatures", "features", lambda: None, apply)
-        await self._hub.changed()
-        return applied
+        # the definitions, the revision bump data planes follow and the audit event: one unit of work
+        return await self._auditor.run(context, "Features/ApplyFeatures", "features", lambda: None, apply, atomic=True)
 
     async def GetFeatures(
         self, request: features_pb2.GetFeaturesRequest, context: grpc.aio.ServicerContext
