@@ -11,7 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import create_engine, make_url, text
 
+from weir_control.attach import DesiredStateHub
 from weir_control.model_config import signature_from_config
 from weir_control.server import ControlPlaneServer, ControlSettings
 from weir_control.store import Store
@@ -34,6 +36,10 @@ class Replica:
         self.registry = registry_pb2_grpc.RegistryStub(channel)
         self.deployments = deployments_pb2_grpc.DeploymentsStub(channel)
         self.sync = deployments_pb2_grpc.DataPlaneSyncStub(channel)
+
+    def hub(self) -> DesiredStateHub:
+        assert self.server.hub is not None
+        return self.server.hub
 
     @property
     def store(self) -> Store:
@@ -196,5 +202,43 @@ async def test_concurrent_deploys_through_both_replicas_keep_every_revision_in_o
         assert final.revision == revisions[-1] and serving(final) == {"primary": last[1]}  # type: ignore[index]
         seen = [state.revision for state in plane.received]
         assert seen == sorted(set(seen))  # what the data plane was sent only ever moved forward
+    finally:
+        plane.close()
+
+
+async def test_the_hub_keeps_the_last_state_while_the_database_is_down_and_follows_again_after(
+    replicas, store_url: str
+) -> None:
+    if not store_url.startswith("postgresql"):
+        pytest.skip("takes a PostgreSQL database away from its clients")
+    a, b = replicas
+    await a.registry.CreateRegisteredModel(registry_pb2.CreateRegisteredModelRequest(name="mlp"), metadata=DEPLOYER)
+    version = await asyncio.to_thread(ready_version, a.store)
+    await a.deployments.Deploy(
+        deployments_pb2.DeployRequest(endpoint="web", model_name="mlp", version=version), metadata=DEPLOYER
+    )
+    plane = DataPlane(b, "dp-on-b")
+    try:
+        before = await plane.until(lambda state: serving(state) == {"primary": version})
+        url = make_url(store_url)
+        admin = create_engine(url.set(database="test"), isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as connection:  # every client of the database loses its connections
+                connection.execute(text(f'ALTER DATABASE "{url.database}" WITH ALLOW_CONNECTIONS false'))
+                connection.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                    {"name": url.database},
+                )
+            await asyncio.sleep(1.0)  # several polls fail meanwhile (logged once); the stream stays up
+            assert (await b.hub().current()).revision == before.revision  # the last state, still served
+        finally:
+            with admin.connect() as connection:
+                connection.execute(text(f'ALTER DATABASE "{url.database}" WITH ALLOW_CONNECTIONS true'))
+            admin.dispose()
+        await a.deployments.SetFlag(
+            deployments_pb2.SetFlagRequest(endpoint="web", name="colour", value="blue"), metadata=DEPLOYER
+        )
+        after = await plane.until(lambda state: flags(state) == {"colour": "blue"})
+        assert after.revision > before.revision
     finally:
         plane.close()

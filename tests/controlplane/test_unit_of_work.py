@@ -7,6 +7,7 @@ import pytest
 
 from weir_control.model_config import signature_from_config
 from weir_control.store import Store
+from weir_control.store.db import REVISION_CHANNEL
 from weir_control.store.store import create_store_engine
 from weir_proto.control.v1 import deployments_pb2, registry_pb2
 
@@ -61,3 +62,51 @@ def test_calls_inside_a_transaction_commit_together_and_an_error_keeps_none(stor
             store.set_flag("search", "colour", "blue", "alice")
     changed = store.get_deployment("search")
     assert changed.variants[0].version == second and dict(changed.flags) == {"colour": "blue"}
+
+
+def test_every_change_to_what_data_planes_serve_bumps_the_revision_in_its_own_transaction(store: Store) -> None:
+    store.create_model("mlp", "", {})
+    first, second = ready_version(store), ready_version(store)
+    announced: list[int] = []
+    store.add_revision_listener(announced.append)
+
+    store.set_alias("mlp", "champion", first)  # no endpoint follows it: what data planes serve is unchanged
+    assert store.current_revision() == 0 and announced == []
+    store.deploy("search", [deployments_pb2.Variant(name="main", model_name="mlp", alias="champion", weight=1)], "a")
+    store.set_flag("search", "colour", "blue", "a")
+    store.set_alias("mlp", "champion", second)  # followed: the endpoint now serves another version
+    store.set_alias("mlp", "champion", second)  # not moved: nothing to tell
+    store.apply_features("# no features\n", "a")  # the desired state carries the definitions
+    assert store.current_revision() == 4 and announced == [1, 2, 3, 4]
+    assert store.desired_state().endpoints[0].variants[0].model.version == second
+
+    with pytest.raises(RuntimeError), store.transaction():
+        store.set_flag("search", "colour", "red", "a")
+        raise RuntimeError("the change's unit of work fails after the bump")
+    assert store.current_revision() == 4 and announced == [1, 2, 3, 4]  # rolled back: never announced
+
+    with store.transaction():
+        store.set_flag("search", "colour", "red", "a")
+        store.set_flag("search", "size", "xl", "a")
+        assert announced == [1, 2, 3, 4]  # not before the commit
+    assert announced == [1, 2, 3, 4, 6]
+    store.undeploy("search")
+    assert store.current_revision() == 7 and announced[-1] == 7
+
+
+def test_postgresql_data_planes_hear_of_a_revision_only_when_its_transaction_commits(store: Store) -> None:
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    import psycopg
+
+    store.create_model("mlp", "", {})
+    version = ready_version(store)
+    url = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {REVISION_CHANNEL}")
+        with pytest.raises(RuntimeError), store.transaction():
+            store.deploy("search", [variant(version)], "alice")
+            raise RuntimeError("rolled back")
+        store.deploy("search", [variant(version)], "alice")
+        heard = [note.payload for note in listener.notifies(timeout=5, stop_after=1)]
+        assert heard == [str(store.current_revision())]
