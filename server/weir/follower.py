@@ -30,7 +30,7 @@ import os
 import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -87,13 +87,6 @@ class _InstallTask:
     task: asyncio.Task[None]
 
 
-@dataclass
-class _Counters:
-    attempts: int = 0  # attaches tried (tests wait on it)
-    attaches: int = 0  # attaches that received a desired state
-    addresses: list[str] = field(default_factory=list)  # the control plane of each attach, in order
-
-
 class ControlPlaneFollower:
     def __init__(
         self,
@@ -131,11 +124,7 @@ class ControlPlaneFollower:
         self._outbox: asyncio.Queue[deployments_pb2.DataPlaneMessage] | None = None
         self._changed = asyncio.Event()
         self.attached = asyncio.Event()  # set while a stream is open (tests and readiness logs)
-        self.counters = _Counters()
-
-    @property
-    def attempts(self) -> int:
-        return self.counters.attempts
+        self._attaches = 0  # attaches that received a desired state
 
     # --- start-up ----------------------------------------------------------------------------------
 
@@ -146,15 +135,15 @@ class ControlPlaneFollower:
         for model_dir in sorted(p for p in self._root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             model = model_dir.name
             target = read_served_marker(model_dir)
-            if target is None:  # an install that never finished: nothing there ever served
-                log.info("unfinished install removed", extra={"model": model})
-                self._installer.forget(model)
-                continue
+            if target is None and not (model_dir / "config.pbtxt").is_file():
+                continue  # an install that never finished: the next one of that variant starts afresh
             try:
                 await self._repository.load(model)
             except WeirError as error:
                 log.error("last-known-good model failed to load", extra={"model": model, "reason": error.message})
                 continue
+            if target is None:
+                continue  # a model not installed by a control plane: served by its name, never routed
             self._served[model] = target
             endpoint, _, variant = model.partition(SEPARATOR)
             self._statuses[model] = EndpointState(
@@ -182,8 +171,7 @@ class ControlPlaneFollower:
         while True:
             address = addresses[index % len(addresses)]
             index += 1  # whatever happens, the next attach tries the next control plane
-            attaches_before = self.counters.attaches
-            self.counters.attempts += 1
+            attaches_before = self._attaches
             refused = False
             try:
                 await self._session(address)
@@ -206,7 +194,7 @@ class ControlPlaneFollower:
             finally:
                 self.attached.clear()
                 self._link.down()
-            if self.counters.attaches > attaches_before:  # it was followed: the next one (almost) at once
+            if self._attaches > attaches_before:  # it was followed: the next one (almost) at once
                 delay, failed_in_a_row = 0.2, 0
                 await asyncio.sleep(0.05 * random.random())
                 continue
@@ -268,8 +256,7 @@ class ControlPlaneFollower:
                 continue
             if first:
                 first = False
-                self.counters.attaches += 1
-                self.counters.addresses.append(address)
+                self._attaches += 1
                 log.info("attached to the control plane", extra={"control_plane": address})
                 self.attached.set()
                 await self._link.up(registry)
