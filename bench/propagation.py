@@ -48,6 +48,8 @@ class Change:
     target: str  # the variant the kill switch names
     latencies: dict[str, float | None]  # data plane -> seconds (None: not seen within the timeout)
     during_install: dict[str, bool]  # data plane -> applied while `big` was still installing there
+    logged: dict[str, float | None]  # data plane -> seconds until its "endpoint flags applied" line was read
+    rpc_seconds: float  # the SetFlag call itself (the change committed and the caller answered)
 
 
 class Poller:
@@ -104,7 +106,7 @@ class InstallWatch:
 
 def make_change(
     scenario: str, through: str, target: str, stubs: dict[str, Any], pollers: dict[str, Poller],
-    install: tuple[InstallWatch, float] | None, timeout: float,
+    planes: dict[str, bench_cluster.Process], install: tuple[InstallWatch, float] | None, timeout: float,
 ) -> Change:  # fmt: skip
     from weir_proto.control.v1 import deployments_pb2
 
@@ -124,10 +126,25 @@ def make_change(
     for thread in threads:
         thread.start()
     stub.SetFlag(deployments_pb2.SetFlagRequest(endpoint=FLIP, name="kill_switch", value=target), metadata=metadata)
+    answered = time.monotonic() - sent
     for thread in threads:
         thread.join()
     latencies = {name: (stamp - sent if stamp is not None else None) for name, stamp in seen.items()}
-    return Change(scenario, through, target, latencies, during)
+    logged = {name: flags_logged(planes[name], target, sent) if seen[name] is not None else None for name in pollers}
+    return Change(scenario, through, target, latencies, during, logged, answered)
+
+
+def flags_logged(plane: bench_cluster.Process, target: str, sent: float) -> float | None:
+    """Seconds from ``sent`` until the data plane's log said the kill switch names ``target`` (the
+    line is written before the answers change, so it is there by now, give or take the pipe)."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        for stamp, record in plane.records("endpoint flags applied"):
+            if stamp > sent and record.get("endpoint") == FLIP and record.get("flags", {}).get("kill_switch") == target:
+                return stamp - sent
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -141,7 +158,7 @@ def summarise(changes: list[Change], attached: dict[str, str]) -> list[dict[str,
     rows = []
     for scenario in ("idle", "installing"):
         for path in ("own replica", "other replica", "all"):
-            values, missed = [], 0
+            values, missed, logged = [], 0, []
             for change in changes:
                 if change.scenario != scenario:
                     continue
@@ -155,10 +172,13 @@ def summarise(changes: list[Change], attached: dict[str, str]) -> list[dict[str,
                         missed += 1
                     else:
                         values.append(latency)
+                    if change.logged.get(plane) is not None:
+                        logged.append(change.logged[plane])
             rows.append({
                 "scenario": scenario, "path": path, "samples": len(values), "missed": missed,
                 "p50_ms": _ms(percentile(values, 50)), "p99_ms": _ms(percentile(values, 99)),
                 "max_ms": _ms(max(values) if values else None),
+                "logged_p50_ms": _ms(percentile(logged, 50)), "logged_p99_ms": _ms(percentile(logged, 99)),
             })  # fmt: skip
     return rows
 
@@ -203,12 +223,13 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         f"Command: `{report['command']}`", "",
         f"Machine: {report['machine']['cpu_count']} CPUs ({report['machine']['cpu_model']}), "
         f"Python {report['machine']['python']}; control planes, data planes, PostgreSQL and the pollers share them.",
-        "", "| scenario | path | samples | missed | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|---|---|",
+        "", "| scenario | path | samples | missed | p50 ms | p99 ms | max ms | logged p50 ms | logged p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for row in report["rows"]:
         lines.append(
             f"| {row['scenario']} | {row['path']} | {row['samples']} | {row['missed']} | {row['p50_ms']} | "
-            f"{row['p99_ms']} | {row['max_ms']} |"
+            f"{row['p99_ms']} | {row['max_ms']} | {row['logged_p50_ms']} | {row['logged_p99_ms']} |"
         )
     lines += ["", *[f"- {line}" for line in report["verdicts"]], ""]
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -247,7 +268,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         say(f"(a) idle: {args.changes} changes")
         for _ in range(args.changes):
-            changes.append(make_change("idle", next(replicas), next(targets), stubs, pollers, None, args.timeout))
+            changes.append(
+                make_change("idle", next(replicas), next(targets), stubs, pollers, planes, None, args.timeout)
+            )
             time.sleep(args.gap_ms / 1000)
 
         say(f"(b) while {args.big_mb} MB versions of `{BIG}` install")
@@ -267,7 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 bench_cluster.cli(controls[next(replicas)].address, "deploy", BIG, BIG, str(version))
                 installs += 1
                 while time.monotonic() < deadline and any(watch.serving[plane] != factor for plane in planes):
-                    change = make_change("installing", next(replicas), next(targets), stubs, pollers,
+                    change = make_change("installing", next(replicas), next(targets), stubs, pollers, planes,
                                          (watch, factor), args.timeout)  # fmt: skip
                     changes.append(change)
                     for plane, during in change.during_install.items():
@@ -294,6 +317,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{scenario}: other replica / own replica (baseline): p50 x{other['p50_ms'] / own['p50_ms']:.2f}, "
                 f"p99 x{other['p99_ms'] / own['p99_ms']:.2f}"
             )
+    for scenario in ("idle", "installing"):
+        calls = [change.rpc_seconds for change in changes if change.scenario == scenario]
+        verdicts.append(f"{scenario}: the SetFlag call itself: p50 {_ms(percentile(calls, 50))} ms, "
+                        f"p99 {_ms(percentile(calls, 99))} ms")  # fmt: skip
     idle, installing = by_key[("idle", "all")], by_key[("installing", "all")]
     if idle["p99_ms"] and installing["p99_ms"]:
         verdicts.append(f"installing / idle (baseline): p50 x{installing['p50_ms'] / idle['p50_ms']:.2f}, "
