@@ -193,6 +193,7 @@ class DriftMonitor:
         self._merge_delay = 0.0
         self._was_holder = False
         self._refreshed_at = -math.inf
+        self._handed_in_at = -math.inf
         self.records_late = 0  # handed in after their window was judged (not counted)
         self._mailbox = partials.LabelMailbox()  # labels other replicas (and this one) could not match
         self._posted: dict[tuple[str, str], int] = {}  # (endpoint, request id) held from the mailbox -> row
@@ -747,12 +748,39 @@ class DriftMonitor:
             self._refreshed_at = time.monotonic()
             self._refresh()
         self._read_mailbox(now)
+        self._checkpoint()
         if holder:
             with self._store.transaction() as connection:
                 for endpoint, count in partials.expire_labels(connection, now - LABEL_HOLD_SECONDS).items():
                     if endpoint in self._endpoints:
                         self._endpoints[endpoint].labels_unmatched += count
         return self._judge_handed_in(now) if holder else []
+
+    def _checkpoint(self) -> None:
+        """Every replica (the holder too) hands in what its open windows took so far, every
+        ``partials.HAND_IN_SECONDS``: a replica that dies loses about that much of its records rather
+        than its whole open windows. Not on SQLite (one replica: nothing to lose to another)."""
+        if not self._merge_delay or time.monotonic() - self._handed_in_at < partials.HAND_IN_SECONDS:
+            return
+        self._handed_in_at = time.monotonic()
+        taken = [
+            (monitor, start, window)
+            for monitor in self._endpoints.values()
+            for start, window in monitor.open.items()
+            if window.profile.count or window.labels[1]
+        ]
+        if not taken:
+            return
+        try:
+            with self._store.transaction():  # one transaction for all: the hand-ins below join it
+                for monitor, start, window in taken:
+                    self._hand_in(monitor, start, window)
+        except Exception:  # the database failing: the windows keep their records, handed in later
+            log.exception("drift windows not handed in (kept in memory)", extra={"replica": self._replica})
+            return
+        for monitor, start, window in taken:
+            fresh = OpenWindow(WindowProfile(window.reference), window.reference, ddm_state=window.ddm_state)
+            monitor.open[start] = fresh
 
     def _read_mailbox(self, now: float) -> None:
         """Labels posted by any replica: counted here if this replica remembers the request (claimed,

@@ -11,11 +11,13 @@ action. A window is judged once: a holder that lost the lease fails the fence an
 share is then handed in for the next holder), and a partial that comes after its window was judged is
 deleted and counted late.
 
-What a handover loses: the records each replica holds in memory and has not handed in, i.e. those of its
-open windows (the current one and the previous during its grace period). When the holder dies, its own
-share of the open windows is lost (about window_seconds + grace of its records, at most); the other
-replicas' shares are in the database or still in their memory, and the next holder judges the windows
-from them. ``bench/drift_handover.py`` measures it.
+What a handover loses: the records a replica holds in memory and has not handed in. Every replica hands
+in what its open windows took every ``HAND_IN_SECONDS`` (on PostgreSQL), so a replica that dies (the
+holder or another) loses the records of its last second or so, plus what its data planes had sampled
+and not shipped yet (they ship about twice a second); the other replicas' shares are in the database or
+in their memory, and the next holder judges the windows from them. ``bench/drift_handover.py``
+measures it (without the periodic hand-in, a dying replica lost its whole open windows: up to
+window + grace + merge delay of its records).
 
 Feedback labels come to any replica too, and a label counts where its request's prediction is
 remembered: the replica that took the record. A label the replica that got it cannot match is posted
@@ -41,6 +43,9 @@ log = logging.getLogger(__name__)
 # A holder judges a window this long after it closed, so the other replicas (which hand in on their
 # 0.5 s tick, or at their next record) have handed their shares in.
 MERGE_DELAY_SECONDS = 2.0
+# Every replica also hands in what its open windows took so far this often (see DriftMonitor._checkpoint):
+# what a dying replica loses is about this long of its records, not its whole open windows.
+HAND_IN_SECONDS = 1.0
 # An id below the highest read may still commit (PostgreSQL sequences hand ids out before commit): it
 # is looked for this long before it is taken for a rolled-back insert.
 LABEL_GAP_SECONDS = 10.0
