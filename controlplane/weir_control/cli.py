@@ -80,6 +80,20 @@ def add_commands(subcommands: Any) -> None:
         "--webhook-allow", action="append", default=[], metavar="HOST[:PORT]|ADDRESS[:PORT]|CIDR",
         help="a destination drift webhooks may reach (repeatable; default none: no webhook may be set)",
     )  # fmt: skip
+    control.add_argument(
+        "--replica-id", default=os.environ.get("WEIR_REPLICA_ID", ""),
+        help="this replica's name in the lease and reports (default HOST-PID-RANDOM) [env WEIR_REPLICA_ID]",
+    )  # fmt: skip
+    control.add_argument(
+        "--lease-seconds", type=float, default=float(os.environ.get("WEIR_LEASE_SECONDS", "6")),
+        help="the singleton lease's time to live: renewed every third, a dead holder is replaced within "
+        "4/3 of it (6) [env WEIR_LEASE_SECONDS]",
+    )  # fmt: skip
+    control.add_argument(
+        "--advertise-address", default=os.environ.get("WEIR_ADVERTISE_ADDRESS", ""),
+        help="HOST:PORT other replicas' training jobs reach this replica at (default: the listen address "
+        "and port, 127.0.0.1 for a wildcard) [env WEIR_ADVERTISE_ADDRESS]",
+    )  # fmt: skip
     control.add_argument("--log-level", default="INFO")
     control.add_argument("--log-format", default="json", choices=("json", "text"))
     gc = subcommands.add_parser("control-gc", help="delete artifacts no model version references")
@@ -325,6 +339,9 @@ def _run_control(args: argparse.Namespace) -> int:
         max_concurrent_jobs=args.max_concurrent_jobs,
         job_user=args.job_user,
         webhook_allow=tuple(args.webhook_allow),
+        replica_id=args.replica_id,
+        lease_seconds=args.lease_seconds,
+        advertise_address=args.advertise_address,
     )
 
     async def serve() -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -132,16 +133,18 @@ class ReplicaReports:
             ).all()
         return [ReportedStream(row[0], row[1], deployments_pb2.ReplicaInfo.FromString(row[2])) for row in rows]
 
-    def others_alive(self) -> bool:
-        """Whether another replica published within STALE_AFTER_SECONDS (worker thread)."""
+    def others_alive(self, timeout: float = 0.5) -> bool:
+        """Whether another replica published within STALE_AFTER_SECONDS and still accepts connections
+        at its address (a replica killed a moment ago still has a fresh row; its port is closed)
+        (worker thread)."""
         with self._store.transaction() as connection:
-            found = connection.execute(
-                select(CONTROL_REPLICAS.c.replica).where(
+            rows = connection.execute(
+                select(CONTROL_REPLICAS.c.address).where(
                     CONTROL_REPLICAS.c.replica != self.control_replica,
                     CONTROL_REPLICAS.c.updated_at >= db_now(connection) - STALE_AFTER_SECONDS,
                 )
-            ).first()
-        return found is not None
+            ).all()
+        return any(_reachable(row[0], timeout) for row in rows)
 
     def addresses(self) -> list[str]:
         """The live replicas' addresses, this one first (worker thread)."""
@@ -153,3 +156,12 @@ class ReplicaReports:
             ).all()
         mine = [self.address] if self.address else []
         return mine + [address for replica, address in rows if replica != self.control_replica and address not in mine]
+
+
+def _reachable(address: str, timeout: float) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False

@@ -45,9 +45,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from sqlalchemy import select
+
 from weir_control.attach import DesiredStateHub
 from weir_control.lease import LeaseKeeper, LostLease
 from weir_control.store import Store
+from weir_control.store.schema import ROLLOUTS
 from weir_control.store.store import check_name
 from weir_proto.control.v1 import audit_pb2, deployments_pb2, rollouts_pb2
 from weir_proto.errors import (
@@ -226,6 +229,10 @@ def judge_accuracy(
     return verdict, f"{reason}; {figures}"
 
 
+class RolloutChanged(FailedPreconditionError):
+    """Another replica changed the rollout since this one read it: nothing was applied."""
+
+
 class Stream(Protocol):
     """An attach stream's accepted reports: a live ``attach.ReplicaStream`` or one persisted by any
     replica (``replica_reports.ReportedStream``)."""
@@ -371,6 +378,9 @@ class RolloutController:
         self._lease = lease
         self._reports = reports
         self._fencing = False  # inside the loop's step_all: writes are fenced
+        # endpoint -> the rollout as this replica last read or wrote it: a write goes only over that
+        # (another replica's RPC, e.g. a pause, may have changed it meanwhile; compare-and-set)
+        self._seen: dict[str, Rollout | None] = {}
         self._labelled_outcomes = labelled_outcomes  # the drift monitor's feedback labels per variant
         self._clock = clock
         self._tick = tick_seconds
@@ -391,17 +401,44 @@ class RolloutController:
             return self._hub.attached()
         return await asyncio.to_thread(self._reports)
 
-    def _write(self, work: Callable[[], object]) -> object:
-        """``work`` (store calls) in one transaction, fenced by the lease inside the loop (worker thread)."""
+    def _write(self, rollout: Rollout, work: Callable[[], object]) -> object:
+        """``work`` (store calls that end by saving ``rollout``) in one transaction, fenced by the lease
+        inside the loop, and only over the rollout as this replica read it (worker thread)."""
         fencing = self._fencing and self._lease is not None
         with self._store.transaction() as connection:
             if fencing:
                 assert self._lease is not None
                 self._lease.fence(connection)
-            return work()
+            query = select(ROLLOUTS.c.rollout).where(ROLLOUTS.c.endpoint == rollout.endpoint)
+            if connection.dialect.name == "postgresql":
+                query = query.with_for_update()  # SQLite: BEGIN IMMEDIATE already holds the write lock
+            stored = connection.execute(query).scalar()
+            found = None if stored is None else Rollout.FromString(stored)
+            if rollout.endpoint in self._seen and found != self._seen[rollout.endpoint]:
+                self._seen.pop(rollout.endpoint, None)
+                raise RolloutChanged(
+                    f"endpoint '{rollout.endpoint}': the rollout changed through another control-plane replica "
+                    "meanwhile; nothing was applied, try again"
+                )
+            result = work()
+        self._remember(rollout)
+        return result
+
+    def _remember(self, rollout: Rollout | None, endpoint: str = "") -> Rollout | None:
+        seen = None
+        if rollout is not None:
+            seen = Rollout()
+            seen.CopyFrom(rollout)
+        self._seen[rollout.endpoint if rollout is not None else endpoint] = seen
+        return rollout
 
     async def _save(self, rollout: Rollout) -> None:
-        await asyncio.to_thread(self._write, lambda: self._store.save_rollout(rollout))
+        await asyncio.to_thread(self._write, rollout, lambda: self._store.save_rollout(rollout))
+
+    async def _read(self, endpoint: str) -> Rollout:
+        rollout = await asyncio.to_thread(self._store.get_rollout, endpoint)
+        self._remember(rollout)
+        return rollout
 
     # --- RPC entry points (all serialised with the controller's own steps) --------------------------
 
@@ -481,6 +518,7 @@ class RolloutController:
 
     async def _single_serving(self, endpoint: str) -> tuple[deployments_pb2.Deployment, deployments_pb2.Variant]:
         existing = await asyncio.to_thread(self._existing, endpoint)
+        self._remember(existing, endpoint)
         if existing is not None and existing.state in ACTIVE and not await self._superseded(existing):
             raise FailedPreconditionError(
                 f"endpoint '{endpoint}': a rollout is already in progress ({Rollout.State.Name(existing.state)}; "
@@ -507,7 +545,7 @@ class RolloutController:
 
     async def approve(self, endpoint: str, approver: str) -> Rollout:
         async with self._lock:
-            rollout = await asyncio.to_thread(self._store.get_rollout, endpoint)
+            rollout = await self._read(endpoint)
             if rollout.state not in ACTIVE or await self._superseded(rollout):
                 raise FailedPreconditionError(
                     f"endpoint '{endpoint}': the rollout already ended ({Rollout.State.Name(rollout.state)}: "
@@ -569,7 +607,7 @@ class RolloutController:
 
     async def act(self, action: str, endpoint: str, actor: str) -> Rollout:
         async with self._lock:
-            rollout = await asyncio.to_thread(self._store.get_rollout, endpoint)
+            rollout = await self._read(endpoint)
             if rollout.state not in ACTIVE or await self._superseded(rollout):
                 raise FailedPreconditionError(
                     f"endpoint '{endpoint}': the rollout already ended ({Rollout.State.Name(rollout.state)}: "
@@ -613,9 +651,12 @@ class RolloutController:
             self._fencing = True
             try:
                 for rollout in await asyncio.to_thread(self._store.active_rollouts):
+                    self._remember(rollout)
                     try:
                         if not await self._superseded(rollout):
                             await self._step(rollout)
+                    except RolloutChanged:
+                        continue  # looked at again at the next tick, as it is now
                     except LostLease:
                         log.warning(
                             "rollout step not applied: the lease was lost", extra={"endpoint": rollout.endpoint}
@@ -644,7 +685,7 @@ class RolloutController:
     async def _step_failed(self, rollout: Rollout, error: Exception) -> None:
         """Say why in the rollout and look again an interval later (not every tick)."""
         try:
-            fresh = await asyncio.to_thread(self._store.get_rollout, rollout.endpoint)
+            fresh = await self._read(rollout.endpoint)
             fresh.reason = f"step failed: {error.message if isinstance(error, WeirError) else type(error).__name__}"
             try:
                 self._schedule(fresh)
@@ -862,8 +903,8 @@ class RolloutController:
             return after
 
         try:
-            after = await asyncio.to_thread(self._write, apply)
-        except LostLease:
+            after = await asyncio.to_thread(self._write, rollout, apply)
+        except (LostLease, RolloutChanged):
             raise
         except WeirError as error:
             event.result, event.detail = error.kind.name, f"{summary}: {error.message}"
@@ -904,7 +945,7 @@ class RolloutController:
             self._store.save_rollout(rollout)
             self._store.append_audit(event)
 
-        await asyncio.to_thread(self._write, record)
+        await asyncio.to_thread(self._write, rollout, record)
         log.warning("rollout superseded by a hand change", extra={"endpoint": rollout.endpoint, "reason": why})
         return True
 

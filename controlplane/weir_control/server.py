@@ -22,10 +22,12 @@ from weir_control.artifacts import ArtifactStore
 from weir_control.attach import DataPlaneSyncService, DesiredStateHub
 from weir_control.experiments import ExperimentsService
 from weir_control.features.service import FeaturesService
+from weir_control.lease import DEFAULT_TTL_SECONDS, LeaseKeeper, check_ttl, default_replica_id
 from weir_control.metrics import ControlMetrics, ReplicaCollector
 from weir_control.monitoring.monitor import DriftCollector, DriftMonitor
 from weir_control.monitoring.service import MonitoringLinks, MonitoringService, run_windows, stop_task
 from weir_control.readiness import DatabaseReadiness
+from weir_control.replica_reports import ReplicaReports
 from weir_control.rollouts import RolloutController
 from weir_control.services import (
     Auditor,
@@ -157,6 +159,11 @@ class ControlSettings:
     job_user: str = "weir-job"  # OS user training jobs run as when the control plane is root (created if missing)
     # drift webhook destinations the operator allows (HOST[:PORT], ADDRESS[:PORT] or CIDR): none, no webhook
     webhook_allow: tuple[str, ...] = ()
+    # Several replicas on one PostgreSQL database: each has its own id; the singleton work (rollout
+    # steps, the job queue, drift actions) runs on the holder of a lease of ``lease_seconds``.
+    replica_id: str = ""  # default: HOST-PID-RANDOM (unique per process)
+    lease_seconds: float = DEFAULT_TTL_SECONDS
+    advertise_address: str = ""  # HOST:PORT training jobs reach this replica at (default from listen)
 
     @property
     def resolved_database_url(self) -> str:
@@ -196,21 +203,32 @@ class ControlPlaneServer:
         self.drift: DriftMonitor | None = None
         self._drift_task: asyncio.Task[None] | None = None
         self.refusals: RefusalLog | None = None
+        self.lease: LeaseKeeper | None = None
+        self.reports: ReplicaReports | None = None
+        self._background: list[asyncio.Task[None]] = []  # the lease loop and the reports publisher
+        self.hub: DesiredStateHub | None = None  # pushes the desired state; started with the server
         self.readiness: DatabaseReadiness | None = None  # health follows the database (docker/README.md)
 
     async def start(self) -> None:
         settings = self.settings
+        check_ttl(settings.lease_seconds)
         self.store = store = await asyncio.to_thread(open_store, settings.resolved_database_url)
-        interrupted = await asyncio.to_thread(
-            store.fail_pending_versions, "the upload did not complete: the control plane stopped during it"
-        )
-        if interrupted:
-            log.warning("uploads interrupted by the previous stop marked FAILED", extra={"count": interrupted})
+        replica_id = settings.replica_id or default_replica_id()
+        self.lease = LeaseKeeper(store, replica_id, ttl=settings.lease_seconds)
+        await self.lease.acquire_once()  # one replica alone holds it at once: its singleton work starts now
+        self._background.append(asyncio.create_task(self.lease.run(), name="weir-lease"))
         artifacts = ArtifactStore(settings.resolved_artifact_dir)
-        abandoned = await asyncio.to_thread(_clear_abandoned_uploads, artifacts)
-        if abandoned:
-            log.warning("partial upload files of the previous run removed", extra={"count": abandoned})
-        hub = DesiredStateHub(store, self.metrics, settings.online_store)
+        self.hub = hub = DesiredStateHub(store, self.metrics, settings.online_store)
+        await hub.start()  # follows the desired-state revision in the database until stop()
+        self.reports = ReplicaReports(store, replica_id, hub.attached)
+        if not await asyncio.to_thread(self.reports.others_alive):
+            # alone: the lease is this replica's or a dead one's (a restart after kill -9) that expires
+            # within the ttl; taken, no other replica can be uploading, so interrupted uploads are
+            # cleaned up before this one serves (with others alive they are left: see below)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.lease.wait_held(), settings.lease_seconds * 4 / 3 + 1)
+            if self.lease.held:
+                await asyncio.to_thread(_clean_up_interrupted_uploads, store, artifacts)
         self.registry.register(ReplicaCollector(hub.replicas))
         self.refusals = refusals = RefusalLog(store)
         auditor = Auditor(store, self.tokens, refusals)
@@ -240,7 +258,9 @@ class ControlPlaneServer:
             DataPlaneSyncService(hub, on_records, self.tokens), server
         )
         audit_pb2_grpc.add_AuditServicer_to_server(AuditService(store), server)
-        self.rollouts = RolloutController(store, hub, labelled_outcomes=self.drift.labelled_outcomes)
+        self.rollouts = RolloutController(
+            store, hub, labelled_outcomes=self.drift.labelled_outcomes, lease=self.lease, reports=self.reports.read
+        )
         rollouts_pb2_grpc.add_RolloutsServicer_to_server(RolloutsService(store, auditor, self.rollouts), server)
         experiments_pb2_grpc.add_ExperimentsServicer_to_server(ExperimentsService(store, auditor, hub), server)
         self.features = FeaturesService(store, auditor, hub, settings.resolved_feature_root, settings.online_store)
@@ -254,6 +274,7 @@ class ControlPlaneServer:
         )  # fmt: skip
         training_pb2_grpc.add_TrainingServicer_to_server(TrainingService(store, auditor, self.training), server)
         self.drift.link(MonitoringLinks(store, self.training))
+        self.drift.link_lease(self.lease)  # drift windows and actions: judged by the holder, fenced
         self.registry.register(DriftCollector(self.drift))
         monitoring_pb2_grpc.add_MonitoringServicer_to_server(MonitoringService(self.drift, auditor), server)
         health_servicer = health.aio.HealthServicer()
@@ -271,7 +292,12 @@ class ControlPlaneServer:
         await server.start()
         self._server = server
         host = "127.0.0.1" if settings.listen_address in ("0.0.0.0", "::", "[::]", "") else settings.listen_address
-        self.training.control_address = f"{host}:{self.port}"
+        self.reports.address = settings.advertise_address or f"{host}:{self.port}"
+        self.training.control_address = self.reports.address
+        self.training.control_addresses = self.reports.addresses  # jobs learn every live replica
+        self.training.lease = self.lease
+        await asyncio.to_thread(self.reports.publish, self.reports.snapshot())  # present before any job launches
+        self._background.append(asyncio.create_task(self.reports.run(), name="weir-replica-reports"))
         await self.training.start()
         self._drift_task = asyncio.create_task(run_windows(self.drift), name="weir-drift-windows")
         self._rollout_task = asyncio.create_task(self.rollouts.run(), name="weir-rollout-controller")
@@ -311,10 +337,16 @@ class ControlPlaneServer:
         await stop_task(self._drift_task)
         self._drift_task = None
         if self.training is not None:
-            await self.training.stop()  # jobs keep running: the next start re-attaches them
+            await self.training.stop()  # jobs keep running: the next start (or another replica) adopts them
+        for task in reversed(self._background):  # the reports go, then the lease is released
+            await stop_task(task)
+        self._background = []
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self.hub is not None:
+            await self.hub.stop()
+            self.hub = None
         if self.refusals is not None:
             self.refusals.close()
             await self.refusals.drain()
@@ -334,10 +366,22 @@ class ControlPlaneServer:
             await self._server.wait_for_termination()
 
 
+def _clean_up_interrupted_uploads(store: Store, artifacts: ArtifactStore) -> None:
+    """Uploads a stopped (or killed) control plane left unfinished: their versions FAILED, their
+    partial files removed. Run only by a replica that holds the lease and sees no other live replica
+    (no one else can be uploading into this store and artifact directory); with several replicas
+    running, an interrupted upload stays PENDING and its partial file is left for ``weir control-gc``
+    (which removes it by age), rather than breaking another replica's upload in progress."""
+    interrupted = store.fail_pending_versions("the upload did not complete: the control plane stopped during it")
+    if interrupted:
+        log.warning("uploads interrupted by the previous stop marked FAILED", extra={"count": interrupted})
+    abandoned = _clear_abandoned_uploads(artifacts)
+    if abandoned:
+        log.warning("partial upload files of the previous run removed", extra={"count": abandoned})
+
+
 def _clear_abandoned_uploads(artifacts: ArtifactStore) -> int:
-    """Partial upload files a stopped (or killed) control plane left in ``incoming/``: their versions
-    were just marked FAILED (as ``fail_pending_versions`` assumes, no other control plane uploads into
-    this artifact store at start); an upload that ends abnormally while running discards its own."""
+    """Partial upload files a stopped (or killed) control plane left in ``incoming/`` (see above)."""
     removed = 0
     for path in artifacts.incoming.glob("upload-*"):
         with contextlib.suppress(FileNotFoundError):
