@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,9 +28,15 @@ from sqlalchemy import Connection, Engine, create_engine, event, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
+from weir_control.domain.names import MAX_NAME_LENGTH as MAX_NAME_LENGTH
+from weir_control.domain.names import check_name as check_name
+from weir_control.domain.names import shown
 from weir_control.store import migrations
 from weir_control.store.schema import COUNTERS
 from weir_proto.errors import InvalidArgumentError
+
+_check_name = check_name  # the store's modules' name for it
+_shown = shown
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -242,21 +247,9 @@ def bump_revision(connection: Connection) -> int:
     return revision
 
 
-# Names of models, endpoints, aliases, variants and flags: they become directory and file names on
-# data planes, so one conservative pattern for all of them.
-MAX_NAME_LENGTH = 128
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_SEARCH_TEXT = 256  # name_contains and similar search strings
 MAX_TAGS = 64  # set in one call
 MAX_DESCRIPTION = 65_536  # a model's or version's description
-
-
-def _check_name(field: str, value: str) -> None:
-    if not _NAME.fullmatch(value) or ".." in value:
-        raise InvalidArgumentError(
-            f"{field}: expected 1-{MAX_NAME_LENGTH} ASCII letters, digits, '_', '.' or '-', starting with a letter "
-            f"or digit, without '..', got {_shown(value)}"
-        )
 
 
 def _check_metrics(metrics: Mapping[str, float]) -> None:
@@ -284,16 +277,6 @@ def _check_tag_filters(tags: Mapping[str, str]) -> None:
             f"tags: expected at most 32 tag filters, keys of at most {MAX_SEARCH_TEXT} characters and values of "
             f"at most 1024, got {len(tags)} filter(s)"
         )
-
-
-def check_name(field: str, value: str) -> None:
-    """The API edge's check of a model, endpoint or alias name (InvalidArgumentError)."""
-    _check_name(field, value)
-
-
-def _shown(value: str, limit: int = 80) -> str:
-    """A client's string for an error message, truncated."""
-    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 def _page_size(requested: int) -> int:

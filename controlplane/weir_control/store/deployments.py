@@ -7,9 +7,10 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, delete, insert, select, update
 
+from weir_control.domain import deployments as domain
+from weir_control.domain.events import serving_changed
 from weir_control.store.db import (
     DESIRED_STATE_REVISION,
-    _check_name,
     _decode_token,
     _encode_token,
     _page_size,
@@ -23,10 +24,6 @@ from weir_control.store.schema import COUNTERS, DEPLOYMENTS, FEATURE_DEFINITIONS
 from weir_proto.common.v1 import types_pb2
 from weir_proto.control.v1 import deployments_pb2, registry_pb2
 from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-
-KILL_SWITCH = "kill_switch"  # the flag that sends all of an endpoint's traffic to the variant it names
-MAX_VARIANTS = 16  # per endpoint
-MAX_WEIGHT = 1_000_000  # a variant's traffic weight
 
 
 class DeploymentRecords(RegistryRecords):
@@ -46,15 +43,16 @@ class DeploymentRecords(RegistryRecords):
         """Create or replace the endpoint's variants (flags stay); every target must resolve to a
         READY version. ``if_revision``: only while the endpoint is still at that revision (a
         rollout's change never overwrites a change made since it read the endpoint)."""
-        _check_name("endpoint", endpoint)
-        _check_variants(variants)
+        events = domain.replace_variants(endpoint, variants)
         with self._transaction() as connection:
             for variant in variants:
                 _resolve_variant(connection, self, variant)
-            revision = bump_revision(connection)
+            revision = bump_revision(connection) if serving_changed(events) else None
             at = now()
             encoded = [_variant_json(variant) for variant in variants]
-            values: dict[str, Any] = {"variants": encoded, "revision": revision, "updated_by": actor, "updated_at": at}
+            values: dict[str, Any] = {"variants": encoded, "updated_by": actor, "updated_at": at}
+            if revision is not None:
+                values["revision"] = revision
             if routing is not None:
                 values["routing"] = _routing_json(routing)
             condition = DEPLOYMENTS.c.endpoint == endpoint
@@ -79,25 +77,12 @@ class DeploymentRecords(RegistryRecords):
 
     @retried
     def set_flag(self, endpoint: str, name: str, value: str, actor: str) -> deployments_pb2.Deployment:
-        _check_name("name", name)
         with self._transaction() as connection:
-            current = self._deployment(connection, endpoint)
-            serving = {variant.name for variant in current.variants if not variant.shadow_percent}
-            if name == KILL_SWITCH and value and value not in serving:
-                raise InvalidArgumentError(
-                    f"value: the kill switch must name a variant of '{endpoint}' "
-                    f"that serves ({sorted(serving)}), got {value!r}"
-                )
-            flags = dict(current.flags)
-            if value:
-                flags[name] = value
-            else:
-                flags.pop(name, None)
-            connection.execute(
-                update(DEPLOYMENTS)
-                .where(DEPLOYMENTS.c.endpoint == endpoint)
-                .values(flags=flags, revision=bump_revision(connection), updated_by=actor, updated_at=now())
-            )
+            flags, events = domain.set_flag(self._deployment(connection, endpoint), name, value)
+            values: dict[str, Any] = {"flags": flags, "updated_by": actor, "updated_at": now()}
+            if serving_changed(events):
+                values["revision"] = bump_revision(connection)
+            connection.execute(update(DEPLOYMENTS).where(DEPLOYMENTS.c.endpoint == endpoint).values(**values))
             return self._deployment(connection, endpoint)
 
     @retried
@@ -106,7 +91,8 @@ class DeploymentRecords(RegistryRecords):
             deleted = connection.execute(delete(DEPLOYMENTS).where(DEPLOYMENTS.c.endpoint == endpoint)).rowcount
             if not deleted:
                 raise NotFoundError(f"endpoint: nothing is deployed at '{endpoint}'")
-            bump_revision(connection)
+            if serving_changed(domain.undeploy(endpoint)):
+                bump_revision(connection)
 
     def get_deployment(self, endpoint: str) -> deployments_pb2.Deployment:
         with self._transaction() as connection:
@@ -199,36 +185,6 @@ def _resolve_variant(
             + (f" ({version.failure_reason})" if version.failure_reason else "")
         )
     return version
-
-
-def _check_variants(variants: Sequence[deployments_pb2.Variant]) -> None:
-    if not variants:
-        raise InvalidArgumentError("variants: expected at least one variant, got none")
-    if len(variants) > MAX_VARIANTS:
-        raise InvalidArgumentError(f"variants: expected at most {MAX_VARIANTS}, got {len(variants)}")
-    names = [variant.name for variant in variants]
-    for variant in variants:
-        _check_name(f"variant '{variant.name}' model_name", variant.model_name)
-        if variant.weight > MAX_WEIGHT:
-            raise InvalidArgumentError(
-                f"variant '{variant.name}' weight: expected 0..{MAX_WEIGHT}, got {variant.weight}"
-            )
-    for name in names:
-        _check_name("variants name", name)
-        if "@" in name:
-            raise InvalidArgumentError(f"variants name: expected no '@' (Weir's separator), got {name!r}")
-    if len(set(names)) != len(names):
-        raise InvalidArgumentError(f"variants: expected unique names, got {names}")
-    if not any(variant.weight for variant in variants if not variant.shadow_percent):
-        raise InvalidArgumentError(
-            f"variants weight: expected at least one serving (non-shadow) variant with a weight above 0, got none "
-            f"({names})"
-        )
-    for variant in variants:
-        if variant.shadow_percent > 100:
-            raise InvalidArgumentError(
-                f"variant '{variant.name}' shadow_percent: expected 0..100, got {variant.shadow_percent}"
-            )
 
 
 def _routing_json(routing: deployments_pb2.RoutingPolicy) -> dict[str, str]:

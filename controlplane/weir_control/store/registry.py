@@ -9,6 +9,8 @@ from google.protobuf import json_format
 from sqlalchemy import Connection, and_, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from weir_control.domain import aliases
+from weir_control.domain.events import serving_changed
 from weir_control.store.db import (
     MAX_NAME_LENGTH,
     MAX_SEARCH_TEXT,
@@ -312,24 +314,17 @@ class RegistryRecords(Database):
 
     @retried
     def set_alias(self, model_name: str, alias: str, version: int) -> registry_pb2.ModelVersion:
-        _check_name("alias", alias)
-        if alias.isdigit():
-            raise InvalidArgumentError(f"alias: expected a name that is not a number (versions are), got '{alias}'")
+        aliases.check_alias_name(alias)
         with self._transaction() as connection:
             target = self._version(connection, model_name, version)
-            if target.state != READY:
-                raise FailedPreconditionError(
-                    f"model '{model_name}' version {version}: expected a READY version for alias '{alias}', "
-                    f"it is {_STATE_NAMES.get(target.state, target.state)}"
-                )
+            before = _alias_target(connection, model_name, alias)
+            after, events = aliases.move_alias(
+                alias, before, target, endpoints_following(connection, model_name, alias)
+            )
             # Moving an alias is one statement in one transaction: readers see the old or the new target.
-            key = {"model_name": model_name, "alias": alias}
-            before = connection.execute(
-                select(MODEL_ALIASES.c.version).where(*(MODEL_ALIASES.c[name] == value for name, value in key.items()))
-            ).scalar()
-            upsert(connection, MODEL_ALIASES, key, {"version": version})
-            if before != version and endpoints_following(connection, model_name, alias):
-                bump_revision(connection)  # those endpoints now serve another version: data planes must hear
+            upsert(connection, MODEL_ALIASES, {"model_name": model_name, "alias": alias}, {"version": after})
+            if serving_changed(events):
+                bump_revision(connection)  # the endpoints following it now serve another version
             return self._version(connection, model_name, version)
 
     @retried
@@ -337,18 +332,12 @@ class RegistryRecords(Database):
         """Delete an alias no endpoint follows (FailedPreconditionError naming them otherwise: the
         endpoints would lose their variant and the data planes would unload it)."""
         with self._transaction() as connection:
-            following = endpoints_following(connection, model_name, alias)
-            if following:
-                raise FailedPreconditionError(
-                    f"alias: model '{model_name}' alias '{alias}' is followed by endpoint(s) "
-                    f"{', '.join(repr(endpoint) for endpoint in following)}: deploy them to a version or another "
-                    "alias first, then delete it"
-                )  # so deleting an alias never changes what data planes serve: no revision bump
-            deleted = connection.execute(
+            exists = _alias_target(connection, model_name, alias) is not None
+            events = aliases.delete_alias(model_name, alias, exists, endpoints_following(connection, model_name, alias))
+            connection.execute(
                 delete(MODEL_ALIASES).where(MODEL_ALIASES.c.model_name == model_name, MODEL_ALIASES.c.alias == alias)
-            ).rowcount
-            if not deleted:
-                raise NotFoundError(f"alias: model '{model_name}' has no alias '{alias}'")
+            )
+            assert not serving_changed(events)  # a followed alias is never deleted
 
     def get_version_by_alias(self, model_name: str, alias: str) -> registry_pb2.ModelVersion:
         with self._transaction() as connection:
@@ -462,3 +451,10 @@ def endpoints_following(connection: Connection, model_name: str, alias: str) -> 
         for row in rows
         if any(item.get("model_name") == model_name and item.get("alias") == alias for item in (row.variants or []))
     )
+
+
+def _alias_target(connection: Connection, model_name: str, alias: str) -> int | None:
+    version = connection.execute(
+        select(MODEL_ALIASES.c.version).where(MODEL_ALIASES.c.model_name == model_name, MODEL_ALIASES.c.alias == alias)
+    ).scalar()
+    return None if version is None else int(version)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from weir_control.domain.deployments import KILL_SWITCH, MAX_VARIANTS
 from weir_control.store.audit import REFUSED_RESULTS, AuditRecords
 from weir_control.store.db import (
     DEFAULT_PAGE_SIZE,
@@ -24,7 +25,7 @@ from weir_control.store.db import (
     create_store_engine,
     now,
 )
-from weir_control.store.deployments import KILL_SWITCH, MAX_VARIANTS, DeploymentRecords
+from weir_control.store.deployments import DeploymentRecords
 from weir_control.store.experiments import ExperimentRecords
 from weir_control.store.features import FeatureRecords
 from weir_control.store.jobs import TERMINAL_JOB_STATES, JobRecords, _check_job_id
