@@ -4,6 +4,7 @@ metrics, dataset snapshot hash, code hash), through the same upload path as `wei
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import math
 import os
@@ -100,13 +101,27 @@ def register_job_output(
         raise
     _audit(store, "Training/RegisterModelVersion", f"model/{spec.model_name}/version/{version.version}", job, version)
     for alias in spec.aliases:  # each move in the audit log, like a Registry/SetAlias call
-        try:
-            before: registry_pb2.ModelVersion | None = store.get_version_by_alias(spec.model_name, alias)
-        except NotFoundError:
-            before = None
-        version = store.set_alias(spec.model_name, alias, version.version)
-        _audit(store, "Registry/SetAlias", f"model/{spec.model_name}/alias/{alias}", job, version, before)
+        version = store.atomically(functools.partial(_move_alias, store, spec.model_name, alias, version, job))
     return version
+
+
+def _move_alias(
+    store: Store,
+    model_name: str,
+    alias: str,
+    version: registry_pb2.ModelVersion,
+    job: training_pb2.Job,
+    _connection: object,
+) -> registry_pb2.ModelVersion:
+    """One unit of work: the move, the desired-state revision bump that redeploys the endpoints
+    following the alias (the store's), and the audit event."""
+    try:
+        before: registry_pb2.ModelVersion | None = store.get_version_by_alias(model_name, alias)
+    except NotFoundError:
+        before = None
+    moved = store.set_alias(model_name, alias, version.version)
+    _audit(store, "Registry/SetAlias", f"model/{model_name}/alias/{alias}", job, moved, before)
+    return moved
 
 
 def _audit(
