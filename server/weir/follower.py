@@ -419,6 +419,7 @@ class ControlPlaneFollower:
         except asyncio.CancelledError:
             if model not in self._served:
                 self._installer.forget(model)  # nothing served from there: no half-installed copy stays
+            log.info("install stopped", extra={"model": model, "source": _source(target)})
             raise
         except (WeirError, grpc.aio.AioRpcError, OSError) as error:
             message = error.message if isinstance(error, WeirError) else _short(error)

@@ -1,0 +1,226 @@
+"""The follower carries out plan(): a newer desired state supersedes an install still downloading,
+flags apply while it downloads, and the superseded version never serves.
+
+The control plane here is real gRPC on a real port, reduced to what a data plane calls: an attach
+stream that pushes the desired states the test gives it, and artifact downloads, one of which
+stalls half-way until the test lets it go on (so "still downloading" is a state, not a race).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from tests.e2e.test_control_plane import CONFIG, Scale
+from weir.follower import SERVED_MARKER, ControlPlaneFollower, FollowerSettings
+from weir.metrics import Metrics
+from weir.repository import ModelRepository
+from weir.routing import KILL_SWITCH, Router
+from weir_proto.common.v1 import types_pb2
+from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+CHUNK = 4096
+
+
+@dataclass
+class Artifacts:
+    """Scripted models by version; a version in ``stalled`` stops after its first chunk until released."""
+
+    blobs: dict[int, bytes] = field(default_factory=dict)
+    stalled: dict[int, asyncio.Event] = field(default_factory=dict)
+    started: dict[int, asyncio.Event] = field(default_factory=dict)
+    cancelled: set[int] = field(default_factory=set)
+
+    def add(self, tmp_path: Path, version: int, factor: float) -> None:
+        path = tmp_path / f"model-{version}.pt"
+        torch.jit.save(torch.jit.script(Scale(factor)), str(path))
+        self.blobs[version] = path.read_bytes()
+        self.started[version] = asyncio.Event()
+
+    def variant(self, name: str, version: int, weight: int = 100) -> deployments_pb2.ResolvedVariant:
+        return deployments_pb2.ResolvedVariant(
+            name=name, model=types_pb2.ModelVersionRef(model_name="scale", version=version),
+            artifact_sha256=hashlib.sha256(self.blobs[version]).hexdigest(), artifact_size=len(self.blobs[version]),
+            artifact_filename="model.pt", config_pbtxt=CONFIG, weight=weight,
+        )  # fmt: skip
+
+
+class _Registry(registry_pb2_grpc.RegistryServicer):
+    def __init__(self, artifacts: Artifacts) -> None:
+        self.artifacts = artifacts
+
+    async def DownloadArtifact(self, request, context):  # type: ignore[no-untyped-def]
+        if request.validation:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no validation inputs")
+        blob = self.artifacts.blobs[request.version]
+        self.artifacts.started[request.version].set()
+        try:
+            for offset in range(0, len(blob), CHUNK):
+                yield registry_pb2.DownloadArtifactResponse(chunk=blob[offset : offset + CHUNK])
+                gate = self.artifacts.stalled.get(request.version)
+                if gate is not None:
+                    await gate.wait()
+        except asyncio.CancelledError:
+            self.artifacts.cancelled.add(request.version)
+            raise
+
+
+class _Sync(deployments_pb2_grpc.DataPlaneSyncServicer):
+    def __init__(self) -> None:
+        self.states: asyncio.Queue[deployments_pb2.DesiredState] = asyncio.Queue()
+
+    async def Attach(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        await request_iterator.__anext__()  # the hello
+        drain = asyncio.create_task(_drain(request_iterator))
+        try:
+            while True:
+                yield deployments_pb2.ControlPlaneMessage(desired_state=await self.states.get())
+        finally:
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
+
+
+async def _drain(messages: AsyncIterator[deployments_pb2.DataPlaneMessage]) -> None:
+    async for _ in messages:
+        pass
+
+
+class _Log(logging.Handler):
+    """The follower's log records, awaitable."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.records: list[logging.LogRecord] = []
+        self.changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.changed.set()
+
+    def found(self, message: str, **fields: object) -> bool:
+        return any(
+            record.getMessage() == message and all(getattr(record, key, None) == value for key, value in fields.items())
+            for record in self.records
+        )
+
+    async def wait(self, message: str, **fields: object) -> None:
+        async with asyncio.timeout(60):
+            while not self.found(message, **fields):
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def state(revision: int, *variants: deployments_pb2.ResolvedVariant, **flags: str) -> deployments_pb2.DesiredState:
+    endpoint = deployments_pb2.EndpointState(endpoint="scale", variants=variants, flags=flags)
+    return deployments_pb2.DesiredState(revision=revision, endpoints=[endpoint])
+
+
+async def _started(event: asyncio.Event) -> None:
+    async with asyncio.timeout(60):
+        await event.wait()
+
+
+@dataclass
+class Rig:
+    sync: _Sync
+    artifacts: Artifacts
+    log: _Log
+    root: Path
+    router: Router
+    repository: ModelRepository
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    artifacts = Artifacts()
+    for version, factor in ((1, 2.0), (2, 3.0), (3, 4.0)):
+        artifacts.add(tmp_path, version, factor)
+    sync = _Sync()
+    server = grpc.aio.server()
+    deployments_pb2_grpc.add_DataPlaneSyncServicer_to_server(sync, server)
+    registry_pb2_grpc.add_RegistryServicer_to_server(_Registry(artifacts), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    root = tmp_path / "managed"
+    root.mkdir()
+    executor = ThreadPoolExecutor(2)
+    repository = ModelRepository(root, executor, Metrics.create(CollectorRegistry()))
+    settings = FollowerSettings(
+        addresses=(f"127.0.0.1:{port}",), token="t", replica_id="r", serving_address="127.0.0.1:1",
+        heartbeat_seconds=0.5,
+    )  # fmt: skip
+
+    async def changed() -> None:
+        return None
+
+    router = Router()
+    following = ControlPlaneFollower(settings, repository, router, root, changed)
+    log = _Log()
+    logger = logging.getLogger("weir.follower")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(log)
+    await following.load_last_known_good()
+    task = asyncio.create_task(following.run())
+    try:
+        yield Rig(sync, artifacts, log, root, router, repository)
+    finally:
+        for gate in artifacts.stalled.values():
+            gate.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        logger.removeHandler(log)
+        logger.setLevel(level)
+        await repository.aclose()
+        await server.stop(None)
+        executor.shutdown(wait=True)
+
+
+async def test_a_newer_state_supersedes_a_download_and_flags_apply_meanwhile(rig: Rig) -> None:
+    sync, artifacts, log, root, router, repository = (
+        rig.sync, rig.artifacts, rig.log, rig.root, rig.router, rig.repository
+    )  # fmt: skip
+    sync.states.put_nowait(state(1, artifacts.variant("main", 1)))
+    await log.wait("variant now serves", model="scale@main", source="scale:1")
+    assert repository.resolve("scale@main", "").version == 1
+
+    artifacts.stalled[2] = asyncio.Event()  # version 2's download stops after its first chunk
+    sync.states.put_nowait(state(2, artifacts.variant("main", 2)))
+    await _started(artifacts.started[2])
+
+    sync.states.put_nowait(state(3, artifacts.variant("main", 3), **{KILL_SWITCH: "main"}))
+    await log.wait("desired state routed", revision=3)
+    route = router.get("scale")
+    assert route is not None and route.flags == {KILL_SWITCH: "main"}  # while downloads are pending
+    assert log.found("install superseded", model="scale@main", source="scale:2")
+
+    await log.wait("variant now serves", model="scale@main", source="scale:3")
+    await log.wait("desired state applied", revision=3)
+    assert repository.resolve("scale@main", "").version == 3
+    assert not log.found("variant now serves", model="scale@main", source="scale:2")  # it never served
+    assert sorted(path.name for path in (root / "scale@main").iterdir() if path.is_dir()) == ["3"]
+    assert (root / "scale@main" / SERVED_MARKER).read_text().split()[:2] == ["scale", "3"]
+    assert 2 in artifacts.cancelled  # the superseded download stopped at the control plane too
+
+
+async def test_an_undeploy_during_a_download_cancels_it_and_leaves_no_directory(rig: Rig) -> None:
+    sync, artifacts, log, root = rig.sync, rig.artifacts, rig.log, rig.root
+    artifacts.stalled[1] = asyncio.Event()
+    sync.states.put_nowait(state(1, artifacts.variant("main", 1)))
+    await _started(artifacts.started[1])
+    sync.states.put_nowait(deployments_pb2.DesiredState(revision=2))
+    await log.wait("desired state applied", revision=2)
+    assert rig.router.get("scale") is None
+    await log.wait("install stopped", model="scale@main", source="scale:1")
+    assert not (root / "scale@main").exists()  # the cancelled install cleaned up as it stopped
+    assert not log.found("variant now serves", model="scale@main", source="scale:1")
