@@ -2,6 +2,7 @@
 test cuts (connections refused and reset: the database is down) or holds (connections accepted and
 never answered: a network partition). The control plane's gRPC health turns NOT_SERVING, for the
 whole server and each service, and SERVING again once the database is back; the process stays up.
+A data plane given two replicas leaves the one that lost its database for the other.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import make_url
 
-from tests.conftest import free_port
+from tests.conftest import free_port, start_weir
+from tests.e2e import test_control_plane as planes
 from tests.e2e.test_control_plane import ControlProcess, start_control, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -159,3 +161,56 @@ def test_health_follows_the_database_down_and_partitioned(proxied_control) -> No
     messages = "\n".join(control.lines)
     assert messages.count("database unreachable: health NOT_SERVING") == 2, messages[-3000:]
     assert messages.count("database reachable again: health SERVING") == 2
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_data_plane_leaves_a_replica_that_lost_its_database(store_url: str, tmp_path: Path) -> None:
+    """Two replicas on one database, one of them through the proxy; a data plane given both, attached
+    to the proxied one. The proxy is cut: that replica turns NOT_SERVING, the data plane attaches to
+    the other and follows a deploy made there, and inference never stops."""
+    url = make_url(store_url)
+    proxy = TcpProxy(url.port or 5432)
+    proxied_url = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    state_dir = tmp_path / "control"  # shared, as the volume in docker/
+    cut_off = start_control(state_dir, proxied_url, free_port())
+    direct = start_control(state_dir, store_url, free_port())
+    data_plane = start_weir(
+        tmp_path / "data-plane", "--model-control-mode", "explicit", "--control-plane",
+        f"{cut_off.address},{direct.address}", "--heartbeat-seconds", "0.5",
+        env={"WEIR_TOKENS": planes.TOKENS, "WEIR_CONTROL_PLANE_TOKEN": planes.REPLICA_TOKEN},
+    )  # fmt: skip
+    try:
+
+        def attached_to(control: ControlProcess) -> bool:
+            attached = [
+                record for record in data_plane.log_records() if record.get("msg") == "attached to the control plane"
+            ]
+            return bool(attached) and attached[-1].get("control_plane") == control.address
+
+        wait_until(lambda: attached_to(cut_off), message="the data plane to attach to the first replica")
+        config = tmp_path / "config.pbtxt"
+        config.write_text(planes.CONFIG)
+        for factor in (2.0, 3.0):
+            planes.cli(
+                direct, "models", "push", "scale", str(planes.scripted(tmp_path, factor)), "--config", str(config)
+            )
+        planes.cli(direct, "deploy", "scale", "scale", "1")
+        wait_until(lambda: planes.serves_factor(data_plane.grpc_url, 2.0), message="version 1 on the data plane")
+
+        proxy.cut()
+        wait_until(lambda: health_status(cut_off) == NOT_SERVING, timeout=30, message="the cut-off replica NOT_SERVING")
+        wait_until(lambda: attached_to(direct), timeout=30, message="the data plane to move to the other replica")
+        assert planes.serves_factor(data_plane.grpc_url, 2.0)  # the last-known-good state serves throughout
+        planes.cli(direct, "deploy", "scale", "scale", "2")
+        wait_until(
+            lambda: planes.serves_factor(data_plane.grpc_url, 3.0), message="version 2 through the other replica"
+        )
+
+        proxy.restore()
+        wait_until(lambda: health_status(cut_off) == SERVING, timeout=30, message="SERVING again")
+    finally:
+        data_plane.terminate_and_wait()
+        for control in (cut_off, direct):
+            control.process.terminate()
+            control.process.wait(timeout=30)
+        proxy.close()
