@@ -158,6 +158,7 @@ def feedback(first: int, count: int) -> monitoring_pb2.RecordFeedbackRequest:
     return request
 
 
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)  # SQLite: one replica, labels stay local
 async def test_labels_count_once_on_the_replica_that_took_their_records(
     stores: tuple[Store, Store], tmp_path: Path
 ) -> None:

@@ -21,20 +21,17 @@ import json
 import logging
 import math
 import os
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from weir_control.features.paths import inside
 from weir_control.monitoring import partials, statistics
+from weir_control.monitoring.collector import DriftCollector as DriftCollector  # where the server imports it
 from weir_control.monitoring.policy import (
     check_endpoint,
     check_policy,
@@ -42,6 +39,15 @@ from weir_control.monitoring.policy import (
     resolved_policy,
 )
 from weir_control.monitoring.profiles import MAX_FEATURES, ReferenceProfile, WindowProfile
+from weir_control.monitoring.replicated import LABELS_HAND_IN_SECONDS, ReplicatedWindows
+from weir_control.monitoring.state import (
+    LABEL_HOLD_SECONDS,
+    MAX_MONITORED_ENDPOINTS,
+    WINDOW_GRACE_SECONDS,
+    EndpointMonitor,
+    OpenWindow,
+    ddm_rank,
+)
 from weir_control.monitoring.webhook import WebhookAllowList, WebhookRefused
 from weir_control.store import Store
 from weir_proto.control.v1 import audit_pb2, monitoring_pb2, registry_pb2
@@ -63,14 +69,9 @@ PREDICTIONS_REMEMBERED = 200_000  # request id -> predicted class and window, fo
 # ... and over all endpoints: each endpoint keeps an equal share (at least MIN_PREDICTIONS_REMEMBERED)
 PREDICTIONS_REMEMBERED_TOTAL = 1_000_000
 MIN_PREDICTIONS_REMEMBERED = 1_000
-# Records are windowed by their request's time (the data plane's stamp), and a window closes this long after
-# its end, so records shipped late (data planes send them about twice a second) still land in it. A record
-# whose window has closed, or stamped further ahead than MAX_CLOCK_AHEAD_SECONDS, counts at its arrival.
-WINDOW_GRACE_SECONDS = 2.0
-MAX_CLOCK_AHEAD_SECONDS = 2.0
+MAX_CLOCK_AHEAD_SECONDS = 2.0  # see WINDOW_GRACE_SECONDS (weir_control.monitoring.state)
 # A label may reach the control plane before its request's record (data planes send records about twice a
-# second): it is held, this long and within these bounds, then counted unmatched.
-LABEL_HOLD_SECONDS = 30.0
+# second): it is held LABEL_HOLD_SECONDS (weir_control.monitoring.state) within these bounds, then counted unmatched.
 MAX_HELD_LABELS = 10_000  # per endpoint; beyond, the oldest held label is counted unmatched
 MAX_HELD_LABELS_TOTAL = 100_000  # over all endpoints
 MAX_TRIGGER_FEATURES = 100  # CRITICAL features an action (its audit event, a retrained version's lineage) names
@@ -78,80 +79,16 @@ REFERENCE_ACCURACY_LABELS = 200  # without a registered accuracy, the first labe
 WEBHOOK_ATTEMPTS = 3
 WEBHOOK_TIMEOUT_SECONDS = 5.0
 # What data planes send is bounded here, whoever sends it (a replica's rate is bounded where it attaches):
-MAX_MONITORED_ENDPOINTS = 1000  # endpoints with a monitor (deployed, or with a policy or a reference)
 MAX_NAME_CHARS = 256  # a feature name; longer names' values are dropped
 MAX_CATEGORY_CHARS = 256  # a categorical value; longer ones are cut to this length
 MAX_REQUEST_ID_CHARS = 256  # longer request ids are not remembered for feedback
 MAX_OUTCOME_VARIANTS = 64  # variants per endpoint whose labelled outcomes are counted (an endpoint has <= 16)
 MAX_FEEDBACK_LABELS = 100_000  # labels in one RecordFeedback
-REPLICA_REFRESH_SECONDS = 2.0
-# with several replicas: labels of a window closed here and not yet judged are handed in this long (after
-# its grace period) for the holder to merge; later, the window is judged, or no longer kept
-LABELS_HAND_IN_SECONDS = 30.0  # with several replicas: policies and references re-read this often
 DEPLOYED_REFRESH_SECONDS = 1.0  # an unknown endpoint's records re-read the deployed endpoints at most this often
 ERROR_LOG_SECONDS = 60.0  # an endpoint's ingest errors are logged at most once per this long
 
 
-@dataclass
-class OpenWindow:
-    profile: WindowProfile  # binned on ``reference``: it is scored against the reference it opened with
-    reference: ReferenceProfile | None
-    labels: list[int] = field(default_factory=lambda: [0, 0])  # correct, labelled
-    ddm_state: str = "stable"  # the concept-drift detector's worst state while its labels were counted
-
-
-@dataclass
-class EndpointMonitor:
-    endpoint: str
-    policy: monitoring_pb2.MonitoringPolicy
-    reference: ReferenceProfile | None = None
-    reference_summary: monitoring_pb2.ReferenceSummary | None = None
-    # window start -> the windows still open (the current one, and the previous while in its grace period)
-    open: dict[float, OpenWindow] = field(default_factory=dict)
-    outputs: set[str] = field(default_factory=set)  # feature names that are outputs (role)
-    # request id -> (predicted class, start of the window its record was counted in, whether it was labelled,
-    # the variant that answered)
-    predictions: collections.OrderedDict[str, tuple[str, float, bool, str]] = field(
-        default_factory=collections.OrderedDict
-    )
-    # variant -> [correct, labelled], cumulative since the control plane started (canary analysis on accuracy)
-    outcomes: dict[str, list[int]] = field(default_factory=dict)
-    # request id -> (label, when it came): labels whose record has not arrived yet, oldest first
-    held: collections.OrderedDict[str, tuple[str, float]] = field(default_factory=collections.OrderedDict)
-    labels_unmatched: int = 0  # held labels whose record never came
-    ddm: statistics.DDM = field(default_factory=statistics.DDM)
-    reference_accuracy: float | None = None
-    first_labels: list[int] = field(default_factory=lambda: [0, 0])
-    accuracy_of: str = ""  # the serving version ("model:version") the detector and reference accuracy are for
-    reference_tried: str = ""  # the serving version whose training data was last tried as the reference
-    records_received: int = 0
-    last_action_at: float = 0.0
-    latest: monitoring_pb2.DriftWindow | None = None
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "ddm": self.ddm.to_dict(),
-            "reference_accuracy": self.reference_accuracy,
-            "first_labels": self.first_labels,
-            "accuracy_of": self.accuracy_of,
-            "records_received": self.records_received,
-            "last_action_at": self.last_action_at,
-            "outputs": sorted(self.outputs),
-            "labels_unmatched": self.labels_unmatched,
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.ddm = statistics.DDM.from_dict(state.get("ddm") or {})
-        self.reference_accuracy = state.get("reference_accuracy")
-        self.first_labels = list(state.get("first_labels") or [0, 0])
-        self.accuracy_of = str(state.get("accuracy_of", ""))
-        self.records_received = int(state.get("records_received", 0))
-        self.last_action_at = float(state.get("last_action_at", 0.0))
-        self.outputs = set(state.get("outputs") or [])
-        self.labels_unmatched = int(state.get("labels_unmatched", 0))
-
-
-class DriftMonitor:
+class DriftMonitor(ReplicatedWindows):
     def __init__(
         self,
         store: Store,
@@ -186,17 +123,7 @@ class DriftMonitor:
         self._lock = threading.RLock()
         self._endpoints: dict[str, EndpointMonitor] = {}
         self._dropped_by_replica: dict[str, int] = {}  # cumulative, as each replica last reported
-        # Several control-plane replicas (``link_lease``): the lease holder judges windows and acts,
-        # every replica hands in its share of each closed window (``weir_control.monitoring.partials``).
-        self._lease: Any = None
-        self._replica = f"{socket.gethostname()}:{os.getpid()}"
-        self._merge_delay = 0.0
-        self._was_holder = False
-        self._refreshed_at = -math.inf
-        self._handed_in_at = -math.inf
-        self.records_late = 0  # handed in after their window was judged (not counted)
-        self._mailbox = partials.LabelMailbox()  # labels other replicas (and this one) could not match
-        self._posted: dict[tuple[str, str], int] = {}  # (endpoint, request id) held from the mailbox -> row
+        self._init_replicas()  # one replica until link_lease (weir_control.monitoring.replicated)
         self._load()
 
     def link(self, links: Any) -> None:
@@ -206,18 +133,6 @@ class DriftMonitor:
         self._serving_accuracy = links.serving_accuracy
         self._serving_key = getattr(links, "serving_key", None)
         self._deployed_endpoints = getattr(links, "deployed_endpoints", None)
-
-    def link_lease(self, lease: Any) -> None:
-        """The singleton lease (``weir_control.lease.LeaseKeeper``: ``held``, ``fence(connection)``) of
-        a control plane that may run beside other replicas on one database."""
-        with self._lock:
-            self._lease = lease
-            self._replica = str(getattr(lease, "holder", "") or self._replica)
-            # SQLite is one replica's database: nobody else hands partials in, the holder need not wait
-            self._merge_delay = 0.0 if self._store.engine.dialect.name == "sqlite" else partials.MERGE_DELAY_SECONDS
-
-    def _holder(self) -> bool:
-        return self._lease is None or bool(self._lease.held)
 
     def _save_state(self, monitor: EndpointMonitor) -> None:
         """The endpoint's state (cool-down, concept detector) is the lease holder's: another replica's
@@ -422,17 +337,17 @@ class DriftMonitor:
                 elif remembered is not None:
                     matched += 1
                     self._count_label(monitor, request_id, remembered, actual, closed)
-                elif self._lease is not None:
-                    posted.append((request_id, actual))  # held by every replica, from the mailbox
-                    held += 1
                 elif self._hold(monitor, request_id, actual, now):
+                    if self._shared_labels:  # and posted, for the replica that has (or gets) the record
+                        posted.append((request_id, actual))
                     held += 1
                 else:
                     unmatched += 1
             self._update_closed(monitor, closed, now)
             if posted:
                 with self._store.transaction() as connection:
-                    partials.post_labels(connection, monitor.endpoint, posted, now)
+                    ids = partials.post_labels(connection, monitor.endpoint, posted, now)
+                self._posted.update(((monitor.endpoint, request_id), row) for request_id, row in ids.items())
             self._save_state(monitor)
         return monitoring_pb2.RecordFeedbackResponse(
             matched=matched, unmatched=unmatched, held=held, duplicate=duplicate
@@ -465,7 +380,7 @@ class DriftMonitor:
         if window is not None:
             window.labels[0] += int(correct)
             window.labels[1] += 1
-            if _ddm_rank(state) > _ddm_rank(window.ddm_state):
+            if ddm_rank(state) > ddm_rank(window.ddm_state):
                 window.ddm_state = state
         else:
             closed.setdefault(window_start, []).append((correct, state))
@@ -482,7 +397,7 @@ class DriftMonitor:
                 # closed here, not judged yet: the holder merges these labels with the window's shares
                 labels = OpenWindow(WindowProfile(None), None)
                 labels.labels = [sum(correct for correct, _ in outcomes), len(outcomes)]
-                labels.ddm_state = max(["stable", *(state for _, state in outcomes)], key=_ddm_rank)
+                labels.ddm_state = max(["stable", *(state for _, state in outcomes)], key=ddm_rank)
                 self._hand_in(monitor, start, labels)
                 continue
             if window is None:
@@ -490,7 +405,7 @@ class DriftMonitor:
             concept = window.concept
             labelled = concept.labelled + len(outcomes)
             correct = round(concept.accuracy * concept.labelled) + sum(correct for correct, _ in outcomes)
-            state = max([concept.detector_state or "stable", *(state for _, state in outcomes)], key=_ddm_rank)
+            state = max([concept.detector_state or "stable", *(state for _, state in outcomes)], key=ddm_rank)
             before = window.severity
             window.concept.CopyFrom(self._concept_figures(monitor, correct, labelled, state))
             scored = [feature.severity for feature in window.features]
@@ -620,7 +535,7 @@ class DriftMonitor:
             expired += 1
         if expired:
             self._held_total -= expired
-            if self._lease is None:  # with several replicas the holder counts what nobody claimed
+            if not self._shared_labels:  # else the holder counts the posted labels nobody claimed
                 monitor.labels_unmatched += expired
             self._save_state(monitor)
 
@@ -737,107 +652,6 @@ class DriftMonitor:
                 closed += [(monitor.endpoint, report) for report in reports]
         return closed
 
-    def _replicated_tick(self, now: float) -> list[tuple[str, monitoring_pb2.DriftWindow]]:
-        """With several replicas: what another replica changed (policies, references; the state a former
-        holder left), and, on the holder, the windows only handed-in shares hold."""
-        holder = bool(self._lease.held)
-        if holder and not self._was_holder:
-            self._take_over()
-        self._was_holder = holder
-        if time.monotonic() - self._refreshed_at >= REPLICA_REFRESH_SECONDS:
-            self._refreshed_at = time.monotonic()
-            self._refresh()
-        self._read_mailbox(now)
-        self._checkpoint()
-        if holder:
-            with self._store.transaction() as connection:
-                for endpoint, count in partials.expire_labels(connection, now - LABEL_HOLD_SECONDS).items():
-                    if endpoint in self._endpoints:
-                        self._endpoints[endpoint].labels_unmatched += count
-        return self._judge_handed_in(now) if holder else []
-
-    def _checkpoint(self) -> None:
-        """Every replica (the holder too) hands in what its open windows took so far, every
-        ``partials.HAND_IN_SECONDS``: a replica that dies loses about that much of its records rather
-        than its whole open windows. Not on SQLite (one replica: nothing to lose to another)."""
-        if not self._merge_delay or time.monotonic() - self._handed_in_at < partials.HAND_IN_SECONDS:
-            return
-        self._handed_in_at = time.monotonic()
-        taken = [
-            (monitor, start, window)
-            for monitor in self._endpoints.values()
-            for start, window in monitor.open.items()
-            if window.profile.count or window.labels[1]
-        ]
-        if not taken:
-            return
-        try:
-            with self._store.transaction():  # one transaction for all: the hand-ins below join it
-                for monitor, start, window in taken:
-                    self._hand_in(monitor, start, window)
-        except Exception:  # the database failing: the windows keep their records, handed in later
-            log.exception("drift windows not handed in (kept in memory)", extra={"replica": self._replica})
-            return
-        for monitor, start, window in taken:
-            fresh = OpenWindow(WindowProfile(window.reference), window.reference, ddm_state=window.ddm_state)
-            monitor.open[start] = fresh
-
-    def _read_mailbox(self, now: float) -> None:
-        """Labels posted by any replica: counted here if this replica remembers the request (claimed,
-        so no other counts it), else held until its record comes here or the hold ends."""
-        with self._store.transaction() as connection:
-            posted = self._mailbox.read(connection)
-        closed: dict[str, dict[float, list[tuple[bool, str]]]] = {}
-        for label in posted:
-            monitor = self._endpoints.get(label.endpoint)
-            if monitor is None:
-                continue
-            remembered = monitor.predictions.get(label.request_id)
-            if remembered is None:
-                if self._hold(monitor, label.request_id, label.label, now):
-                    self._posted[label.endpoint, label.request_id] = label.id
-                continue
-            with self._store.transaction() as connection:
-                if not partials.claim_label(connection, label.id) or remembered[2]:
-                    continue  # another replica's, or labelled already (a resent label counts once)
-            self._count_label(monitor, label.request_id, remembered, label.label, closed.setdefault(label.endpoint, {}))
-        for endpoint, windows in closed.items():
-            self._update_closed(self._endpoints[endpoint], windows, now)
-
-    def _take_over(self) -> None:
-        """This replica took the lease: the cool-down as the former holder left it (it is reserved in
-        the judging transaction, so it is in the database before any action fired)."""
-        for endpoint, state in self._store.monitoring_states().items():
-            monitor = self._endpoints.get(endpoint)
-            if monitor is not None:
-                monitor.last_action_at = max(monitor.last_action_at, float(state.get("last_action_at", 0.0)))
-        log.info("drift monitor: this replica judges the windows now", extra={"replica": self._replica})
-
-    def _refresh(self) -> None:
-        """Policies and references set through another replica."""
-        for policy in self._store.monitoring_policies():
-            try:
-                check_policy_numbers(policy)
-            except InvalidArgumentError:
-                continue  # as _load: stored before the checks existed
-            monitor = self._endpoints.get(policy.endpoint)
-            if monitor is None:
-                if len(self._endpoints) >= MAX_MONITORED_ENDPOINTS:
-                    continue
-                monitor = self._monitor(policy.endpoint)
-            resolved = resolved_policy(policy)
-            if resolved != monitor.policy:
-                if resolved.window_seconds != monitor.policy.window_seconds:
-                    monitor.open.clear()  # as set_policy: the next record opens a window of the new size
-                monitor.policy = resolved
-        for summary, profile in self._store.drift_references():
-            monitor = self._endpoints.get(summary.endpoint)
-            if monitor is None or monitor.reference_summary == summary:
-                continue
-            monitor.reference, monitor.reference_summary = ReferenceProfile.from_bytes(profile), summary
-            monitor.reference_tried = ""
-            monitor.open.clear()  # as set_reference: windows bin on the reference
-
     def _close_due(self, monitor: EndpointMonitor, now: float) -> list[monitoring_pb2.DriftWindow]:
         """Close, oldest first, the windows whose grace period is over. With several replicas, one that
         does not hold the lease hands its share in; the holder judges a window once the others have
@@ -855,80 +669,6 @@ class DriftMonitor:
                 if report is not None:
                     reports.append(report)
         return reports
-
-    def _hand_in(self, monitor: EndpointMonitor, start: float, window: OpenWindow) -> None:
-        """This replica's share of a closed window, for the lease holder to merge (see ``partials``)."""
-        correct, labelled = window.labels
-        share = partials.Partial(
-            self._replica, window.profile.count, correct, labelled, window.ddm_state, window.profile.to_bytes()
-        )
-        due_at = start + monitor.policy.window_seconds + WINDOW_GRACE_SECONDS
-        with self._store.transaction() as connection:
-            partials.hand_in(connection, monitor.endpoint, start, due_at, share)
-
-    def _judge(self, monitor: EndpointMonitor, start: float, now: float) -> monitoring_pb2.DriftWindow | None:
-        """The lease holder's close of a window: its own share (if it has one) merged with every
-        replica's handed-in share, judged, stored and its action reserved in one transaction fenced by
-        the lease, so a window is judged once and acts once whoever holds the lease. None when it was
-        judged already (late shares are dropped) or the lease is lost (this share is handed in)."""
-        own = monitor.open.pop(start, None)
-        reference = own.reference if own is not None else monitor.reference
-        # merged into a new window: on a failure this replica's own share is handed in as it was
-        window = OpenWindow(WindowProfile(reference), reference)
-        if own is not None:
-            window.profile.merge(own.profile)
-            window.labels, window.ddm_state = list(own.labels), own.ddm_state
-        self._follow_serving(monitor)
-        moment = monitoring_pb2.TimeRange()
-        moment.start.FromNanoseconds(int(start * 1e9))  # as the window is stored
-        try:
-            with self._store.transaction() as connection:
-                self._lease.fence(connection)
-                shares = partials.take(connection, monitor.endpoint, start)
-                if partials.judged(connection, monitor.endpoint, moment.start.ToDatetime(datetime.UTC)):
-                    self.records_late += sum(records for _, records in partials.late_records(shares))
-                    return None
-                for share in shares:
-                    window.profile.merge(WindowProfile.from_bytes(share.profile, reference))
-                    window.labels[0] += share.correct
-                    window.labels[1] += share.labelled
-                    window.ddm_state = max(window.ddm_state, share.ddm_state, key=_ddm_rank)
-                report = self._score(monitor, start, window)
-                profile = window.profile.to_bytes()
-                self._store.append_drift_window(monitor.endpoint, report, profile, monitor.policy.max_windows)
-                trigger = self._reserve(monitor, report, now) if report.severity == Severity.CRITICAL else None
-                self._store.save_monitoring_state(monitor.endpoint, monitor.state())
-        except Exception as error:  # the lease lost (or the database failing): the next holder judges it
-            log.warning(
-                "drift window not judged here: handed in for the lease holder",
-                extra={"endpoint": monitor.endpoint, "start": start, "error": repr(error)},
-            )
-            if own is not None:
-                self._hand_in(monitor, start, own)
-            return None
-        monitor.latest = report
-        if trigger is not None:
-            self._fire(monitor, report, trigger, now)
-        return report
-
-    def _judge_handed_in(self, now: float) -> list[tuple[str, monitoring_pb2.DriftWindow]]:
-        """The windows that only handed-in shares hold (this replica had no record of them, or it took
-        the lease from a replica that died before judging them)."""
-        with self._store.transaction() as connection:
-            waiting = partials.due(connection, now - self._merge_delay)
-        closed = []
-        for endpoint, start in waiting:
-            monitor = self._endpoints.get(endpoint)
-            try:
-                monitor = monitor or self._monitor(endpoint)
-            except ResourceExhaustedError:
-                continue
-            if start in monitor.open:
-                continue  # this replica's own window: judged with the shares when it is due here
-            report = self._judge(monitor, start, now)
-            if report is not None:
-                closed.append((endpoint, report))
-        return closed
 
     def _close(self, monitor: EndpointMonitor, start: float, now: float) -> monitoring_pb2.DriftWindow:
         window = monitor.open.pop(start)
@@ -1044,21 +784,6 @@ class DriftMonitor:
         trigger = self._reserve(monitor, report, now)
         if trigger is not None:
             self._save_state(monitor)
-            self._fire(monitor, report, trigger, now)
-
-    def _act_fenced(self, monitor: EndpointMonitor, report: monitoring_pb2.DriftWindow, now: float) -> None:
-        """As ``_act`` on the lease holder: the cool-down reserved in a transaction fenced by the lease."""
-        try:
-            with self._store.transaction() as connection:
-                self._lease.fence(connection)
-                trigger = self._reserve(monitor, report, now)
-                self._store.save_monitoring_state(monitor.endpoint, monitor.state())
-        except Exception as error:
-            log.warning(
-                "drift action not taken: the lease is lost", extra={"endpoint": monitor.endpoint, "error": repr(error)}
-            )
-            return
-        if trigger is not None:
             self._fire(monitor, report, trigger, now)
 
     def _reserve(self, monitor: EndpointMonitor, report: monitoring_pb2.DriftWindow, now: float) -> DriftTrigger | None:
@@ -1257,10 +982,6 @@ def _time(window: monitoring_pb2.TimeRange, field: str) -> datetime.datetime:
         ) from None
 
 
-def _ddm_rank(state: str) -> int:
-    return {"stable": 0, "warning": 1, "drift": 2}.get(state, 0)
-
-
 def _profile_from_parquet(path: Path, field_name: str) -> ReferenceProfile:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -1285,84 +1006,3 @@ def _profile_from_parquet(path: Path, field_name: str) -> ReferenceProfile:
     if not numeric and not categorical:
         raise InvalidArgumentError(f"{field_name}: expected numeric or text columns in {path}, got {table.schema}")
     return ReferenceProfile.from_columns(numeric, categorical)
-
-
-class DriftCollector(Collector):
-    """Per endpoint and feature, the latest scored window's statistics and severity."""
-
-    def __init__(self, monitor: DriftMonitor) -> None:
-        self._monitor = monitor
-
-    def collect(self) -> Iterator[Metric]:
-        score = GaugeMetricFamily(
-            "weir_drift_score", "A drift statistic of the latest window.", labels=["endpoint", "feature", "statistic"]
-        )
-        severity = GaugeMetricFamily(
-            "weir_drift_severity", "Latest window's severity (0 none, 1 warning, 2 critical; -1 not scored).",
-            labels=["endpoint", "feature"],
-        )  # fmt: skip
-        accuracy = GaugeMetricFamily(
-            "weir_drift_labelled_accuracy", "Accuracy of the latest window's labelled predictions.", labels=["endpoint"]
-        )
-        received = CounterMetricFamily(
-            "weir_monitoring_records_received", "Inference records received from data planes.", labels=["endpoint"]
-        )
-        for endpoint, window, records in self._monitor.latest():
-            received.add_metric([endpoint], records)
-            if window is None:
-                continue
-            severity.add_metric([endpoint, "__window__"], _level(window.severity))
-            for feature in window.features:
-                severity.add_metric([endpoint, feature.name], _level(feature.severity))
-                for statistic in ("psi", "ks_statistic", "jensen_shannon", "wasserstein_normalized", "chi_square"):
-                    score.add_metric([endpoint, feature.name, statistic], getattr(feature, statistic))
-            if window.concept.labelled:
-                accuracy.add_metric([endpoint], window.concept.accuracy)
-                severity.add_metric([endpoint, "__concept__"], _level(window.concept.severity))
-        values, refused, errors = self._monitor.dropped()
-        values_dropped = CounterMetricFamily(
-            "weir_monitoring_values_dropped",
-            "Record values not taken to keep the monitor bounded (reason: features, beyond the features bound "
-            "or with too long a name).", labels=["endpoint", "reason"],
-        )  # fmt: skip
-        for (endpoint, reason), count in sorted(values.items()):
-            values_dropped.add_metric([endpoint, reason], count)
-        records_refused = CounterMetricFamily(
-            "weir_monitoring_records_refused",
-            "Inference records not taken (reason: unknown_endpoint, not deployed and without a policy; "
-            "endpoints_bound, the monitored endpoints' bound reached).", labels=["reason"],
-        )  # fmt: skip
-        for reason, count in sorted(refused.items()):
-            records_refused.add_metric([reason], count)
-        ingest_errors = CounterMetricFamily(
-            "weir_monitoring_ingest_errors", "Inference records dropped by an error while taking them.",
-            labels=["endpoint"],
-        )  # fmt: skip
-        for endpoint, count in sorted(errors.items()):
-            ingest_errors.add_metric([endpoint], count)
-        held = GaugeMetricFamily(
-            "weir_monitoring_labels_held", "Feedback labels waiting for their request's record.", labels=["endpoint"]
-        )
-        unmatched = CounterMetricFamily(
-            "weir_monitoring_labels_unmatched",
-            "Held feedback labels whose request's record never came (or that the hold's bounds pushed out).",
-            labels=["endpoint"],
-        )
-        for endpoint, waiting, never in self._monitor.labels():
-            held.add_metric([endpoint], waiting)
-            unmatched.add_metric([endpoint], never)
-        yield from (
-            score,
-            severity,
-            accuracy,
-            received,
-            values_dropped,
-            records_refused,
-            ingest_errors,
-            held,
-            unmatched,
-        )
-
-
-def _level(severity: int) -> float:
-    return {Severity.NONE: 0.0, Severity.WARNING: 1.0, Severity.CRITICAL: 2.0}.get(severity, -1.0)  # type: ignore[call-overload]

@@ -137,11 +137,14 @@ class PostedLabel:
     label: str
 
 
-def post_labels(connection: Connection, endpoint: str, labels: list[tuple[str, str]], at: float) -> None:
-    """(request id, label) pairs this replica could not match, for every replica to read."""
-    if labels:
-        rows = [{"endpoint": endpoint, "request_id": request, "label": label, "at": at} for request, label in labels]
-        connection.execute(insert(DRIFT_LABELS), rows)
+def post_labels(connection: Connection, endpoint: str, labels: list[tuple[str, str]], at: float) -> dict[str, int]:
+    """(request id, label) pairs this replica could not match, for every replica to read; request id ->
+    its row."""
+    rows = [{"endpoint": endpoint, "request_id": request, "label": label, "at": at} for request, label in labels]
+    if not rows:
+        return {}
+    posted = connection.execute(insert(DRIFT_LABELS).returning(DRIFT_LABELS.c.id, DRIFT_LABELS.c.request_id), rows)
+    return {row.request_id: int(row.id) for row in posted}
 
 
 def claim_label(connection: Connection, label_id: int) -> bool:
