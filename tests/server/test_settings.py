@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from weir.cli import build_parser, settings_from
-from weir.settings import ControlMode, ServerSettings, environment_variable, settings_fields
+from weir.settings import ControlMode, ServerSettings, control_plane_addresses, environment_variable, settings_fields
 
 # The settings a user can give, written out so that one disappearing from the CLI is noticed.
 EXPECTED_FIELDS = [
@@ -91,6 +91,8 @@ def test_settings_fields_are_the_expected_ones() -> None:
         ("shutdown_grace_seconds", float("inf"), "0..3600"),
         ("log_format", "xml", "json or text"),
         ("log_level", "TRACE", "DEBUG, INFO, WARNING or ERROR"),
+        ("control_plane", "control:8011,control", "HOST:PORT, or several comma-separated"),
+        ("control_plane", "control:http", "HOST:PORT, or several comma-separated"),
     ],
 )
 def test_invalid_setting_is_refused_naming_the_setting_and_both_values(name: str, value: object, expected: str) -> None:
@@ -257,6 +259,22 @@ def test_load_model_from_environment_is_comma_separated_and_replaced_by_the_flag
     environ = {"WEIR_LOAD_MODEL": "x, y,,z"}
     assert settings([], environ).load_model == ("x", "y", "z")
     assert settings(["--load-model", "a"], environ).load_model == ("a",)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a:1", ("a:1",)),
+        ("a:1,b:2", ("a:1", "b:2")),
+        (" a:1 , b:2 ,a:1,", ("a:1", "b:2")),
+        ("[::1]:8011,dns:///control.internal:8011", ("[::1]:8011", "dns:///control.internal:8011")),
+        ("", ()),
+    ],
+    ids=["one", "two", "spaces-and-duplicates", "ipv6-and-dns", "none"],
+)
+def test_control_plane_takes_several_addresses(text: str, expected: tuple[str, ...]) -> None:
+    assert control_plane_addresses(settings(["--control-plane", text]).control_plane) == expected
+    assert control_plane_addresses(settings([], {"WEIR_CONTROL_PLANE": text}).control_plane) == expected
 
 
 # --- weir serve --help -----------------------------------------------------------------------
