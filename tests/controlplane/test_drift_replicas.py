@@ -173,6 +173,7 @@ async def test_labels_count_once_on_the_replica_that_took_their_records(
     assert a.tick() == [] and b.tick() == []
     clock.now = (clock.now // WINDOW + 1) * WINDOW
     a.ingest("plane-1", answered(0, 100))
+    a.ingest("plane-1", answered(300, 40))  # labelled after the window is judged
     b.ingest("plane-2", answered(100, 20))
     early = b.feedback(feedback(200, 30))  # their records come later, to a
     late = b.feedback(feedback(0, 100))  # their records are a's
@@ -189,7 +190,17 @@ async def test_labels_count_once_on_the_replica_that_took_their_records(
     clock.now += CLOSE
     assert b.tick() == []
     ((_, window),) = a.tick()
-    assert window.records == 150 and window.concept.labelled == 150 and window.concept.accuracy == 1.0
+    assert window.records == 190 and window.concept.labelled == 150 and window.concept.accuracy == 1.0
+    # labels after the window was judged, through b: a claims them, the holder (a) adds them to the window
+    wrong = feedback(300, 40)
+    for label in wrong.labels:
+        label.number = 1 - label.number
+    assert b.feedback(wrong).held == 40
+    for _ in range(2):
+        b.tick()
+        a.tick()
+    (stored,) = [w for w in b.report("ep").windows if w.start == window.start]
+    assert stored.concept.labelled == 190 and stored.concept.accuracy == 150 / 190, stored.concept
     clock.now += 30.0  # the hold period ends: the holder counts the one label nobody claimed
     b.tick()
     a.tick()

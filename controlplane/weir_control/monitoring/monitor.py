@@ -393,8 +393,9 @@ class DriftMonitor(ReplicatedWindows):
             moment.start.FromNanoseconds(int(start * 1e9))  # as the window was stored
             window = self._store.drift_window_at(monitor.endpoint, moment.start.ToDatetime(datetime.UTC))
             judging = start + monitor.policy.window_seconds + WINDOW_GRACE_SECONDS + LABELS_HAND_IN_SECONDS > now
-            if window is None and self._lease is not None and judging:
-                # closed here, not judged yet: the holder merges these labels with the window's shares
+            shared = self._shared_labels and window is not None  # several replicas: one writer per window
+            if (window is None and self._lease is not None and judging) or shared:
+                # the holder adds these labels to the window: when it judges it, or to the stored one
                 labels = OpenWindow(WindowProfile(None), None)
                 labels.labels = [sum(correct for correct, _ in outcomes), len(outcomes)]
                 labels.ddm_state = max(["stable", *(state for _, state in outcomes)], key=ddm_rank)
@@ -402,15 +403,8 @@ class DriftMonitor(ReplicatedWindows):
                 continue
             if window is None:
                 continue  # no longer kept: the detector has the labels, no window shows them
-            concept = window.concept
-            labelled = concept.labelled + len(outcomes)
-            correct = round(concept.accuracy * concept.labelled) + sum(correct for correct, _ in outcomes)
-            state = max([concept.detector_state or "stable", *(state for _, state in outcomes)], key=ddm_rank)
-            before = window.severity
-            window.concept.CopyFrom(self._concept_figures(monitor, correct, labelled, state))
-            scored = [feature.severity for feature in window.features]
-            worst = max([Severity.NONE, *scored]) if scored else Severity.SEVERITY_UNSPECIFIED
-            window.severity = max(worst, window.concept.severity)
+            correct = sum(correct for correct, _ in outcomes)
+            before = self._relabel(monitor, window, correct, len(outcomes), [state for _, state in outcomes])
             self._store.replace_drift_window(monitor.endpoint, window)
             if monitor.latest is not None and monitor.latest.start == window.start:
                 monitor.latest = window
@@ -418,6 +412,27 @@ class DriftMonitor(ReplicatedWindows):
                 self._act(monitor, window, now)
             elif window.severity == Severity.CRITICAL and before != Severity.CRITICAL and self._lease.held:
                 self._act_fenced(monitor, window, now)
+
+    def _relabel(
+        self,
+        monitor: EndpointMonitor,
+        window: monitoring_pb2.DriftWindow,
+        correct: int,
+        labelled: int,
+        states: list[str],
+    ) -> int:
+        """A stored window's concept drift (and severity) with ``labelled`` more labels, ``correct`` of them
+        right, counted while the detector was in ``states``; returns its severity before."""
+        concept = window.concept
+        total = concept.labelled + labelled
+        right = round(concept.accuracy * concept.labelled) + correct
+        state = max([concept.detector_state or "stable", *states], key=ddm_rank)
+        before = window.severity
+        window.concept.CopyFrom(self._concept_figures(monitor, right, total, state))
+        scored = [feature.severity for feature in window.features]
+        worst = max([Severity.NONE, *scored]) if scored else Severity.SEVERITY_UNSPECIFIED
+        window.severity = max(worst, window.concept.severity)
+        return before
 
     def _predictions_share(self) -> int:
         """How many requests' predictions each endpoint remembers for feedback labels."""

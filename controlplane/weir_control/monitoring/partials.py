@@ -119,12 +119,13 @@ def judged(connection: Connection, endpoint: str, start_at: object) -> bool:
 
 
 def late_records(partials: list[Partial]) -> Iterator[tuple[str, int]]:
-    """(replica, records) of partials that came after their window was judged: logged, not counted."""
+    """(replica, records) of partials that came after their window was judged: their records are logged,
+    not counted (their labels are: ``ReplicatedWindows._late_labels``)."""
     for partial in partials:
-        if partial.records or partial.labelled:
+        if partial.records:
             log.warning(
-                "drift partial came after its window was judged: not counted",
-                extra={"replica": partial.replica, "records": partial.records, "labelled": partial.labelled},
+                "drift records came after their window was judged: not counted",
+                extra={"replica": partial.replica, "records": partial.records},
             )
         yield partial.replica, partial.records
 

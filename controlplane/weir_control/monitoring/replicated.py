@@ -72,6 +72,14 @@ class ReplicatedWindows:
         def _update_closed(
             self, monitor: EndpointMonitor, closed: dict[float, list[tuple[bool, str]]], now: float
         ) -> None: ...
+        def _relabel(
+            self,
+            monitor: EndpointMonitor,
+            window: monitoring_pb2.DriftWindow,
+            correct: int,
+            labelled: int,
+            states: list[str],
+        ) -> int: ...
         def _score(
             self, monitor: EndpointMonitor, start: float, open_window: OpenWindow
         ) -> monitoring_pb2.DriftWindow: ...
@@ -224,8 +232,10 @@ class ReplicatedWindows:
         """The lease holder's close of a window: its own share (if it has one) merged with every
         replica's handed-in share, judged, stored and its action reserved in one transaction fenced by
         the lease, so a window is judged once and acts once whoever holds the lease. None when it was
-        judged already (late shares are dropped) or the lease is lost (this share is handed in)."""
+        judged already (late shares' records are dropped, their labels added to the stored window) or the
+        lease is lost (this share is handed in)."""
         own = monitor.open.pop(start, None)
+        relabelled: tuple[monitoring_pb2.DriftWindow, DriftTrigger | None] | None = None
         reference = own.reference if own is not None else monitor.reference
         # merged into a new window: on a failure this replica's own share is handed in as it was
         window = OpenWindow(WindowProfile(reference), reference)
@@ -240,7 +250,9 @@ class ReplicatedWindows:
                 self._lease.fence(connection)
                 shares = partials.take(connection, monitor.endpoint, start)
                 if partials.judged(connection, monitor.endpoint, moment.start.ToDatetime(datetime.UTC)):
-                    self.records_late += sum(records for _, records in partials.late_records(shares))
+                    late = sum(records for _, records in partials.late_records(shares))
+                    self.records_late += late + (own.profile.count if own is not None else 0)
+                    relabelled = self._late_labels(monitor, moment, shares, now)
                     return None
                 for share in shares:
                     window.profile.merge(WindowProfile.from_bytes(share.profile, reference))
@@ -257,13 +269,44 @@ class ReplicatedWindows:
                 "drift window not judged here: handed in for the lease holder",
                 extra={"endpoint": monitor.endpoint, "start": start, "error": repr(error)},
             )
+            relabelled = None  # rolled back: nothing fires
             if own is not None:
                 self._hand_in(monitor, start, own)
             return None
+        finally:
+            if relabelled is not None:  # committed
+                self._after_relabel(monitor, *relabelled, now)
         monitor.latest = report
         if trigger is not None:
             self._fire(monitor, report, trigger, now)
         return report
+
+    def _late_labels(
+        self, monitor: EndpointMonitor, moment: monitoring_pb2.TimeRange, shares: list[partials.Partial], now: float
+    ) -> tuple[monitoring_pb2.DriftWindow, DriftTrigger | None] | None:
+        """Labels handed in for a window judged already, added to the stored window by the holder alone
+        (in the caller's fenced transaction); a window they make CRITICAL reserves its action there."""
+        labelled = sum(share.labelled for share in shares)
+        stored = (
+            self._store.drift_window_at(monitor.endpoint, moment.start.ToDatetime(datetime.UTC)) if labelled else None
+        )
+        if stored is None:
+            return None
+        correct = sum(share.correct for share in shares)
+        before = self._relabel(monitor, stored, correct, labelled, [share.ddm_state for share in shares])
+        self._store.replace_drift_window(monitor.endpoint, stored)
+        critical = stored.severity == Severity.CRITICAL and before != Severity.CRITICAL
+        trigger = self._reserve(monitor, stored, now) if critical else None
+        self._store.save_monitoring_state(monitor.endpoint, monitor.state())
+        return stored, trigger
+
+    def _after_relabel(
+        self, monitor: EndpointMonitor, window: monitoring_pb2.DriftWindow, trigger: DriftTrigger | None, now: float
+    ) -> None:
+        if monitor.latest is not None and monitor.latest.start == window.start:
+            monitor.latest = window
+        if trigger is not None:
+            self._fire(monitor, window, trigger, now)
 
     def _judge_handed_in(self, now: float) -> list[tuple[str, monitoring_pb2.DriftWindow]]:
         """The windows that only handed-in shares hold (this replica had no record of them, or it took
