@@ -224,3 +224,32 @@ async def test_an_undeploy_during_a_download_cancels_it_and_leaves_no_directory(
     await log.wait("install stopped", model="scale@main", source="scale:1")
     assert not (root / "scale@main").exists()  # the cancelled install cleaned up as it stopped
     assert not log.found("variant now serves", model="scale@main", source="scale:1")
+
+
+async def test_a_restart_without_a_control_plane_serves_the_last_known_good_copy(rig: Rig, tmp_path: Path) -> None:
+    rig.sync.states.put_nowait(state(1, rig.artifacts.variant("main", 1), **{KILL_SWITCH: "main"}))
+    await rig.log.wait("desired state applied", revision=1)
+    rig.artifacts.stalled[2] = asyncio.Event()  # and an install that never finishes before the "restart"
+    rig.sync.states.put_nowait(
+        state(2, rig.artifacts.variant("main", 1), rig.artifacts.variant("other", 2), **{KILL_SWITCH: "main"})
+    )
+    await _started(rig.artifacts.started[2])
+
+    executor = ThreadPoolExecutor(1)
+    repository = ModelRepository(rig.root, executor, Metrics.create(CollectorRegistry()))
+    router = Router()
+    settings = FollowerSettings(addresses=("127.0.0.1:1",), token=None, replica_id="r2", serving_address="")
+
+    async def changed() -> None:
+        return None
+
+    try:
+        await ControlPlaneFollower(settings, repository, router, rig.root, changed).load_last_known_good()
+        route = router.get("scale")
+        assert route is not None and [variant.model for variant in route.variants] == ["scale@main"]
+        assert route.flags == {KILL_SWITCH: "main"}
+        assert repository.resolve("scale@main", "").version == 1
+        assert [served.name for served in repository.served_models()] == ["scale@main"]  # not the half install
+    finally:
+        await repository.aclose()
+        executor.shutdown(wait=True)
