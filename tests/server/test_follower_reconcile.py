@@ -253,3 +253,33 @@ async def test_a_restart_without_a_control_plane_serves_the_last_known_good_copy
     finally:
         await repository.aclose()
         executor.shutdown(wait=True)
+
+
+async def test_installs_run_at_most_two_at_a_time(rig: Rig) -> None:
+    artifacts = rig.artifacts
+    for version in (1, 2, 3):
+        artifacts.stalled[version] = asyncio.Event()
+    rig.sync.states.put_nowait(
+        state(1, artifacts.variant("a", 1, 34), artifacts.variant("b", 2, 33), artifacts.variant("c", 3, 33))
+    )
+    await rig.log.wait("desired state routed", revision=1)
+    waits = [asyncio.create_task(artifacts.started[version].wait()) for version in (1, 2, 3)]
+    try:
+        async with asyncio.timeout(60):
+            while sum(wait.done() for wait in waits) < 2:
+                await asyncio.wait([wait for wait in waits if not wait.done()], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+    await asyncio.sleep(0.3)  # room for a third to start, were the limit not kept
+    running = [version for version in (1, 2, 3) if artifacts.started[version].is_set()]
+    assert len(running) == 2
+    artifacts.stalled[running[0]].set()  # one finishes: the third starts
+    waiting = next(version for version in (1, 2, 3) if version not in running)
+    await _started(artifacts.started[waiting])
+    for version in (1, 2, 3):
+        artifacts.stalled[version].set()
+    await rig.log.wait("desired state applied", revision=1)
+    route = rig.router.get("scale")
+    assert route is not None and {variant.name for variant in route.variants} == {"a", "b", "c"}
