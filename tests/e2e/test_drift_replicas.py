@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import WeirProcess
 from tests.e2e.test_control_plane import ControlProcess, wait_until
-from tests.e2e.test_control_replicas import Replica, attach_data_plane, start_replica
+from tests.e2e.test_control_replicas import attach_data_plane, start_replica, stop_replica
 from tests.e2e.test_drift import (
     WINDOW_SECONDS,
     Webhook,
@@ -51,7 +51,7 @@ LEASE_SECONDS = "2"
 def replicas(store_url: str, tmp_path: Path) -> Iterator[tuple[list[ControlProcess], list[WeirProcess]]]:
     """Two replicas (the first holds the lease: it started first) and a data plane attached to each."""
     state_dir = tmp_path / "control"  # shared by both replicas, as the volume in docker/
-    started: list[Replica] = []
+    started: list[ControlProcess] = []
     data_planes: list[WeirProcess] = []
     try:
         for _ in range(2):
@@ -60,13 +60,12 @@ def replicas(store_url: str, tmp_path: Path) -> Iterator[tuple[list[ControlProce
             )
         for index, replica in enumerate(started):
             data_planes.append(attach_data_plane(replica, tmp_path / f"data-plane-{index}", f"data-plane-{index}"))
-        yield [ControlProcess(replica.process, replica.port, replica.lines) for replica in started], data_planes
+        yield started, data_planes
     finally:
         for data_plane in data_planes:
             data_plane.terminate_and_wait()
         for replica in started:
-            if replica.process.poll() is None:
-                replica.stop()
+            stop_replica(replica)
 
 
 def windows_from(control: ControlProcess, moment: float) -> list[monitoring_pb2.DriftWindow]:
