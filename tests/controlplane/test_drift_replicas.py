@@ -54,7 +54,7 @@ def stores(store_url: str) -> Iterator[tuple[Store, Store]]:
 def replica(
     store: Store, clock: Clock, root: Path, submitted: list[str], name: str
 ) -> tuple[DriftMonitor, LeaseKeeper]:
-    keeper = LeaseKeeper(store, holder=name, ttl=60.0)
+    keeper = LeaseKeeper(store, holder=name, ttl=600.0)  # held for the whole test, however slow the machine
     monitor = DriftMonitor(store, clock=clock, reference_root=root)
     monitor.link(Links(submitted))
     monitor.link_lease(keeper)
