@@ -119,12 +119,13 @@ class ReplicatedWindows:
         """With several replicas: what another replica changed (policies, references; the state a former
         holder left), and, on the holder, the windows only handed-in shares hold."""
         holder = bool(self._lease.held)
-        if holder and not self._was_holder:
-            self._take_over()
+        gained = holder and not self._was_holder
         self._was_holder = holder
-        if time.monotonic() - self._refreshed_at >= REPLICA_REFRESH_SECONDS:
+        if gained or time.monotonic() - self._refreshed_at >= REPLICA_REFRESH_SECONDS:
             self._refreshed_at = time.monotonic()
-            self._refresh()
+            self._refresh()  # first: every endpoint with a policy has its monitor before the state is read
+        if gained:
+            self._take_over()
         self._read_mailbox(now)
         self._checkpoint()
         if holder and self._shared_labels:
