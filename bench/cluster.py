@@ -138,10 +138,11 @@ class Cluster:
         self.controls: dict[str, Process] = {}
         self.data_planes: dict[str, Process] = {}
 
-    def start_control(self, name: str, *extra: str) -> Process:
+    def start_control(self, name: str, *extra: str, port: int = 0) -> Process:
+        """``port`` 0 picks a free one; a restarted replica passes its old one (data planes know it)."""
         command = [
             *weir_command(), "control", "--state-dir", str(self.state_dir), "--database-url", self.database_url,
-            "--port", "0", "--replica-id", name, "--log-format", "json", *extra,
+            "--port", str(port), "--replica-id", name, "--log-format", "json", *extra,
         ]  # fmt: skip
         self.controls[name] = start_process(name, command, {"WEIR_TOKENS": TOKENS}, "control plane started", "port")
         return self.controls[name]

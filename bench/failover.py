@@ -97,8 +97,18 @@ def wait_value(read: Any, timeout: float) -> Any:
     return None
 
 
+def serving_version(address: str) -> int:
+    """The version of `flip` with the most traffic now."""
+    from weir_proto.control.v1 import deployments_pb2
+
+    channel, stub, metadata = bench_cluster.deployments_stub(address)
+    with channel:
+        deployment = stub.GetDeployment(deployments_pb2.GetDeploymentRequest(endpoint=FLIP), metadata=metadata)
+    return int(max(deployment.variants, key=lambda variant: variant.weight).version)
+
+
 def one_run(
-    index: int, running: bench_cluster.Cluster, canary: int, code: Path, args: argparse.Namespace
+    index: int, running: bench_cluster.Cluster, versions: list[int], code: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     controls, planes = running.controls, running.data_planes
     killed = wait_value(lambda: holder(controls), 60)
@@ -106,9 +116,13 @@ def one_run(
         raise RuntimeError("no replica logged 'lease acquired' within 60 s")
     survivor = next(name for name in controls if name != killed)
     killed_address = controls[killed].address
+    canary = next(version for version in versions if version != serving_version(controls[survivor].address))
     started = time.monotonic()
     bench_cluster.cli(controls[survivor].address, "rollout", "start", FLIP, f"{FLIP}:{canary}", "--steps", args.steps,
-                      "--interval", str(args.interval), "--min-requests", "1")  # fmt: skip
+                      "--interval", str(args.interval), "--min-requests", "1",
+                      # loose latency gates: on a shared 2-CPU machine a noisy p99 would roll the canary
+                      # back early, and this bench measures the handover, not the analysis
+                      "--max-p99-ratio", "10", "--max-p99-slack-ms", "500")  # fmt: skip
 
     def steps_by_holder() -> int | None:
         count = len([stamp for stamp, _ in controls[killed].records("rollout step applied") if stamp > started])
@@ -142,14 +156,20 @@ def one_run(
         state = bench_cluster.cli(survivor_process.address, "rollout", "status", FLIP)["state"]
         return state if state not in ("RUNNING", "PAUSED") else None
 
-    final = wait_value(ended, 300)
+    final = wait_value(ended, args.wait * 2)
+    if final is None:  # stalled: say so and clear the way for the next run
+        status = bench_cluster.cli(survivor_process.address, "rollout", "status", FLIP)
+        analyses = [record.get("reason", "") for _, record in survivor_process.records("canary analysis")[-2:]]
+        final = f"still {status['state']} after {args.wait * 2:g} s (last analyses: {analyses})"
+        bench_cluster.cli(survivor_process.address, "rollout", "rollback", FLIP)
     applied = [  # a step applied twice would log its summary ("... 10% ...") twice
         record.get("summary")
         for control in controls.values()
         for stamp, record in control.records("rollout step applied")
         if stamp > started
     ]
-    running.start_control(killed)  # back, as a replica that does not hold the lease
+    # back on its port (the data planes' --control-plane names it), as a replica without the lease
+    running.start_control(killed, *args.control_flags, port=int(killed_address.rsplit(":", 1)[1]))
     return {
         "killed": killed,
         "survivor": survivor,
@@ -182,6 +202,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
             f"{run['steps_applied']} ({run['steps_applied_twice']}) | {run['failed_requests_in_run']} |"
         )
     lines += ["", f"Inference: {report['answered']} answered, {report['failed']} failed over the whole run.", ""]
+    lines += [f"Attaches per data plane over the whole run (each after the first is a move): {report['attaches']}", ""]
     lines += [f"- {failure}" for failure in report["failure_samples"]]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -235,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     args.load = None
-    extra = ("--lease-seconds", str(args.lease_seconds)) if args.lease_seconds else ()
+    args.control_flags = ("--lease-seconds", str(args.lease_seconds)) if args.lease_seconds else ()
     runs = []
     with bench_cluster.cluster(args.postgres) as running:
-        controls = [running.start_control(name, *extra) for name in ("control-a", "control-b")]
+        controls = [running.start_control(name, *args.control_flags) for name in ("control-a", "control-b")]
         addresses = [control.address for control in controls]
         planes = [
             running.start_data_plane("data-plane-0", addresses),
@@ -258,16 +279,20 @@ def main(argv: list[str] | None = None) -> int:
         args.load = load = Load([plane.address for plane in planes], args.load_threads)
         try:
             for index in range(args.runs):
-                runs.append(one_run(index, running, versions[(index + 1) % 2], code, args))
+                runs.append(one_run(index, running, versions, code, args))
                 say(f"  {json.dumps(runs[-1])}")
             time.sleep(2)  # the data planes settle on the last rollout's state under load
         finally:
             load.stop()
+        planes_by_name = dict(running.data_planes)
         statuses = running.stop()
     report = {
         "command": harness.command_line(),
         "machine": harness.machine_info(),
-        "settings": {key: value for key, value in vars(args).items() if key not in ("out", "load")},
+        "settings": {key: value for key, value in vars(args).items() if key not in ("out", "load", "control_flags")},
+        "attaches": {
+            name: len(plane.records("attached to the control plane")) for name, plane in planes_by_name.items()
+        },
         "runs": runs,
         "answered": load.answered,
         "failed": len(load.failures),
