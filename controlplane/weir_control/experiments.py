@@ -17,16 +17,13 @@ import grpc
 from scipy import stats
 
 from weir_control.attach import DesiredStateHub
+from weir_control.domain import experiments as ab
+from weir_control.domain.experiments import Kind
 from weir_control.services import Auditor, _read, refuse_if_protected
 from weir_control.store import Store
-from weir_control.store.store import MAX_NAME_LENGTH, check_name
 from weir_proto.control.v1 import deployments_pb2, experiments_pb2, experiments_pb2_grpc
-from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, WeirError
-from weir_proto.routing import variant_for_key
+from weir_proto.errors import InvalidArgumentError, WeirError
 
-Kind = experiments_pb2.StartABTestRequest.Kind
-MAX_OUTCOME_MAGNITUDE = 1e12  # |value| of a MEAN outcome: squares stay far inside float range
-MAX_ROUTING_KEY = 1024
 MAX_OUTCOMES_PER_CALL = 10_000  # RecordOutcomes: at most ~10 MiB of keys per call, one transaction
 
 
@@ -92,10 +89,9 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
         self, request: experiments_pb2.StartABTestRequest, context: grpc.aio.ServicerContext
     ) -> experiments_pb2.ABTest:
         try:
-            test = _new_test(request)
+            test, variants = ab.start(request)
         except WeirError as error:
             await self._auditor.refuse(context, "Experiments/StartABTest", f"endpoint/{request.endpoint}", error)
-        variants = [_variant(arm) for arm in request.arms]
         routing = deployments_pb2.RoutingPolicy(key_parameter=request.key_parameter, key_header=request.key_header)
         identity = self._auditor.identity(context)
         try:
@@ -122,11 +118,11 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
         self, request: experiments_pb2.RecordOutcomeRequest, context: grpc.aio.ServicerContext
     ) -> experiments_pb2.RecordOutcomeResponse:
         def record() -> str:
-            _check_outcome(request.routing_key, request.value, Kind.MEAN, "")  # bounds before the lookup
-            test = self._running_test(request.endpoint, request.metric)
-            _check_outcome(request.routing_key, request.value, test.kind, "")
-            variant = variant_for_key(request.routing_key, [(arm.variant, arm.weight) for arm in test.arms])
-            self._store.record_outcome(request.endpoint, variant, test.metric, request.routing_key, request.value)
+            ab.check_outcome(request.routing_key, request.value, Kind.MEAN, "")  # bounds before the lookup
+            test = self._store.get_ab_test(request.endpoint)
+            outcome = [(request.routing_key, request.value)]
+            [(variant, key, value)] = ab.attribute(test, request.endpoint, request.metric, outcome, batch=False)
+            self._store.record_outcome(request.endpoint, variant, test.metric, key, value)
             return variant
 
         variant = await self._auditor.run(
@@ -136,6 +132,7 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
             lambda: None,
             record,
             lambda chosen: experiments_pb2.RecordOutcomeResponse(variant=chosen),
+            atomic=True,
         )
         return experiments_pb2.RecordOutcomeResponse(variant=variant)
 
@@ -150,12 +147,9 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
                 raise InvalidArgumentError(
                     f"outcomes: expected 1 to {MAX_OUTCOMES_PER_CALL} per call, got {len(request.outcomes)}"
                 )
-            test = self._running_test(request.endpoint, request.metric)
-            arms = [(arm.variant, arm.weight) for arm in test.arms]
-            rows = []
-            for index, outcome in enumerate(request.outcomes):
-                _check_outcome(outcome.routing_key, outcome.value, test.kind, f"outcomes[{index}].")
-                rows.append((variant_for_key(outcome.routing_key, arms), outcome.routing_key, outcome.value))
+            test = self._store.get_ab_test(request.endpoint)
+            outcomes = [(outcome.routing_key, outcome.value) for outcome in request.outcomes]
+            rows = ab.attribute(test, request.endpoint, request.metric, outcomes, batch=True)
             self._store.record_outcomes(request.endpoint, test.metric, rows)
             response = experiments_pb2.RecordOutcomesResponse(recorded=len(rows))
             for variant, _, _ in rows:
@@ -163,16 +157,8 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
             return response
 
         return await self._auditor.run(
-            context, "Experiments/RecordOutcomes", f"endpoint/{request.endpoint}", lambda: None, record
+            context, "Experiments/RecordOutcomes", f"endpoint/{request.endpoint}", lambda: None, record, atomic=True
         )
-
-    def _running_test(self, endpoint: str, metric: str) -> experiments_pb2.ABTest:
-        test = self._store.get_ab_test(endpoint)
-        if not test.running:
-            raise FailedPreconditionError(f"endpoint '{endpoint}': the A/B test was stopped")
-        if metric and metric != test.metric:
-            raise InvalidArgumentError(f"metric: expected '{test.metric}', got '{metric}'")
-        return test
 
     async def GetABTest(
         self, request: experiments_pb2.GetABTestRequest, context: grpc.aio.ServicerContext
@@ -188,66 +174,10 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
         self, request: experiments_pb2.GetABTestRequest, context: grpc.aio.ServicerContext
     ) -> experiments_pb2.ABTest:
         def stop() -> experiments_pb2.ABTest:
-            test = self._store.get_ab_test(request.endpoint)
-            test.running = False
-            self._store.save_ab_test(test)
-            return test
+            stopped, _ = ab.stop(self._store.get_ab_test(request.endpoint))
+            self._store.save_ab_test(stopped)
+            return stopped
 
         return await self._auditor.run(
-            context, "Experiments/StopABTest", f"endpoint/{request.endpoint}", lambda: None, stop
+            context, "Experiments/StopABTest", f"endpoint/{request.endpoint}", lambda: None, stop, atomic=True
         )
-
-
-def _check_outcome(key: str, value: float, kind: int, prefix: str) -> None:
-    """One outcome's key and value (``prefix`` names it within a batch: ``outcomes[3].``)."""
-    if not math.isfinite(value) or abs(value) > MAX_OUTCOME_MAGNITUDE:
-        raise InvalidArgumentError(
-            f"{prefix}value: expected a finite number within +-{MAX_OUTCOME_MAGNITUDE:g}, got {value}"
-        )
-    if len(key) > MAX_ROUTING_KEY:
-        raise InvalidArgumentError(
-            f"{prefix}routing_key: expected at most {MAX_ROUTING_KEY} characters, got {len(key)}"
-        )
-    if not key:
-        raise InvalidArgumentError(f"{prefix}routing_key: expected the key the request was routed by, got none")
-    if kind == Kind.RATE and value not in (0.0, 1.0):
-        raise InvalidArgumentError(f"{prefix}value: expected 0 or 1 for a rate, got {value}")
-
-
-def _new_test(request: experiments_pb2.StartABTestRequest) -> experiments_pb2.ABTest:
-    if len(request.arms) < 2:
-        raise InvalidArgumentError(f"arms: expected at least two (the first is the control), got {len(request.arms)}")
-    if request.kind not in (Kind.RATE, Kind.MEAN):
-        raise InvalidArgumentError("kind: expected RATE or MEAN, got neither")
-    if not request.metric:
-        raise InvalidArgumentError("metric: expected a name for the outcome, got none")
-    check_name("metric", request.metric)
-    check_name("endpoint", request.endpoint)
-    for field in ("key_parameter", "key_header"):
-        if len(getattr(request, field)) > MAX_NAME_LENGTH:
-            raise InvalidArgumentError(
-                f"{field}: expected at most {MAX_NAME_LENGTH} characters, got {len(getattr(request, field))}"
-            )
-    confidence = request.confidence or 0.95
-    if not math.isfinite(confidence) or not 0.5 <= confidence < 1:
-        raise InvalidArgumentError(f"confidence: expected 0.5 <= confidence < 1, got {confidence}")
-    if any(arm.weight == 0 for arm in request.arms):
-        raise InvalidArgumentError("arms weight: expected every arm to get traffic, got a weight of 0")
-    return experiments_pb2.ABTest(
-        endpoint=request.endpoint,
-        metric=request.metric,
-        kind=request.kind,
-        confidence=confidence,
-        running=True,
-        arms=request.arms,
-        test="two-proportion z-test" if request.kind == Kind.RATE else "Welch's t-test",
-    )
-
-
-def _variant(arm: experiments_pb2.ABArm) -> deployments_pb2.Variant:
-    variant = deployments_pb2.Variant(name=arm.variant, model_name=arm.model_name, weight=arm.weight)
-    if arm.WhichOneof("target") == "alias":
-        variant.alias = arm.alias
-    else:
-        variant.version = arm.version
-    return variant

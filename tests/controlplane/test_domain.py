@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from weir_control.domain import aliases, deployments
+from weir_control.domain import experiments as ab
 from weir_control.domain.events import AliasDeleted, AliasMoved, ServingChanged, serving_changed
-from weir_proto.control.v1 import deployments_pb2, registry_pb2
+from weir_proto.control.v1 import deployments_pb2, experiments_pb2, registry_pb2
 from weir_proto.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 
 READY, PENDING = registry_pb2.ModelVersion.READY, registry_pb2.ModelVersion.PENDING
@@ -67,3 +68,34 @@ def test_variants_are_checked_as_a_whole_before_a_deploy_is_heard() -> None:
     for variants, words in ((shadow_only, "at least one serving"), (twice, "unique names"), ([], "at least one")):
         with pytest.raises(InvalidArgumentError, match=words):
             deployments.replace_variants("web", variants)
+
+
+def ab_request(**fields: object) -> experiments_pb2.StartABTestRequest:
+    request = experiments_pb2.StartABTestRequest(endpoint="web", metric="ctr", kind=ab.Kind.RATE, **fields)
+    request.arms.add(variant="control", model_name="mlp", version=1, weight=50)
+    request.arms.add(variant="treatment", model_name="mlp", alias="challenger", weight=50)
+    return request
+
+
+def test_an_ab_test_starts_as_variants_to_deploy_and_attributes_outcomes_to_the_arm_that_served() -> None:
+    test, variants = ab.start(ab_request())
+    assert test.running and test.confidence == 0.95 and test.test == "two-proportion z-test"
+    assert [(v.name, v.WhichOneof("target"), v.weight) for v in variants] == [
+        ("control", "version", 50),
+        ("treatment", "alias", 50),
+    ]
+    rows = ab.attribute(test, "web", "ctr", [(f"user-{n}", 1.0) for n in range(40)], batch=True)
+    assert {arm for arm, _, _ in rows} == {"control", "treatment"}  # both arms serve some keys
+    again = ab.attribute(test, "web", "", [(key, value) for _, key, value in rows], batch=True)
+    assert again == rows  # sticky: the same key, the same arm
+    with pytest.raises(InvalidArgumentError, match=r"outcomes\[1\]\.value: expected 0 or 1 for a rate"):
+        ab.attribute(test, "web", "ctr", [("a", 1.0), ("b", 0.5)], batch=True)
+    with pytest.raises(InvalidArgumentError, match="metric: expected 'ctr', got 'clicks'"):
+        ab.attribute(test, "web", "clicks", [("a", 1.0)], batch=False)
+
+    stopped, events = ab.stop(test)
+    assert not stopped.running and test.running and events == []  # the given state is not changed
+    with pytest.raises(FailedPreconditionError, match="the A/B test was stopped"):
+        ab.attribute(stopped, "web", "ctr", [("a", 1.0)], batch=False)
+    with pytest.raises(InvalidArgumentError, match="arms: expected at least two"):
+        ab.start(experiments_pb2.StartABTestRequest(endpoint="web", metric="ctr", kind=ab.Kind.RATE))
