@@ -3,6 +3,8 @@ same thread, commits them together, and on an exception keeps none (SQLite and P
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from weir_control.model_config import signature_from_config
@@ -110,3 +112,33 @@ def test_postgresql_data_planes_hear_of_a_revision_only_when_its_transaction_com
         store.deploy("search", [variant(version)], "alice")
         heard = [note.payload for note in listener.notifies(timeout=5, stop_after=1)]
         assert heard == [str(store.current_revision())]
+
+
+def test_a_unit_of_work_that_meets_a_postgresql_deadlock_is_rerun_not_failed(store: Store) -> None:
+    """Changes that bump the revision queue on its row; others (here: two models' descriptions,
+    written in opposite orders) can deadlock, and PostgreSQL fails one of them: it is rerun."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite serialises writers from the start (BEGIN IMMEDIATE): no deadlock to meet")
+    for name in ("left", "right"):
+        store.create_model(name, "", {})
+    both_hold_one = threading.Barrier(2)
+    attempts: list[str] = []
+
+    def change(first: str, second: str) -> None:
+        def work(_connection: object) -> None:
+            rerun = first in attempts
+            attempts.append(first)
+            store.update_model(first, f"by {first}", {}, [])  # locks the first model's row
+            if not rerun:  # first attempts: each holds one row, then wants the other's
+                both_hold_one.wait(timeout=30)
+            store.update_model(second, f"by {first}", {}, [])
+
+        store.atomically(work)
+
+    threads = [threading.Thread(target=change, args=pair) for pair in (("left", "right"), ("right", "left"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(attempts) == 3  # PostgreSQL broke the deadlock by failing one; that one ran again
+    assert store.get_model("left").description == store.get_model("right").description
