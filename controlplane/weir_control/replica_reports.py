@@ -133,6 +133,18 @@ class ReplicaReports:
             ).all()
         return [ReportedStream(row[0], row[1], deployments_pb2.ReplicaInfo.FromString(row[2])) for row in rows]
 
+    def other_replicas(self) -> list[deployments_pb2.ReplicaInfo]:
+        """The data planes attached to the other control-plane replicas, as they last published them
+        (ListReplicas: this replica's own come from its hub, live) (worker thread)."""
+        with self._store.transaction() as connection:
+            rows = connection.execute(
+                select(REPLICA_REPORTS.c.info).where(
+                    REPLICA_REPORTS.c.control_replica != self.control_replica,
+                    REPLICA_REPORTS.c.updated_at >= db_now(connection) - STALE_AFTER_SECONDS,
+                )
+            ).all()
+        return [deployments_pb2.ReplicaInfo.FromString(row[0]) for row in rows]
+
     def others_alive(self, timeout: float = 0.5) -> bool:
         """Whether another replica published within STALE_AFTER_SECONDS and still accepts connections
         at its address (a replica killed a moment ago still has a fresh row; its port is closed)

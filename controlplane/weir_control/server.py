@@ -245,7 +245,9 @@ class ControlPlaneServer:
         registry_pb2_grpc.add_RegistryServicer_to_server(
             RegistryService(store, artifacts, auditor, hub, self.metrics), server
         )
-        deployments_pb2_grpc.add_DeploymentsServicer_to_server(DeploymentsService(store, auditor, hub), server)
+        deployments_pb2_grpc.add_DeploymentsServicer_to_server(
+            DeploymentsService(store, auditor, hub, other_replicas=self.reports.other_replicas), server
+        )
         self.drift = await asyncio.to_thread(  # links set below, once the runner exists
             DriftMonitor, store, reference_root=settings.resolved_feature_root, webhook_allow=settings.webhook_allow
         )

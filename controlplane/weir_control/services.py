@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -382,10 +382,17 @@ class _Upload:
 
 
 class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
-    def __init__(self, store: Store, auditor: Auditor, hub: DesiredStateHub) -> None:
+    def __init__(
+        self,
+        store: Store,
+        auditor: Auditor,
+        hub: DesiredStateHub,
+        other_replicas: Callable[[], list[deployments_pb2.ReplicaInfo]] | None = None,
+    ) -> None:
         self._store = store
         self._auditor = auditor
         self._hub = hub
+        self._other_replicas = other_replicas  # data planes attached to other control-plane replicas (blocking)
 
     async def Deploy(
         self, request: deployments_pb2.DeployRequest, context: grpc.aio.ServicerContext
@@ -490,7 +497,11 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
     async def ListReplicas(
         self, request: deployments_pb2.ListReplicasRequest, context: grpc.aio.ServicerContext
     ) -> deployments_pb2.ListReplicasResponse:
-        return deployments_pb2.ListReplicasResponse(replicas=self._hub.replicas())
+        replicas: list[deployments_pb2.ReplicaInfo] = list(self._hub.replicas())
+        if self._other_replicas is not None:
+            replicas += await asyncio.to_thread(self._other_replicas)
+        replicas.sort(key=lambda info: info.replica_id)
+        return deployments_pb2.ListReplicasResponse(replicas=replicas)
 
 
 class RolloutsService(rollouts_pb2_grpc.RolloutsServicer):

@@ -21,7 +21,14 @@ import pytest
 import torch
 
 from tests.conftest import WeirProcess, free_port
-from tests.e2e.test_control_plane import ControlProcess, cli, start_control, start_replicas, wait_until
+from tests.e2e.test_control_plane import (
+    ControlProcess,
+    cli,
+    replica_states,
+    start_control,
+    start_replicas,
+    wait_until,
+)
 from tests.e2e.test_rollouts import Load, Scale, finished, push, stop_planes
 
 pytestmark = pytest.mark.timeout(600)
@@ -78,10 +85,13 @@ def test_a_canary_finishes_on_the_other_replica_when_the_lease_holder_is_killed(
         wait_until(lambda url=url: _serves(url, 2.0), message="the baseline on every data plane")
     canary = push(second, tmp_path, Triple(), "canary")
     assert not holds(second)
+    # the data planes attached to the second replica are listed through the first too (persisted reports)
+    wait_until(lambda: set(replica_states(first)) == {"replica-0", "replica-1"}, message="ListReplicas on the first")
 
     with Load(urls) as load:
+        # p99 is not what this test judges (a loaded shared machine's is noise): only errors would fail it
         started = cli(second, "rollout", "start", "scale", f"scale:{canary}", "--steps", "20,40,60,80,100",
-                      "--interval", "1.5", "--min-requests", "5")  # fmt: skip
+                      "--interval", "1.5", "--min-requests", "5", "--max-p99-slack-ms", "1000")  # fmt: skip
         assert started["state"] == "RUNNING"
         # the holder analyses the reports the other replica persists, and takes the first step
         wait_until(lambda: steps_applied(first), timeout=120, message="the holder's first automatic step")
