@@ -156,6 +156,7 @@ class Installer:
             model_name=variant.model.model_name, version=variant.model.version
         )
         digest = hashlib.sha256()
+        self._artifacts.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(dir=self._artifacts, prefix=".download-")
         try:
             with os.fdopen(descriptor, "wb") as handle:

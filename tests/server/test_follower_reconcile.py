@@ -283,3 +283,57 @@ async def test_installs_run_at_most_two_at_a_time(rig: Rig) -> None:
     await rig.log.wait("desired state applied", revision=1)
     route = rig.router.get("scale")
     assert route is not None and {variant.name for variant in route.variants} == {"a", "b", "c"}
+
+
+async def test_a_download_cut_by_its_control_plane_going_away_finishes_from_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    artifacts = Artifacts()
+    artifacts.add(tmp_path, 1, 2.0)
+    artifacts.stalled[1] = asyncio.Event()  # at the first control plane, version 1 never downloads whole
+    others = Artifacts(blobs=artifacts.blobs, started={1: asyncio.Event()})
+    servers, syncs, addresses = [], [], []
+    for served in (artifacts, others):
+        sync, server = _Sync(), grpc.aio.server()
+        deployments_pb2_grpc.add_DataPlaneSyncServicer_to_server(sync, server)
+        registry_pb2_grpc.add_RegistryServicer_to_server(_Registry(served), server)
+        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+        await server.start()
+        servers.append(server)
+        syncs.append(sync)
+        sync.states.put_nowait(state(1, artifacts.variant("main", 1)))
+    monkeypatch.setattr("weir.follower.random.randrange", lambda count: 0)  # the first address first
+    root = tmp_path / "managed"
+    root.mkdir()
+    executor = ThreadPoolExecutor(2)
+    repository = ModelRepository(root, executor, Metrics.create(CollectorRegistry()))
+    settings = FollowerSettings(tuple(addresses), token="t", replica_id="r", serving_address="", heartbeat_seconds=0.5)
+
+    async def changed() -> None:
+        return None
+
+    following = ControlPlaneFollower(settings, repository, Router(), root, changed)
+    log = _Log()
+    logger = logging.getLogger("weir.follower")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(log)
+    task = asyncio.create_task(following.run())
+    try:
+        await _started(artifacts.started[1])
+        await servers[0].stop(None)  # the first control plane goes away mid-download
+        await log.wait("variant now serves", model="scale@main", source="scale:1")
+        assert others.started[1].is_set()  # the bytes came from the second one
+        assert log.found("attached to the control plane", control_plane=addresses[1])
+        assert not log.found("desired version failed to load; the previous one keeps serving")
+        assert repository.resolve("scale@main", "").version == 1
+    finally:
+        artifacts.stalled[1].set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        logger.removeHandler(log)
+        logger.setLevel(level)
+        await repository.aclose()
+        for server in servers:
+            await server.stop(None)
+        executor.shutdown(wait=True)
