@@ -1,6 +1,7 @@
 """A canary survives the death of the control-plane replica that drives it (issue 16, item 3), end to
 end: two `weir control` replicas on one PostgreSQL database and one shared state directory, two
-`weir serve` data planes attached to the replica that is not killed, load on both.
+`weir serve` data planes, load on both: attached to the replica that is not killed, or given
+both replicas (`--control-plane A,B`: a data plane on the killed one fails over).
 
 The first replica holds the singleton lease and applies the canary's steps (it reads the data planes'
 reports the other replica persists); it is killed with SIGKILL after its first automatic step. The
@@ -20,8 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import WeirProcess, free_port
+from tests.conftest import WeirProcess, free_port, start_weir
 from tests.e2e.test_control_plane import (
+    REPLICA_TOKEN,
+    TOKENS,
     ControlProcess,
     cli,
     replica_states,
@@ -60,21 +63,40 @@ def steps_applied(control: ControlProcess) -> list[str]:
     return [record["summary"] for record in records(control, "rollout step applied")]
 
 
+def start_failing_over(controls: tuple[ControlProcess, ...], tmp_path: Path) -> list[WeirProcess]:
+    """Two `weir serve --control-plane A,B`: each attaches to one replica and moves when it dies."""
+    addresses = ",".join(control.address for control in controls)
+    return [
+        start_weir(tmp_path / f"replica-{index}", "--model-control-mode", "explicit", "--control-plane", addresses,
+                   "--replica-id", f"replica-{index}", "--heartbeat-seconds", "0.3",
+                   env={"WEIR_TOKENS": TOKENS, "WEIR_CONTROL_PLANE_TOKEN": REPLICA_TOKEN})
+        for index in range(2)
+    ]  # fmt: skip
+
+
 @pytest.fixture
-def planes(store_url: str, tmp_path: Path) -> Iterator[tuple[ControlProcess, ControlProcess, list[WeirProcess]]]:
+def planes(
+    request: pytest.FixtureRequest, store_url: str, tmp_path: Path
+) -> Iterator[tuple[ControlProcess, ControlProcess, list[WeirProcess]]]:
+    """``request.param``: "survivor" (data planes attached to the replica not killed) or "both"
+    (`--control-plane A,B`: those on the killed replica fail over)."""
     state_dir = tmp_path / "control"  # the shared volume: artifacts (and jobs) of both replicas
     first = start_control(state_dir, store_url, free_port(), "--replica-id", "first", "--lease-seconds", LEASE_SECONDS)
     wait_until(lambda: holds(first), message="the first replica to take the lease")
     second = start_control(
         state_dir, store_url, free_port(), "--replica-id", "second", "--lease-seconds", LEASE_SECONDS
     )
-    data_planes = start_replicas(second, tmp_path, heartbeat="0.3")
+    if request.param == "survivor":
+        data_planes = start_replicas(second, tmp_path, heartbeat="0.3")
+    else:
+        data_planes = start_failing_over((first, second), tmp_path)
     try:
         yield first, second, data_planes
     finally:
         stop_planes(data_planes, first, second)
 
 
+@pytest.mark.parametrize("planes", ["survivor", "both"], indirect=True)
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
 def test_a_canary_finishes_on_the_other_replica_when_the_lease_holder_is_killed(planes, tmp_path: Path) -> None:
     first, second, data_planes = planes
