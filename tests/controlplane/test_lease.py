@@ -13,9 +13,12 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import select
 
+from weir_control.attach import ReplicaStream
 from weir_control.lease import LeaseKeeper, LostLease, read_lease
+from weir_control.replica_reports import ReplicaReports
 from weir_control.store import Store, open_store
 from weir_control.store.schema import LEASES
+from weir_proto.control.v1 import deployments_pb2
 
 
 async def take_over(keeper: LeaseKeeper) -> None:
@@ -162,3 +165,23 @@ async def test_a_killed_holder_is_replaced(store_url: str) -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_every_replica_reads_the_data_planes_attached_to_any_replica(stores: tuple[Store, Store]) -> None:
+    """replica_reports: each control replica publishes its attach streams' accepted status; any
+    replica reads all of them (the holder's rollout analysis) and the others' (ListReplicas); a
+    clean stop takes its rows away at once."""
+    hello = deployments_pb2.Hello(replica_id="dp-1", address="127.0.0.1:1")
+    hello.status.variants.add(endpoint="scorer", variant="primary", version=1, succeeded=5)
+    stream = ReplicaStream(hello, identity="data-plane")
+    first = ReplicaReports(stores[0], "first", lambda: [stream], address="127.0.0.1:11")
+    second = ReplicaReports(stores[1], "second", lambda: [], address="127.0.0.1:12")
+    first.publish(first.snapshot())
+    second.publish(second.snapshot())
+    [reported] = second.read()
+    assert reported.stream == f"first/{stream.stream}" and reported.identity == "data-plane"
+    assert reported.info.replica_id == "dp-1"
+    assert [info.replica_id for info in second.other_replicas()] == ["dp-1"] and first.other_replicas() == []
+    assert second.addresses() == ["127.0.0.1:12", "127.0.0.1:11"]
+    first.forget()
+    assert second.read() == [] and second.addresses() == ["127.0.0.1:12"]
