@@ -70,6 +70,9 @@ class FollowerSettings:
     heartbeat_seconds: float = 5.0
     max_backoff_seconds: float = 2.0  # with jitter at most 3 s: a restarted control plane is followed again soon
     refused_backoff_seconds: float = 30.0  # a refused token: retrying soon would not help
+    # A state older than the one routed (a replica behind on propagation, after a failover) waits
+    # this long for a newer one before it is applied (a store that was reset stays behind).
+    stale_grace_seconds: float = 2.0
     tls: ClientTLS | None = None
 
 
@@ -121,6 +124,7 @@ class ControlPlaneFollower:
         self._statuses: dict[str, deployments_pb2.EndpointStatus] = {}
         self._applied_revision = 0
         self.routed_revision = 0  # the last desired state whose routes and flags are in effect
+        self._held: asyncio.TimerHandle | None = None  # an older state waiting for a newer one
         self._outbox: asyncio.Queue[deployments_pb2.DataPlaneMessage] | None = None
         self._changed = asyncio.Event()
         self.attached = asyncio.Event()  # set while a stream is open (tests and readiness logs)
@@ -241,6 +245,7 @@ class ControlPlaneFollower:
                         task.result()
             finally:
                 self._outbox = None
+                self._release_held()  # the next attach sends its own current state
                 call.cancel()
                 tasks = [reader, watcher, *helpers]
                 for task in tasks:
@@ -260,7 +265,32 @@ class ControlPlaneFollower:
                 log.info("attached to the control plane", extra={"control_plane": address})
                 self.attached.set()
                 await self._link.up(registry)
-            self.apply(message.desired_state)
+            self._take(message.desired_state)
+
+    def _take(self, state: deployments_pb2.DesiredState) -> None:
+        """Apply a state at once, unless it is older than the one routed: control-plane replicas learn
+        of a change within a fraction of a second of each other, and one behind would undo it for that
+        long. Such a state is held; a newer one replaces it, and after the grace it is applied."""
+        self._release_held()
+        if self._desired is None or state.revision >= self.routed_revision:
+            self.apply(state)
+            return
+        log.warning(
+            "desired state older than the one routed: held",
+            extra={"revision": state.revision, "routed_revision": self.routed_revision,
+                   "grace_s": self._settings.stale_grace_seconds},
+        )  # fmt: skip
+        self._held = asyncio.get_running_loop().call_later(self._settings.stale_grace_seconds, self._apply_held, state)
+
+    def _apply_held(self, state: deployments_pb2.DesiredState) -> None:
+        self._held = None
+        log.warning("older desired state applied: no newer one came", extra={"revision": state.revision})
+        self.apply(state)
+
+    def _release_held(self) -> None:
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
 
     async def _watch(self, channel: grpc.aio.Channel, address: str) -> None:
         """Health-check the control plane every heartbeat: a hung one (process stopped, host gone
