@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from weir_control.monitoring import partials
+from weir_control.monitoring.actions import DriftActions
 from weir_control.monitoring.policy import check_policy_numbers, resolved_policy
 from weir_control.monitoring.profiles import ReferenceProfile, WindowProfile
 from weir_control.monitoring.state import (
@@ -48,7 +49,7 @@ REPLICA_REFRESH_SECONDS = 2.0  # policies and references set through another rep
 LABELS_HAND_IN_SECONDS = 30.0
 
 
-class ReplicatedWindows:
+class ReplicatedWindows(DriftActions):
     """What ``DriftMonitor`` does differently once a lease is linked (a mix-in: the monitor's own state
     and methods are declared below for the type checker)."""
 
@@ -83,12 +84,6 @@ class ReplicatedWindows:
         def _score(
             self, monitor: EndpointMonitor, start: float, open_window: OpenWindow
         ) -> monitoring_pb2.DriftWindow: ...
-        def _reserve(
-            self, monitor: EndpointMonitor, report: monitoring_pb2.DriftWindow, now: float
-        ) -> DriftTrigger | None: ...
-        def _fire(
-            self, monitor: EndpointMonitor, report: monitoring_pb2.DriftWindow, trigger: DriftTrigger, now: float
-        ) -> None: ...
 
     def _init_replicas(self) -> None:
         self._lease: Any = None  # one replica alone until link_lease
