@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from weir_control.store import Store
 from weir_control.store.store import REFUSED_RESULTS
@@ -30,6 +31,7 @@ from weir_proto.control.v1 import (
 )
 from weir_proto.errors import (
     PermissionDeniedError,
+    UnavailableError,
     WeirError,
     status_code_for,
 )
@@ -38,7 +40,22 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+UNREACHABLE_DATABASE = (
+    "the control plane cannot reach its database; retry in a moment, or call another control-plane replica"
+)
+
+
+def as_weir_error(error: BaseException) -> BaseException:
+    """A database that cannot be reached (connection refused or lost, server shutting down, busy past
+    the store's retries) as UNAVAILABLE, which a client retries; any other error as it is. Never the
+    driver's message: it names hosts and ports."""
+    if isinstance(error, OperationalError | InterfaceError):  # the DB-API's "not the caller's doing"
+        return UnavailableError(UNREACHABLE_DATABASE)
+    return error
+
+
 async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
+    error = as_weir_error(error)
     if isinstance(error, WeirError):
         await context.abort(status_code_for(error.kind), error.message)
     log.exception("unexpected error in a control RPC", exc_info=error)
@@ -234,6 +251,7 @@ class Auditor:
     ) -> NoReturn:
         """Record a change that did not happen (in a transaction of its own: nothing else was
         written) and abort the RPC with its error."""
+        error = as_weir_error(error)  # type: ignore[assignment]
         kind = error.kind if isinstance(error, WeirError) else None
         event.result = status_code_for(kind).name if kind else "INTERNAL"
         event.outcome = ""
@@ -243,7 +261,10 @@ class Auditor:
             await _written(self.refusals.record(event, by_target=True))  # nothing changed: aggregated
         else:
             event.outcome = "failed"
-            await asyncio.to_thread(self._store.append_audit, event)
+            try:
+                await asyncio.to_thread(self._store.append_audit, event)
+            except Exception:  # e.g. the database is down: the caller still hears why its call failed
+                log.warning("could not write a failed call to the audit log", extra={"action": event.action})
         await abort_with(context, error)
 
     async def run_async(
@@ -306,6 +327,17 @@ def _or_none(read: Callable[[], Message | None]) -> Message | None:
         return read()
     except WeirError:
         return None  # the target does not exist (yet): nothing to summarise
+
+
+async def read_if_there(context: grpc.aio.ServicerContext, call: Callable[[], T]) -> T | None:
+    """``call()`` in a worker thread; None when what it reads is not there (a Weir error), the
+    RPC aborted on any other failure (a database that cannot be reached: UNAVAILABLE)."""
+    try:
+        return await asyncio.to_thread(call)
+    except WeirError:
+        return None
+    except Exception as error:
+        await abort_with(context, error)
 
 
 async def _read(context: grpc.aio.ServicerContext, call: Callable[[], T]) -> T:

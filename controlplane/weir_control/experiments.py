@@ -10,13 +10,13 @@ served the key.
 
 from __future__ import annotations
 
-import asyncio
 import math
 
 import grpc
 from scipy import stats
 
 from weir_control.attach import DesiredStateHub
+from weir_control.auditing import read_if_there
 from weir_control.domain import experiments as ab
 from weir_control.domain.experiments import Kind
 from weir_control.services import Auditor, _read, refuse_if_protected
@@ -94,12 +94,13 @@ class ExperimentsService(experiments_pb2_grpc.ExperimentsServicer):
             await self._auditor.refuse(context, "Experiments/StartABTest", f"endpoint/{request.endpoint}", error)
         routing = deployments_pb2.RoutingPolicy(key_parameter=request.key_parameter, key_header=request.key_header)
         identity = self._auditor.identity(context)
-        try:
-            existing = [await asyncio.to_thread(self._store.get_deployment, request.endpoint)]
-        except WeirError:
-            existing = []
+        existing = await read_if_there(context, lambda: self._store.get_deployment(request.endpoint))
         await refuse_if_protected(
-            self._auditor, context, "Experiments/StartABTest", f"endpoint/{request.endpoint}", existing
+            self._auditor,
+            context,
+            "Experiments/StartABTest",
+            f"endpoint/{request.endpoint}",
+            [existing] if existing else [],
         )
 
         def start() -> experiments_pb2.ABTest:

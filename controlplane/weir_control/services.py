@@ -27,6 +27,7 @@ from weir_control.auditing import (  # noqa: F401 (re-exported: other services i
     _read,
     abort_with,
     is_protected,
+    read_if_there,
     refuse_if_protected,
     summary,
 )
@@ -460,11 +461,9 @@ class DeploymentsService(deployments_pb2_grpc.DeploymentsServicer):
     ) -> None:
         """A protected endpoint changes through approved rollouts; direct changes are for admins
         (refused and audited otherwise)."""
-        try:
-            deployment = await asyncio.to_thread(self._store.get_deployment, endpoint)
-        except WeirError:
-            return
-        await refuse_if_protected(self._auditor, context, action, target or f"endpoint/{endpoint}", [deployment])
+        deployment = await read_if_there(context, lambda: self._store.get_deployment(endpoint))
+        if deployment is not None:
+            await refuse_if_protected(self._auditor, context, action, target or f"endpoint/{endpoint}", [deployment])
 
     async def Undeploy(
         self, request: deployments_pb2.UndeployRequest, context: grpc.aio.ServicerContext

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import create_engine, make_url, text
 
 from weir_control.attach import DesiredStateHub
+from weir_control.auditing import UNREACHABLE_DATABASE
 from weir_control.model_config import signature_from_config
 from weir_control.server import ControlPlaneServer, ControlSettings
 from weir_control.store import Store
@@ -231,6 +232,16 @@ async def test_the_hub_keeps_the_last_state_while_the_database_is_down_and_follo
                 )
             await asyncio.sleep(1.0)  # several polls fail meanwhile (logged once); the stream stays up
             assert (await b.hub().current()).revision == before.revision  # the last state, still served
+            for call in (  # clients hear a status they retry, never INTERNAL/UNKNOWN or the driver's message
+                b.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(endpoint="web"), metadata=DEPLOYER),
+                b.deployments.SetFlag(
+                    deployments_pb2.SetFlagRequest(endpoint="web", name="colour", value="red"), metadata=DEPLOYER
+                ),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert refused.value.details() == UNREACHABLE_DATABASE
         finally:
             with admin.connect() as connection:
                 connection.execute(text(f'ALTER DATABASE "{url.database}" WITH ALLOW_CONNECTIONS true'))
