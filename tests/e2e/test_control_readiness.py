@@ -54,6 +54,10 @@ class TcpProxy:
         """The database goes away: new connections are refused, open ones reset."""
         listener, self._listener = self._listener, None
         if listener is not None:
+            # shutdown wakes the thread blocked in accept(); close alone leaves the port bound
+            # until the next connection arrives
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
             listener.close()
         self._close_all()
 
@@ -146,7 +150,7 @@ def test_health_follows_the_database_down_and_partitioned(proxied_control) -> No
     proxy.cut()  # the database is down
     wait_until(
         lambda: all(health_status(control, name) == NOT_SERVING for name in services),
-        timeout=30,
+        timeout=60,
         message="NOT_SERVING while the database is down",
     )
     assert control.process.poll() is None  # not ready, still alive
@@ -154,9 +158,9 @@ def test_health_follows_the_database_down_and_partitioned(proxied_control) -> No
     wait_until(lambda: all(health_status(control, name) == SERVING for name in services), message="SERVING again")
 
     proxy.hold()  # a partition: the probe's connect hangs and its timeout decides
-    wait_until(lambda: health_status(control) == NOT_SERVING, timeout=30, message="NOT_SERVING in a partition")
+    wait_until(lambda: health_status(control) == NOT_SERVING, timeout=60, message="NOT_SERVING in a partition")
     proxy.restore()
-    wait_until(lambda: health_status(control) == SERVING, timeout=30, message="SERVING after the partition")
+    wait_until(lambda: health_status(control) == SERVING, timeout=60, message="SERVING after the partition")
 
     messages = "\n".join(control.lines)
     assert messages.count("database unreachable: health NOT_SERVING") == 2, messages[-3000:]
@@ -173,12 +177,13 @@ def test_a_data_plane_leaves_a_replica_that_lost_its_database(store_url: str, tm
     proxied_url = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     state_dir = tmp_path / "control"  # shared, as the volume in docker/
     cut_off = start_control(state_dir, proxied_url, free_port())
-    direct = start_control(state_dir, store_url, free_port())
+    direct_port = free_port()  # started once the data plane is attached to the other (it may pick either)
     data_plane = start_weir(
         tmp_path / "data-plane", "--model-control-mode", "explicit", "--control-plane",
-        f"{cut_off.address},{direct.address}", "--heartbeat-seconds", "0.5",
+        f"{cut_off.address},127.0.0.1:{direct_port}", "--heartbeat-seconds", "0.5",
         env={"WEIR_TOKENS": planes.TOKENS, "WEIR_CONTROL_PLANE_TOKEN": planes.REPLICA_TOKEN},
     )  # fmt: skip
+    controls = [cut_off]
     try:
 
         def attached_to(control: ControlProcess) -> bool:
@@ -188,6 +193,8 @@ def test_a_data_plane_leaves_a_replica_that_lost_its_database(store_url: str, tm
             return bool(attached) and attached[-1].get("control_plane") == control.address
 
         wait_until(lambda: attached_to(cut_off), message="the data plane to attach to the first replica")
+        direct = start_control(state_dir, store_url, direct_port)
+        controls.append(direct)
         config = tmp_path / "config.pbtxt"
         config.write_text(planes.CONFIG)
         for factor in (2.0, 3.0):
@@ -198,8 +205,8 @@ def test_a_data_plane_leaves_a_replica_that_lost_its_database(store_url: str, tm
         wait_until(lambda: planes.serves_factor(data_plane.grpc_url, 2.0), message="version 1 on the data plane")
 
         proxy.cut()
-        wait_until(lambda: health_status(cut_off) == NOT_SERVING, timeout=30, message="the cut-off replica NOT_SERVING")
-        wait_until(lambda: attached_to(direct), timeout=30, message="the data plane to move to the other replica")
+        wait_until(lambda: health_status(cut_off) == NOT_SERVING, timeout=60, message="the cut-off replica NOT_SERVING")
+        wait_until(lambda: attached_to(direct), timeout=60, message="the data plane to move to the other replica")
         assert planes.serves_factor(data_plane.grpc_url, 2.0)  # the last-known-good state serves throughout
         planes.cli(direct, "deploy", "scale", "scale", "2")
         wait_until(
@@ -207,10 +214,10 @@ def test_a_data_plane_leaves_a_replica_that_lost_its_database(store_url: str, tm
         )
 
         proxy.restore()
-        wait_until(lambda: health_status(cut_off) == SERVING, timeout=30, message="SERVING again")
+        wait_until(lambda: health_status(cut_off) == SERVING, timeout=60, message="SERVING again")
     finally:
         data_plane.terminate_and_wait()
-        for control in (cut_off, direct):
+        for control in controls:
             control.process.terminate()
             control.process.wait(timeout=30)
         proxy.close()

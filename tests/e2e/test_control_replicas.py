@@ -121,7 +121,7 @@ def everywhere(cluster: Cluster, expected: set[tuple[str, float]], message: str)
     for index, client in enumerate(cluster.clients):
         wait_until(
             lambda client=client: {answer(client, f"user-{key}") for key in range(16)} == expected,
-            timeout=60,
+            timeout=120,
             message=f"data plane {index}: {message}",
         )
 
@@ -182,7 +182,7 @@ def test_concurrent_deploys_through_both_replicas_are_each_applied_once(cluster:
                 deployment = stubs[index // 10].Deploy(
                     deployments_pb2.DeployRequest(endpoint="scale", model_name="scale", version=version),
                     metadata=deployer,
-                    timeout=60,
+                    timeout=120,
                 )
             except grpc.RpcError as error:
                 return f"{error.code().name}: {error.details()}"  # type: ignore[attr-defined]
