@@ -21,6 +21,8 @@ from sqlalchemy import make_url
 from tests.conftest import free_port, start_weir
 from tests.e2e import test_control_plane as planes
 from tests.e2e.test_control_plane import ControlProcess, start_control, wait_until
+from weir_proto.auth import client_metadata
+from weir_proto.control.v1 import deployments_pb2, deployments_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -126,6 +128,27 @@ def health_status(control: ControlProcess, service: str = "") -> int:
     return int(reply.status)
 
 
+def calls_while_down(control: ControlProcess) -> dict[str, str]:
+    """The status a read and a change get from a control plane without its database: UNAVAILABLE
+    (a caller retries it, or calls another replica), never INTERNAL or UNKNOWN."""
+    codes = {}
+    with grpc.insecure_channel(control.address) as channel:
+        stub = deployments_pb2_grpc.DeploymentsStub(channel)
+        metadata = client_metadata("t-deployer")
+        for name, call in (
+            ("GetDeployment", lambda: stub.GetDeployment(deployments_pb2.GetDeploymentRequest(endpoint="scale"),
+                                                         metadata=metadata, timeout=30)),
+            ("Deploy", lambda: stub.Deploy(deployments_pb2.DeployRequest(endpoint="scale", model_name="scale",
+                                                                         version=1), metadata=metadata, timeout=30)),
+        ):  # fmt: skip
+            try:
+                call()
+                codes[name] = "OK"
+            except grpc.RpcError as error:
+                codes[name] = error.code().name  # type: ignore[attr-defined]
+    return codes
+
+
 @pytest.fixture
 def proxied_control(store_url: str, tmp_path: Path) -> Iterator[tuple[ControlProcess, TcpProxy]]:
     url = make_url(store_url)
@@ -154,6 +177,7 @@ def test_health_follows_the_database_down_and_partitioned(proxied_control) -> No
         message="NOT_SERVING while the database is down",
     )
     assert control.process.poll() is None  # not ready, still alive
+    assert calls_while_down(control) == {"GetDeployment": "UNAVAILABLE", "Deploy": "UNAVAILABLE"}
     proxy.restore()
     wait_until(lambda: all(health_status(control, name) == SERVING for name in services), message="SERVING again")
 
