@@ -113,6 +113,19 @@ def try_acquire(connection: Connection, name: str, holder: str, token: int, ttl:
     return None if row is None else int(row[0])
 
 
+def take_from(connection: Connection, name: str, holder: str, dead: str, dead_token: int, ttl: float) -> int | None:
+    """Start a new term now, over the unexpired term ``dead_token`` of ``dead`` (a holder known dead:
+    see ``LeaseKeeper.take_over_from``); the new token, or None when the lease changed meanwhile."""
+    now = db_now(connection)
+    row = connection.execute(
+        update(LEASES)
+        .where(LEASES.c.name == name, LEASES.c.holder == dead, LEASES.c.token == dead_token)
+        .values(holder=holder, token=LEASES.c.token + 1, expires_at=now + ttl)
+        .returning(LEASES.c.token)
+    ).first()
+    return None if row is None else int(row[0])
+
+
 def release(connection: Connection, name: str, holder: str, token: int) -> bool:
     """End this holder's term now (a clean stop): another replica takes over at its next try."""
     result = connection.execute(
@@ -216,6 +229,29 @@ class LeaseKeeper:
         if gained:
             self._set(True)
         return self.held
+
+    async def take_over_from(self, dead: str, dead_token: int) -> bool:
+        """Take the lease now from a holder known to be dead (a replica restarted after kill -9 finds
+        its previous process's term, on this host, with its port closed) instead of waiting out its
+        ttl. The fence still guards: were it alive after all, its writes would be refused."""
+        began = self._clock()
+
+        def take() -> int | None:
+            with self._store.engine.begin() as connection:
+                return take_from(connection, self.name, self.holder, dead, dead_token, self.ttl)
+
+        token = await asyncio.to_thread(take)
+        if token is None:
+            return False
+        self.token, self._valid_until = token, began + self.ttl * LOCAL_SHARE
+        log.warning("lease taken from a dead holder", extra={"lease": self.name, "dead": dead, "token": token})
+        self._set(True)
+        return True
+
+    def current(self) -> tuple[str, int, float, float] | None:
+        """(holder, token, expires_at, database now) of the lease (worker thread)."""
+        with self._store.engine.begin() as connection:
+            return read_lease(connection, self.name)
 
     def _try(self, token: int) -> int | None:
         with self._store.engine.begin() as connection:  # its own transaction, never a caller's

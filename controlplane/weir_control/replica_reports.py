@@ -133,6 +133,14 @@ class ReplicaReports:
             ).all()
         return [ReportedStream(row[0], row[1], deployments_pb2.ReplicaInfo.FromString(row[2])) for row in rows]
 
+    def address_of(self, replica: str) -> str:
+        """A replica's published address ("" when it has none) (worker thread)."""
+        with self._store.transaction() as connection:
+            found = connection.execute(
+                select(CONTROL_REPLICAS.c.address).where(CONTROL_REPLICAS.c.replica == replica)
+            ).scalar()
+        return str(found or "")
+
     def other_replicas(self) -> list[deployments_pb2.ReplicaInfo]:
         """The data planes attached to the other control-plane replicas, as they last published them
         (ListReplicas: this replica's own come from its hub, live) (worker thread)."""
@@ -168,6 +176,13 @@ class ReplicaReports:
             ).all()
         mine = [self.address] if self.address else []
         return mine + [address for replica, address in rows if replica != self.control_replica and address not in mine]
+
+
+def dead_here(address: str) -> bool:
+    """A replica address on this host (loopback) whose port refuses connections: its process is gone
+    (on another host a refused or unanswered connection proves nothing: a partition looks the same)."""
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("127.0.0.1", "::1", "localhost") and not _reachable(address, 0.5)
 
 
 def _reachable(address: str, timeout: float) -> bool:

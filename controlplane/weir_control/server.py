@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -17,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
+from sqlalchemy import select
 
 from weir_control.artifacts import ArtifactStore
 from weir_control.attach import DataPlaneSyncService, DesiredStateHub
@@ -27,7 +29,7 @@ from weir_control.metrics import ControlMetrics, ReplicaCollector
 from weir_control.monitoring.monitor import DriftCollector, DriftMonitor
 from weir_control.monitoring.service import MonitoringLinks, MonitoringService, run_windows, stop_task
 from weir_control.readiness import DatabaseReadiness
-from weir_control.replica_reports import ReplicaReports
+from weir_control.replica_reports import ReplicaReports, dead_here
 from weir_control.rollouts import RolloutController
 from weir_control.services import (
     Auditor,
@@ -38,6 +40,7 @@ from weir_control.services import (
     RolloutsService,
 )
 from weir_control.store import Store, open_store
+from weir_control.store.schema import MODEL_VERSIONS
 from weir_control.training.runner import JobRunner
 from weir_control.training.service import REPORTING_METHODS, TrainingService
 from weir_proto.auth import AuthInterceptor, Needs, Role, TokenTable
@@ -64,6 +67,7 @@ from weir_proto.listen import bind_grpc, listen_http
 from weir_proto.tls import server_tls
 
 log = logging.getLogger(__name__)
+INTERRUPTED = "the upload did not complete: the control plane stopped during it"
 
 SERVICE_NAMES = (
     registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
@@ -222,13 +226,20 @@ class ControlPlaneServer:
         await hub.start()  # follows the desired-state revision in the database until stop()
         self.reports = ReplicaReports(store, replica_id, hub.attached)
         if not await asyncio.to_thread(self.reports.others_alive):
-            # alone: the lease is this replica's or a dead one's (a restart after kill -9) that expires
-            # within the ttl; taken, no other replica can be uploading, so interrupted uploads are
-            # cleaned up before this one serves (with others alive they are left: see below)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.lease.wait_held(), settings.lease_seconds * 4 / 3 + 1)
+            # alone (no other replica reachable, this one not serving yet): every upload in progress
+            # now was interrupted. Holding the lease, clean them up at once; else (a restart after
+            # kill -9: the dead replica's lease expires within the ttl) those found now are cleaned up
+            # once the lease is this replica's, without holding up its start. With other replicas
+            # alive nothing is touched (see _clean_up_interrupted_uploads).
+            if not self.lease.held:
+                await self._take_over_from_dead_holder()
             if self.lease.held:
                 await asyncio.to_thread(_clean_up_interrupted_uploads, store, artifacts)
+            else:
+                found = await asyncio.to_thread(_pending_versions, store)
+                self._background.append(
+                    asyncio.create_task(self._clean_up_after_takeover(found, artifacts, time.time()))
+                )
         self.registry.register(ReplicaCollector(hub.replicas))
         self.refusals = refusals = RefusalLog(store)
         auditor = Auditor(store, self.tokens, refusals)
@@ -363,6 +374,38 @@ class ControlPlaneServer:
             self._metrics_http.server_close()
             self._metrics_http = None
 
+    async def _take_over_from_dead_holder(self) -> None:
+        """A restart after kill -9: the previous process's term is still unexpired, but it is dead
+        (on this host, its port closed): take the lease now rather than a ttl later."""
+        assert self.lease is not None and self.reports is not None
+        lease, reports = self.lease, self.reports
+        found = await asyncio.to_thread(lease.current)
+        if found is None or found[0] in ("", lease.holder) or found[2] <= found[3]:
+            return  # never held, ours, or expired (the run loop takes it)
+        address = await asyncio.to_thread(reports.address_of, found[0])
+        dead = bool(address) and await asyncio.to_thread(dead_here, address)
+        if dead:
+            await lease.take_over_from(found[0], found[1])
+
+    async def _clean_up_after_takeover(
+        self, versions: list[tuple[str, int]], artifacts: ArtifactStore, before: float
+    ) -> None:
+        """Once this replica holds the lease: the uploads found interrupted at its start FAILED, and
+        the partial files older than its start removed (its own uploads since are left alone)."""
+        assert self.lease is not None and self.store is not None
+        await self.lease.wait_held()
+        store = self.store
+
+        def clean_up() -> None:
+            for model_name, version in versions:
+                store.fail_version(model_name, version, INTERRUPTED)
+            removed = _clear_abandoned_uploads(artifacts, before)
+            counts = {"versions": len(versions), "files": removed}
+            log.warning("uploads interrupted by the previous stop cleaned up", extra=counts)
+
+        if versions or any(artifacts.incoming.glob("upload-*")):
+            await asyncio.to_thread(clean_up)
+
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
@@ -374,7 +417,7 @@ def _clean_up_interrupted_uploads(store: Store, artifacts: ArtifactStore) -> Non
     (no one else can be uploading into this store and artifact directory); with several replicas
     running, an interrupted upload stays PENDING and its partial file is left for ``weir control-gc``
     (which removes it by age), rather than breaking another replica's upload in progress."""
-    interrupted = store.fail_pending_versions("the upload did not complete: the control plane stopped during it")
+    interrupted = store.fail_pending_versions(INTERRUPTED)
     if interrupted:
         log.warning("uploads interrupted by the previous stop marked FAILED", extra={"count": interrupted})
     abandoned = _clear_abandoned_uploads(artifacts)
@@ -382,14 +425,24 @@ def _clean_up_interrupted_uploads(store: Store, artifacts: ArtifactStore) -> Non
         log.warning("partial upload files of the previous run removed", extra={"count": abandoned})
 
 
-def _clear_abandoned_uploads(artifacts: ArtifactStore) -> int:
-    """Partial upload files a stopped (or killed) control plane left in ``incoming/`` (see above)."""
+def _clear_abandoned_uploads(artifacts: ArtifactStore, before: float | None = None) -> int:
+    """Partial upload files a stopped (or killed) control plane left in ``incoming/`` (see above):
+    all, or those last written before ``before`` (time.time())."""
     removed = 0
     for path in artifacts.incoming.glob("upload-*"):
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed += 1
+            if before is None or path.stat().st_mtime < before:
+                path.unlink()
+                removed += 1
     return removed
+
+
+def _pending_versions(store: Store) -> list[tuple[str, int]]:
+    with store.transaction() as connection:
+        rows = connection.execute(
+            select(MODEL_VERSIONS.c.model_name, MODEL_VERSIONS.c.version).where(MODEL_VERSIONS.c.state == "PENDING")
+        ).all()
+    return [(row[0], int(row[1])) for row in rows]
 
 
 def _redacted(url: str) -> str:

@@ -185,3 +185,15 @@ async def test_every_replica_reads_the_data_planes_attached_to_any_replica(store
     assert second.addresses() == ["127.0.0.1:12", "127.0.0.1:11"]
     first.forget()
     assert second.read() == [] and second.addresses() == ["127.0.0.1:12"]
+
+
+async def test_a_term_known_dead_is_taken_at_once_and_its_holder_fenced(stores: tuple[Store, Store]) -> None:
+    a = LeaseKeeper(stores[0], "a", ttl=60.0, clock=lambda: 0.0)
+    b = LeaseKeeper(stores[1], "b", ttl=60.0)
+    assert await a.acquire_once()
+    assert not await b.take_over_from("a", a.token + 5)  # not the term it holds: nothing changes
+    assert await b.take_over_from("a", a.token)  # a restarted replica found a dead: no 60 s wait
+    assert b.held and b.token == a.token + 1
+    with pytest.raises(LostLease), stores[0].engine.begin() as connection:
+        a.fence(connection)
+    assert not await a.acquire_once() and not a.held
