@@ -271,7 +271,7 @@ class LeaseKeeper:
                     self._set(False)
         finally:
             if self._held.is_set():
-                self._set(False)
+                self._set(False, stopping=True)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(asyncio.to_thread(self._release))
 
@@ -280,7 +280,7 @@ class LeaseKeeper:
             if release(connection, self.name, self.holder, self.token):
                 log.info("lease released", extra={"lease": self.name, "holder": self.holder, "token": self.token})
 
-    def _set(self, held: bool) -> None:
+    def _set(self, held: bool, stopping: bool = False) -> None:
         if held:
             self.terms += 1
             self._lost.clear()
@@ -289,7 +289,8 @@ class LeaseKeeper:
         else:
             self._held.clear()
             self._lost.set()
-            log.warning("lease lost", extra={"lease": self.name, "holder": self.holder, "token": self.token})
+            if not stopping:  # a clean stop says "lease released" instead
+                log.warning("lease lost", extra={"lease": self.name, "holder": self.holder, "token": self.token})
         for listener in list(self._listeners):
             try:
                 listener(held)
