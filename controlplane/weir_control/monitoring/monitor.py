@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import collections
 import datetime
-import json
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format
-
-from weir_control.features.paths import inside
 from weir_control.monitoring import partials, statistics
 from weir_control.monitoring.collector import DriftCollector as DriftCollector  # where the server imports it
 from weir_control.monitoring.policy import (
@@ -39,20 +34,22 @@ from weir_control.monitoring.policy import (
     resolved_policy,
 )
 from weir_control.monitoring.profiles import MAX_FEATURES, ReferenceProfile, WindowProfile
+from weir_control.monitoring.references import DriftReferences
 from weir_control.monitoring.replicated import LABELS_HAND_IN_SECONDS, ReplicatedWindows
 from weir_control.monitoring.state import (
     LABEL_HOLD_SECONDS,
+    MAX_CATEGORY_CHARS,
     MAX_MONITORED_ENDPOINTS,
     WINDOW_GRACE_SECONDS,
     EndpointMonitor,
     OpenWindow,
     ddm_rank,
+    restart_concept,
 )
 from weir_control.monitoring.webhook import WebhookAllowList
 from weir_control.store import Store
-from weir_proto.control.v1 import audit_pb2, monitoring_pb2, registry_pb2
+from weir_proto.control.v1 import monitoring_pb2, registry_pb2
 from weir_proto.errors import (
-    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
@@ -64,7 +61,6 @@ log = logging.getLogger(__name__)
 Severity = monitoring_pb2.Severity
 DriftTrigger = registry_pb2.Lineage.DriftTrigger
 ARGMAX = ".argmax"
-DRIFT_MONITOR = "drift-monitor"  # the audit log's actor of what the monitor changes by itself
 PREDICTIONS_REMEMBERED = 200_000  # request id -> predicted class and window, for feedback labels (per endpoint)
 # ... and over all endpoints: each endpoint keeps an equal share (at least MIN_PREDICTIONS_REMEMBERED)
 PREDICTIONS_REMEMBERED_TOTAL = 1_000_000
@@ -77,7 +73,6 @@ MAX_HELD_LABELS_TOTAL = 100_000  # over all endpoints
 REFERENCE_ACCURACY_LABELS = 200  # without a registered accuracy, the first labels set the reference
 # What data planes send is bounded here, whoever sends it (a replica's rate is bounded where it attaches):
 MAX_NAME_CHARS = 256  # a feature name; longer names' values are dropped
-MAX_CATEGORY_CHARS = 256  # a categorical value; longer ones are cut to this length
 MAX_REQUEST_ID_CHARS = 256  # longer request ids are not remembered for feedback
 MAX_OUTCOME_VARIANTS = 64  # variants per endpoint whose labelled outcomes are counted (an endpoint has <= 16)
 MAX_FEEDBACK_LABELS = 100_000  # labels in one RecordFeedback
@@ -85,7 +80,7 @@ DEPLOYED_REFRESH_SECONDS = 1.0  # an unknown endpoint's records re-read the depl
 ERROR_LOG_SECONDS = 60.0  # an endpoint's ingest errors are logged at most once per this long
 
 
-class DriftMonitor(ReplicatedWindows):  # and DriftActions, through it
+class DriftMonitor(ReplicatedWindows, DriftReferences):  # and DriftActions, through ReplicatedWindows
     def __init__(
         self,
         store: Store,
@@ -451,55 +446,8 @@ class DriftMonitor(ReplicatedWindows):  # and DriftActions, through it
                 "concept drift follows the serving version",
                 extra={"endpoint": monitor.endpoint, "before": monitor.accuracy_of, "after": key},
             )
-            _restart_concept(monitor)
+            restart_concept(monitor)
             monitor.accuracy_of = key
-
-    def _follow_serving_reference(self, monitor: EndpointMonitor) -> None:
-        """A reference taken from the serving version's training data follows the serving version: when
-        another version serves, its training data becomes the reference of the windows that open from
-        now on (windows already open keep theirs), audited with actor drift-monitor. A reference from
-        a traffic window or a dataset stays as set."""
-        summary = monitor.reference_summary
-        if summary is None or not summary.serving_lineage or self._serving_key is None or not self._holder():
-            return  # with several replicas the holder renews it (once, audited once); the others re-read it
-        if self._reference_for_serving is None:
-            return
-        try:
-            key = self._serving_key(monitor.endpoint)
-        except WeirError:
-            return
-        if not key or key == summary.serving_version or key == monitor.reference_tried:
-            return
-        monitor.reference_tried = key  # tried once per version: a version without training data is logged once
-        event = audit_pb2.AuditEvent(
-            actor=DRIFT_MONITOR, role="system", action="Monitoring/SetReference", target=f"endpoint/{monitor.endpoint}",
-            before=_summary_json(summary),
-        )  # fmt: skip
-        event.at.FromDatetime(datetime.datetime.now(datetime.UTC))
-        try:
-            description, path = self._reference_for_serving(monitor.endpoint)
-            profile = _profile_from_parquet(path, "serving_lineage")
-        except WeirError as error:
-            log.warning(
-                "drift reference kept: the serving version's training data cannot be read",
-                extra={"endpoint": monitor.endpoint, "version": key, "error": error.message},
-            )
-            event.result, event.outcome = "FAILED_PRECONDITION", "failed"
-            event.detail = f"{key} serves now; the reference stays {summary.serving_version}'s: {error.message}"[:2000]
-            self._store.append_audit(event)
-            return
-        renewed = monitoring_pb2.ReferenceSummary(
-            endpoint=monitor.endpoint, source=description, rows=profile.rows,
-            numeric_features=sorted(profile.numeric), categorical_features=sorted(profile.categorical),
-            serving_lineage=True, serving_version=key,
-        )  # fmt: skip
-        renewed.set_at.FromSeconds(int(self._clock()))
-        self._store.save_drift_reference(renewed, profile.to_bytes())
-        monitor.reference, monitor.reference_summary = profile, renewed
-        event.after, event.result, event.outcome = _summary_json(renewed), "OK", "ok"
-        event.detail = f"{key} serves now: the reference is its training data (was {summary.serving_version}'s)"
-        self._store.append_audit(event)
-        log.info("drift reference follows the serving version", extra={"endpoint": monitor.endpoint, "version": key})
 
     def _hold(self, monitor: EndpointMonitor, request_id: str, actual: str, now: float) -> bool:
         """Hold a label until its record comes; False when it cannot be held (the bounds are full of
@@ -572,75 +520,6 @@ class DriftMonitor(ReplicatedWindows):  # and DriftActions, through it
             if monitor is not None:
                 return monitor.policy
         return resolved_policy(monitoring_pb2.MonitoringPolicy(endpoint=endpoint))
-
-    def set_reference(self, request: monitoring_pb2.SetReferenceRequest) -> monitoring_pb2.ReferenceSummary:
-        check_endpoint(request.endpoint)
-        source = request.WhichOneof("source")
-        if source == "window":
-            start, end = _time(request.window, "start"), _time(request.window, "end")
-            if end <= start:
-                raise InvalidArgumentError(f"window.end: expected a time after window.start ({start}), got {end}")
-            profiles = self._store.drift_window_profiles(request.endpoint, start, end)
-            if not profiles:
-                raise FailedPreconditionError(
-                    f"window: no closed window of '{request.endpoint}' lies within "
-                    f"{start.isoformat()} .. {end.isoformat()}"
-                )
-            merged = WindowProfile.from_bytes(profiles[0], None)
-            for data in profiles[1:]:
-                merged.merge(WindowProfile.from_bytes(data, None))
-            profile = merged.to_reference()
-            description = f"traffic {start.isoformat()} .. {end.isoformat()} ({len(profiles)} windows)"
-        elif source in ("serving_lineage", "parquet_path"):
-            if source == "serving_lineage":
-                if self._reference_for_serving is None:
-                    raise FailedPreconditionError("serving_lineage: this control plane cannot resolve lineage")
-                serving = self._serving_key(request.endpoint) if self._serving_key is not None else ""
-                description, path = self._reference_for_serving(request.endpoint)
-            else:
-                path = self._reference_path(request.parquet_path)
-                description = f"dataset {request.parquet_path}"
-            profile = _profile_from_parquet(path, "parquet_path" if source == "parquet_path" else "serving_lineage")
-        else:
-            raise InvalidArgumentError("source: expected window, serving_lineage or parquet_path, got none")
-        summary = monitoring_pb2.ReferenceSummary(
-            endpoint=request.endpoint,
-            source=description,
-            rows=profile.rows,
-            numeric_features=sorted(profile.numeric),
-            categorical_features=sorted(profile.categorical),
-        )
-        if source == "serving_lineage":
-            summary.serving_lineage, summary.serving_version = True, serving
-        summary.set_at.FromSeconds(int(self._clock()))
-        with self._lock:
-            self._store.save_drift_reference(summary, profile.to_bytes())
-            monitor = self._monitor(request.endpoint)
-            monitor.reference, monitor.reference_summary = profile, summary
-            monitor.reference_tried = ""
-            monitor.open.clear()  # windows bin on the reference: start a fresh one
-            _restart_concept(monitor)  # a new baseline for concept drift too
-            self._save_state(monitor)
-        return summary
-
-    def _reference_path(self, parquet_path: str) -> Path:
-        """The file a ``parquet_path`` names (relative: to the reference root), if it is a file inside the
-        reference root. Missing, outside (symbolic links followed) and not a file answer alike, so the
-        answer tells nothing about what exists outside the root."""
-        root = self._reference_root
-        if root is None:
-            raise FailedPreconditionError("parquet_path: this control plane reads no Parquet references")
-        try:
-            resolved = Path(os.path.realpath(root / parquet_path))  # an absolute parquet_path replaces the root
-            usable = inside(resolved, root) and resolved.is_file()
-        except (OSError, ValueError):  # a NUL byte, a name too long
-            usable = False
-        if not usable:
-            raise InvalidArgumentError(
-                f"parquet_path: expected a Parquet file inside the feature root {root} (weir control "
-                f"--feature-root), got {parquet_path[:300]!r}"
-            )
-        return resolved
 
     # --- windows ---------------------------------------------------------------------------------
 
@@ -856,18 +735,6 @@ def _trim(remembered: collections.OrderedDict[str, Any], size: int) -> None:
         remembered.popitem(last=False)  # the oldest first
 
 
-def _summary_json(message: Any) -> str:
-    """As the audit log shows a message (weir_control.services.summary)."""
-    document = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return json.dumps(document, sort_keys=True, separators=(",", ":"))
-
-
-def _restart_concept(monitor: EndpointMonitor) -> None:
-    monitor.reference_accuracy = None
-    monitor.first_labels = [0, 0]
-    monitor.ddm = statistics.DDM()
-
-
 def _accuracy_dropped(correct: int, labelled: int, reference: float | None) -> bool:
     """Whether the window's accuracy is below the reference's by at least ``MIN_ACCURACY_DROP`` and
     significantly (one-sided two-proportion z-test). DDM alone raises false drift on a good share of long
@@ -884,39 +751,3 @@ def _accuracy_dropped(correct: int, labelled: int, reference: float | None) -> b
         return False
     variance = reference * (1.0 - reference) / REFERENCE_ACCURACY_ROWS + accuracy * (1.0 - accuracy) / labelled
     return variance <= 0.0 or drop / math.sqrt(variance) > CONFIRMATION_Z
-
-
-def _time(window: monitoring_pb2.TimeRange, field: str) -> datetime.datetime:
-    moment = getattr(window, field)
-    try:
-        return moment.ToDatetime(datetime.UTC)
-    except ValueError:
-        raise InvalidArgumentError(
-            f"window.{field}: expected a time between years 1 and 9999, got {moment.seconds} seconds since 1970"
-        ) from None
-
-
-def _profile_from_parquet(path: Path, field_name: str) -> ReferenceProfile:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        schema = pq.read_schema(path)
-        if len(schema.names) > MAX_FEATURES:
-            raise InvalidArgumentError(
-                f"{field_name}: expected at most {MAX_FEATURES} columns (features), got {len(schema.names)}"
-            )
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as error:
-        raise InvalidArgumentError(f"{field_name}: expected a readable Parquet file, got {path}: {error}") from error
-    numeric, categorical = {}, {}
-    for name in table.column_names:
-        column = table.column(name)
-        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type):
-            numeric[name] = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
-        elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            # cut like the records' values, so long categories compare equal
-            categorical[name] = [str(value)[:MAX_CATEGORY_CHARS] for value in column.to_pylist() if value is not None]
-    if not numeric and not categorical:
-        raise InvalidArgumentError(f"{field_name}: expected numeric or text columns in {path}, got {table.schema}")
-    return ReferenceProfile.from_columns(numeric, categorical)

@@ -20,6 +20,7 @@ WINDOW_GRACE_SECONDS = 2.0
 LABEL_HOLD_SECONDS = 30.0
 # What data planes send is bounded here, whoever sends it:
 MAX_MONITORED_ENDPOINTS = 1000  # endpoints with a monitor (deployed, or with a policy or a reference)
+MAX_CATEGORY_CHARS = 256  # a categorical value; longer ones are cut to this length
 
 
 @dataclass
@@ -83,3 +84,9 @@ class EndpointMonitor:
 
 def ddm_rank(state: str) -> int:
     return {"stable": 0, "warning": 1, "drift": 2}.get(state, 0)
+
+
+def restart_concept(monitor: EndpointMonitor) -> None:
+    monitor.reference_accuracy = None
+    monitor.first_labels = [0, 0]
+    monitor.ddm = statistics.DDM()
