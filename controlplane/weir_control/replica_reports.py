@@ -4,7 +4,7 @@ Data planes attach to any replica, but rollout analysis runs only on the lease h
 replica writes, about once a second, the accepted status of each of its attach streams (the bounded
 counters ``attach.ReplicaStream`` keeps, with the stream's name and the token identity it attached
 as) to ``replica_reports``, and the holder's rollout controller reads every replica's rows: the
-per-stream and per-identity weighting of ``rollouts.interval_totals`` / ``robust_verdict`` stays as
+per-stream and per-identity weighting of ``rollout_analysis.interval_totals`` / ``robust_verdict`` stays as
 it was, over the streams of all replicas. A row not refreshed for ``STALE_AFTER_SECONDS`` (its
 replica died, or the stream closed and the replica with it) is ignored and deleted; a data plane
 that moves to another replica is a new stream there, whose first look counts nothing (as a
@@ -42,7 +42,7 @@ STALE_AFTER_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class ReportedStream:
-    """One attach stream as persisted: what ``rollouts.collect`` reads of a ReplicaStream."""
+    """One attach stream as persisted: what ``rollout_analysis.collect`` reads of a ReplicaStream."""
 
     stream: str
     identity: str

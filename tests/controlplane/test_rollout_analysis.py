@@ -11,18 +11,16 @@ import pytest
 from weir.metrics import LATENCY_BUCKETS_SECONDS
 from weir_control.attach import DesiredStateHub, ReplicaStream
 from weir_control.model_config import signature_from_config
-from weir_control.rollouts import (
+from weir_control.rollout_analysis import (
     Look,
-    Rollout,
-    RolloutController,
     VariantWindow,
     interval_totals,
     judge,
     judge_accuracy,
     labelled_in_interval,
     robust_verdict,
-    with_defaults,
 )
+from weir_control.rollouts import Rollout, RolloutController, with_defaults
 from weir_control.store import Store
 from weir_control.store.store import create_store_engine
 from weir_proto.common.v1 import types_pb2
