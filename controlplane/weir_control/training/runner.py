@@ -13,15 +13,11 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
-import io
 import json
 import logging
 import os
-import re
 import shutil
 import statistics
-import sys
-import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -32,19 +28,21 @@ from typing import Any
 from weir_control.artifacts import ArtifactStore
 from weir_control.lease import LeaseKeeper
 from weir_control.store import Store
-from weir_control.store.store import _check_job_id, check_name
+from weir_control.store.store import _check_job_id
 from weir_control.training import sandbox, sweeps
-from weir_control.training.archive import check_archive, unpack
+from weir_control.training.archive import unpack
 from weir_control.training.executor import Executor, LocalExecutor
 from weir_control.training.jobfiles import open_inside, read_inside
+from weir_control.training.joblog import last_log_line, torchrun_root_cause
+from weir_control.training.jobspec import BUILTIN, attempt_command, check_spec, version_ref
+from weir_control.training.jobspec import archive_directory as archive_directory  # the CLI packs code with it
+from weir_control.training.jobspec import code_hash as code_hash
 from weir_control.training.preflight import check_builtin_job
 from weir_control.training.registration import register_job_output
 from weir_proto.auth import new_token
 from weir_proto.control.v1 import training_pb2
 from weir_proto.errors import (
     AlreadyExistsError,
-    FailedPreconditionError,
-    InvalidArgumentError,
     NotFoundError,
     WeirError,
 )
@@ -55,7 +53,6 @@ Job = training_pb2.Job
 TICK_SECONDS = 0.25
 MEDIAN_STOPPED = "stopped by the median rule"  # a CANCELLED trial's reason starts so (not cancelled by hand)
 STOP_GRACE_SECONDS = 5.0
-BUILTIN = {"builtin:mlp": "weir_control.training.builtin"}
 # What a job inherits from the control plane's environment (besides LC_*): nothing secret.
 INHERITED = frozenset(
     {"PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
@@ -74,37 +71,6 @@ class Attempt:
     number: int
     deadline: float | None  # time.time() after which the job is ended, or None
     parent: str = ""  # a trial's sweep
-
-
-def code_hash(archive: bytes) -> str:
-    """The archive's code hash, once it passed every check (see ``archive.check_archive``)."""
-    return check_archive(archive)
-
-
-CODE_SKIP = {"__pycache__", ".git", ".venv", "weir-run"}
-
-
-def archive_directory(directory: Path, follow_links: bool = True) -> bytes:
-    """A code directory as tar.gz (caches and VCS folders left out), the form jobs carry their code in.
-    ``follow_links=False`` for a directory a job could change (the control plane packing a job's code
-    again): links are left out and nothing is opened through one."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path in sorted(directory.rglob("*")) if follow_links else ():
-            if path.is_file() and not CODE_SKIP.intersection(path.relative_to(directory).parts):
-                tar.add(path, arcname=str(path.relative_to(directory)))
-        for root, folders, names in () if follow_links else os.walk(directory, followlinks=False):
-            folders[:] = sorted(folder for folder in folders if folder not in CODE_SKIP)
-            for name in sorted(names):
-                relative = str((Path(root) / name).relative_to(directory))
-                try:
-                    descriptor = open_inside(directory, relative)
-                except OSError:
-                    continue  # a link, a fifo, a device: not code
-                with os.fdopen(descriptor, "rb") as handle:
-                    info = tar.gettarinfo(arcname=relative, fileobj=handle)
-                    tar.addfile(info, handle)
-    return buffer.getvalue()
 
 
 def param_value(value: training_pb2.ParamValue) -> Any:
@@ -235,7 +201,7 @@ class JobRunner:
     # --- submission ------------------------------------------------------------------------------
 
     def submit(self, job_id: str, spec: training_pb2.JobSpec, actor: str) -> Job:
-        digest = _check_spec(spec)
+        digest = check_spec(spec)
         existing = self._existing(job_id, "job", spec, digest)
         if existing is not None:
             return existing  # an identical resubmission: the first job, whatever its state
@@ -297,7 +263,7 @@ class JobRunner:
         return stored
 
     def submit_sweep(self, sweep_id: str, sweep: training_pb2.SweepSpec, actor: str) -> Job:
-        digest = _check_spec(sweep.template)  # the trials differ from it only in their parameters
+        digest = check_spec(sweep.template)  # the trials differ from it only in their parameters
         existing = self._existing(sweep_id, "sweep", sweep, digest)
         if existing is not None:
             return existing
@@ -461,8 +427,8 @@ class JobRunner:
             self._finish(job_id, Job.SUCCEEDED, 0, "")
             return
         log_path = self.jobs_dir / job_id / "job.log"
-        last_line = _last_log_line(log_path)
-        root_cause = _root_cause(log_path)
+        last_line = last_log_line(log_path)
+        root_cause = torchrun_root_cause(log_path)
         if root_cause is not None:  # torchrun exits 1 whatever its worker did; the worker's own status counts
             rank, code = root_cause
             last_line = f"worker rank {rank} exited with code {code}"
@@ -521,7 +487,7 @@ class JobRunner:
             job = self._store.update_job(job_id, running)
         if job.state != Job.RUNNING or job.attempt != attempt:
             return  # ended meanwhile (cancelled through another replica)
-        command = _command(job.spec, job_dir)
+        command = attempt_command(job.spec, job_dir)
         env = self._environment(job, job_dir, attempt)
         try:
             header = f"--- weir: attempt {attempt} of job {job_id}: {' '.join(command)}\n"
@@ -656,7 +622,7 @@ class JobRunner:
         return self._store.update_job(job.id, lambda stored: stored.metrics.update(final)) if final else job
 
     def _record_registration(self, job_id: str, model_name: str, version: int) -> None:
-        reference = _ref(model_name, version)
+        reference = version_ref(model_name, version)
         self._store.update_job(job_id, lambda job: job.registered.MergeFrom(reference))
 
     def _canary(self, job: Job, model_name: str, version: int) -> str:
@@ -683,111 +649,3 @@ def _is_ipv4_address(address: str) -> bool:
     host, _, port = address.rpartition(":")
     parts = host.split(".")
     return port.isdigit() and len(parts) == 4 and all(part.isdigit() and int(part) < 256 for part in parts)
-
-
-def _ref(model_name: str, version: int) -> Any:
-    from weir_proto.common.v1 import types_pb2
-
-    return types_pb2.ModelVersionRef(model_name=model_name, version=version)
-
-
-def _check_spec(spec: training_pb2.JobSpec) -> str:
-    """Refuse a spec the runner cannot run (naming the field); returns its code hash (reading the
-    archive is the check that it is one)."""
-    kind, _, target = spec.entrypoint.partition(":")
-    if kind not in ("module", "script", "builtin") or not target:
-        raise InvalidArgumentError(
-            "spec.entrypoint: expected 'module:package.name', 'script:path.py' or 'builtin:mlp', "
-            f"got {spec.entrypoint!r}"
-        )
-    if kind == "builtin" and spec.entrypoint not in BUILTIN:
-        raise InvalidArgumentError(
-            f"spec.entrypoint: expected one of the built-in trainers {sorted(BUILTIN)}, got {spec.entrypoint!r}"
-        )
-    if kind != "builtin" and not spec.code_archive:
-        raise InvalidArgumentError(
-            f"spec.code_archive: a {kind} entrypoint needs the code directory (tar.gz), got none"
-        )
-    if spec.nodes > 1:
-        raise FailedPreconditionError(
-            f"spec.nodes: the local executor runs one node, got {spec.nodes} (a cluster executor is needed for more)"
-        )
-    if not 0 <= spec.processes_per_node <= 64:
-        raise InvalidArgumentError(f"spec.processes_per_node: expected 1 to 64 (0: 1), got {spec.processes_per_node}")
-    for field in ("max_retries", "checkpoint_every_epochs"):
-        if getattr(spec, field) < 0:
-            raise InvalidArgumentError(f"spec.{field}: expected 0 or more, got {getattr(spec, field)}")
-    if spec.timeout_seconds < 0:
-        raise InvalidArgumentError(f"spec.timeout_seconds: expected 0 (none) or more, got {spec.timeout_seconds}")
-    if spec.HasField("register") and spec.register.model_name:
-        # the registry would refuse these only when the job ends, after all its compute
-        check_name("spec.register.model_name", spec.register.model_name)
-        for alias in spec.register.aliases:
-            check_name("spec.register.aliases", alias)
-        _check_canary(spec.register.canary)
-    return code_hash(spec.code_archive)
-
-
-def _check_canary(canary: Any) -> None:
-    """The canary a job hands its version to, checked now as the rollouts controller would at the end."""
-    from weir_control.rollouts import DEFAULT_STEPS, MAX_INTERVAL_SECONDS, MIN_INTERVAL_SECONDS, check_number
-
-    if not canary.endpoint:
-        return
-    check_name("spec.register.canary.endpoint", canary.endpoint)
-    steps = list(canary.steps) or list(DEFAULT_STEPS)
-    if any(not 1 <= step <= 100 for step in steps) or steps != sorted(set(steps)) or steps[-1] != 100:
-        raise InvalidArgumentError(
-            f"spec.register.canary.steps: expected increasing percentages in 1..100 ending at 100, got {steps}"
-        )
-    if canary.interval_seconds:
-        check_number(
-            "spec.register.canary.interval_seconds", canary.interval_seconds, MIN_INTERVAL_SECONDS, MAX_INTERVAL_SECONDS
-        )
-
-
-def _command(spec: training_pb2.JobSpec, job_dir: Path) -> list[str]:
-    torchrun = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={spec.processes_per_node or 1}", "--max-restarts=0",
-    ]  # fmt: skip
-    kind, _, target = spec.entrypoint.partition(":")
-    if kind == "builtin":
-        return [*torchrun, "-m", BUILTIN[spec.entrypoint]]
-    if kind == "module":
-        return [*torchrun, "-m", target]
-    return [*torchrun, str(job_dir / "code" / target)]
-
-
-def _log_tail(path: Path, size: int = 8192) -> list[str]:
-    try:
-        with os.fdopen(open_inside(path.parent, path.name), "rb") as handle:
-            handle.seek(max(0, os.fstat(handle.fileno()).st_size - size))
-            return [line.strip() for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return []
-
-
-_ROOT_CAUSE = re.compile(r"^exitcode\s*:\s*(-?\d+)")
-_RANK = re.compile(r"^rank\s*:\s*(\d+)")
-
-
-def _root_cause(path: Path) -> tuple[int, int] | None:
-    """(rank, exit code) of the first failed worker, from torchrun's "Root Cause" report in the log."""
-    lines = _log_tail(path)
-    start = max((index for index, line in enumerate(lines) if line.startswith("Root Cause")), default=None)
-    if start is None:
-        return None
-    rank = code = None
-    for line in lines[start:]:
-        if rank is None and (match := _RANK.match(line)):
-            rank = int(match.group(1))
-        if code is None and (match := _ROOT_CAUSE.match(line)):
-            code = int(match.group(1))
-    return (rank or 0, code) if code is not None else None
-
-
-def _last_log_line(path: Path) -> str:
-    lines = _log_tail(path, 4096)
-    lines = [line for line in lines if not line.startswith("--- weir:")]
-    return lines[-1][:300] if lines else ""
