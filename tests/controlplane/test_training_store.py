@@ -314,3 +314,32 @@ def test_packing_a_jobs_code_again_leaves_links_out_and_registration_refuses_a_l
     with pytest.raises(FailedPreconditionError) as refused:
         register_job_output(store, ArtifactStore(tmp_path / "artifacts"), job, tmp_path / "job")
     assert "output/model.pt" in refused.value.message and "regular file" in refused.value.message
+
+
+def test_a_job_settled_again_after_a_handover_registers_its_output_once(store: Store, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A lease holder killed after registering a job's output, before recording the job's end: the
+    # next holder settles the job again and must find the version, not register a second one.
+    import torch
+
+    from tests.e2e.test_control_plane import CONFIG, Scale
+    from weir_control.artifacts import ArtifactStore
+    from weir_control.training.registration import register_job_output
+    from weir_proto.control.v1 import audit_pb2
+
+    output = tmp_path / "job" / "output"
+    output.mkdir(parents=True)
+    torch.jit.save(torch.jit.script(Scale(2.0)), str(output / "model.pt"))
+    (output / "config.pbtxt").write_text(CONFIG)
+    job = Job(id="settled-twice", kind="job", state=Job.SUCCEEDED)
+    job.spec.register.model_name = "scale"
+    job.spec.register.aliases.append("champion")
+    artifacts = ArtifactStore(tmp_path / "artifacts")
+    first = register_job_output(store, artifacts, job, tmp_path / "job")
+    again = register_job_output(store, artifacts, job, tmp_path / "job")
+    assert again.version == first.version
+    versions, _ = store.search_versions("scale", 0, {}, 100, "")
+    assert [version.version for version in versions] == [first.version]
+    assert store.get_version_by_alias("scale", "champion").version == first.version
+    events, _ = store.list_audit(audit_pb2.ListAuditEventsRequest(page_size=100))
+    actions = sorted(event.action for event in events)
+    assert actions == ["Registry/SetAlias", "Training/RegisterModelVersion"]

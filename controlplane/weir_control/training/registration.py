@@ -8,6 +8,7 @@ import functools
 import hashlib
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -18,13 +19,15 @@ from weir_control.services import _Upload, summary
 from weir_control.store import Store
 from weir_control.training.jobfiles import open_inside
 from weir_proto.control.v1 import audit_pb2, registry_pb2, training_pb2
-from weir_proto.errors import FailedPreconditionError, NotFoundError
+from weir_proto.errors import FailedPreconditionError, NotFoundError, WeirError
 
 ACTOR = "training-runner"
 RETRAINING_ACTOR = "drift-monitor"  # weir_control.monitoring.service's audit of the jobs it submits
 RETRAINING_ACTION = "Monitoring/SubmitRetraining"
 CHUNK = 1 << 20
 MAX_CONFIG_BYTES = 1024 * 1024
+JOB_TAG = "weir.training_job"  # on the version a job registered: the job's id
+READY = registry_pb2.ModelVersion.State.READY
 
 
 def exported_model(job_dir: Path) -> tuple[str, str]:
@@ -65,6 +68,11 @@ def register_job_output(
         config_bytes = handle.read(MAX_CONFIG_BYTES + 1)
     if len(config_bytes) > MAX_CONFIG_BYTES:
         raise FailedPreconditionError(f"register: expected config.pbtxt of at most {MAX_CONFIG_BYTES} bytes, got more")
+    existing = _registered_before(store, spec.model_name, job.id, digest.hexdigest())
+    if existing is not None:
+        # The job was settled before (a lease holder died after registering, and the next holder
+        # settles it again): the version it registered stands; only what did not happen yet follows.
+        return _move_aliases(store, spec.model_name, spec.aliases, existing, job)
     try:
         store.get_model(spec.model_name)
     except NotFoundError:
@@ -76,7 +84,7 @@ def register_job_output(
         artifact_sha256=digest.hexdigest(),
         artifact_size=size,
         description=f"trained by job {job.id}",
-        tags={"weir.training_job": job.id},
+        tags={JOB_TAG: job.id},
         metrics={
             name: value for name, value in job.metrics.items() if math.isfinite(value)
         },  # the registry refuses NaN/inf
@@ -100,8 +108,23 @@ def register_job_output(
             upload.fail("registration from a training job did not complete")
         raise
     _audit(store, "Training/RegisterModelVersion", f"model/{spec.model_name}/version/{version.version}", job, version)
-    for alias in spec.aliases:  # each move in the audit log, like a Registry/SetAlias call
-        version = store.atomically(functools.partial(_move_alias, store, spec.model_name, alias, version, job))
+    return _move_aliases(store, spec.model_name, spec.aliases, version, job)
+
+
+def _registered_before(store: Store, model_name: str, job_id: str, sha256: str) -> registry_pb2.ModelVersion | None:
+    """The READY version this job's output was registered as already, if any."""
+    try:
+        versions, _ = store.search_versions(model_name, READY, {JOB_TAG: job_id}, 100, "")
+    except WeirError:
+        return None
+    return next((version for version in versions if version.artifact_sha256 == sha256), None)
+
+
+def _move_aliases(
+    store: Store, model_name: str, aliases: Sequence[str], version: registry_pb2.ModelVersion, job: training_pb2.Job
+) -> registry_pb2.ModelVersion:
+    for alias in aliases:  # each move in the audit log, like a Registry/SetAlias call
+        version = store.atomically(functools.partial(_move_alias, store, model_name, alias, version, job))
     return version
 
 
@@ -119,6 +142,8 @@ def _move_alias(
         before: registry_pb2.ModelVersion | None = store.get_version_by_alias(model_name, alias)
     except NotFoundError:
         before = None
+    if before is not None and before.version == version.version:
+        return before  # moved already (the job is settled again after a handover)
     moved = store.set_alias(model_name, alias, version.version)
     _audit(store, "Registry/SetAlias", f"model/{model_name}/alias/{alias}", job, moved, before)
     return moved
