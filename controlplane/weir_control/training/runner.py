@@ -631,11 +631,15 @@ class JobRunner:
         canary = job.spec.register.canary
         if not canary.endpoint or self._start_canary is None or self._loop is None:
             return ""
+        actor = f"training-job:{job.id}"
+        with contextlib.suppress(NotFoundError):
+            if self._store.get_rollout(canary.endpoint).started_by == actor:
+                return ""  # started when the job was first settled (it is settled again after a handover)
         request = type(canary)()
         request.CopyFrom(canary)
         request.model_name = model_name
         request.version = version
-        future = asyncio.run_coroutine_threadsafe(self._start_canary(request, f"training-job:{job.id}"), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._start_canary(request, actor), self._loop)
         try:
             future.result(timeout=30)
         except Exception as error:
